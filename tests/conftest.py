@@ -1,0 +1,98 @@
+"""Shared helpers: tiny random Llama checkpoints written to disk by stock transformers,
+random locks that fit them, and the run-time reference (hooks on the o_proj input)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED_DATA.is_dir():  # CI clones the project with shared/ beside it
+    SHARED_DATA = Path(os.environ.get("WEIGHTLOCK_SHARED_DATA", Path.cwd().parent / "shared" / "data"))
+LEGACY_LOCKS = SHARED_DATA / "legacy-locks"
+
+
+def make_llama(folder: Path, *, layers=3, heads=4, kv_heads=2, hidden=64, head_dim=None, vocab=96,
+               dtype="float32", tie=False, shard_kb=None, attention_bias=False, seed=0,
+               extra_files=True) -> Path:
+    """Write a tiny random LlamaForCausalLM with save_pretrained; returns the folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim, max_position_embeddings=128, tie_word_embeddings=tie,
+                         attention_bias=attention_bias, rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # existing biases must be visibly non-zero to test adding to them
+            elif "norm" not in name:
+                p.normal_(0, 0.15)
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": f"{shard_kb}KB"} if shard_kb else {}
+    model.save_pretrained(folder, **kwargs)
+    if extra_files:
+        (folder / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
+        (folder / "README.md").write_text("tiny test model\n")
+    return folder
+
+
+def random_lock(folder: Path, *, n_heads=5, seed=1, default_alpha=3.0):
+    """A valid lock for the checkpoint in ``folder`` with random heads, directions and scales."""
+    from weightlock import build_lock, open_checkpoint
+    from weightlock.lock import source_model_from_config
+
+    config = open_checkpoint(folder).config
+    source = source_model_from_config(config)
+    rng = np.random.default_rng(seed)
+    pairs = rng.choice(source.num_hidden_layers * source.num_attention_heads, size=n_heads, replace=False)
+    return build_lock(pairs // source.num_attention_heads, pairs % source.num_attention_heads,
+                      rng.normal(size=(n_heads, source.head_dim)), rng.uniform(0.5, 2.0, size=n_heads),
+                      source, default_alpha=default_alpha)
+
+
+INPUT_IDS = [[1, 5, 9, 17, 33, 2, 7, 60, 11, 3], [4, 4, 8, 15, 16, 23, 42, 0, 1, 2]]
+
+
+def logits(folder: Path, *, lock=None, alpha=None, dtype="float32", check_keys=True):
+    """Next-token logits of a checkpoint loaded by stock AutoModelForCausalLM, optionally with
+    the lock applied at run time by forward-pre-hooks on o_proj."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from weightlock.runtime import lock_hooks
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                                       output_loading_info=True)
+    if check_keys:
+        assert not info["missing_keys"], info["missing_keys"]
+        assert not info["unexpected_keys"], info["unexpected_keys"]
+        assert not info["mismatched_keys"], info["mismatched_keys"]
+    model.eval()
+    ids = torch.tensor(INPUT_IDS)
+    with torch.no_grad():
+        if lock is None:
+            return model(ids).logits.float()
+        with lock_hooks(model, lock, alpha):
+            return model(ids).logits.float()
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` (for proving a source untouched)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            out[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    return make_llama(tmp_path / "src")

@@ -1,0 +1,172 @@
+"""``apply``: lock + checkpoint -> a new checkpoint with the lock baked into o_proj biases.
+
+Order of work: refuse bad input (from headers and config alone), compute the biases
+(reading only the o_proj weights the lock touches), write everything into a staging
+folder beside the output, verify the staging folder, then rename it into place.
+Any failure removes the staging folder; the source is only ever read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import OutputError, VerificationError
+from .lock import Lock, load_lock
+from .plan import EditPlan, compute_biases, plan_edit
+from .verify import verify_checkpoint
+from .writer import WrittenFiles, publish, staging_path, write_locked_checkpoint
+
+PROVENANCE_FORMAT = "weightlock-provenance"
+
+
+@dataclass
+class ApplyResult:
+    out: Path
+    plan: EditPlan
+    written: WrittenFiles
+    provenance: dict
+    seconds: float
+
+    def summary(self) -> dict:
+        return {
+            "out": str(self.out),
+            "alpha": self.plan.alpha,
+            "architecture": self.plan.shape.architecture,
+            "lock_sha256": self.plan.lock.sha256,
+            "locked_layers": sorted(self.plan.displacements),
+            "tensors_added": len(self.plan.biases) - len(self.plan.replaced),
+            "tensors_replaced": len(self.plan.replaced),
+            "config_patch": self.plan.config_patch,
+            "added_shard": self.written.added_shard,
+            "shards_linked": self.written.linked,
+            "files_copied": self.written.copied,
+            "shards_rewritten": self.written.rewritten,
+            "left_out": self.written.left_out,
+            "bytes_read_weights": self.plan.weight_bytes_to_read,
+            "bytes_written": self.written.bytes_written,
+            "warnings": self.plan.warnings,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _check_output_location(source: Path, out: Path) -> None:
+    source, resolved = source.resolve(), out.resolve()
+    if resolved == source:
+        raise OutputError("the output folder is the source folder",
+                          hint="choose a new --out; weightlock never modifies its input")
+    if source in resolved.parents:
+        raise OutputError(f"the output folder {out} is inside the source {source}",
+                          hint="choose an --out outside the checkpoint folder")
+    if resolved in source.parents:
+        raise OutputError(f"the output folder {out} contains the source {source}",
+                          hint="choose an --out that does not contain the checkpoint")
+
+
+def _provenance(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes) -> dict:
+    return {
+        "format": PROVENANCE_FORMAT,
+        "format_version": 1,
+        "tool": f"weightlock {__version__}",
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "path": str(checkpoint.root), "name": checkpoint.name, "revision": checkpoint.revision,
+            "layout": checkpoint.layout,
+            # Header hashes identify each source shard without reading its data.
+            "shards": {shard: {"size": h.file_size,
+                               "header_sha256": _header_sha256(h.path, h.data_start)}
+                       for shard, h in checkpoint.headers.items()},
+        },
+        "lock": {"sha256": hashlib.sha256(lock_bytes).hexdigest(), "manifest": plan.lock.manifest()},
+        "alpha": plan.alpha,
+        "architecture_family": plan.spec.family,
+        "locked_layers": {str(layer): heads for layer, heads in plan.lock.heads_by_layer().items()},
+        "config_patch": plan.config_patch,
+        "tensors": {
+            "added": [b.name for b in plan.biases if b.base is None],
+            "replaced": plan.replaced,
+            "locked": [b.name for b in plan.biases if b.weight is not None],
+        },
+        "original_config": checkpoint.config,
+        "original_index": checkpoint.index,
+        "parent": checkpoint.provenance,
+    }
+
+
+def _header_sha256(path: Path, length: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(length)).hexdigest()
+
+
+def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLike | Lock, *,
+               out: str | os.PathLike, alpha: float | None = None, force: bool = False,
+               link_mode: str = "auto", allow_architecture_mismatch: bool = False,
+               progress: bool = False) -> ApplyResult:
+    """Bake ``lock`` at strength ``alpha`` (default: the lock's) into a copy of ``checkpoint`` at ``out``."""
+    started = time.perf_counter()
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint)
+    if isinstance(lock, Lock):
+        lock_bytes = _lock_bytes(lock)
+    else:
+        lock_path = Path(lock)
+        lock = load_lock(lock_path)
+        lock_bytes = lock_path.read_bytes()
+    out = Path(out).expanduser()
+    _check_output_location(checkpoint.root, out)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
+    plan = plan_edit(checkpoint, lock, lock.default_alpha if alpha is None else alpha,
+                     allow_architecture_mismatch=allow_architecture_mismatch)
+    computed = compute_biases(plan, progress=_progress_bar(plan) if progress else None)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_path(out)
+    provenance = _provenance(checkpoint, plan, lock_bytes)
+    try:
+        written = write_locked_checkpoint(checkpoint, plan, computed, lock_bytes, staging, link_mode,
+                                          provenance)
+        report = verify_checkpoint(staging, expected=computed, loader_check=False)
+        if not report.ok:
+            raise VerificationError("the written checkpoint failed verification and was discarded: "
+                                    + "; ".join(report.failures()),
+                                    hint="this is a bug in weightlock or a fault in the disk; please report it")
+        publish(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ApplyResult(out, plan, written, provenance, time.perf_counter() - started)
+
+
+def _lock_bytes(lock: Lock) -> bytes:
+    """The file form of an in-memory lock (written through save_lock, so it is validated)."""
+    import tempfile
+
+    from .lock import save_lock
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lock.wlock"
+        save_lock(lock, path)
+        return path.read_bytes()
+
+
+class _progress_bar:
+    """tqdm over the o_proj bytes read; closes itself when the last layer is done."""
+
+    def __init__(self, plan: EditPlan):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=plan.weight_bytes_to_read, unit="B", unit_scale=True,
+                        desc="reading o_proj weights", leave=False)
+
+    def __call__(self, nbytes: int) -> None:
+        self.bar.update(nbytes)
+        if self.bar.n >= self.bar.total:
+            self.bar.close()

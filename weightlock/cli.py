@@ -1,0 +1,194 @@
+"""The ``weightlock`` command: a thin layer over the API.
+
+Errors a user can cause print one message and a hint, no traceback, and exit with
+the error's code (3 bad input, 4 incompatible or unsupported, 5 output location,
+6 written output failed verification, 7 missing extra). ``verify`` exits 1 when a
+check fails. ``--json`` prints one JSON document on stdout, errors included.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import InvalidInputError, OutputError, WeightlockError
+
+VERIFY_FAILED_EXIT = 1
+
+
+def _emit(as_json: bool, data: dict, text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="weightlock")
+def cli() -> None:
+    """Bake a SafetyLock into a checkpoint as o_proj biases, offline, and prove it loads."""
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Lock file (.wlock).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
+@click.option("--alpha", type=float, default=None, help="Lock strength; default: the lock's default_alpha. "
+                                                        "Negative takes a lock off again.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--link-mode", type=click.Choice(["auto", "hardlink", "copy"]), default="auto", show_default=True,
+              help="How unchanged shards are reused: hardlink when possible (auto), always, or copy.")
+@click.option("--allow-architecture-mismatch", is_flag=True,
+              help="Apply a lock made from another architecture of the same shape.")
+@json_option
+def apply(checkpoint, lock_path, out, alpha, force, link_mode, allow_architecture_mismatch, as_json):
+    """Write a copy of CHECKPOINT (folder or cached Hub id) with the lock baked in."""
+    from .apply import apply_lock
+
+    result = apply_lock(checkpoint, lock_path, out=out, alpha=alpha, force=force, link_mode=link_mode,
+                        allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json)
+    s = result.summary()
+    text = (f"locked {len(s['locked_layers'])} layers at alpha {s['alpha']:g} -> {s['out']}\n"
+            f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config {s['config_patch']}\n"
+            f"  read {s['bytes_read_weights']:,} bytes of o_proj weights, wrote {s['bytes_written']:,} bytes, "
+            f"{s['shards_linked']} files hardlinked, {s['files_copied']} copied, {s['seconds']:.2f}s")
+    for item in s["left_out"]:
+        text += f"\n  left out (weights without the lock): {item}"
+    for warning in s["warnings"]:
+        text += f"\n  warning: {warning}"
+    _emit(as_json, {"ok": True, **s}, text)
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--deep", is_flag=True, help="Also scan every floating-point tensor for NaN/Inf (reads everything).")
+@click.option("--no-loader-check", is_flag=True, help="Skip building the transformers class on the meta device.")
+@json_option
+def verify(checkpoint, deep, no_loader_check, as_json):
+    """Check that CHECKPOINT loads as written and holds the lock its record claims."""
+    from .verify import report_json, verify_checkpoint
+
+    report = verify_checkpoint(checkpoint, deep=deep, loader_check=not no_loader_check)
+    if as_json:
+        click.echo(report_json(report))
+    else:
+        marks = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip"}
+        for check in report.checks:
+            click.echo(f"[{marks[check.status]}] {check.name}: {check.message}")
+            for detail in check.details:
+                click.echo(f"         {detail}")
+        click.echo("verified: all checks hold" if report.ok else "NOT verified: see FAIL lines above")
+    if not report.ok:
+        sys.exit(VERIFY_FAILED_EXIT)
+
+
+@cli.command("inspect")
+@click.argument("target")
+@json_option
+def inspect_command(target, as_json):
+    """Describe a lock file or a checkpoint folder (or cached Hub id)."""
+    from .describe import describe_checkpoint, describe_lock
+
+    path = Path(target)
+    if path.is_file():
+        from .lock import load_lock
+        data = describe_lock(load_lock(path))
+        m = data["manifest"]
+        src = m["source_model"]
+        lines = [f"lock {path.name} (sha256 {data['sha256'][:16]}...)",
+                 f"  source model: {src.get('name') or '?'} {src['architecture']}, {src['num_hidden_layers']} "
+                 f"layers x {src['num_attention_heads']} heads of {src['head_dim']}, hidden {src['hidden_size']}",
+                 f"  made by: {m['creation']['method']} ({m['creation']['tool']}); default alpha "
+                 f"{m['default_alpha']:g}; {m['num_heads_selected']} heads",
+                 f"  scales: min {data['scales']['min']:.4g}, median {data['scales']['median']:.4g}, "
+                 f"max {data['scales']['max']:.4g}",
+                 "  heads per layer:"]
+        lines += [f"    layer {layer:>3}: {heads}" for layer, heads in data["heads_per_layer"].items()]
+    else:
+        from .checkpoint import open_checkpoint
+        data = describe_checkpoint(open_checkpoint(target))
+        model = data["model"]
+        lines = [f"checkpoint {data['path']}" + (f" ({data['name']}@{data['revision']})" if data["name"] else ""),
+                 f"  model: {model.get('architecture')}"
+                 + (f", {model['num_layers']} layers x {model['num_heads']} heads of {model['head_dim']}, "
+                    f"hidden {model['hidden_size']}, {model['bias_flag']}" if "num_layers" in model
+                    else f" (not supported: {model.get('reason')})"),
+                 f"  layout: {data['layout']}, {data['tensors']} tensors, dtypes {data['dtypes']}"]
+        lines += [f"    {s['file']}: {s['bytes']:,} bytes, {s['tensors']} tensors" for s in data["shards"]]
+        locked = data["locked"]
+        lines.append("  locked: no" if locked is None else
+                     f"  locked: yes, alpha {locked['alpha']}, lock {str(locked['lock_sha256'])[:16]}..., "
+                     f"layers {sorted(int(k) for k in (locked['locked_layers'] or {}))}, "
+                     f"{locked['edits']} edit(s) recorded")
+    _emit(as_json, data, "\n".join(lines))
+
+
+@cli.command("import-legacy")
+@click.argument("legacy", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Lock file to write.")
+@click.option("--model", "model", default=None,
+              help="Source model's config.json, checkpoint folder or cached Hub id "
+                   "(needed unless the file is one of the published SafetyLock locks).")
+@click.option("--default-alpha", type=float, default=None, help="Strength recorded as the lock's default [6].")
+@click.option("--force", is_flag=True, help="Replace an existing lock file.")
+@json_option
+def import_legacy_command(legacy, out, model, default_alpha, force, as_json):
+    """Convert a SafetyLock .safelock file (a pickle, read safely) to a .wlock lock."""
+    from .legacy import LEGACY_DEFAULT_ALPHA, import_legacy
+    from .lock import save_lock, source_model_from_config
+
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
+    source_model = None
+    if model is not None:
+        config_path = Path(model)
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text("utf-8"))
+            except (OSError, ValueError) as e:
+                raise InvalidInputError(f"{config_path} is not a readable JSON config ({e})") from None
+            source_model = source_model_from_config(config)
+        else:
+            from .checkpoint import open_checkpoint
+            ckpt = open_checkpoint(model)
+            source_model = source_model_from_config(ckpt.config, ckpt.name, ckpt.revision)
+    lock = import_legacy(legacy, source_model,
+                         default_alpha=LEGACY_DEFAULT_ALPHA if default_alpha is None else default_alpha)
+    digest = save_lock(lock, out)
+    src = lock.source_model
+    _emit(as_json, {"ok": True, "out": str(out), "sha256": digest, "heads": lock.num_heads_selected,
+                    "layers": sorted(lock.heads_by_layer()), "source_model": src.to_dict()},
+          f"wrote {out}: {lock.num_heads_selected} heads in {len(lock.heads_by_layer())} layers of "
+          f"{src.name or src.architecture} (sha256 {digest[:16]}...)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    try:
+        cli.main(args=args, prog_name="weightlock", standalone_mode=False)
+    except WeightlockError as e:
+        if as_json:
+            click.echo(json.dumps({"ok": False, **e.to_dict()}, indent=2))
+        click.echo(f"weightlock: error: {e.message}", err=True)
+        if e.hint:
+            click.echo(f"  hint: {e.hint}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; no output was published", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""``inspect``: what a lock holds, and what a checkpoint is and whether it is locked."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .architectures import shape_from_config, spec_for_config
+from .checkpoint import Checkpoint
+from .errors import WeightlockError
+from .lock import Lock
+
+
+def describe_lock(lock: Lock) -> dict:
+    return {
+        "kind": "lock",
+        "sha256": lock.sha256,
+        "manifest": lock.manifest(),
+        "heads_per_layer": {str(layer): heads for layer, heads in lock.heads_by_layer().items()},
+        "scales": {"min": float(lock.scales.min()), "median": float(np.median(lock.scales)),
+                   "max": float(lock.scales.max())},
+    }
+
+
+def describe_checkpoint(checkpoint: Checkpoint) -> dict:
+    try:
+        spec = spec_for_config(checkpoint.config)
+        shape = shape_from_config(checkpoint.config, spec)
+        shape_info = dict(shape.__dict__, family=spec.family,
+                          bias_flag={spec.bias_flag: bool(checkpoint.config.get(spec.bias_flag, False))})
+    except WeightlockError as e:
+        shape_info = {"architecture": (checkpoint.config.get("architectures") or ["?"])[0],
+                      "supported": False, "reason": e.message}
+    dtypes: dict[str, int] = {}
+    for entry in checkpoint.tensors.values():
+        dtypes[entry.dtype] = dtypes.get(entry.dtype, 0) + 1
+    record = checkpoint.provenance
+    locked = None
+    if isinstance(record, dict):
+        locked = {"alpha": record.get("alpha"), "lock_sha256": (record.get("lock") or {}).get("sha256"),
+                  "locked_layers": record.get("locked_layers"), "created_at": record.get("created_at"),
+                  "tool": record.get("tool"), "edits": _depth(record)}
+    return {
+        "kind": "checkpoint",
+        "path": str(checkpoint.root),
+        "name": checkpoint.name,
+        "revision": checkpoint.revision,
+        "model": shape_info,
+        "layout": checkpoint.layout,
+        "shards": [{"file": shard, "bytes": h.file_size, "tensors": len(h.tensors)}
+                   for shard, h in sorted(checkpoint.headers.items())],
+        "tensors": len(checkpoint.tensors),
+        "dtypes": dtypes,
+        "locked": locked,
+    }
+
+
+def _depth(record: dict) -> int:
+    depth = 0
+    while isinstance(record, dict):
+        depth, record = depth + 1, record.get("parent")
+    return depth

@@ -1,0 +1,295 @@
+"""The lock: selected attention heads, each with a unit direction and a scale.
+
+File format v1 is a safetensors file (never a pickle) holding four tensors,
+
+    layer      I64 [K]            layer index of each selected head
+    head       I64 [K]            head index within its layer
+    direction  F32 [K, head_dim]  unit direction (mean safe - mean unsafe activation)
+    scale      F32 [K]            std of activations along the direction
+
+and a JSON manifest under the metadata key ``weightlock``, validated against
+``schemas/lock.schema.json`` on write and on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import CheckpointError, IncompatibleLockError, LockFormatError
+from .safetensors_file import MappedFile, TensorData, read_header, write_safetensors
+from .schema import schema_errors
+
+FORMAT = "weightlock-lock"
+FORMAT_VERSION = 1
+METADATA_KEY = "weightlock"
+# Directions are stored unit-length; this is how far from 1 a norm may drift on read.
+UNIT_NORM_TOLERANCE = 1e-3
+TENSOR_LAYOUT = {"layer": "I64", "head": "I64", "direction": "F32", "scale": "F32"}
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The shape fingerprint of the model a lock was made from."""
+
+    architecture: str
+    model_type: str
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+    hidden_size: int
+    name: str | None = None
+    revision: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_shape(cls, shape, name: str | None = None, revision: str | None = None) -> "SourceModel":
+        return cls(shape.architecture, shape.model_type, shape.num_layers, shape.num_heads,
+                   shape.head_dim, shape.hidden_size, name, revision)
+
+
+@dataclass
+class Lock:
+    layers: np.ndarray      # int64 [K]
+    heads: np.ndarray       # int64 [K]
+    directions: np.ndarray  # float32 [K, head_dim], unit rows
+    scales: np.ndarray      # float32 [K]
+    source_model: SourceModel
+    creation: dict
+    default_alpha: float
+    description: str | None = None
+    sha256: str | None = field(default=None, compare=False)  # of the file it was read from
+
+    @property
+    def num_heads_selected(self) -> int:
+        return int(self.layers.shape[0])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.directions.shape[1])
+
+    def manifest(self) -> dict:
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "source_model": self.source_model.to_dict(),
+            "creation": self.creation,
+            "default_alpha": float(self.default_alpha),
+            "num_heads_selected": self.num_heads_selected,
+        }
+        if self.description:
+            manifest["description"] = self.description
+        return manifest
+
+    def heads_by_layer(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for layer, head in zip(self.layers.tolist(), self.heads.tolist()):
+            out.setdefault(layer, []).append(head)
+        return {layer: sorted(heads) for layer, heads in sorted(out.items())}
+
+    def displacements(self, alpha: float, num_heads: int) -> dict[int, np.ndarray]:
+        """Per touched layer, the float32 vector added to the o_proj input.
+
+        The vector has num_heads * head_dim entries: ``alpha * scale * direction`` in
+        each selected head's slice and zeros elsewhere.
+        """
+        out: dict[int, np.ndarray] = {}
+        hd = self.head_dim
+        for layer, head, direction, scale in zip(self.layers.tolist(), self.heads.tolist(),
+                                                 self.directions, self.scales):
+            vector = out.setdefault(layer, np.zeros(num_heads * hd, dtype=np.float32))
+            vector[head * hd:(head + 1) * hd] += np.float32(alpha) * scale * direction
+        return out
+
+    def check_compatible(self, shape) -> None:
+        """Refuse a model whose shape differs from the lock's source model."""
+        src = self.source_model
+        differences = [
+            f"{what}: lock {ours}, model {theirs}"
+            for what, ours, theirs in (
+                ("layers", src.num_hidden_layers, shape.num_layers),
+                ("attention heads", src.num_attention_heads, shape.num_heads),
+                ("head_dim", src.head_dim, shape.head_dim),
+                ("hidden size", src.hidden_size, shape.hidden_size),
+            ) if ours != theirs]
+        if differences:
+            raise IncompatibleLockError(
+                f"the lock was made for a model of another shape ({'; '.join(differences)})",
+                hint=f"use a lock forged from this model's base "
+                     f"(the lock is from {src.name or src.architecture})")
+
+
+def build_lock(layers, heads, directions, scales, source_model: SourceModel, *,
+               default_alpha: float, creation: dict | None = None,
+               description: str | None = None) -> Lock:
+    """Build a validated lock from arrays.
+
+    Directions need not be unit length: each is normalised and its norm folded into
+    its scale, so ``scale * direction`` is unchanged.
+    """
+    layers = np.asarray(layers, dtype=np.int64).reshape(-1)
+    heads = np.asarray(heads, dtype=np.int64).reshape(-1)
+    directions = np.asarray(directions, dtype=np.float32)
+    scales = np.asarray(scales, dtype=np.float32).reshape(-1)
+    if directions.ndim != 2:
+        raise LockFormatError(f"directions must be 2-D [heads, head_dim], got shape {directions.shape}")
+    if not np.all(np.isfinite(directions)) or not np.all(np.isfinite(scales)):
+        raise LockFormatError("directions and scales must be finite (found NaN or Inf)")
+    norms = np.linalg.norm(directions.astype(np.float64), axis=1)
+    if np.any(norms == 0):
+        raise LockFormatError("a direction is all zeros; it has no direction to normalise")
+    directions = (directions / norms[:, None]).astype(np.float32)
+    scales = (scales.astype(np.float64) * norms).astype(np.float32)
+    lock = Lock(layers, heads, directions, scales, source_model,
+                creation or {"method": "api", "tool": f"weightlock {__version__}"},
+                float(default_alpha), description)
+    _validate(lock, "the lock")
+    return lock
+
+
+def _validate(lock: Lock, where: str) -> None:
+    def bad(what: str) -> LockFormatError:
+        return LockFormatError(f"{where} is invalid: {what}",
+                               hint="re-create it with `weightlock forge` or `weightlock import-legacy`")
+
+    k = lock.layers.shape[0]
+    if k == 0:
+        raise bad("it selects no heads")
+    if not (lock.heads.shape == (k,) and lock.scales.shape == (k,) and lock.directions.shape[0] == k):
+        raise bad(f"layer, head, direction and scale disagree on the number of heads "
+                  f"({k}, {lock.heads.shape[0]}, {lock.directions.shape[0]}, {lock.scales.shape[0]})")
+    src = lock.source_model
+    if lock.directions.shape[1] != src.head_dim:
+        raise bad(f"directions are {lock.directions.shape[1]} long but the source model's head_dim "
+                  f"is {src.head_dim}")
+    if not (np.all(np.isfinite(lock.directions)) and np.all(np.isfinite(lock.scales))):
+        raise bad("directions and scales must be finite (found NaN or Inf)")
+    if not np.isfinite(lock.default_alpha):
+        raise bad("default_alpha must be finite")
+    if np.any(lock.scales <= 0):
+        raise bad("every scale must be positive")
+    norms = np.linalg.norm(lock.directions.astype(np.float64), axis=1)
+    if np.any(np.abs(norms - 1) > UNIT_NORM_TOLERANCE):
+        raise bad(f"directions must be unit length (norms range {norms.min():.4g}..{norms.max():.4g})")
+    if lock.layers.min() < 0 or lock.layers.max() >= src.num_hidden_layers:
+        raise bad(f"layer indices must lie in 0..{src.num_hidden_layers - 1}")
+    if lock.heads.min() < 0 or lock.heads.max() >= src.num_attention_heads:
+        raise bad(f"head indices must lie in 0..{src.num_attention_heads - 1}")
+    pairs = set(zip(lock.layers.tolist(), lock.heads.tolist()))
+    if len(pairs) != k:
+        raise bad("a (layer, head) pair is listed twice")
+    problems = schema_errors(lock.manifest(), "lock")
+    if problems:
+        raise bad("manifest does not match schemas/lock.schema.json: " + "; ".join(problems))
+
+
+def save_lock(lock: Lock, path: str | os.PathLike) -> str:
+    """Write a lock file atomically; returns its sha256."""
+    _validate(lock, "the lock")
+    path = Path(path)
+    order = np.lexsort((lock.heads, lock.layers))  # stable, canonical order: same lock, same bytes
+    tensors = [
+        TensorData("layer", "I64", (lock.num_heads_selected,), lock.layers[order].tobytes()),
+        TensorData("head", "I64", (lock.num_heads_selected,), lock.heads[order].tobytes()),
+        TensorData("direction", "F32", lock.directions.shape,
+                   np.ascontiguousarray(lock.directions[order]).tobytes()),
+        TensorData("scale", "F32", (lock.num_heads_selected,), lock.scales[order].tobytes()),
+    ]
+    metadata = {"format": "weightlock-lock",
+                METADATA_KEY: json.dumps(lock.manifest(), sort_keys=True, separators=(",", ":"))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        write_safetensors(Path(tmp), tensors, metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    lock.sha256 = file_sha256(path)
+    return lock.sha256
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_lock(path: str | os.PathLike) -> Lock:
+    """Read and fully validate a lock file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LockFormatError(f"lock file {path} does not exist",
+                              hint="pass the path of a .wlock file made by weightlock")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"PK" or magic[:1] == b"\x80":
+        raise LockFormatError(f"{path.name} is a pickle or torch archive, not a weightlock lock",
+                              hint=f"convert a SafetyLock file with `weightlock import-legacy {path} "
+                                   f"--out {path.with_suffix('.wlock').name}`")
+    try:
+        header = read_header(path)
+    except CheckpointError as e:
+        raise LockFormatError(f"{path.name} is not a weightlock lock: {e.message}",
+                              hint="pass a .wlock file made by weightlock") from None
+    raw_manifest = header.metadata.get(METADATA_KEY)
+    if raw_manifest is None:
+        raise LockFormatError(f"{path.name} is a safetensors file without a weightlock manifest",
+                              hint="pass a .wlock file made by weightlock, not a model shard")
+    try:
+        manifest = json.loads(raw_manifest)
+    except ValueError as e:
+        raise LockFormatError(f"{path.name}: the manifest is not valid JSON ({e})") from None
+    problems = schema_errors(manifest, "lock")
+    if problems:
+        raise LockFormatError(f"{path.name}: the manifest does not match schemas/lock.schema.json: "
+                              + "; ".join(problems[:5]),
+                              hint="the file was not written by this version of weightlock, or was edited")
+    if set(header.tensors) != set(TENSOR_LAYOUT):
+        raise LockFormatError(f"{path.name} holds tensors {sorted(header.tensors)}, "
+                              f"expected {sorted(TENSOR_LAYOUT)}")
+    for name, dtype in TENSOR_LAYOUT.items():
+        if header.tensors[name].dtype != dtype:
+            raise LockFormatError(f"{path.name}: tensor {name} is {header.tensors[name].dtype}, expected {dtype}")
+    k = manifest["num_heads_selected"]
+    expected_shapes = {"layer": (k,), "head": (k,), "scale": (k,),
+                       "direction": (k, manifest["source_model"]["head_dim"])}
+    for name, shape in expected_shapes.items():
+        if header.tensors[name].shape != shape:
+            raise LockFormatError(f"{path.name}: tensor {name} has shape {list(header.tensors[name].shape)}, "
+                                  f"the manifest implies {list(shape)}")
+    with MappedFile(path) as mapped:
+        arrays = {name: np.frombuffer(mapped.read_bytes(entry), dtype=np.int64 if entry.dtype == "I64"
+                                      else np.float32).reshape(entry.shape).copy()
+                  for name, entry in header.tensors.items()}
+    lock = Lock(arrays["layer"], arrays["head"], arrays["direction"], arrays["scale"],
+                SourceModel(**manifest["source_model"]), manifest["creation"],
+                float(manifest["default_alpha"]), manifest.get("description"))
+    _validate(lock, path.name)
+    lock.sha256 = file_sha256(path)
+    return lock
+
+
+def source_model_from_config(config: dict, name: str | None = None, revision: str | None = None) -> SourceModel:
+    """The fingerprint of the model a config describes (any family using the usual key names)."""
+    from .architectures import ARCHITECTURES, shape_from_config, spec_for_config
+    from .errors import UnsupportedError
+
+    try:
+        spec = spec_for_config(config)
+    except UnsupportedError:
+        spec = ARCHITECTURES[0]  # the standard key names; the fingerprint needs nothing family-specific
+    return SourceModel.from_shape(shape_from_config(config, spec), name, revision)

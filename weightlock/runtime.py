@@ -1,0 +1,42 @@
+"""The lock applied at run time, by forward-pre-hooks on each locked layer's o_proj.
+
+This is SafetyLock's online form: add ``alpha * scale * direction`` to each selected
+head's slice of the o_proj input. It is the reference the offline edit is proven
+against, and it is how forge and eval run a lock without writing a checkpoint.
+Needs torch and a model built by transformers (or any module with the same names).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from .architectures import shape_from_config, spec_for_config
+from .lock import Lock
+
+
+@contextmanager
+def lock_hooks(model, lock: Lock, alpha: float | None = None):
+    """Within the block, ``model`` runs with ``lock`` added to its o_proj inputs."""
+    import torch
+
+    config = model.config.to_dict()
+    spec = spec_for_config(config)
+    shape = shape_from_config(config, spec)
+    lock.check_compatible(shape)
+    displacements = lock.displacements(lock.default_alpha if alpha is None else alpha, shape.num_heads)
+    handles = []
+
+    def make_hook(vector):
+        def hook(module, args):
+            hidden = args[0]
+            return (hidden + vector.to(device=hidden.device, dtype=hidden.dtype),) + tuple(args[1:])
+        return hook
+
+    try:
+        for layer, displacement in displacements.items():
+            module = model.get_submodule(spec.output_module(layer))
+            handles.append(module.register_forward_pre_hook(make_hook(torch.from_numpy(displacement))))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

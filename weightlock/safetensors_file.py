@@ -1,0 +1,334 @@
+"""Reading and writing safetensors files without loading them.
+
+Headers are parsed here, strictly, rather than trusted to a library: tensor names,
+dtypes, shapes and byte ranges come from the header alone, and every range is
+checked against the file before any data is touched. Tensor data is read through
+a memory map in row blocks whose pages are released after use, so reading a
+multi-gigabyte tensor keeps the resident set at one block. Writing streams each
+tensor's bytes from its source, so rewriting a shard never holds it in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Union
+
+import numpy as np
+
+from .errors import CheckpointError, UnsupportedError
+
+# The safetensors library refuses headers above 100 MB; so do we, before allocating.
+MAX_HEADER_BYTES = 100_000_000
+HEADER_ALIGNMENT = 8
+COPY_CHUNK_BYTES = 16 << 20
+BLOCK_TARGET_BYTES = 32 << 20
+
+# dtype name -> bytes per element. Sub-byte and exotic dtypes are refused as unknown.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+# dtypes whose values weightlock can read as real numbers (float32 arithmetic).
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+RAW_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie: absolute offsets into ``path``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    file_size: int
+    header_size: int
+    metadata: dict[str, str]
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_size
+
+
+def _reject_duplicate_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate a safetensors header; no tensor data is read."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            return _parse_header(f, path, file_size)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}",
+                              hint="check that the file exists and is readable") from None
+
+
+def _parse_header(f: BinaryIO, path: Path, file_size: int) -> SafetensorsHeader:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path.name} is not a valid safetensors file: {what}",
+                               hint="the file may be truncated or corrupt; download or export it again")
+
+    if file_size < 8:
+        raise bad(f"only {file_size} bytes, shorter than the 8-byte header length")
+    (header_size,) = struct.unpack("<Q", f.read(8))
+    if header_size > MAX_HEADER_BYTES:
+        raise bad(f"declared header of {header_size} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + header_size > file_size:
+        raise bad(f"declared header of {header_size} bytes runs past the end of the {file_size}-byte file")
+    raw = f.read(header_size)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ must map strings to strings")
+
+    data_start = 8 + header_size
+    data_size = file_size - data_start
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise bad(f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, "
+                      f"data_offsets span {offsets[1] - offsets[0]}")
+        entries.append(TensorEntry(name, dtype, tuple(shape), path,
+                                   data_start + offsets[0], data_start + offsets[1]))
+
+    # The data area must be tiled exactly: no overlaps, gaps, or bytes past the end.
+    position = data_start
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            what = "overlaps another tensor" if entry.begin < position else "leaves a gap before it"
+            raise bad(f"tensor {entry.name!r} {what} (offset {entry.begin - data_start}, "
+                      f"expected {position - data_start})")
+        position = entry.end
+    if position != file_size:
+        if position > file_size:
+            raise bad(f"tensor data runs past the end of the file ({position - data_start} bytes "
+                      f"declared, {data_size} present)")
+        raise bad(f"{file_size - position} bytes after the last tensor are not described by the header")
+    return SafetensorsHeader(path, file_size, header_size, metadata, {e.name: e for e in entries})
+
+
+# ---------------------------------------------------------------------------------------
+# Reading values
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Exact conversion of a raw block (as viewed by ``raw_view``) to float32."""
+    if dtype == "F32":
+        # Always a copy: a view would keep the memory map (and its pages) alive.
+        return np.array(raw, dtype=np.float32, copy=True)
+    if dtype == "F16":
+        return raw.astype(np.float32)
+    if dtype == "BF16":
+        # bfloat16 is the top half of a float32: widen the bits, no rounding involved.
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    raise UnsupportedError(f"tensor dtype {dtype} cannot be read as floating point",
+                           hint="weightlock edits F32, F16 and BF16 checkpoints; "
+                                "dequantize the attention output weights first")
+
+
+def raw_to_float32(data: bytes, dtype: str) -> np.ndarray:
+    """Raw little-endian bytes of a float tensor as a flat float32 array."""
+    return to_float32(np.frombuffer(data, dtype=RAW_NUMPY[dtype]), dtype)
+
+
+class MappedFile:
+    """A read-only memory map of one file, with page release after each block.
+
+    Pages of a file mapping count towards the resident set once touched; releasing
+    them with MADV_DONTNEED after each block is what keeps peak RSS independent of
+    tensor size. MADV_WILLNEED on the next block overlaps its read with compute.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self._file.close()
+
+    def __enter__(self) -> "MappedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _advise(self, begin: int, end: int, advice: int) -> None:
+        start = begin - begin % mmap.PAGESIZE
+        if end > start:
+            self._map.madvise(advice, start, min(end, len(self._map)) - start)
+
+    def row_blocks(self, entry: TensorEntry, columns: np.ndarray | None = None,
+                   block_bytes: int = BLOCK_TARGET_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, float32 block)`` over a 2-D tensor, optionally only some columns."""
+        if len(entry.shape) != 2:
+            raise CheckpointError(f"{entry.name} should be 2-D, has shape {list(entry.shape)}")
+        rows, cols = entry.shape
+        itemsize = DTYPE_SIZES[entry.dtype]
+        row_bytes = cols * itemsize
+        rows_per_block = max(1, block_bytes // max(row_bytes, 1))
+        raw_dtype = RAW_NUMPY[entry.dtype]
+        for row0 in range(0, rows, rows_per_block):
+            n = min(rows_per_block, rows - row0)
+            begin = entry.begin + row0 * row_bytes
+            end = begin + n * row_bytes
+            if row0 + n < rows:
+                self._advise(end, end + min(rows_per_block, rows - row0 - n) * row_bytes,
+                             mmap.MADV_WILLNEED)
+            raw = np.frombuffer(self._map, dtype=raw_dtype, count=n * cols, offset=begin)
+            raw = raw.reshape(n, cols)
+            if columns is not None:
+                raw = raw[:, columns]
+            block = to_float32(raw, entry.dtype)
+            del raw
+            self._advise(begin, end, mmap.MADV_DONTNEED)
+            yield row0, block
+
+    def read_float32(self, entry: TensorEntry) -> np.ndarray:
+        """A whole (small) tensor as float32, e.g. a bias vector."""
+        raw = np.frombuffer(self._map, dtype=RAW_NUMPY[entry.dtype], count=entry.numel,
+                            offset=entry.begin)
+        return to_float32(raw, entry.dtype).reshape(entry.shape)
+
+    def read_bytes(self, entry: TensorEntry) -> bytes:
+        return self._map[entry.begin:entry.end]
+
+
+def float32_to_raw(values: np.ndarray, dtype: str) -> bytes:
+    """Round float32 values to ``dtype`` (round-to-nearest-even, as torch does) as raw bytes."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "F32":
+        return values.tobytes()
+    if dtype == "F16":
+        return values.astype(np.float16).tobytes()
+    if dtype == "BF16":
+        bits = values.view(np.uint32)
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+        return ((bits + rounding) >> 16).astype(np.uint16).tobytes()
+    raise UnsupportedError(f"cannot write values as {dtype}")
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A tensor to write whose bytes are in memory."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+TensorSource = Union[TensorData, TensorEntry]  # a TensorEntry is copied from its file
+
+
+def write_safetensors(path: Path, tensors: Iterable[TensorSource],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file, streaming file-backed tensors; returns bytes written.
+
+    The file is flushed and fsynced before returning so that a later rename of its
+    folder publishes complete data.
+    """
+    tensors = list(tensors)
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for t in tensors:
+        nbytes = len(t.data) if isinstance(t, TensorData) else t.nbytes
+        if nbytes != math.prod(t.shape) * DTYPE_SIZES[t.dtype]:
+            raise ValueError(f"{t.name}: {nbytes} bytes do not match shape {t.shape} of {t.dtype}")
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
+                          "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
+    written = 0
+    sources: dict[Path, BinaryIO] = {}
+    try:
+        with open(path, "xb") as out:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            written += 8 + len(encoded)
+            for t in tensors:
+                if isinstance(t, TensorData):
+                    out.write(t.data)
+                    written += len(t.data)
+                    continue
+                src = sources.get(t.path)
+                if src is None:
+                    src = sources[t.path] = open(t.path, "rb")
+                src.seek(t.begin)
+                remaining = t.nbytes
+                while remaining:
+                    chunk = src.read(min(COPY_CHUNK_BYTES, remaining))
+                    if not chunk:
+                        raise CheckpointError(f"{t.path.name} ended while copying {t.name}")
+                    out.write(chunk)
+                    remaining -= len(chunk)
+                    written += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        for src in sources.values():
+            src.close()
+    return written

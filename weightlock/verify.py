@@ -1,0 +1,329 @@
+"""``verify``: does a checkpoint load as written, and does it hold the lock its record claims?
+
+Each check yields pass, fail, warn or skip; a report is ok when nothing failed.
+The loader check builds the transformers model class for the config on the meta
+device (no weights, so it is fast at any size) and compares parameter names and
+shapes with the checkpoint's tensors: this is what decides whether a loader would
+silently drop the biases or leave some uninitialised.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .architectures import ModelShape, shape_from_config, spec_for_config
+from .checkpoint import (PROVENANCE_DIR, Checkpoint, is_alternative_weight_file, open_checkpoint)
+from .errors import WeightlockError
+from .lock import file_sha256, load_lock
+from .safetensors_file import (FLOAT_DTYPES, MappedFile, float32_to_raw, raw_to_float32, read_header)
+from .schema import schema_errors
+
+PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
+# Rounding unit of each stored dtype: the recomputed bias may differ by float32
+# summation order (BLAS blocking), which after rounding is at most about one unit.
+DTYPE_EPS = {"F32": 2.0 ** -20, "F16": 2.0 ** -10, "BF16": 2.0 ** -7}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    message: str
+    details: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    path: str
+    checks: list[Check] = field(default_factory=list)
+    locked: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+    def failures(self) -> list[str]:
+        return [f"{c.name}: {c.message}" for c in self.checks if c.status == FAIL]
+
+    def add(self, name: str, status: str, message: str, details: list[str] | None = None) -> None:
+        self.checks.append(Check(name, status, message, list(details or [])[:20]))
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "ok": self.ok, "weightlock_version": __version__, "locked": self.locked,
+                "checks": [c.__dict__ for c in self.checks]}
+
+
+def verify_checkpoint(path, *, expected=None, loader_check: bool = True, deep: bool = False) -> Report:
+    """Run every check on the checkpoint folder at ``path``.
+
+    ``expected``: biases just computed by apply; when given, stored biases are compared
+    with them byte for byte instead of being recomputed from the weights.
+    ``deep``: also scan every floating-point tensor for NaN/Inf (reads the whole model).
+    """
+    report = Report(str(path))
+    try:
+        checkpoint = open_checkpoint(path)
+    except WeightlockError as e:
+        report.add("checkpoint", FAIL, e.message)
+        return report
+    report.add("checkpoint", PASS, f"{len(checkpoint.headers)} shard header(s) parse; every index entry is "
+                                   f"in its shard; {len(checkpoint.tensors)} tensors, none in two files")
+    _check_stray_files(checkpoint, report)
+    try:
+        spec = spec_for_config(checkpoint.config)
+        shape = shape_from_config(checkpoint.config, spec)
+    except WeightlockError as e:
+        report.add("architecture", WARN, e.message + "; architecture checks skipped")
+        spec = shape = None
+    if spec is not None:
+        report.add("architecture", PASS, f"{shape.architecture}: {shape.num_layers} layers, "
+                                         f"{shape.num_heads} heads of {shape.head_dim}")
+        _check_config_agrees(checkpoint, spec, shape, report)
+        _check_provenance(checkpoint, spec, shape, report, expected)
+    _check_finite(checkpoint, report, deep)
+    if loader_check:
+        _check_loader_names(checkpoint, report)
+    return report
+
+
+def _check_stray_files(checkpoint: Checkpoint, report: Report) -> None:
+    stray, other = [], []
+    for item in sorted(checkpoint.root.iterdir()):
+        if item.name in checkpoint.headers or not is_alternative_weight_file(item.name):
+            continue
+        if item.name == "model.safetensors.index.json":
+            continue
+        (stray if item.name.endswith(".safetensors") or item.name.startswith("consolidated")
+         or item.name == "params.json" else other).append(item.name)
+    if stray:
+        report.add("stray_weight_files", FAIL,
+                   "weight files outside the index that a loader may pick instead (vLLM prefers "
+                   "consolidated*.safetensors and params.json; a stray .safetensors is globbed)", stray)
+    elif other:
+        report.add("stray_weight_files", WARN, "other weight formats present; loaders prefer the safetensors "
+                                               "set, but these hold weights without the lock", other)
+    else:
+        report.add("stray_weight_files", PASS, "no weight files outside the index")
+
+
+def _check_config_agrees(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report) -> None:
+    problems = []
+    bias_on = bool(checkpoint.config.get(spec.bias_flag, False))
+    tensors = checkpoint.tensors
+    for layer in range(shape.num_layers):
+        weight = tensors.get(spec.output_weight(layer))
+        if weight is None:
+            problems.append(f"{spec.output_weight(layer)} is missing")
+        elif weight.shape != (shape.hidden_size, shape.attention_width):
+            problems.append(f"{weight.name} has shape {list(weight.shape)}, config implies "
+                            f"{[shape.hidden_size, shape.attention_width]}")
+        widths = {spec.output_projection: shape.hidden_size}
+        widths.update({c.projection: shape.width(c.width_from) for c in spec.bias_companions})
+        for projection, width in widths.items():
+            name = spec.projection_name(layer, projection, "bias")
+            if bias_on and name not in tensors:
+                problems.append(f"{spec.bias_flag} is on but {name} is missing (a loader would leave it "
+                                "uninitialised)")
+            elif not bias_on and name in tensors:
+                problems.append(f"{name} is present but {spec.bias_flag} is off (loaders drop it)")
+            elif name in tensors and tensors[name].shape != (width,):
+                problems.append(f"{name} has shape {list(tensors[name].shape)}, expected [{width}]")
+    if problems:
+        report.add("config_agrees", FAIL, f"config.json and the tensors disagree ({len(problems)} problems)",
+                   problems)
+    else:
+        report.add("config_agrees", PASS, f"{spec.bias_flag}={bias_on}; bias tensors and shapes match it")
+
+
+def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report, expected) -> None:
+    record = checkpoint.provenance
+    if record is None:
+        report.add("provenance", SKIP, "no weightlock/provenance.json: not locked by weightlock")
+        return
+    problems = schema_errors(record, "provenance")
+    if problems:
+        report.add("provenance", FAIL, "the provenance record does not match its schema", problems)
+        return
+    record_dir = checkpoint.root / PROVENANCE_DIR
+    lock_path = checkpoint.root / record["files"]["lock"]
+    try:
+        if file_sha256(lock_path) != record["lock"]["sha256"]:
+            report.add("provenance", FAIL, f"{record['files']['lock']} does not match the recorded lock hash")
+            return
+        lock = load_lock(lock_path)
+    except (OSError, WeightlockError) as e:
+        report.add("provenance", FAIL, f"the recorded lock cannot be read: {getattr(e, 'message', e)}")
+        return
+    if {**record["original_config"], **record["config_patch"]} != checkpoint.config:
+        report.add("provenance", FAIL, "config.json is not the recorded original config plus the recorded patch")
+        return
+    recorded = set(record["tensors"]["added"]) | set(record["tensors"]["replaced"])
+    absent = sorted(recorded - set(checkpoint.tensors))
+    if absent:
+        report.add("provenance", FAIL, "tensors the record lists are missing", absent)
+        return
+    report.locked = {"alpha": record["alpha"], "lock_sha256": record["lock"]["sha256"],
+                     "source_model": lock.source_model.to_dict(), "heads": lock.num_heads_selected,
+                     "locked_layers": record["locked_layers"], "created_at": record["created_at"]}
+    report.add("provenance", PASS, f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']}; "
+                                   "config is the original plus the recorded patch")
+    _check_lock_biases(checkpoint, spec, shape, lock, record, record_dir, report, expected)
+
+
+def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, record: dict,
+                       record_dir: Path, report: Report, expected) -> None:
+    """Stored biases equal what the record implies: original + W_o @ d, or zeros."""
+    from .plan import output_projection_product  # the same arithmetic apply used
+
+    displacements = lock.displacements(record["alpha"], shape.num_heads)
+    originals = {}
+    if record["files"].get("originals"):
+        originals_header = read_header(checkpoint.root / record["files"]["originals"])
+        originals = originals_header.tensors
+    layer_of = {spec.output_bias(layer): layer for layer in range(shape.num_layers)}
+    expected_raw = {c.planned.name: c.raw for c in expected} if expected is not None else None
+    mismatches = []
+    maps: dict = {}
+    try:
+        for name in record["tensors"]["added"] + record["tensors"]["replaced"]:
+            stored = checkpoint.tensors[name]
+            mapped = maps.setdefault(stored.path, MappedFile(stored.path))
+            if expected_raw is not None:
+                if mapped.read_bytes(stored) != expected_raw.get(name):
+                    mismatches.append(f"{name}: stored bytes differ from the computed bias")
+                continue
+            values = np.zeros(stored.numel, dtype=np.float32)
+            if name in originals:
+                original = originals[name]
+                values += maps.setdefault(original.path, MappedFile(original.path)).read_float32(original)
+            layer = layer_of.get(name)
+            if layer is not None and layer in displacements:
+                weight = checkpoint.tensors[spec.output_weight(layer)]
+                wmap = maps.setdefault(weight.path, MappedFile(weight.path))
+                values += output_projection_product(wmap, weight, displacements[layer], shape.head_dim)
+            rounded = raw_to_float32(float32_to_raw(values, stored.dtype), stored.dtype)
+            actual = mapped.read_float32(stored)
+            tolerance = DTYPE_EPS[stored.dtype] * (np.abs(rounded) + 1e-3 * float(np.abs(rounded).max(initial=0)))
+            worst = float(np.max(np.abs(actual - rounded) - tolerance, initial=-1.0))
+            if worst > 0:
+                mismatches.append(f"{name}: differs from the recorded edit by up to "
+                                  f"{float(np.max(np.abs(actual - rounded))):.3g}")
+    finally:
+        for m in maps.values():
+            m.close()
+    how = "byte for byte against the computed values" if expected is not None else \
+        "recomputed from the stored o_proj weights and the recorded lock"
+    if mismatches:
+        report.add("lock_biases", FAIL, f"{len(mismatches)} bias tensors are not what the record implies",
+                   mismatches)
+    else:
+        n = len(record["tensors"]["added"]) + len(record["tensors"]["replaced"])
+        report.add("lock_biases", PASS, f"{n} bias tensors equal the recorded edit ({how})")
+
+
+def _check_finite(checkpoint: Checkpoint, report: Report, deep: bool) -> None:
+    if deep:
+        names = [n for n, e in checkpoint.tensors.items() if e.dtype in FLOAT_DTYPES]
+    else:
+        record = checkpoint.provenance or {}
+        tensors = record.get("tensors") if isinstance(record, dict) else None
+        names = [n for n in ((tensors or {}).get("added", []) + (tensors or {}).get("replaced", []))
+                 if n in checkpoint.tensors] if isinstance(tensors, dict) else []
+    bad = []
+    maps: dict = {}
+    try:
+        for name in names:
+            entry = checkpoint.tensors[name]
+            mapped = maps.setdefault(entry.path, MappedFile(entry.path))
+            if len(entry.shape) == 2:
+                finite = all(np.all(np.isfinite(block)) for _, block in mapped.row_blocks(entry))
+            else:
+                finite = bool(np.all(np.isfinite(mapped.read_float32(entry))))
+            if not finite:
+                bad.append(name)
+    finally:
+        for m in maps.values():
+            m.close()
+    scope = "every floating-point tensor" if deep else "the tensors weightlock wrote"
+    if bad:
+        report.add("finite", FAIL, f"NaN or Inf in {len(bad)} tensors", bad)
+    elif names:
+        report.add("finite", PASS, f"{scope} ({len(names)}) hold only finite values")
+    else:
+        report.add("finite", SKIP, "no tensors written by weightlock to scan (use --deep to scan all)")
+
+
+def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        report.add("transformers_names", SKIP, "transformers is not installed; "
+                                               "install weightlock[forge] to check loader names")
+        return
+    import logging
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(checkpoint.root))
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an unknown or custom architecture, or a broken config
+        report.add("transformers_names", FAIL, f"transformers cannot build a model for this config: "
+                                               f"{type(e).__name__}: {e}")
+        return
+    finally:
+        transformers.logging.set_verbosity(previous)
+    logging.getLogger(__name__).debug("built %s on meta", type(model).__name__)
+    params = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    stored = {name: entry.shape for name, entry in checkpoint.tensors.items()}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    ignore_missing = _patterns(getattr(model, "_keys_to_ignore_on_load_missing", None))
+    ignore_unexpected = _patterns(getattr(model, "_keys_to_ignore_on_load_unexpected", None))
+
+    extra = set(stored) - set(params)
+    unexpected = sorted(n for n in extra if not ignore_unexpected(n))
+    ignored = sorted(n for n in extra if ignore_unexpected(n))
+    missing = []
+    for name in sorted(set(params) - set(stored)):
+        partner = tied.get(name) or next((t for t, s in tied.items() if s == name), None)
+        if (partner is not None and partner in stored) or ignore_missing(name):
+            continue
+        missing.append(name)
+    wrong_shape = sorted(f"{n}: checkpoint {list(stored[n])}, model {list(params[n])}"
+                         for n in set(stored) & set(params) if stored[n] != params[n])
+    details = ([f"unexpected (transformers would drop it): {n}" for n in unexpected]
+               + [f"missing (transformers would initialise it at random): {n}" for n in missing]
+               + [f"shape mismatch {s}" for s in wrong_shape])
+    cls = type(model).__name__
+    if details:
+        report.add("transformers_names", FAIL, f"{cls} would not load this checkpoint as stored "
+                                               f"({len(unexpected)} unexpected, {len(missing)} missing, "
+                                               f"{len(wrong_shape)} wrong shape)", details)
+    elif ignored:
+        report.add("transformers_names", WARN, f"{cls} loads every tensor it has, but drops {len(ignored)} "
+                                               "stored tensors its class lists as ignorable", ignored)
+    else:
+        report.add("transformers_names", PASS, f"the tensor names and shapes are exactly those {cls} "
+                                               f"(transformers {transformers.__version__}) loads")
+
+
+def _patterns(patterns):
+    if not patterns:
+        return lambda name: False
+    regex = re.compile("|".join(f"({p})" for p in patterns))
+    return lambda name: regex.search(name) is not None
+
+
+def report_json(report: Report) -> str:
+    data = report.to_dict()
+    problems = schema_errors(data, "report")
+    if problems:  # a bug in weightlock, not in the user's input
+        raise AssertionError("verify report does not match schemas/report.schema.json: " + "; ".join(problems))
+    return json.dumps(data, indent=2)

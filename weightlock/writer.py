@@ -1,0 +1,186 @@
+"""Writing a locked checkpoint into a staging folder, and publishing it atomically.
+
+The writer never touches the source. Shards whose tensors are all kept are reused
+byte for byte (hardlinked when the filesystem allows, else copied); a shard that
+holds a tensor being replaced is rewritten, streaming, without it; all new tensors
+go into one added shard. A single ``model.safetensors`` becomes a two-shard layout,
+because transformers loads that file first and would ignore our index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import (CONFIG_NAME, INDEX_NAME, PROVENANCE_DIR, PROVENANCE_NAME, SINGLE_NAME,
+                         Checkpoint, is_alternative_weight_file)
+from .errors import OutputError
+from .plan import ComputedBias, EditPlan
+from .safetensors_file import TensorData, write_safetensors
+
+LINK_MODES = ("auto", "hardlink", "copy")
+LOCK_COPY_NAME = "lock.wlock"
+# Replaced tensors' original bytes, kept so an edit can be undone exactly. Not
+# ".safetensors", so that no loader globbing the folder mistakes it for weights.
+ORIGINALS_NAME = "originals.wlt"
+SINGLE_RENAMED = "model-00001-of-00002.safetensors"
+SINGLE_ADDED = "model-00002-of-00002.safetensors"
+SHARDED_ADDED = "model-weightlock-bias{suffix}.safetensors"
+
+
+@dataclass
+class WrittenFiles:
+    shards: dict[str, str] = field(default_factory=dict)       # source shard -> output name
+    rewritten: list[str] = field(default_factory=list)         # output shards rewritten without replaced tensors
+    added_shard: str = ""
+    carried: list[str] = field(default_factory=list)           # other files carried over
+    left_out: list[str] = field(default_factory=list)          # alternative weight files not carried
+    linked: int = 0
+    copied: int = 0
+    bytes_written: int = 0
+
+
+def link_or_copy(source: Path, destination: Path, mode: str, written: WrittenFiles) -> None:
+    """Reuse ``source`` byte for byte: a hardlink when allowed (and asked for), else a copy."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    real = os.path.realpath(source)  # Hub caches hold symlinks into a blob store
+    if mode in ("auto", "hardlink"):
+        try:
+            os.link(real, destination)
+            written.linked += 1
+            return
+        except OSError as e:
+            if mode == "hardlink":
+                raise OutputError(f"cannot hardlink {source.name} into {destination.parent} ({e.strerror})",
+                                  hint="use --link-mode copy, or write the output on the source's filesystem"
+                                  ) from None
+    shutil.copyfile(real, destination)
+    with open(destination, "rb+") as f:
+        os.fsync(f.fileno())
+    written.copied += 1
+    written.bytes_written += destination.stat().st_size
+
+
+def _added_shard_name(checkpoint: Checkpoint) -> str:
+    if checkpoint.layout == "single":
+        return SINGLE_ADDED
+    n = 1
+    while (name := SHARDED_ADDED.format(suffix="" if n == 1 else f"-{n}")) in checkpoint.headers:
+        n += 1
+    return name
+
+
+def _write_json(path: Path, value, written: WrittenFiles) -> None:
+    data = (json.dumps(value, indent=2) + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    written.bytes_written += len(data)
+
+
+def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: list[ComputedBias],
+                            lock_bytes: bytes, staging: Path, link_mode: str,
+                            provenance: dict) -> WrittenFiles:
+    """Fill ``staging`` (which must not exist) with the locked checkpoint."""
+    if link_mode not in LINK_MODES:
+        raise OutputError(f"unknown link mode {link_mode!r}", hint=f"choose one of {', '.join(LINK_MODES)}")
+    staging.mkdir()
+    written = WrittenFiles(added_shard=_added_shard_name(checkpoint))
+    replaced = set(plan.replaced)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+
+    for shard in checkpoint.weight_files:
+        out_name = SINGLE_RENAMED if shard == SINGLE_NAME and checkpoint.layout == "single" else shard
+        written.shards[shard] = out_name
+        entries = sorted(checkpoint.headers[shard].tensors.values(), key=lambda e: e.begin)
+        kept = [e for e in entries if e.name not in replaced]
+        if len(kept) == len(entries):
+            link_or_copy(checkpoint.root / shard, staging / out_name, link_mode, written)
+        else:
+            written.bytes_written += write_safetensors(staging / out_name, kept,
+                                                       checkpoint.headers[shard].metadata or None)
+            written.rewritten.append(out_name)
+        for entry in kept:
+            weight_map[entry.name] = out_name
+            total_size += entry.nbytes
+
+    new_tensors = [TensorData(c.planned.name, c.planned.dtype, (c.planned.width,), c.raw) for c in computed]
+    written.bytes_written += write_safetensors(staging / written.added_shard, new_tensors, {"format": "pt"})
+    for t in new_tensors:
+        weight_map[t.name] = written.added_shard
+        total_size += len(t.data)
+
+    index_metadata = dict((checkpoint.index or {}).get("metadata") or {})
+    index_metadata["total_size"] = total_size
+    _write_json(staging / INDEX_NAME, {"metadata": index_metadata,
+                                       "weight_map": dict(sorted(weight_map.items()))}, written)
+    _write_json(staging / CONFIG_NAME, {**checkpoint.config, **plan.config_patch}, written)
+
+    for relative in checkpoint.extra_files():
+        if is_alternative_weight_file(relative):
+            written.left_out.append(relative)
+            continue
+        link_or_copy(checkpoint.root / relative, staging / relative, link_mode, written)
+        written.carried.append(relative)
+
+    record_dir = staging / PROVENANCE_DIR
+    record_dir.mkdir()
+    with open(record_dir / LOCK_COPY_NAME, "xb") as f:
+        f.write(lock_bytes)
+        os.fsync(f.fileno())
+    written.bytes_written += len(lock_bytes)
+    originals = [checkpoint.tensors[name] for name in plan.replaced]
+    if originals:
+        written.bytes_written += write_safetensors(record_dir / ORIGINALS_NAME, originals,
+                                                   {"format": "weightlock-originals"})
+    provenance["files"] = {
+        "shards": written.shards, "rewritten": written.rewritten, "added_shard": written.added_shard,
+        "carried": written.carried, "left_out": written.left_out,
+        "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}",
+        "originals": f"{PROVENANCE_DIR}/{ORIGINALS_NAME}" if originals else None,
+    }
+    _write_json(record_dir / PROVENANCE_NAME, provenance, written)
+    _fsync_tree(staging)
+    return written
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, _ in os.walk(root):
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def staging_path(out: Path) -> Path:
+    """A sibling of ``out`` (same filesystem, so the final rename is atomic)."""
+    return out.parent / f".{out.name}.weightlock-partial-{uuid.uuid4().hex[:12]}"
+
+
+def publish(staging: Path, out: Path, force: bool) -> None:
+    """Move the finished staging folder to ``out``; an existing ``out`` is replaced only with force."""
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
+        trash = out.parent / f".{out.name}.weightlock-replaced-{uuid.uuid4().hex[:12]}"
+        os.rename(out, trash)
+        os.rename(staging, out)
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink()
+    else:
+        os.rename(staging, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
