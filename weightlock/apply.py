@@ -164,7 +164,7 @@ class _progress_bar:
         from tqdm import tqdm
 
         self.bar = tqdm(total=plan.weight_bytes_to_read, unit="B", unit_scale=True,
-                        desc="reading o_proj weights", leave=False)
+                        desc="reading o_proj weights", leave=False, disable=None)
 
     def __call__(self, nbytes: int) -> None:
         self.bar.update(nbytes)

@@ -74,7 +74,11 @@ def plan_edit(checkpoint: Checkpoint, lock: Lock, alpha: float, *,
                                                       "pass --allow-architecture-mismatch")
         warnings.append(message)
 
-    displacements = lock.displacements(alpha, shape.num_heads)
+    with np.errstate(over="ignore", invalid="ignore"):
+        displacements = lock.displacements(alpha, shape.num_heads)
+    if not all(np.all(np.isfinite(d)) for d in displacements.values()):
+        raise UnsupportedError(f"alpha {alpha} overflows float32 in the lock's displacements",
+                               hint="use a smaller alpha")
     bias_on = bool(config.get(spec.bias_flag, False))
     tensors = checkpoint.tensors
     biases: list[PlannedBias] = []
@@ -176,14 +180,16 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
             if planned.base is not None:
                 values += mapped(planned.base).read_float32(planned.base)
             if planned.weight is not None:
-                values += output_projection_product(mapped(planned.weight), planned.weight,
-                                                    plan.displacements[planned.layer], plan.shape.head_dim)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    values += output_projection_product(mapped(planned.weight), planned.weight,
+                                                        plan.displacements[planned.layer],
+                                                        plan.shape.head_dim)
                 if progress is not None:
                     progress(planned.weight.nbytes)
             if not np.all(np.isfinite(values)):
                 raise CheckpointError(f"{planned.name} would not be finite: the layer's o_proj weights "
-                                      "(or its existing bias) hold NaN or Inf",
-                                      hint="the checkpoint is damaged; check it before locking")
+                                      "(or its existing bias) hold NaN or Inf, or alpha is too large for them",
+                                      hint="check the checkpoint (weightlock verify --deep), or use a smaller alpha")
             raw = float32_to_raw(values, planned.dtype)
             if not np.all(np.isfinite(raw_to_float32(raw, planned.dtype))):
                 raise UnsupportedError(f"{planned.name} overflows {planned.dtype} at alpha {plan.alpha}",

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv (or $WEIGHTLOCK_VENV) with torch==2.13.0 first (the local CPU wheel; an
+# unpinned torch pulls gigabytes of CUDA packages), then weightlock with its test extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${WEIGHTLOCK_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+FIND_LINKS=()
+[ -d /opt/wheels ] && FIND_LINKS=(--find-links /opt/wheels)
+"$VENV/bin/python" -m pip install -q "${FIND_LINKS[@]}" torch==2.13.0
+"$VENV/bin/python" -m pip install -q "${FIND_LINKS[@]}" -e ".[test]"
