@@ -1,0 +1,135 @@
+"""Reading checkpoints: only the o_proj weights' data is touched; Hub cache resolution;
+strict headers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import logits, make_llama, random_lock
+from weightlock import apply_lock, open_checkpoint, verify_checkpoint
+from weightlock.errors import CheckpointError
+from weightlock.safetensors_file import MappedFile, TensorData, read_header, write_safetensors
+
+
+def test_apply_reads_no_tensor_data_but_the_locked_o_proj(tmp_path):
+    """Overwrite every byte of tensor data apply must not need with NaN; it still succeeds and
+    its biases are right. Any read of other data would make a bias NaN (and be refused)."""
+    src = make_llama(tmp_path / "src", shard_kb=40)
+    lock = random_lock(src, n_heads=3)
+    apply_lock(src, lock, out=tmp_path / "clean", alpha=2.0)
+    needed = {f"model.layers.{layer}.self_attn.o_proj.weight" for layer in lock.heads_by_layer()}
+    for shard in src.glob("*.safetensors"):
+        header = read_header(shard)
+        with open(shard, "r+b") as f:
+            for entry in header.tensors.values():
+                if entry.name not in needed:
+                    f.seek(entry.begin)
+                    f.write(np.full(entry.numel, np.nan, np.float32).tobytes())
+    poisoned = apply_lock(src, lock, out=tmp_path / "poisoned", alpha=2.0)
+    clean_bias = (tmp_path / "clean" / "model-weightlock-bias.safetensors").read_bytes()
+    assert (tmp_path / "poisoned" / "model-weightlock-bias.safetensors").read_bytes() == clean_bias
+    assert poisoned.plan.weight_bytes_to_read == sum(
+        open_checkpoint(src).tensors[n].nbytes for n in needed)
+
+
+def test_row_blocks_cover_the_tensor_exactly(tmp_path):
+    values = np.arange(37 * 11, dtype=np.float32).reshape(37, 11)
+    write_safetensors(tmp_path / "t.safetensors", [TensorData("w", "F32", (37, 11), values.tobytes())])
+    entry = read_header(tmp_path / "t.safetensors").tensors["w"]
+    with MappedFile(tmp_path / "t.safetensors") as m:
+        blocks = list(m.row_blocks(entry, columns=np.array([1, 5]), block_bytes=11 * 4 * 5))
+    assert len(blocks) == 8
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), values[:, [1, 5]])
+
+
+def test_bf16_conversion_is_exact_and_rounding_matches_torch():
+    import torch
+
+    from weightlock.safetensors_file import float32_to_raw, raw_to_float32
+    x = torch.randn(1000) * 10
+    ours = raw_to_float32(float32_to_raw(x.numpy(), "BF16"), "BF16")
+    np.testing.assert_array_equal(ours, x.to(torch.bfloat16).float().numpy())
+
+
+def _hub_cache(tmp_path, src):
+    """A real Hub cache layout (blobs + snapshot symlinks + refs), as huggingface_hub writes it."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for path in src.iterdir():
+        blob = repo / "blobs" / f"blob-{path.name}"
+        shutil.copyfile(path, blob)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / path.name)
+    return tmp_path / "hub", commit
+
+
+def test_hub_repo_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
+    src = make_llama(tmp_path / "src", shard_kb=40)
+    cache, commit = _hub_cache(tmp_path, src)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    checkpoint = open_checkpoint("org/tiny")
+    assert checkpoint.name == "org/tiny" and checkpoint.revision == commit
+    lock = random_lock(src)
+    result = apply_lock("org/tiny", lock, out=tmp_path / "out")
+    assert result.provenance["source"]["name"] == "org/tiny"
+    assert verify_checkpoint(tmp_path / "out").ok
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir()), "output holds real files"
+    assert (logits(tmp_path / "out") - logits(src, lock=lock)).abs().max() < 1e-4
+    with pytest.raises(CheckpointError, match="not in the local Hub cache"):
+        open_checkpoint("org/absent")
+
+
+def _raw_file(tmp_path, header: bytes, data: bytes = b"", length: int | None = None):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
+    return path
+
+
+@pytest.mark.parametrize("header,data,length,message", [
+    (b"", b"", 0, "not valid JSON"),
+    (b"{}", b"", 1 << 40, "exceeds"),
+    (b"{}", b"", 64, "runs past the end"),
+    (b"[1]", b"", None, "not a JSON object"),
+    (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b"\0" * 4, None, "runs past the end"),
+    (b'{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}', b"\0" * 8, None, "unknown dtype"),
+    (b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', b"\0" * 8, None, "needs 12 bytes"),
+    (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],'
+     b'"data_offsets":[4,12]}}', b"\0" * 12, None, "overlaps"),
+    (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],'
+     b'"data_offsets":[4,8]}}', b"\0" * 8, None, "duplicate"),
+])
+def test_malformed_headers_are_refused(tmp_path, header, data, length, message):
+    path = _raw_file(tmp_path, header, data, length)
+    with pytest.raises(CheckpointError, match=message):
+        read_header(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    (tmp_path / "t.safetensors").write_bytes(b"\x10\0\0")
+    with pytest.raises(CheckpointError, match="shorter"):
+        read_header(tmp_path / "t.safetensors")
+
+
+def test_index_naming_a_file_outside_the_folder_is_refused(tmp_path):
+    src = make_llama(tmp_path / "src", shard_kb=40)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../elsewhere.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a file name inside"):
+        open_checkpoint(src)
