@@ -14,7 +14,7 @@ import pytest
 from conftest import logits, make_llama, random_lock
 from weightlock import apply_lock, open_checkpoint, verify_checkpoint
 from weightlock.errors import CheckpointError
-from weightlock.safetensors_file import MappedFile, TensorData, read_header, write_safetensors
+from weightlock.safetensors_file import TensorReader, TensorData, read_header, write_safetensors
 
 
 def test_apply_reads_no_tensor_data_but_the_locked_o_proj(tmp_path):
@@ -42,10 +42,10 @@ def test_row_blocks_cover_the_tensor_exactly(tmp_path):
     values = np.arange(37 * 11, dtype=np.float32).reshape(37, 11)
     write_safetensors(tmp_path / "t.safetensors", [TensorData("w", "F32", (37, 11), values.tobytes())])
     entry = read_header(tmp_path / "t.safetensors").tensors["w"]
-    with MappedFile(tmp_path / "t.safetensors") as m:
-        blocks = list(m.row_blocks(entry, columns=np.array([1, 5]), block_bytes=11 * 4 * 5))
+    with TensorReader(tmp_path / "t.safetensors") as m:
+        blocks = list(m.row_blocks(entry, column_ranges=[(1, 2), (5, 7)], block_bytes=11 * 4 * 5))
     assert len(blocks) == 8
-    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), values[:, [1, 5]])
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), values[:, [1, 5, 6]])
 
 
 def test_bf16_conversion_is_exact_and_rounding_matches_torch():

@@ -71,11 +71,11 @@ def test_build_refuses_bad_arrays(overrides, message):
 
 def _rewrite_manifest(src, dst, edit):
     """Copy a lock, changing its manifest (bypassing the writer's validation)."""
-    from weightlock.safetensors_file import MappedFile, read_header
+    from weightlock.safetensors_file import TensorReader, read_header
     header = read_header(src)
     manifest = json.loads(header.metadata["weightlock"])
     edit(manifest)
-    with MappedFile(src) as m:
+    with TensorReader(src) as m:
         tensors = [TensorData(e.name, e.dtype, e.shape, m.read_bytes(e)) for e in header.tensors.values()]
     write_safetensors(dst, tensors, {"weightlock": json.dumps(manifest)})
 

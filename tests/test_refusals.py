@@ -11,7 +11,7 @@ from conftest import make_llama, random_lock, tree_hashes
 from weightlock import SourceModel, apply_lock, build_lock, save_lock
 from weightlock.cli import main
 from weightlock.errors import CheckpointError, IncompatibleLockError, OutputError, UnsupportedError
-from weightlock.safetensors_file import MappedFile, TensorData, read_header, write_safetensors
+from weightlock.safetensors_file import TensorReader, TensorData, read_header, write_safetensors
 
 
 def run_cli(capsys, *args):
@@ -80,7 +80,7 @@ def test_unknown_architecture_is_refused(tmp_path, capsys, setup):
 
 def _rewrite_shard(path, edit):
     header = read_header(path)
-    with MappedFile(path) as m:
+    with TensorReader(path) as m:
         tensors = [TensorData(e.name, e.dtype, e.shape, m.read_bytes(e)) for e in header.tensors.values()]
     tensors = edit(tensors)
     path.unlink()

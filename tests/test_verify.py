@@ -12,7 +12,7 @@ from conftest import make_llama, random_lock
 from weightlock import apply_lock, verify_checkpoint
 from weightlock.cli import main
 from weightlock.schema import schema_errors
-from weightlock.safetensors_file import MappedFile, TensorData, read_header, write_safetensors
+from weightlock.safetensors_file import TensorReader, TensorData, read_header, write_safetensors
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def _edit_added_shard(out, edit):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shard = out / index["weight_map"]["model.layers.0.self_attn.o_proj.bias"]
     header = read_header(shard)
-    with MappedFile(shard) as m:
+    with TensorReader(shard) as m:
         tensors = [TensorData(e.name, e.dtype, e.shape, m.read_bytes(e)) for e in header.tensors.values()]
     shard.unlink()
     write_safetensors(shard, edit(tensors))

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CheckpointError, IncompatibleLockError, LockFormatError
-from .safetensors_file import MappedFile, TensorData, read_header, write_safetensors
+from .safetensors_file import TensorReader, TensorData, read_header, write_safetensors
 from .schema import schema_errors
 
 FORMAT = "weightlock-lock"
@@ -271,7 +271,7 @@ def load_lock(path: str | os.PathLike) -> Lock:
         if header.tensors[name].shape != shape:
             raise LockFormatError(f"{path.name}: tensor {name} has shape {list(header.tensors[name].shape)}, "
                                   f"the manifest implies {list(shape)}")
-    with MappedFile(path) as mapped:
+    with TensorReader(path) as mapped:
         arrays = {name: np.frombuffer(mapped.read_bytes(entry), dtype=np.int64 if entry.dtype == "I64"
                                       else np.float32).reshape(entry.shape).copy()
                   for name, entry in header.tensors.items()}

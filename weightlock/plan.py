@@ -18,7 +18,7 @@ from .architectures import ArchitectureSpec, ModelShape, shape_from_config, spec
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
 from .lock import Lock
-from .safetensors_file import (FLOAT_DTYPES, MappedFile, TensorEntry, float32_to_raw,
+from .safetensors_file import (FLOAT_DTYPES, TensorReader, TensorEntry, float32_to_raw,
                                raw_to_float32)
 
 
@@ -142,21 +142,29 @@ class ComputedBias:
     raw: bytes          # rounded to planned.dtype
 
 
-def selected_columns(displacement: np.ndarray, head_dim: int) -> np.ndarray:
-    """Indices of the o_proj input columns in heads the displacement touches."""
-    heads = np.flatnonzero(np.any(displacement.reshape(-1, head_dim) != 0, axis=1))
-    return (heads[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)
+def head_column_ranges(displacement: np.ndarray, head_dim: int) -> list[tuple[int, int]]:
+    """[start, stop) column ranges of the o_proj input covering the heads the displacement
+    touches, adjacent heads merged."""
+    touched = np.flatnonzero(np.any(displacement.reshape(-1, head_dim) != 0, axis=1)).tolist()
+    ranges: list[tuple[int, int]] = []
+    for head in touched:
+        start, stop = head * head_dim, (head + 1) * head_dim
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], stop)
+        else:
+            ranges.append((start, stop))
+    return ranges
 
 
-def output_projection_product(mapped: MappedFile, weight: TensorEntry, displacement: np.ndarray,
+def output_projection_product(reader: TensorReader, weight: TensorEntry, displacement: np.ndarray,
                               head_dim: int) -> np.ndarray:
     """``W_o @ d`` in float32, reading W_o in row blocks and only the touched heads' columns."""
-    columns = selected_columns(displacement, head_dim)
+    ranges = head_column_ranges(displacement, head_dim)
     result = np.zeros(weight.shape[0], dtype=np.float32)
-    if columns.size == 0:
+    if not ranges:
         return result
-    d = displacement[columns]
-    for row0, block in mapped.row_blocks(weight, columns):
+    d = np.concatenate([displacement[a:b] for a, b in ranges])
+    for row0, block in reader.row_blocks(weight, ranges):
         result[row0:row0 + block.shape[0]] = block @ d
     return result
 
@@ -168,20 +176,25 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
     """
     maps: dict = {}
 
-    def mapped(entry: TensorEntry) -> MappedFile:
+    def reader(entry: TensorEntry) -> TensorReader:
         if entry.path not in maps:
-            maps[entry.path] = MappedFile(entry.path)
+            maps[entry.path] = TensorReader(entry.path)
         return maps[entry.path]
 
+    locked_weights = [b.weight for b in plan.biases if b.weight is not None]
     out = []
     try:
         for planned in plan.biases:
             values = np.zeros(planned.width, dtype=np.float32)
             if planned.base is not None:
-                values += mapped(planned.base).read_float32(planned.base)
+                values += reader(planned.base).read_float32(planned.base)
             if planned.weight is not None:
+                position = locked_weights.index(planned.weight)
+                if position + 1 < len(locked_weights):  # overlap the next layer's read with this one
+                    following = locked_weights[position + 1]
+                    reader(following).prefetch(following)
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values += output_projection_product(mapped(planned.weight), planned.weight,
+                    values += output_projection_product(reader(planned.weight), planned.weight,
                                                         plan.displacements[planned.layer],
                                                         plan.shape.head_dim)
                 if progress is not None:

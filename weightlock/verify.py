@@ -21,7 +21,7 @@ from .architectures import ModelShape, shape_from_config, spec_for_config
 from .checkpoint import (PROVENANCE_DIR, Checkpoint, is_alternative_weight_file, open_checkpoint)
 from .errors import WeightlockError
 from .lock import file_sha256, load_lock
-from .safetensors_file import (FLOAT_DTYPES, MappedFile, float32_to_raw, raw_to_float32, read_header)
+from .safetensors_file import (FLOAT_DTYPES, TensorReader, float32_to_raw, raw_to_float32, read_header)
 from .schema import schema_errors
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
@@ -193,7 +193,7 @@ def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, re
     try:
         for name in record["tensors"]["added"] + record["tensors"]["replaced"]:
             stored = checkpoint.tensors[name]
-            mapped = maps.setdefault(stored.path, MappedFile(stored.path))
+            mapped = maps.setdefault(stored.path, TensorReader(stored.path))
             if expected_raw is not None:
                 if mapped.read_bytes(stored) != expected_raw.get(name):
                     mismatches.append(f"{name}: stored bytes differ from the computed bias")
@@ -201,11 +201,11 @@ def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, re
             values = np.zeros(stored.numel, dtype=np.float32)
             if name in originals:
                 original = originals[name]
-                values += maps.setdefault(original.path, MappedFile(original.path)).read_float32(original)
+                values += maps.setdefault(original.path, TensorReader(original.path)).read_float32(original)
             layer = layer_of.get(name)
             if layer is not None and layer in displacements:
                 weight = checkpoint.tensors[spec.output_weight(layer)]
-                wmap = maps.setdefault(weight.path, MappedFile(weight.path))
+                wmap = maps.setdefault(weight.path, TensorReader(weight.path))
                 values += output_projection_product(wmap, weight, displacements[layer], shape.head_dim)
             rounded = raw_to_float32(float32_to_raw(values, stored.dtype), stored.dtype)
             actual = mapped.read_float32(stored)
@@ -240,7 +240,7 @@ def _check_finite(checkpoint: Checkpoint, report: Report, deep: bool) -> None:
     try:
         for name in names:
             entry = checkpoint.tensors[name]
-            mapped = maps.setdefault(entry.path, MappedFile(entry.path))
+            mapped = maps.setdefault(entry.path, TensorReader(entry.path))
             if len(entry.shape) == 2:
                 finite = all(np.all(np.isfinite(block)) for _, block in mapped.row_blocks(entry))
             else:

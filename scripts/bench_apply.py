@@ -1,0 +1,251 @@
+"""Measure `weightlock apply` against the obvious baseline, in the same run.
+
+Writes a Llama-shaped bf16 checkpoint with real (non-sparse) data, then runs each
+contender in a fresh child process after evicting the checkpoint's pages from the
+page cache (posix_fadvise DONTNEED), and reports wall time, bytes read from and
+written to storage (/proc/<pid>/io read_bytes/write_bytes) and peak RSS (wait4).
+
+Contenders:
+  cold-read   read exactly the o_proj bytes the lock needs (the floor apply is held to)
+  apply       weightlock apply (unchanged shards hardlinked)
+  apply-copy  weightlock apply --link-mode copy (every byte copied)
+  baseline    transformers: from_pretrained, set o_proj biases, save_pretrained
+              (the reference procedure; only for presets that are complete models)
+
+    python scripts/bench_apply.py --preset 8b --layers 8
+    python scripts/bench_apply.py --preset 70b-attention --layers 80   # ~23 GB on disk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRESETS = {
+    # Llama-3.1-8B widths; a complete model, so the transformers baseline can run on it.
+    "8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256,
+               layers=32, complete=True),
+    # Llama-3.1-70B widths; attention tensors only (what apply needs), baseline not applicable.
+    "70b-attention": dict(hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672, vocab=128256,
+                          layers=80, complete=False),
+}
+SHARD_BYTES = 2 << 30
+PATTERN_BYTES = 16 << 20
+
+
+def tensor_shapes(p: dict) -> dict[str, tuple[int, ...]]:
+    h, hd = p["hidden"], p["head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    if p["complete"]:
+        shapes["model.embed_tokens.weight"] = (p["vocab"], h)
+    for layer in range(p["layers"]):
+        a = f"model.layers.{layer}"
+        shapes.update({f"{a}.self_attn.q_proj.weight": (p["heads"] * hd, h),
+                       f"{a}.self_attn.k_proj.weight": (p["kv_heads"] * hd, h),
+                       f"{a}.self_attn.v_proj.weight": (p["kv_heads"] * hd, h),
+                       f"{a}.self_attn.o_proj.weight": (h, p["heads"] * hd)})
+        if p["complete"]:
+            shapes.update({f"{a}.mlp.gate_proj.weight": (p["intermediate"], h),
+                           f"{a}.mlp.up_proj.weight": (p["intermediate"], h),
+                           f"{a}.mlp.down_proj.weight": (h, p["intermediate"]),
+                           f"{a}.input_layernorm.weight": (h,), f"{a}.post_attention_layernorm.weight": (h,)})
+    if p["complete"]:
+        shapes["model.norm.weight"] = (h,)
+        shapes["lm_head.weight"] = (p["vocab"], h)
+    return shapes
+
+
+def write_checkpoint(folder: Path, p: dict) -> int:
+    """Sharded bf16 safetensors filled from a repeated buffer of valid small bf16 values."""
+    folder.mkdir(parents=True)
+    values = (np.random.default_rng(0).normal(0, 0.02, PATTERN_BYTES // 2)).astype(np.float32)
+    pattern = (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensor_shapes(p).items():
+        nbytes = int(np.prod(shape)) * 2
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in tensors:
+            nbytes = int(np.prod(shape)) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = shard
+        encoded = json.dumps(header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(folder / shard, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            remaining = offset
+            while remaining:
+                chunk = pattern[:min(remaining, len(pattern))]
+                f.write(chunk)
+                remaining -= len(chunk)
+        total += offset
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": p["hidden"],
+              "intermediate_size": p["intermediate"], "num_hidden_layers": p["layers"],
+              "num_attention_heads": p["heads"], "num_key_value_heads": p["kv_heads"], "head_dim": p["head_dim"],
+              "vocab_size": p["vocab"], "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+              "rope_theta": 500000.0, "attention_bias": False, "tie_word_embeddings": False, "dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    os.sync()
+    return total
+
+
+def make_lock(folder: Path, p: dict, out: Path, legacy: Path | None) -> None:
+    from weightlock import build_lock, import_legacy, open_checkpoint, save_lock
+    from weightlock.lock import source_model_from_config
+
+    source = source_model_from_config(open_checkpoint(folder).config)
+    if legacy is not None and legacy.is_file():
+        lock = import_legacy(legacy)
+        if lock.source_model.num_hidden_layers != p["layers"]:
+            raise SystemExit(f"{legacy.name} is for {lock.source_model.num_hidden_layers} layers")
+        lock = build_lock(lock.layers, lock.heads, lock.directions, lock.scales, source, default_alpha=6.0)
+    else:
+        rng = np.random.default_rng(1)
+        pairs = rng.choice(p["layers"] * p["heads"], size=min(24, p["layers"] * p["heads"]), replace=False)
+        lock = build_lock(pairs // p["heads"], pairs % p["heads"], rng.normal(size=(len(pairs), p["head_dim"])),
+                          rng.uniform(0.1, 1, len(pairs)), source, default_alpha=6.0)
+    save_lock(lock, out)
+
+
+def evict(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+CHILD = r"""
+import json, os, sys, time
+mode, src, lock, out = sys.argv[1:5]
+# Imports first, so the I/O counters and the clock cover the work alone.
+import numpy
+import weightlock
+from weightlock import apply_lock, load_lock, open_checkpoint
+if mode == "baseline":
+    import torch
+    from transformers import AutoModelForCausalLM
+def io():
+    return {k: int(v) for k, v in (l.split(": ") for l in open("/proc/self/io").read().splitlines())}
+before = io()
+started = time.perf_counter()
+if mode == "cold-read":
+    ck, lk = open_checkpoint(src), load_lock(lock)
+    buf = bytearray(32 << 20)
+    for layer in sorted(lk.heads_by_layer()):
+        e = ck.tensors[f"model.layers.{layer}.self_attn.o_proj.weight"]
+        with open(e.path, "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # exact reads, no readahead
+            pos = e.begin
+            while pos < e.end:
+                view = memoryview(buf)[:min(len(buf), e.end - pos)]
+                pos += os.preadv(f.fileno(), [view], pos)
+elif mode in ("apply", "apply-copy"):
+    apply_lock(src, lock, out=out, link_mode="copy" if mode == "apply-copy" else "auto")
+elif mode == "baseline":
+    lk = load_lock(lock)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for layer, d in lk.displacements(lk.default_alpha, model.config.num_attention_heads).items():
+            o = model.model.layers[layer].self_attn.o_proj
+            o.bias = torch.nn.Parameter((o.weight.float() @ torch.from_numpy(d)).to(torch.bfloat16))
+    model.config.attention_bias = True  # so the saved biases at least survive a reload
+    model.save_pretrained(out)
+    os.sync()
+seconds = time.perf_counter() - started
+after = io()
+print(json.dumps({"seconds": seconds, "io": {k: after[k] - before[k] for k in after}}))
+"""
+
+
+def run_child(mode: str, src: Path, lock: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    evict(src)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(lock), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    output = proc.stdout.read()
+    if proc.returncode != 0:
+        return {"mode": mode, "error": f"exit {proc.returncode}"}
+    result = json.loads(output.strip().splitlines()[-1])
+    out_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
+    return {"mode": mode, "seconds": result["seconds"], "read_bytes": result["io"]["read_bytes"],
+            "write_bytes": result["io"]["write_bytes"], "rchar": result["io"]["rchar"],
+            "wchar": result["io"]["wchar"], "peak_rss_bytes": usage.ru_maxrss * 1024, "output_bytes": out_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="8b")
+    parser.add_argument("--layers", type=int, default=None, help="layers to write (default: the preset's)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/weightlock-bench"))
+    parser.add_argument("--legacy-lock", type=Path, default=None,
+                        help="use this published .safelock (needs the preset's full layer count)")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-copy", action="store_true")
+    parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
+    args = parser.parse_args()
+
+    p = dict(PRESETS[args.preset])
+    if args.layers:
+        p["layers"] = args.layers
+    shutil.rmtree(args.work, ignore_errors=True)
+    src, lock, out = args.work / "src", args.work / "lock.wlock", args.work / "out"
+    t = time.perf_counter()
+    total = write_checkpoint(src, p)
+    print(f"wrote {args.preset} ({p['layers']} layers) checkpoint: {total / 2**30:.2f} GiB "
+          f"in {time.perf_counter() - t:.0f}s", flush=True)
+    make_lock(src, p, lock, args.legacy_lock)
+
+    modes = ["cold-read", "apply"] + ([] if args.no_copy else ["apply-copy"])
+    if p["complete"] and not args.no_baseline:
+        modes.append("baseline")
+    results = [run_child(mode, src, lock, out) for mode in modes]
+    floor = results[0]["seconds"]
+    print(f"\n{'contender':<11} {'wall s':>8} {'x cold-read':>11} {'read MiB':>10} {'written MiB':>12} "
+          f"{'peak RSS MiB':>13}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['mode']:<11} {r['error']}")
+            continue
+        print(f"{r['mode']:<11} {r['seconds']:>8.2f} {r['seconds'] / floor:>11.2f} "
+              f"{r['read_bytes'] / 2**20:>10.1f} {r['write_bytes'] / 2**20:>12.1f} "
+              f"{r['peak_rss_bytes'] / 2**20:>13.1f}")
+    from weightlock import load_lock
+    layers = sorted(load_lock(lock).heads_by_layer())
+    o_bytes = len(layers) * p["hidden"] * p["heads"] * p["head_dim"] * 2
+    print(f"\ncheckpoint {total / 2**30:.2f} GiB; lock touches {len(layers)} layers = "
+          f"{o_bytes / 2**20:.1f} MiB of o_proj weights")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"preset": args.preset, "params": p, "checkpoint_bytes": total,
+                                             "o_proj_bytes_needed": o_bytes, "results": results}, indent=2))
+    if not args.keep:
+        shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
