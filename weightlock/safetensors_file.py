@@ -270,6 +270,10 @@ class TensorReader:
             if column_ranges is not None:
                 raw = np.concatenate([raw[:, a:b] for a, b in column_ranges], axis=1)
             yield row0, to_float32(raw, entry.dtype)  # always a copy: the buffer is reused
+            del raw
+        # One reader stays open per shard while a lock's layers are read; a block buffer
+        # held by each would multiply peak memory by the number of shards touched.
+        self._buffer = bytearray()
 
     def read_bytes(self, entry: TensorEntry) -> bytes:
         return bytes(self._read_into(entry.begin, entry.nbytes))
