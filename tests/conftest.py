@@ -96,3 +96,27 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 @pytest.fixture
 def tiny_llama(tmp_path):
     return make_llama(tmp_path / "src")
+
+
+def run_cli(capsys, *args):
+    """Run the real CLI entry point in-process; returns (exit code, stdout, stderr)."""
+    from weightlock.cli import main
+
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def rewrite_safetensors(path: Path, edit, metadata=None) -> None:
+    """Rewrite a safetensors file through ``edit(list[TensorData]) -> list[TensorData]``."""
+    from weightlock.safetensors_file import TensorData, TensorReader, read_header, write_safetensors
+
+    header = read_header(path)
+    with TensorReader(path) as reader:
+        tensors = [TensorData(e.name, e.dtype, e.shape, reader.read_bytes(e)) for e in header.tensors.values()]
+    path.unlink()
+    write_safetensors(path, edit(tensors), header.metadata if metadata is None else metadata)

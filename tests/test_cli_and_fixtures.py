@@ -9,21 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LEGACY_LOCKS, make_llama, random_lock
+from conftest import LEGACY_LOCKS, make_llama, random_lock, run_cli
 from weightlock import load_lock, save_lock
-from weightlock.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(capsys, *args):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_apply_inspect_verify_json(tmp_path, capsys):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import zipfile
 
 import numpy as np
 import pytest
 
+from conftest import rewrite_safetensors
 from weightlock import SourceModel, build_lock, load_lock, save_lock
 from weightlock.errors import LockFormatError
 from weightlock.safetensors_file import TensorData, write_safetensors
@@ -71,13 +73,11 @@ def test_build_refuses_bad_arrays(overrides, message):
 
 def _rewrite_manifest(src, dst, edit):
     """Copy a lock, changing its manifest (bypassing the writer's validation)."""
-    from weightlock.safetensors_file import TensorReader, read_header
-    header = read_header(src)
-    manifest = json.loads(header.metadata["weightlock"])
+    from weightlock.safetensors_file import read_header
+    manifest = json.loads(read_header(src).metadata["weightlock"])
     edit(manifest)
-    with TensorReader(src) as m:
-        tensors = [TensorData(e.name, e.dtype, e.shape, m.read_bytes(e)) for e in header.tensors.values()]
-    write_safetensors(dst, tensors, {"weightlock": json.dumps(manifest)})
+    shutil.copyfile(src, dst)
+    rewrite_safetensors(dst, lambda tensors: tensors, {"weightlock": json.dumps(manifest)})
 
 
 def test_manifest_failing_schema_is_refused(tmp_path):

@@ -7,21 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_llama, random_lock, tree_hashes
+from conftest import make_llama, random_lock, rewrite_safetensors, run_cli, tree_hashes
 from weightlock import SourceModel, apply_lock, build_lock, save_lock
-from weightlock.cli import main
 from weightlock.errors import CheckpointError, IncompatibleLockError, OutputError, UnsupportedError
-from weightlock.safetensors_file import TensorReader, TensorData, read_header, write_safetensors
-
-
-def run_cli(capsys, *args):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from weightlock.safetensors_file import TensorData
 
 
 @pytest.fixture
@@ -78,18 +67,9 @@ def test_unknown_architecture_is_refused(tmp_path, capsys, setup):
     assert "Traceback" not in err
 
 
-def _rewrite_shard(path, edit):
-    header = read_header(path)
-    with TensorReader(path) as m:
-        tensors = [TensorData(e.name, e.dtype, e.shape, m.read_bytes(e)) for e in header.tensors.values()]
-    tensors = edit(tensors)
-    path.unlink()
-    write_safetensors(path, tensors)
-
-
 def test_missing_o_proj_is_refused(tmp_path, capsys, setup):
     src, lock_path = setup
-    _rewrite_shard(src / "model.safetensors",
+    rewrite_safetensors(src / "model.safetensors",
                    lambda ts: [t for t in ts if t.name != "model.layers.1.self_attn.o_proj.weight"])
     code, out, err = run_cli(capsys, "apply", str(src), "--lock", str(lock_path), "--out", str(tmp_path / "o"),
                              "--json")
@@ -113,7 +93,7 @@ def test_non_finite_weights_are_refused(tmp_path, setup):
             out.append(t)
         return out
 
-    _rewrite_shard(src / "model.safetensors", poison)
+    rewrite_safetensors(src / "model.safetensors", poison)
     with pytest.raises(CheckpointError, match="NaN or Inf"):
         apply_lock(src, lock, out=tmp_path / "out")
     assert not (tmp_path / "out").exists() and no_partial_output(tmp_path)

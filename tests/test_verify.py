@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_llama, random_lock
+from conftest import make_llama, random_lock, rewrite_safetensors, run_cli
 from weightlock import apply_lock, verify_checkpoint
-from weightlock.cli import main
 from weightlock.schema import schema_errors
-from weightlock.safetensors_file import TensorReader, TensorData, read_header, write_safetensors
+from weightlock.safetensors_file import TensorData, write_safetensors
 
 
 @pytest.fixture
@@ -26,17 +25,8 @@ def statuses(report):
     return {c.name: c.status for c in report.checks}
 
 
-def run_cli(capsys, *args):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().out
-
-
 def test_locked_checkpoint_verifies_and_json_matches_schema(locked, capsys):
-    code, out = run_cli(capsys, "verify", str(locked), "--json", "--deep")
+    code, out, _ = run_cli(capsys, "verify", str(locked), "--json", "--deep")
     report = json.loads(out)
     assert code == 0 and report["ok"] and not schema_errors(report, "report")
     assert report["locked"]["alpha"] == 2.0
@@ -51,12 +41,7 @@ def test_unlocked_source_verifies_without_provenance(tmp_path):
 
 def _edit_added_shard(out, edit):
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    shard = out / index["weight_map"]["model.layers.0.self_attn.o_proj.bias"]
-    header = read_header(shard)
-    with TensorReader(shard) as m:
-        tensors = [TensorData(e.name, e.dtype, e.shape, m.read_bytes(e)) for e in header.tensors.values()]
-    shard.unlink()
-    write_safetensors(shard, edit(tensors))
+    rewrite_safetensors(out / index["weight_map"]["model.layers.0.self_attn.o_proj.bias"], edit)
 
 
 def test_tampered_bias_is_caught(locked, capsys):
@@ -70,7 +55,7 @@ def test_tampered_bias_is_caught(locked, capsys):
     _edit_added_shard(locked, tamper)
     report = verify_checkpoint(locked)
     assert statuses(report)["lock_biases"] == "fail" and target in " ".join(report.checks[5].details)
-    code, _ = run_cli(capsys, "verify", str(locked))
+    code, _, _ = run_cli(capsys, "verify", str(locked))
     assert code == 1
 
 

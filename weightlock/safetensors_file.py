@@ -184,11 +184,6 @@ def raw_to_float32(data: bytes, dtype: str) -> np.ndarray:
     return to_float32(np.frombuffer(data, dtype=RAW_NUMPY[dtype]), dtype)
 
 
-def raw_to_float32(data: bytes, dtype: str) -> np.ndarray:
-    """Raw little-endian bytes of a float tensor as a flat float32 array."""
-    return to_float32(np.frombuffer(data, dtype=RAW_NUMPY[dtype]), dtype)
-
-
 def float32_to_raw(values: np.ndarray, dtype: str) -> bytes:
     """Round float32 values to ``dtype`` (round-to-nearest-even, as torch does) as raw bytes."""
     values = np.ascontiguousarray(values, dtype=np.float32)
