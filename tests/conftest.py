@@ -16,32 +16,59 @@ if not SHARED_DATA.is_dir():  # CI clones the project with shared/ beside it
 LEGACY_LOCKS = SHARED_DATA / "legacy-locks"
 
 
-def make_llama(folder: Path, *, layers=3, heads=4, kv_heads=2, hidden=64, head_dim=None, vocab=96,
-               dtype="float32", tie=False, shard_kb=None, attention_bias=False, seed=0,
-               extra_files=True) -> Path:
-    """Write a tiny random LlamaForCausalLM with save_pretrained; returns the folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+# family -> (transformers config class, settings that differ from the common tiny shape)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", dict(hidden_size=48, head_dim=16, sliding_window=None)),  # head_dim != 48/4
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "gemma": ("GemmaConfig", dict(head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=64)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=64)),
+    "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", {}),
+    "cohere": ("CohereConfig", {}),
+    "starcoder2": ("Starcoder2Config", dict(use_bias=True)),
+    "starcoder2-nobias": ("Starcoder2Config", dict(use_bias=False)),
+    "gpt_neox": ("GPTNeoXConfig", {}),
+    "phi": ("PhiConfig", {}),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=2, num_experts_per_tok=1, sliding_window=None)),
+    "phi3": ("Phi3Config", dict(pad_token_id=None)),
+}
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=head_dim, max_position_embeddings=128, tie_word_embeddings=tie,
-                         attention_bias=attention_bias, rms_norm_eps=1e-5)
+
+def make_model(folder: Path, family: str = "llama", *, layers=3, heads=4, kv_heads=2, hidden=64, vocab=96,
+               dtype="float32", tie=False, shard_kb=None, seed=0, extra_files=True, **overrides) -> Path:
+    """Write a tiny random model of ``family`` with stock save_pretrained; returns the folder."""
+    import torch
+    import transformers
+
+    class_name, settings = FAMILIES[family]
+    kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                  tie_word_embeddings=tie)
+    kwargs.update(settings)
+    kwargs.update(overrides)
+    config = getattr(transformers, class_name)(**kwargs)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)  # existing biases must be visibly non-zero to test adding to them
-            elif "norm" not in name:
+            elif "norm" not in name and "layernorm" not in name:
                 p.normal_(0, 0.15)
     model = model.to(getattr(torch, dtype))
-    kwargs = {"max_shard_size": f"{shard_kb}KB"} if shard_kb else {}
-    model.save_pretrained(folder, **kwargs)
+    model.save_pretrained(folder, **({"max_shard_size": f"{shard_kb}KB"} if shard_kb else {}))
     if extra_files:
         (folder / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
         (folder / "README.md").write_text("tiny test model\n")
     return folder
+
+
+def make_llama(folder: Path, *, head_dim=None, attention_bias=False, **kwargs) -> Path:
+    return make_model(folder, "llama", head_dim=head_dim, attention_bias=attention_bias, rms_norm_eps=1e-5,
+                      **kwargs)
 
 
 def random_lock(folder: Path, *, n_heads=5, seed=1, default_alpha=3.0):

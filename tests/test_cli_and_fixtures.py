@@ -22,7 +22,7 @@ def test_apply_inspect_verify_json(tmp_path, capsys):
                            str(tmp_path / "out"), "--alpha", "1.5", "--json")
     summary = json.loads(out)
     assert code == 0 and summary["ok"] and summary["alpha"] == 1.5
-    assert summary["bytes_read_weights"] > 0 and summary["config_patch"] == {"attention_bias": True}
+    assert summary["bytes_read_weights"] > 0 and summary["config_changes"] == {"set": {"attention_bias": True}, "removed": []}
     code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "out"), "--json")
     described = json.loads(out)
     assert described["locked"]["alpha"] == 1.5 and described["layout"] == "sharded"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -44,7 +45,8 @@ class ApplyResult:
             "locked_layers": sorted(self.plan.displacements),
             "tensors_added": len(self.plan.biases) - len(self.plan.replaced),
             "tensors_replaced": len(self.plan.replaced),
-            "config_patch": self.plan.config_patch,
+            "config_changes": self.plan.config_changes,
+            "redeclared": self.plan.spec is not self.plan.target,
             "added_shard": self.written.added_shard,
             "shards_linked": self.written.linked,
             "files_copied": self.written.copied,
@@ -87,8 +89,12 @@ def _provenance(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes) -> di
         "lock": {"sha256": hashlib.sha256(lock_bytes).hexdigest(), "manifest": plan.lock.manifest()},
         "alpha": plan.alpha,
         "architecture_family": plan.spec.family,
+        "output_family": plan.target.family,
         "locked_layers": {str(layer): heads for layer, heads in plan.lock.heads_by_layer().items()},
-        "config_patch": plan.config_patch,
+        "config_changes": plan.config_changes,
+        # carried files rewritten for the output, with their original content for undo
+        "edited_files": {path: json.loads((checkpoint.root / path).read_text("utf-8"))
+                         for path in plan.file_edits},
         "tensors": {
             "added": [b.name for b in plan.biases if b.base is None],
             "replaced": plan.replaced,

@@ -1,73 +1,173 @@
 """What weightlock knows about each model family, as data.
 
 An entry says where a layer's attention-output projection lives, how the config
-names the shape, how the config switches the o_proj bias on, and which other bias
-tensors that switch brings into existence (they must be written as explicit zeros,
-or a loader initialises them at random). Adding a family means adding a row here,
-plus its equivalence test; no other module branches on the family.
+names the shape (and what the config class assumes when a key is absent), which
+config flag switches the output bias on and which other biases that flag brings
+into existence (they must be written as explicit zeros, or a loader initialises
+them at random), which biases the class always has, and how vLLM treats it.
+
+A family whose class cannot hold an o_proj bias but whose computation an equivalent
+class reproduces exactly is *redeclared*: its config is rewritten for that class
+(``Redeclaration``). A family with no exact equivalent is *refused* with the reason.
+Adding a family means adding a row here, plus its equivalence test; no other module
+branches on the family. Facts were read from transformers 5.23 and vLLM 0.33.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import CheckpointError, UnsupportedError
+
+# How vLLM treats a locked checkpoint of the family (as the output's config declares it).
+VLLM_NATIVE = "native"                    # its own class honours the bias flag
+VLLM_TRANSFORMERS_BACKEND = "transformers-backend"  # served through transformers' class: active
+VLLM_INACTIVE = "inactive"                # its own class hard-codes no o_proj bias and skips the tensor
 
 
 @dataclass(frozen=True)
 class BiasCompanion:
-    """A projection whose bias the config flag also switches on, and its width."""
+    """A bias that the family's flag switches on together with the output bias."""
 
-    projection: str
-    # "heads" -> num_attention_heads * head_dim; "kv_heads" -> num_key_value_heads * head_dim
-    width_from: str
+    module: str       # e.g. "model.layers.{layer}.self_attn.q_proj"
+    width_from: str   # a ModelShape.width() key: heads, kv_heads, qkv, hidden, intermediate
+
+
+@dataclass(frozen=True)
+class Redeclaration:
+    """Rewrite a config for an equivalent class that can hold the bias."""
+
+    family: str                     # the target row's family
+    # keys whose defaults differ between the source and target config classes: when a
+    # config omits one, the source default is written explicitly so nothing changes
+    source_defaults: dict = field(default_factory=dict)
+    # keys the target class does not read and that must not linger (vLLM applies a
+    # Llama config's sliding_window to every layer)
+    drop_keys: tuple[str, ...] = ()
+    # the key that switches the sliding window on, when the family has one (Qwen2)
+    sliding_window_switch: str | None = None
+    # the tokenizer class the source model type resolves to, pinned in tokenizer_config.json
+    # when it names none (AutoTokenizer would otherwise pick by the new model_type)
+    tokenizer_class: str | None = None
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
     family: str
     model_types: tuple[str, ...]
-    # transformers class names that this family's configs name in "architectures"
-    classes: tuple[str, ...]
-    # per-layer module holding the projections, e.g. "model.layers.{layer}.self_attn"
-    attention_module: str
-    output_projection: str
-    # config key that switches the output projection's bias on (with the companions)
-    bias_flag: str
-    bias_companions: tuple[BiasCompanion, ...]
+    classes: tuple[str, ...]            # transformers class names in config "architectures"
+    attention_module: str               # e.g. "model.layers.{layer}.self_attn"
+    output_projection: str              # e.g. "o_proj"
+    bias_flag: str | None               # config key switching the output bias on; None: always present
+    bias_flag_default: bool = False     # what the config class assumes when the key is absent
+    bias_companions: tuple[BiasCompanion, ...] = ()
+    always_biased: tuple[str, ...] = ()  # modules ("...{layer}...") whose bias the class hard-codes
+    vllm: str = VLLM_NATIVE
+    vllm_note: str = ""
+    redeclare: Redeclaration | None = None
+    refuse: str | None = None           # why no exact edit exists, and what to do
     layers_key: str = "num_hidden_layers"
     heads_key: str = "num_attention_heads"
-    kv_heads_key: str = "num_key_value_heads"
+    kv_heads_key: str | None = "num_key_value_heads"
     hidden_key: str = "hidden_size"
+    intermediate_key: str = "intermediate_size"
     head_dim_key: str = "head_dim"
+    head_dim_default: int | None = None  # None: hidden_size // num_attention_heads
 
-    def projection_name(self, layer: int, projection: str, param: str) -> str:
-        return f"{self.attention_module.format(layer=layer)}.{projection}.{param}"
-
-    def output_weight(self, layer: int) -> str:
-        return self.projection_name(layer, self.output_projection, "weight")
-
-    def output_bias(self, layer: int) -> str:
-        return self.projection_name(layer, self.output_projection, "bias")
+    def module(self, template: str, layer: int) -> str:
+        return template.format(layer=layer)
 
     def output_module(self, layer: int) -> str:
         return f"{self.attention_module.format(layer=layer)}.{self.output_projection}"
 
+    def output_weight(self, layer: int) -> str:
+        return f"{self.output_module(layer)}.weight"
+
+    def output_bias(self, layer: int) -> str:
+        return f"{self.output_module(layer)}.bias"
+
+    def bias_on(self, config: dict) -> bool:
+        return True if self.bias_flag is None else bool(config.get(self.bias_flag, self.bias_flag_default))
+
+
+def _llama_like(family: str, model_types: tuple[str, ...], classes: tuple[str, ...], **kwargs) -> ArchitectureSpec:
+    """The common shape: model.layers.N.self_attn.{q,k,v,o}_proj, all switched by attention_bias."""
+    attention = "model.layers.{layer}.self_attn"
+    return ArchitectureSpec(
+        family=family, model_types=model_types, classes=classes, attention_module=attention,
+        output_projection="o_proj", bias_flag=kwargs.pop("bias_flag", "attention_bias"),
+        bias_companions=kwargs.pop("bias_companions", (
+            BiasCompanion(f"{attention}.q_proj", "heads"), BiasCompanion(f"{attention}.k_proj", "kv_heads"),
+            BiasCompanion(f"{attention}.v_proj", "kv_heads"))),
+        **kwargs)
+
+
+_QWEN2_SOURCE_DEFAULTS = {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+                          "max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
+                          "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
+_MISTRAL_SOURCE_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8,
+                            "max_position_embeddings": 4096 * 32, "sliding_window": 4096,
+                            "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
+_VLLM_NO_O_BIAS = "vLLM's own {} class hard-codes no o_proj bias and silently skips the tensor"
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
+    _llama_like("llama", ("llama",), ("LlamaForCausalLM",)),
+    _llama_like("mistral", ("mistral",), ("MistralForCausalLM",),
+                # Without mistral_common, AutoTokenizer gives a mistral model type TokenizersBackend
+                # whatever tokenizer_config.json declares; a llama model type would honour the declaration.
+                redeclare=Redeclaration("llama", _MISTRAL_SOURCE_DEFAULTS, drop_keys=("sliding_window",),
+                                        tokenizer_class="TokenizersBackend")),
+    _llama_like("qwen2", ("qwen2",), ("Qwen2ForCausalLM",),
+                always_biased=("model.layers.{layer}.self_attn.q_proj", "model.layers.{layer}.self_attn.k_proj",
+                               "model.layers.{layer}.self_attn.v_proj"),
+                redeclare=Redeclaration("llama", _QWEN2_SOURCE_DEFAULTS,
+                                        drop_keys=("sliding_window", "use_sliding_window", "max_window_layers",
+                                                   "layer_types"),
+                                        sliding_window_switch="use_sliding_window",
+                                        tokenizer_class="Qwen2Tokenizer")),
+    _llama_like("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), head_dim_default=128,
+                vllm=VLLM_INACTIVE, vllm_note=_VLLM_NO_O_BIAS.format("Qwen3")),
+    _llama_like("gemma", ("gemma",), ("GemmaForCausalLM",), head_dim_default=256,
+                vllm=VLLM_INACTIVE, vllm_note=_VLLM_NO_O_BIAS.format("Gemma")),
+    _llama_like("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), head_dim_default=256),
+    _llama_like("gemma3_text", ("gemma3_text",), ("Gemma3ForCausalLM",), head_dim_default=256),
+    _llama_like("olmo2", ("olmo2",), ("Olmo2ForCausalLM",), vllm=VLLM_TRANSFORMERS_BACKEND),
+    _llama_like("granite", ("granite",), ("GraniteForCausalLM",)),
+    _llama_like("cohere", ("cohere",), ("CohereForCausalLM",),
+                vllm=VLLM_INACTIVE, vllm_note=_VLLM_NO_O_BIAS.format("Cohere")),
+    _llama_like("starcoder2", ("starcoder2",), ("Starcoder2ForCausalLM",), bias_flag="use_bias",
+                bias_flag_default=True, vllm=VLLM_TRANSFORMERS_BACKEND,
+                bias_companions=(
+                    BiasCompanion("model.layers.{layer}.self_attn.q_proj", "heads"),
+                    BiasCompanion("model.layers.{layer}.self_attn.k_proj", "kv_heads"),
+                    BiasCompanion("model.layers.{layer}.self_attn.v_proj", "kv_heads"),
+                    BiasCompanion("model.layers.{layer}.mlp.c_fc", "intermediate"),
+                    BiasCompanion("model.layers.{layer}.mlp.c_proj", "hidden"))),
     ArchitectureSpec(
-        family="llama",
-        model_types=("llama",),
-        classes=("LlamaForCausalLM",),
-        attention_module="model.layers.{layer}.self_attn",
-        output_projection="o_proj",
-        bias_flag="attention_bias",
-        bias_companions=(BiasCompanion("q_proj", "heads"), BiasCompanion("k_proj", "kv_heads"),
-                         BiasCompanion("v_proj", "kv_heads")),
-    ),
+        family="gpt_neox", model_types=("gpt_neox",), classes=("GPTNeoXForCausalLM",),
+        attention_module="gpt_neox.layers.{layer}.attention", output_projection="dense",
+        bias_flag="attention_bias", bias_flag_default=True, vllm=VLLM_TRANSFORMERS_BACKEND,
+        bias_companions=(BiasCompanion("gpt_neox.layers.{layer}.attention.query_key_value", "qkv"),),
+        kv_heads_key=None),
+    ArchitectureSpec(
+        family="phi", model_types=("phi",), classes=("PhiForCausalLM",),
+        attention_module="model.layers.{layer}.self_attn", output_projection="dense", bias_flag=None,
+        vllm=VLLM_TRANSFORMERS_BACKEND),
+    _llama_like("mixtral", ("mixtral",), ("MixtralForCausalLM",), refuse=(
+        "MixtralForCausalLM hard-codes bias=False on o_proj in transformers and vLLM, and no class with an "
+        "attention bias computes the same mixture-of-experts model")),
+    _llama_like("phi3", ("phi3",), ("Phi3ForCausalLM",), refuse=(
+        "Phi3ForCausalLM hard-codes bias=False on o_proj; the equivalent Llama layout needs its fused "
+        "qkv_proj and gate_up_proj split, which weightlock does not do")),
 )
 
-SUPPORTED_MODEL_TYPES = tuple(t for spec in ARCHITECTURES for t in spec.model_types)
+RUNTIME_HINT = ("apply the lock at run time instead (weightlock.runtime.lock_hooks), or convert the checkpoint to "
+                "a supported family first")
+SUPPORTED_MODEL_TYPES = tuple(t for spec in ARCHITECTURES if spec.refuse is None for t in spec.model_types)
+
+
+def family(name: str) -> ArchitectureSpec:
+    return next(spec for spec in ARCHITECTURES if spec.family == name)
 
 
 @dataclass(frozen=True)
@@ -81,6 +181,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    intermediate_size: int | None = None
 
     @property
     def attention_width(self) -> int:
@@ -88,13 +189,20 @@ class ModelShape:
         return self.num_heads * self.head_dim
 
     def width(self, width_from: str) -> int:
-        return {"heads": self.num_heads, "kv_heads": self.num_kv_heads}[width_from] * self.head_dim
+        widths = {"heads": self.num_heads * self.head_dim, "kv_heads": self.num_kv_heads * self.head_dim,
+                  "qkv": (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, "hidden": self.hidden_size,
+                  "intermediate": self.intermediate_size}
+        if widths.get(width_from) is None:
+            raise CheckpointError(f"config.json lacks what the {width_from} width is computed from")
+        return widths[width_from]
 
 
-def spec_for_config(config: dict) -> ArchitectureSpec:
+def spec_for_config(config: dict, *, allow_refused: bool = False) -> ArchitectureSpec:
     model_type = config.get("model_type")
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:
+            if spec.refuse is not None and not allow_refused:
+                raise UnsupportedError(f"{model_type} cannot be locked offline: {spec.refuse}", hint=RUNTIME_HINT)
             return spec
     raise UnsupportedError(
         f"architecture {model_type!r} ({', '.join(config.get('architectures') or ['?'])}) is not supported",
@@ -113,18 +221,52 @@ def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
     # config.head_dim wins when present: Mistral-Nemo has 128 where hidden/heads is 160.
     head_dim = config.get(spec.head_dim_key)
     if head_dim is None:
+        head_dim = spec.head_dim_default
+    if head_dim is None:
         if hidden % heads:
             raise CheckpointError(f"config.json: hidden_size {hidden} is not divisible by "
                                   f"{heads} attention heads and no head_dim is given")
         head_dim = hidden // heads
-    kv_heads = config.get(spec.kv_heads_key)
+    kv_heads = config.get(spec.kv_heads_key) if spec.kv_heads_key else None
+    if kv_heads is None and spec.redeclare is not None:
+        kv_heads = spec.redeclare.source_defaults.get(spec.kv_heads_key)
+    intermediate = config.get(spec.intermediate_key)
     architectures = config.get("architectures") or [spec.classes[0]]
     return ModelShape(
         architecture=str(architectures[0]),
         model_type=str(config.get("model_type")),
         num_layers=positive_int(spec.layers_key),
         num_heads=heads,
-        num_kv_heads=heads if kv_heads is None else positive_int(spec.kv_heads_key),
+        num_kv_heads=heads if kv_heads is None else positive_int(spec.kv_heads_key, kv_heads),
         head_dim=positive_int(spec.head_dim_key, head_dim),
         hidden_size=hidden,
+        intermediate_size=intermediate if isinstance(intermediate, int) else None,
     )
+
+
+def redeclared_config(config: dict, spec: ArchitectureSpec, shape: ModelShape) -> dict:
+    """The config for the equivalent class, or a refusal naming the field that would change results."""
+    rule = spec.redeclare
+    target = family(rule.family)
+    effective = {**rule.source_defaults, **config}
+    window = effective.get("sliding_window")
+    switch_on = effective.get(rule.sliding_window_switch, True) if rule.sliding_window_switch else True
+    layer_types = effective.get("layer_types") or []
+    sliding_layers = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    if rule.sliding_window_switch and switch_on and window is not None:
+        first_sliding = effective.get("max_window_layers", 0)
+        if first_sliding < shape.num_layers:
+            sliding_layers = sliding_layers or list(range(first_sliding, shape.num_layers))
+    elif not rule.sliding_window_switch and window is not None and window < effective["max_position_embeddings"]:
+        sliding_layers = sliding_layers or list(range(shape.num_layers))
+    if sliding_layers:
+        raise UnsupportedError(
+            f"{shape.architecture} attends through a sliding window of {window} tokens (layers "
+            f"{sliding_layers[0]}..{sliding_layers[-1]}), which {target.classes[0]} does not do; redeclaring it "
+            "would change results on contexts longer than the window",
+            hint=RUNTIME_HINT)
+    new = {key: value for key, value in effective.items() if key not in rule.drop_keys}
+    new.update(model_type=target.model_types[0], architectures=[target.classes[0]], head_dim=shape.head_dim,
+               num_key_value_heads=shape.num_kv_heads)
+    new[target.bias_flag] = True
+    return new

@@ -18,6 +18,7 @@ from .errors import CheckpointError
 from .safetensors_file import SafetensorsHeader, TensorEntry, read_header
 
 CONFIG_NAME = "config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PROVENANCE_DIR = "weightlock"

@@ -54,7 +54,9 @@ def apply(checkpoint, lock_path, out, alpha, force, link_mode, allow_architectur
                         allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json)
     s = result.summary()
     text = (f"locked {len(s['locked_layers'])} layers at alpha {s['alpha']:g} -> {s['out']}\n"
-            f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config {s['config_patch']}\n"
+            f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config sets {s['config_changes']['set']}"
+            + (f", removes {s['config_changes']['removed']}" if s['config_changes']['removed'] else "")
+            + (" (redeclared)" if s['redeclared'] else "") + "\n"
             f"  read {s['bytes_read_weights']:,} bytes of o_proj weights, wrote {s['bytes_written']:,} bytes, "
             f"{s['shards_linked']} files hardlinked, {s['files_copied']} copied, {s['seconds']:.2f}s")
     for item in s["left_out"]:

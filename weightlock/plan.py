@@ -9,13 +9,15 @@ so memory stays bounded at any model size.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from .architectures import ArchitectureSpec, ModelShape, shape_from_config, spec_for_config
-from .checkpoint import Checkpoint
+from .architectures import (VLLM_INACTIVE, ArchitectureSpec, ModelShape, family, redeclared_config,
+                            shape_from_config, spec_for_config)
+from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint
 from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
 from .lock import Lock
 from .safetensors_file import (FLOAT_DTYPES, TensorReader, TensorEntry, float32_to_raw,
@@ -38,13 +40,17 @@ class PlannedBias:
 
 @dataclass
 class EditPlan:
-    spec: ArchitectureSpec
+    spec: ArchitectureSpec          # the checkpoint's family
+    target: ArchitectureSpec        # the output config's family (differs when redeclared)
     shape: ModelShape
     lock: Lock
     alpha: float
     displacements: dict[int, np.ndarray]
     biases: list[PlannedBias]
-    config_patch: dict
+    new_config: dict
+    original_config: dict
+    # carried JSON files rewritten for the output (relative path -> content), e.g. a pinned tokenizer class
+    file_edits: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -55,6 +61,22 @@ class EditPlan:
     @property
     def weight_bytes_to_read(self) -> int:
         return sum(b.weight.nbytes for b in self.biases if b.weight is not None)
+
+    @property
+    def config_changes(self) -> dict:
+        return config_changes(self.original_config, self.new_config)
+
+
+def config_changes(old: dict, new: dict) -> dict:
+    """What turns ``old`` into ``new``: keys set (added or changed) and keys removed."""
+    return {"set": {k: v for k, v in new.items() if k not in old or old[k] != v},
+            "removed": sorted(k for k in old if k not in new)}
+
+
+def apply_config_changes(old: dict, changes: dict) -> dict:
+    new = {k: v for k, v in old.items() if k not in changes["removed"]}
+    new.update(changes["set"])
+    return new
 
 
 def plan_edit(checkpoint: Checkpoint, lock: Lock, alpha: float, *,
@@ -73,49 +95,102 @@ def plan_edit(checkpoint: Checkpoint, lock: Lock, alpha: float, *,
             raise IncompatibleLockError(message, hint="if the two really share activation geometry, "
                                                       "pass --allow-architecture-mismatch")
         warnings.append(message)
-
     with np.errstate(over="ignore", invalid="ignore"):
         displacements = lock.displacements(alpha, shape.num_heads)
     if not all(np.all(np.isfinite(d)) for d in displacements.values()):
         raise UnsupportedError(f"alpha {alpha} overflows float32 in the lock's displacements",
                                hint="use a smaller alpha")
-    bias_on = bool(config.get(spec.bias_flag, False))
+
+    if spec.redeclare is not None:
+        target = family(spec.redeclare.family)
+        new_config = redeclared_config(config, spec, shape)
+    else:
+        target = spec
+        new_config = dict(config)
+        if target.bias_flag is not None:
+            new_config[target.bias_flag] = True
+    if target.vllm == VLLM_INACTIVE:
+        warnings.append(f"vLLM will not apply this lock: {target.vllm_note}; transformers will")
+
     tensors = checkpoint.tensors
+    source_on = spec.bias_on(config)
     biases: list[PlannedBias] = []
     for layer in range(shape.num_layers):
         weight = _output_weight(checkpoint, spec, shape, layer)
+        problems = bias_consistency_problems(tensors, spec, shape, config, layers=[layer])
+        if problems:
+            raise CheckpointError(problems[0], hint="the config and the tensors disagree; restore the checkpoint")
         locked = weight if layer in displacements else None
-        out_bias = spec.output_bias(layer)
-        if bias_on:
-            missing = [n for n in [out_bias] + [spec.projection_name(layer, c.projection, "bias")
-                                                for c in spec.bias_companions] if n not in tensors]
-            if missing:
-                raise CheckpointError(f"config.json sets {spec.bias_flag} but {missing[0]} is missing",
-                                      hint="the config and the tensors disagree; restore the checkpoint")
+        out_bias = target.output_bias(layer)
+        if out_bias in tensors:
             base = tensors[out_bias]
             if base.shape != (shape.hidden_size,):
                 raise CheckpointError(f"{out_bias} has shape {list(base.shape)}, expected [{shape.hidden_size}]")
             if locked is not None:
                 biases.append(PlannedBias(out_bias, base.dtype, shape.hidden_size, layer, locked, base))
-            continue
-        for companion in spec.bias_companions:
-            name = spec.projection_name(layer, companion.projection, "bias")
-            companion_weight = spec.projection_name(layer, companion.projection, "weight")
-            if name in tensors:
-                raise CheckpointError(f"{name} is present but config.json has {spec.bias_flag} off, so "
-                                      "loaders would drop it",
-                                      hint="the config and the tensors disagree; restore the checkpoint")
-            if companion_weight not in tensors:
-                raise CheckpointError(f"{companion_weight} is missing from the checkpoint",
+        else:
+            biases.append(PlannedBias(out_bias, weight.dtype, shape.hidden_size, layer, locked))
+        for companion in target.bias_companions:
+            module = target.module(companion.module, layer)
+            if f"{module}.bias" in tensors:
+                continue
+            companion_weight = tensors.get(f"{module}.weight")
+            if companion_weight is None:
+                raise CheckpointError(f"{module}.weight is missing from the checkpoint",
                                       hint="the checkpoint is incomplete; fetch all its shards")
-            biases.append(PlannedBias(name, tensors[companion_weight].dtype, shape.width(companion.width_from),
+            biases.append(PlannedBias(f"{module}.bias", companion_weight.dtype, shape.width(companion.width_from),
                                       layer))
-        if out_bias in tensors:
-            raise CheckpointError(f"{out_bias} is present but config.json has {spec.bias_flag} off",
-                                  hint="the config and the tensors disagree; restore the checkpoint")
-        biases.append(PlannedBias(out_bias, weight.dtype, shape.hidden_size, layer, locked))
-    return EditPlan(spec, shape, lock, float(alpha), displacements, biases,
-                    {} if bias_on else {spec.bias_flag: True}, warnings)
+    return EditPlan(spec, target, shape, lock, float(alpha), displacements, biases, new_config, dict(config),
+                    _tokenizer_edits(checkpoint, spec), warnings)
+
+
+def bias_consistency_problems(tensors, spec: ArchitectureSpec, shape: ModelShape, config: dict,
+                              layers=None) -> list[str]:
+    """Every way the bias tensors disagree with what the config makes the class expect.
+
+    A bias present where the class has none is dropped by loaders; one missing where the
+    class has one is initialised at random (transformers) or left as garbage (vLLM).
+    """
+    problems = []
+    flag_on = spec.bias_on(config)
+    flag = f"{spec.bias_flag}={flag_on}" if spec.bias_flag else "its class"
+    for layer in range(shape.num_layers) if layers is None else layers:
+        always = {spec.module(m, layer) for m in spec.always_biased}
+        switched = [(spec.output_module(layer), shape.hidden_size)] + [
+            (spec.module(c.module, layer), shape.width(c.width_from)) for c in spec.bias_companions]
+        for module, width in switched + [(m, None) for m in sorted(always)]:
+            expected = flag_on or module in always
+            entry = tensors.get(f"{module}.bias")
+            if (entry is not None) != expected:
+                problems.append(f"{module}.bias is {'present' if entry is not None else 'missing'} but config.json "
+                                f"({flag}) says it {'should not be' if entry is not None else 'should be'}; loaders "
+                                f"would {'drop it' if entry is not None else 'initialise it at random'}")
+            elif entry is not None and width is not None and entry.shape != (width,):
+                problems.append(f"{module}.bias has shape {list(entry.shape)}, expected [{width}]")
+        weight = tensors.get(spec.output_weight(layer))
+        if weight is None:
+            problems.append(f"{spec.output_weight(layer)} is missing")
+        elif weight.shape != (shape.hidden_size, shape.attention_width):
+            problems.append(f"{weight.name} has shape {list(weight.shape)}, config implies "
+                            f"{[shape.hidden_size, shape.attention_width]}")
+    return problems
+
+
+def _tokenizer_edits(checkpoint: Checkpoint, spec: ArchitectureSpec) -> dict[str, dict]:
+    """Pin the tokenizer class a redeclared model type would otherwise stop resolving to."""
+    pinned = spec.redeclare.tokenizer_class if spec.redeclare else None
+    path = checkpoint.root / TOKENIZER_CONFIG_NAME
+    if pinned is None or not path.is_file():
+        return {}
+    try:
+        tokenizer_config = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})",
+                              hint="the tokenizer config is damaged; restore it from the original") from None
+    if not isinstance(tokenizer_config, dict) or "auto_map" in tokenizer_config \
+            or tokenizer_config.get("tokenizer_class") == pinned:
+        return {}
+    return {TOKENIZER_CONFIG_NAME: {**tokenizer_config, "tokenizer_class": pinned}}
 
 
 def _output_weight(checkpoint: Checkpoint, spec: ArchitectureSpec, shape: ModelShape,

@@ -21,6 +21,7 @@ from .architectures import ModelShape, shape_from_config, spec_for_config
 from .checkpoint import (PROVENANCE_DIR, Checkpoint, is_alternative_weight_file, open_checkpoint)
 from .errors import WeightlockError
 from .lock import file_sha256, load_lock
+from .plan import apply_config_changes, bias_consistency_problems
 from .safetensors_file import (FLOAT_DTYPES, TensorReader, float32_to_raw, raw_to_float32, read_header)
 from .schema import schema_errors
 
@@ -85,6 +86,7 @@ def verify_checkpoint(path, *, expected=None, loader_check: bool = True, deep: b
         report.add("architecture", PASS, f"{shape.architecture}: {shape.num_layers} layers, "
                                          f"{shape.num_heads} heads of {shape.head_dim}")
         _check_config_agrees(checkpoint, spec, shape, report)
+        _check_vllm_support(spec, report)
         _check_provenance(checkpoint, spec, shape, report, expected)
     _check_finite(checkpoint, report, deep)
     if loader_check:
@@ -113,32 +115,26 @@ def _check_stray_files(checkpoint: Checkpoint, report: Report) -> None:
 
 
 def _check_config_agrees(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report) -> None:
-    problems = []
-    bias_on = bool(checkpoint.config.get(spec.bias_flag, False))
-    tensors = checkpoint.tensors
-    for layer in range(shape.num_layers):
-        weight = tensors.get(spec.output_weight(layer))
-        if weight is None:
-            problems.append(f"{spec.output_weight(layer)} is missing")
-        elif weight.shape != (shape.hidden_size, shape.attention_width):
-            problems.append(f"{weight.name} has shape {list(weight.shape)}, config implies "
-                            f"{[shape.hidden_size, shape.attention_width]}")
-        widths = {spec.output_projection: shape.hidden_size}
-        widths.update({c.projection: shape.width(c.width_from) for c in spec.bias_companions})
-        for projection, width in widths.items():
-            name = spec.projection_name(layer, projection, "bias")
-            if bias_on and name not in tensors:
-                problems.append(f"{spec.bias_flag} is on but {name} is missing (a loader would leave it "
-                                "uninitialised)")
-            elif not bias_on and name in tensors:
-                problems.append(f"{name} is present but {spec.bias_flag} is off (loaders drop it)")
-            elif name in tensors and tensors[name].shape != (width,):
-                problems.append(f"{name} has shape {list(tensors[name].shape)}, expected [{width}]")
+    problems = bias_consistency_problems(checkpoint.tensors, spec, shape, checkpoint.config)
     if problems:
         report.add("config_agrees", FAIL, f"config.json and the tensors disagree ({len(problems)} problems)",
                    problems)
     else:
-        report.add("config_agrees", PASS, f"{spec.bias_flag}={bias_on}; bias tensors and shapes match it")
+        state = f"{spec.bias_flag}={spec.bias_on(checkpoint.config)}" if spec.bias_flag else "biases built in"
+        report.add("config_agrees", PASS, f"{state}; bias tensors and shapes match it")
+
+
+def _check_vllm_support(spec, report: Report) -> None:
+    """Whether vLLM would apply the biases (its own classes differ from transformers' per family)."""
+    from .architectures import VLLM_INACTIVE, VLLM_TRANSFORMERS_BACKEND
+
+    if spec.vllm == VLLM_INACTIVE:
+        report.add("vllm_support", WARN, f"the lock is inactive in vLLM: {spec.vllm_note}; transformers applies it")
+    elif spec.vllm == VLLM_TRANSFORMERS_BACKEND:
+        report.add("vllm_support", PASS, "vLLM serves this family through its Transformers backend, which "
+                                         "applies the biases")
+    else:
+        report.add("vllm_support", PASS, "vLLM's own class for this family reads the bias flag")
 
 
 def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report, expected) -> None:
@@ -160,8 +156,8 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
     except (OSError, WeightlockError) as e:
         report.add("provenance", FAIL, f"the recorded lock cannot be read: {getattr(e, 'message', e)}")
         return
-    if {**record["original_config"], **record["config_patch"]} != checkpoint.config:
-        report.add("provenance", FAIL, "config.json is not the recorded original config plus the recorded patch")
+    if apply_config_changes(record["original_config"], record["config_changes"]) != checkpoint.config:
+        report.add("provenance", FAIL, "config.json is not the recorded original config with the recorded changes")
         return
     recorded = set(record["tensors"]["added"]) | set(record["tensors"]["replaced"])
     absent = sorted(recorded - set(checkpoint.tensors))
@@ -172,7 +168,7 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
                      "source_model": lock.source_model.to_dict(), "heads": lock.num_heads_selected,
                      "locked_layers": record["locked_layers"], "created_at": record["created_at"]}
     report.add("provenance", PASS, f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']}; "
-                                   "config is the original plus the recorded patch")
+                                   "config is the original with the recorded changes")
     _check_lock_biases(checkpoint, spec, shape, lock, record, record_dir, report, expected)
 
 
@@ -180,6 +176,7 @@ def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, re
                        record_dir: Path, report: Report, expected) -> None:
     """Stored biases equal what the record implies: original + W_o @ d, or zeros."""
     from .plan import output_projection_product  # the same arithmetic apply used
+
 
     displacements = lock.displacements(record["alpha"], shape.num_heads)
     originals = {}
@@ -282,7 +279,7 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
         transformers.logging.set_verbosity(previous)
     logging.getLogger(__name__).debug("built %s on meta", type(model).__name__)
     params = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    stored = {name: entry.shape for name, entry in checkpoint.tensors.items()}
+    stored, converted = _names_as_loaded(model, params, checkpoint)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     ignore_missing = _patterns(getattr(model, "_keys_to_ignore_on_load_missing", None))
     ignore_unexpected = _patterns(getattr(model, "_keys_to_ignore_on_load_unexpected", None))
@@ -297,7 +294,7 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
             continue
         missing.append(name)
     wrong_shape = sorted(f"{n}: checkpoint {list(stored[n])}, model {list(params[n])}"
-                         for n in set(stored) & set(params) if stored[n] != params[n])
+                         for n in set(stored) & set(params) if stored[n] != params[n] and n not in converted)
     details = ([f"unexpected (transformers would drop it): {n}" for n in unexpected]
                + [f"missing (transformers would initialise it at random): {n}" for n in missing]
                + [f"shape mismatch {s}" for s in wrong_shape])
@@ -312,6 +309,27 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
     else:
         report.add("transformers_names", PASS, f"the tensor names and shapes are exactly those {cls} "
                                                f"(transformers {transformers.__version__}) loads")
+
+
+def _names_as_loaded(model, params: dict, checkpoint: Checkpoint) -> tuple[dict, set]:
+    """Checkpoint names as transformers renames them on load (v5 saves e.g. GPT-NeoX's lm_head as
+    embed_out and renames it back), and the names a converter reshapes (their shapes are not compared)."""
+    stored = {name: entry.shape for name, entry in checkpoint.tensors.items()}
+    try:  # internal API of transformers 5; without it names are compared as stored
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):
+        return stored, set()
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamed, converted = {}, set()
+    for name, shape in stored.items():
+        new_name, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
+        renamed[new_name] = shape
+        if converter is not None:
+            converted.add(new_name)
+    return renamed, converted
 
 
 def _patterns(patterns):

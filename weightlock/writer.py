@@ -121,11 +121,15 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
     index_metadata["total_size"] = total_size
     _write_json(staging / INDEX_NAME, {"metadata": index_metadata,
                                        "weight_map": dict(sorted(weight_map.items()))}, written)
-    _write_json(staging / CONFIG_NAME, {**checkpoint.config, **plan.config_patch}, written)
+    _write_json(staging / CONFIG_NAME, plan.new_config, written)
 
     for relative in checkpoint.extra_files():
         if is_alternative_weight_file(relative):
             written.left_out.append(relative)
+            continue
+        if relative in plan.file_edits:
+            _write_json(staging / relative, plan.file_edits[relative], written)
+            written.carried.append(relative)
             continue
         link_or_copy(checkpoint.root / relative, staging / relative, link_mode, written)
         written.carried.append(relative)

@@ -1,0 +1,142 @@
+"""Every family weightlock claims: the edited checkpoint, loaded by stock AutoModelForCausalLM with no
+missing or unexpected keys, equals the original with the lock applied at run time by o_proj hooks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import numpy as np
+
+from conftest import logits, make_model, random_lock, run_cli
+from weightlock import SourceModel, apply_lock, build_lock, save_lock, verify_checkpoint
+from weightlock.architectures import ARCHITECTURES, VLLM_INACTIVE
+from weightlock.errors import UnsupportedError
+
+# family -> (output model_type, redeclared?)
+CLAIMED = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3", "gemma": "gemma",
+    "gemma2": "gemma2", "gemma3_text": "gemma3_text", "olmo2": "olmo2", "granite": "granite", "cohere": "cohere",
+    "starcoder2": "starcoder2", "starcoder2-nobias": "starcoder2", "gpt_neox": "gpt_neox", "phi": "phi",
+}
+
+
+def statuses(report):
+    return {c.name: c.status for c in report.checks}
+
+
+@pytest.mark.parametrize("family", sorted(CLAIMED))
+def test_family_edit_equals_runtime_hooks(tmp_path, family):
+    src = make_model(tmp_path / "src", family, shard_kb=40)
+    lock = random_lock(src, n_heads=5)
+    result = apply_lock(src, lock, out=tmp_path / "out", alpha=3.0)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == CLAIMED[family]
+    assert "sliding_window" not in config or CLAIMED[family] != "llama", "a Llama config must not carry a window"
+
+    reference, unlocked = logits(src, lock=lock, alpha=3.0), logits(src)
+    edited = logits(tmp_path / "out")  # asserts no missing / unexpected / mismatched keys
+    scale = unlocked.abs().max().item()
+    gap = (edited - reference).abs().max().item()
+    assert gap <= 2e-5 * scale, f"{family}: edited vs hooked logits differ by {gap} (scale {scale})"
+    assert (reference - unlocked).abs().max().item() > 100 * max(gap, 1e-5 * scale)
+
+    report = verify_checkpoint(tmp_path / "out")
+    assert report.ok, report.failures()
+    assert statuses(report)["transformers_names"] == "pass"
+    inactive = next(s for s in ARCHITECTURES if CLAIMED[family] in s.model_types).vllm == VLLM_INACTIVE
+    assert (statuses(report)["vllm_support"] == "warn") == inactive
+    assert any("vLLM will not apply" in w for w in result.plan.warnings) == inactive
+
+
+def test_existing_biases_are_added_to_and_their_shards_rewritten(tmp_path):
+    src = make_model(tmp_path / "src", "starcoder2", shard_kb=40)  # use_bias: every projection has a bias
+    lock = random_lock(src)
+    result = apply_lock(src, lock, out=tmp_path / "out", alpha=2.0)
+    assert result.plan.replaced and result.written.rewritten
+    assert not [b for b in result.plan.biases if b.base is None], "nothing new to create"
+    assert (logits(tmp_path / "out") - logits(src, lock=lock, alpha=2.0)).abs().max() < 1e-4
+    # a tensor name never stands in two files (open_checkpoint refuses that), and undo data is kept
+    assert (tmp_path / "out" / "weightlock" / "originals.wlt").is_file()
+
+
+def test_bf16_redeclared_mistral(tmp_path):
+    src = make_model(tmp_path / "src", "mistral", dtype="bfloat16")
+    lock = random_lock(src)
+    apply_lock(src, lock, out=tmp_path / "out")
+    reference = logits(src, lock=lock, dtype="bfloat16")
+    edited = logits(tmp_path / "out", dtype="bfloat16")
+    assert (edited - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()
+
+
+@pytest.mark.parametrize("family,reason", [("mixtral", "mixture-of-experts"), ("phi3", "fused")])
+def test_families_without_an_exact_edit_are_refused(tmp_path, capsys, family, reason):
+    src = make_model(tmp_path / "src", family)
+    config = json.loads((src / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    lock = build_lock([0], [0], np.ones((1, head_dim)), [1.0],
+                      SourceModel(config["architectures"][0], family, 3, 4, head_dim, 64), default_alpha=1.0)
+    save_lock(lock, tmp_path / "l.wlock")
+    code, _, err = run_cli(capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out",
+                           str(tmp_path / "out"))
+    assert code == 4 and reason in err and "lock_hooks" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mistral_with_an_active_sliding_window_is_refused(tmp_path):
+    src = make_model(tmp_path / "src", "mistral", sliding_window=32)  # shorter than the 128-token context
+    with pytest.raises(UnsupportedError, match="sliding window of 32"):
+        apply_lock(src, random_lock(src), out=tmp_path / "out")
+
+
+def test_mistral_config_without_sliding_window_key_uses_the_class_default(tmp_path):
+    src = make_model(tmp_path / "src", "mistral", max_position_embeddings=8192)
+    config = json.loads((src / "config.json").read_text())
+    del config["sliding_window"]  # MistralConfig then assumes 4096, which is active below 8192
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedError, match="sliding window of 4096"):
+        apply_lock(src, random_lock(src), out=tmp_path / "out")
+
+
+def test_qwen2_sliding_window_value_becomes_null_and_active_one_is_refused(tmp_path):
+    src = make_model(tmp_path / "src", "qwen2")
+    apply_lock(src, random_lock(src), out=tmp_path / "out")
+    out_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert not {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"} & set(out_config)
+    active = make_model(tmp_path / "active", "qwen2", use_sliding_window=True, sliding_window=32,
+                        max_window_layers=1)
+    with pytest.raises(UnsupportedError, match="sliding window"):
+        apply_lock(active, random_lock(active), out=tmp_path / "out2")
+
+
+def _byte_level_tokenizer(folder, tokenizer_class):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {chr(c) if chr(c).isalnum() else f"<{c}>": i for i, c in enumerate(range(32, 127))}
+    tokenizer = Tokenizer(models.BPE(vocab={**vocab, "<unk>": len(vocab)}, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.BPEDecoder()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"model_max_length": 128, "unk_token": "<unk>"}
+    if tokenizer_class:
+        config["tokenizer_class"] = tokenizer_class
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("family,declared", [("qwen2", "Qwen2Tokenizer"), ("qwen2", None),
+                                             ("qwen2", "PreTrainedTokenizerFast"), ("mistral", "LlamaTokenizer"),
+                                             ("mistral", None)])
+def test_tokenizer_loads_the_same_way_after_redeclaration(tmp_path, family, declared):
+    from transformers import AutoTokenizer
+
+    src = make_model(tmp_path / "src", family, extra_files=False)
+    _byte_level_tokenizer(src, declared)
+    result = apply_lock(src, random_lock(src), out=tmp_path / "out")
+    before, after = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert type(after) is type(before)
+    text = "Hello world 123 lock"
+    assert after(text)["input_ids"] == before(text)["input_ids"]
+    if result.plan.file_edits:
+        record = json.loads((tmp_path / "out" / "weightlock" / "provenance.json").read_text())
+        assert record["edited_files"]["tokenizer_config.json"] == json.loads(
+            (src / "tokenizer_config.json").read_text()), "the original is kept for undo"
