@@ -126,7 +126,8 @@ def inspect_command(target, as_json):
         lines.append("  locked: no" if locked is None else
                      f"  locked: yes, alpha {locked['alpha']}, lock {str(locked['lock_sha256'])[:16]}..., "
                      f"layers {sorted(int(k) for k in (locked['locked_layers'] or {}))}, "
-                     f"{locked['edits']} edit(s) recorded")
+                     f"{locked['edits']} edit(s) recorded"
+                     + (f"; redeclared from {locked['redeclared_from']}" if locked["redeclared_from"] else ""))
     _emit(as_json, data, "\n".join(lines))
 
 

@@ -38,7 +38,8 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
     if isinstance(record, dict):
         locked = {"alpha": record.get("alpha"), "lock_sha256": (record.get("lock") or {}).get("sha256"),
                   "locked_layers": record.get("locked_layers"), "created_at": record.get("created_at"),
-                  "tool": record.get("tool"), "edits": _depth(record)}
+                  "tool": record.get("tool"), "edits": _depth(record),
+                  "redeclared_from": _redeclared_from(record)}
     return {
         "kind": "checkpoint",
         "path": str(checkpoint.root),
@@ -52,6 +53,12 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
         "dtypes": dtypes,
         "locked": locked,
     }
+
+
+def _redeclared_from(record: dict) -> str | None:
+    original = (record.get("original_config") or {}).get("architectures") or [None]
+    changed = (record.get("config_changes") or {}).get("set", {}).get("architectures")
+    return original[0] if changed and changed != original else None
 
 
 def _depth(record: dict) -> int:
