@@ -11,6 +11,8 @@ from .legacy import import_legacy  # noqa: E402
 from .checkpoint import open_checkpoint  # noqa: E402
 from .apply import apply_lock  # noqa: E402
 from .verify import verify_checkpoint  # noqa: E402
+from .inplace import apply_in_place, revert  # noqa: E402
 
 __all__ = ["WeightlockError", "Lock", "SourceModel", "build_lock", "load_lock", "save_lock",
-           "import_legacy", "open_checkpoint", "apply_lock", "verify_checkpoint", "__version__"]
+           "import_legacy", "open_checkpoint", "apply_lock", "apply_in_place", "revert", "verify_checkpoint",
+           "__version__"]

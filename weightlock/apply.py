@@ -23,7 +23,8 @@ from .errors import OutputError, VerificationError
 from .lock import Lock, load_lock
 from .plan import EditPlan, compute_biases, plan_edit
 from .verify import verify_checkpoint
-from .writer import WrittenFiles, publish, staging_path, write_locked_checkpoint
+from .writer import (WrittenFiles, publish, recover_interrupted, staging_path, write_failure,
+                     write_locked_checkpoint)
 
 PROVENANCE_FORMAT = "weightlock-provenance"
 
@@ -72,7 +73,7 @@ def _check_output_location(source: Path, out: Path) -> None:
                           hint="choose an --out that does not contain the checkpoint")
 
 
-def _provenance(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes) -> dict:
+def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes) -> dict:
     return {
         "format": PROVENANCE_FORMAT,
         "format_version": 1,
@@ -120,7 +121,7 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
     if isinstance(lock, Lock):
-        lock_bytes = _lock_bytes(lock)
+        lock_bytes = lock_file_bytes(lock)
     else:
         lock_path = Path(lock)
         lock = load_lock(lock_path)
@@ -131,11 +132,15 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
         raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
     plan = plan_edit(checkpoint, lock, lock.default_alpha if alpha is None else alpha,
                      allow_architecture_mismatch=allow_architecture_mismatch)
-    computed = compute_biases(plan, progress=_progress_bar(plan) if progress else None)
+    computed = compute_biases(plan, progress=ProgressBar(plan) if progress else None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure(e, out.parent) from None
+    plan.warnings.extend(recover_interrupted(out))
     staging = staging_path(out)
-    provenance = _provenance(checkpoint, plan, lock_bytes)
+    provenance = provenance_record(checkpoint, plan, lock_bytes)
     try:
         written = write_locked_checkpoint(checkpoint, plan, computed, lock_bytes, staging, link_mode,
                                           provenance)
@@ -145,13 +150,16 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
                                     + "; ".join(report.failures()),
                                     hint="this is a bug in weightlock or a fault in the disk; please report it")
         publish(staging, out, force)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failure(e, out) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ApplyResult(out, plan, written, provenance, time.perf_counter() - started)
 
 
-def _lock_bytes(lock: Lock) -> bytes:
+def lock_file_bytes(lock: Lock) -> bytes:
     """The file form of an in-memory lock (written through save_lock, so it is validated)."""
     import tempfile
 
@@ -163,7 +171,7 @@ def _lock_bytes(lock: Lock) -> bytes:
         return path.read_bytes()
 
 
-class _progress_bar:
+class ProgressBar:
     """tqdm over the o_proj bytes read; closes itself when the last layer is done."""
 
     def __init__(self, plan: EditPlan):

@@ -42,6 +42,26 @@ def is_alternative_weight_file(relative: str) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in ALTERNATIVE_WEIGHT_PATTERNS)
 
 
+def allowed_roots(root: Path) -> list[Path]:
+    """Where files of a checkpoint folder may really live: the folder itself, and for a Hub cache
+    snapshot (…/models--org--name/snapshots/<commit>) the repo's blob store its symlinks point into."""
+    roots = [Path(os.path.realpath(root))]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        roots.append(Path(os.path.realpath(root.parent.parent / "blobs")))
+    return roots
+
+
+def contained(root: Path, relative: str) -> Path:
+    """``root / relative``, refused if a symlink takes it outside the folder (or the Hub blob store)."""
+    path = root / relative
+    real = Path(os.path.realpath(path))
+    if not any(real == r or r in real.parents for r in allowed_roots(root)):
+        raise CheckpointError(f"{relative} in {root} is a symlink to {real}, outside the checkpoint",
+                              hint="a checkpoint must not reach outside its folder; copy the file in if it "
+                                   "is meant to be there")
+    return path
+
+
 @dataclass
 class Checkpoint:
     root: Path
@@ -125,6 +145,8 @@ def _plain_name(name: str, root: Path) -> str:
 def open_checkpoint(location: str | os.PathLike, revision: str | None = None) -> Checkpoint:
     """Open a checkpoint folder (or a cached Hub repo) and parse all its headers."""
     root, repo_id, commit = resolve_location(location, revision)
+    if (root / CONFIG_NAME).exists():
+        contained(root, CONFIG_NAME)
     config = _load_json(root / CONFIG_NAME, "config.json")
     if not isinstance(config, dict):
         raise CheckpointError(f"{root / CONFIG_NAME} is not a JSON object")
@@ -151,6 +173,9 @@ def open_checkpoint(location: str | os.PathLike, revision: str | None = None) ->
             hint="weightlock edits safetensors checkpoints; convert other formats with transformers first")
 
     headers: dict[str, SafetensorsHeader] = {}
+    for name in [CONFIG_NAME] + ([INDEX_NAME] if has_index else []) + shard_names:
+        if (root / name).exists():
+            contained(root, name)
     for shard in shard_names:
         if not (root / shard).is_file():
             raise CheckpointError(f"shard {shard} named by the index is missing from {root}",

@@ -37,7 +37,8 @@ def cli() -> None:
 @click.argument("checkpoint")
 @click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Lock file (.wlock).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist).")
+@click.option("--in-place", is_flag=True, help="Edit CHECKPOINT itself (no second copy); undo with `weightlock revert`.")
 @click.option("--alpha", type=float, default=None, help="Lock strength; default: the lock's default_alpha. "
                                                         "Negative takes a lock off again.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
@@ -46,12 +47,19 @@ def cli() -> None:
 @click.option("--allow-architecture-mismatch", is_flag=True,
               help="Apply a lock made from another architecture of the same shape.")
 @json_option
-def apply(checkpoint, lock_path, out, alpha, force, link_mode, allow_architecture_mismatch, as_json):
-    """Write a copy of CHECKPOINT (folder or cached Hub id) with the lock baked in."""
-    from .apply import apply_lock
-
-    result = apply_lock(checkpoint, lock_path, out=out, alpha=alpha, force=force, link_mode=link_mode,
-                        allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json)
+def apply(checkpoint, lock_path, out, in_place, alpha, force, link_mode, allow_architecture_mismatch, as_json):
+    """Write a copy of CHECKPOINT (folder or cached Hub id) with the lock baked in, or edit it --in-place."""
+    if (out is None) == (not in_place):
+        raise InvalidInputError("give exactly one of --out and --in-place",
+                                hint="--out DIR writes a new folder; --in-place edits CHECKPOINT itself")
+    if in_place:
+        from .inplace import apply_in_place
+        result = apply_in_place(checkpoint, lock_path, alpha=alpha,
+                                allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json)
+    else:
+        from .apply import apply_lock
+        result = apply_lock(checkpoint, lock_path, out=out, alpha=alpha, force=force, link_mode=link_mode,
+                            allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json)
     s = result.summary()
     text = (f"locked {len(s['locked_layers'])} layers at alpha {s['alpha']:g} -> {s['out']}\n"
             f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config sets {s['config_changes']['set']}"
@@ -87,6 +95,19 @@ def verify(checkpoint, deep, no_loader_check, as_json):
         click.echo("verified: all checks hold" if report.ok else "NOT verified: see FAIL lines above")
     if not report.ok:
         sys.exit(VERIFY_FAILED_EXIT)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@json_option
+def revert(checkpoint, as_json):
+    """Undo an in-place apply of CHECKPOINT, finished or interrupted, restoring the original bytes."""
+    from .inplace import revert as revert_in_place
+
+    result = revert_in_place(checkpoint)
+    _emit(as_json, {"ok": True, **result},
+          "\n".join([f"reverted {result['path']}" if result["reverted"] else f"tidied {result['path']}"]
+                    + [f"  {action}" for action in result["actions"]]))
 
 
 @cli.command("inspect")

@@ -113,7 +113,6 @@ def plan_edit(checkpoint: Checkpoint, lock: Lock, alpha: float, *,
         warnings.append(f"vLLM will not apply this lock: {target.vllm_note}; transformers will")
 
     tensors = checkpoint.tensors
-    source_on = spec.bias_on(config)
     biases: list[PlannedBias] = []
     for layer in range(shape.num_layers):
         weight = _output_weight(checkpoint, spec, shape, layer)

@@ -9,15 +9,17 @@ because transformers loads that file first and would ignore our index.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import (CONFIG_NAME, INDEX_NAME, PROVENANCE_DIR, PROVENANCE_NAME, SINGLE_NAME,
-                         Checkpoint, is_alternative_weight_file)
+                         Checkpoint, contained, is_alternative_weight_file)
 from .errors import OutputError
 from .plan import ComputedBias, EditPlan
 from .safetensors_file import TensorData, write_safetensors
@@ -30,6 +32,28 @@ ORIGINALS_NAME = "originals.wlt"
 SINGLE_RENAMED = "model-00001-of-00002.safetensors"
 SINGLE_ADDED = "model-00002-of-00002.safetensors"
 SHARDED_ADDED = "model-weightlock-bias{suffix}.safetensors"
+
+
+FAILPOINT_VARIABLE = "WEIGHTLOCK_FAILPOINT"
+
+
+def failpoint(name: str) -> None:
+    """Die here, as a SIGKILL would, when the named failpoint is set (crash tests; no effect otherwise)."""
+    if os.environ.get(FAILPOINT_VARIABLE) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_failure(error: OSError, where: Path) -> OutputError:
+    """A clear error for a write that the system refused."""
+    hints = {errno.ENOSPC: "free some space on that filesystem, or choose an --out on another one",
+             errno.EDQUOT: "your disk quota is exhausted; free some space or choose another --out",
+             errno.EFBIG: "a file size limit (ulimit -f) stops the write; raise it or use hardlinks",
+             errno.EROFS: "that filesystem is read-only; choose a writable --out",
+             errno.EACCES: "you may not write there; choose a writable --out",
+             errno.EPERM: "you may not write there; choose a writable --out"}
+    return OutputError(f"writing under {where} failed: {error.strerror or error}",
+                       hint=hints.get(error.errno, "check the destination and try again") +
+                       "; nothing was published and the partial output was removed")
 
 
 @dataclass
@@ -65,7 +89,7 @@ def link_or_copy(source: Path, destination: Path, mode: str, written: WrittenFil
     written.bytes_written += destination.stat().st_size
 
 
-def _added_shard_name(checkpoint: Checkpoint) -> str:
+def added_shard_name(checkpoint: Checkpoint) -> str:
     if checkpoint.layout == "single":
         return SINGLE_ADDED
     n = 1
@@ -91,11 +115,12 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
     if link_mode not in LINK_MODES:
         raise OutputError(f"unknown link mode {link_mode!r}", hint=f"choose one of {', '.join(LINK_MODES)}")
     staging.mkdir()
-    written = WrittenFiles(added_shard=_added_shard_name(checkpoint))
+    written = WrittenFiles(added_shard=added_shard_name(checkpoint))
     replaced = set(plan.replaced)
     weight_map: dict[str, str] = {}
     total_size = 0
 
+    failpoint("staging-created")
     for shard in checkpoint.weight_files:
         out_name = SINGLE_RENAMED if shard == SINGLE_NAME and checkpoint.layout == "single" else shard
         written.shards[shard] = out_name
@@ -111,6 +136,7 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
             weight_map[entry.name] = out_name
             total_size += entry.nbytes
 
+    failpoint("shards-written")
     new_tensors = [TensorData(c.planned.name, c.planned.dtype, (c.planned.width,), c.raw) for c in computed]
     written.bytes_written += write_safetensors(staging / written.added_shard, new_tensors, {"format": "pt"})
     for t in new_tensors:
@@ -131,7 +157,7 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
             _write_json(staging / relative, plan.file_edits[relative], written)
             written.carried.append(relative)
             continue
-        link_or_copy(checkpoint.root / relative, staging / relative, link_mode, written)
+        link_or_copy(contained(checkpoint.root, relative), staging / relative, link_mode, written)
         written.carried.append(relative)
 
     record_dir = staging / PROVENANCE_DIR
@@ -151,11 +177,12 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
         "originals": f"{PROVENANCE_DIR}/{ORIGINALS_NAME}" if originals else None,
     }
     _write_json(record_dir / PROVENANCE_NAME, provenance, written)
-    _fsync_tree(staging)
+    fsync_tree(staging)
+    failpoint("staging-complete")
     return written
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _, _ in os.walk(root):
         fd = os.open(dirpath, os.O_RDONLY)
         try:
@@ -164,9 +191,47 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+PARTIAL_MARK = "weightlock-partial"
+REPLACED_MARK = "weightlock-replaced"
+
+
 def staging_path(out: Path) -> Path:
-    """A sibling of ``out`` (same filesystem, so the final rename is atomic)."""
-    return out.parent / f".{out.name}.weightlock-partial-{uuid.uuid4().hex[:12]}"
+    """A sibling of ``out`` (same filesystem, so the final rename is atomic), named with our pid."""
+    return out.parent / f".{out.name}.{PARTIAL_MARK}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(out: Path) -> list[str]:
+    """Tidy what an earlier run killed mid-way left beside ``out``; returns what was done.
+
+    Staging folders of dead processes are removed. A previous output moved aside by
+    ``--force`` whose replacement never arrived is moved back, so nothing is lost.
+    """
+    done = []
+    if not out.parent.is_dir():
+        return done
+    for item in sorted(out.parent.glob(f".{out.name}.{PARTIAL_MARK}-*")):
+        pid = item.name.rsplit(f"{PARTIAL_MARK}-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(item, ignore_errors=True)
+            done.append(f"removed the partial output {item.name} of an interrupted run")
+    for item in sorted(out.parent.glob(f".{out.name}.{REPLACED_MARK}-*")):
+        if out.exists():
+            shutil.rmtree(item, ignore_errors=True)
+            done.append(f"removed {item.name}, an output already replaced by an interrupted --force run")
+        else:
+            os.rename(item, out)
+            done.append(f"restored {out.name}, which an interrupted --force run had moved aside")
+    return done
 
 
 def publish(staging: Path, out: Path, force: bool) -> None:
@@ -174,8 +239,9 @@ def publish(staging: Path, out: Path, force: bool) -> None:
     if out.exists() or out.is_symlink():
         if not force:
             raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
-        trash = out.parent / f".{out.name}.weightlock-replaced-{uuid.uuid4().hex[:12]}"
+        trash = out.parent / f".{out.name}.{REPLACED_MARK}-{uuid.uuid4().hex[:12]}"
         os.rename(out, trash)
+        failpoint("publish-moved-aside")
         os.rename(staging, out)
         if trash.is_dir() and not trash.is_symlink():
             shutil.rmtree(trash)
