@@ -75,10 +75,15 @@ def _checked_dtype(*args):
     return dtype
 
 
-def _checked_reconstruct(subtype, *args):
+def _checked_reconstruct(subtype, shape=(0,), dtype=b"b", *rest):
     if subtype is not np.ndarray:
         raise UnsafePickleError(f"the pickle asks to build a {subtype!r}; only numpy arrays are allowed")
-    return np.ndarray.__new__(np.ndarray, *args)
+    # numpy pickles an array as an empty (0,) placeholder whose data arrives in a later BUILD;
+    # any other shape here would only serve to make us allocate memory.
+    if tuple(shape) != (0,) or rest:
+        raise UnsafePickleError(f"the pickle asks numpy to allocate an array of shape {shape!r} up front; "
+                                "numpy data never does")
+    return np.ndarray.__new__(np.ndarray, (0,), dtype)
 
 
 def _numpy_scalar(dtype, *args):
@@ -145,7 +150,7 @@ def read_legacy(path: str | Path) -> list[tuple[int, int, np.ndarray, float]]:
         data = NumpyOnlyUnpickler(io.BytesIO(payload)).load()
     except UnsafePickleError:
         raise
-    except Exception as e:  # malformed pickle streams raise many kinds of error
+    except (Exception, MemoryError) as e:  # malformed pickle streams raise many kinds of error
         raise LockFormatError(f"{path.name}: the pickle inside is malformed ({type(e).__name__}: {e})") from None
     return _entries(data, path.name)
 
