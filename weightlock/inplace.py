@@ -35,10 +35,10 @@ from .checkpoint import (CONFIG_NAME, INDEX_NAME, PROVENANCE_DIR, PROVENANCE_NAM
 from .errors import CheckpointError, OutputError, VerificationError
 from .lock import Lock, load_lock
 from .plan import compute_biases, plan_edit
-from .safetensors_file import TensorData, write_safetensors
+from .safetensors_file import write_safetensors
 from .verify import verify_checkpoint
-from .writer import (LOCK_COPY_NAME, SINGLE_RENAMED, WrittenFiles, added_shard_name, failpoint, fsync_tree,
-                     write_failure)
+from .writer import (LOCK_COPY_NAME, SINGLE_RENAMED, WrittenFiles, added_shard_name, bias_tensors, failpoint,
+                     fsync_tree, output_index, write_failure)
 
 RECORD_NAME = "in-place.json"          # what revert needs, inside weightlock/
 BACKUP_DIR = "backup"                  # exact bytes of every replaced file, inside weightlock/
@@ -95,16 +95,11 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
     try:
         staging.mkdir()
         new = staging / NEW_DIR
-        tensors = [TensorData(c.planned.name, c.planned.dtype, (c.planned.width,), c.raw) for c in computed]
+        tensors = bias_tensors(computed)
         new.mkdir()
         written.bytes_written += write_safetensors(new / written.added_shard, tensors, {"format": "pt"})
-        weight_map = {name: renamed.get(entry.path.name, entry.path.name)
-                      for name, entry in checkpoint.tensors.items()}
-        weight_map.update({t.name: written.added_shard for t in tensors})
-        metadata = dict((checkpoint.index or {}).get("metadata") or {})
-        metadata["total_size"] = sum(e.nbytes for e in checkpoint.tensors.values()) + sum(len(t.data)
-                                                                                         for t in tensors)
-        new_files = {INDEX_NAME: {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))},
+        shard_names = {s: renamed.get(s, s) for s in checkpoint.weight_files}
+        new_files = {INDEX_NAME: output_index(checkpoint, shard_names, set(), written.added_shard, tensors),
                      CONFIG_NAME: plan.new_config, **plan.file_edits}
         for name, content in new_files.items():
             _write_bytes(new / name, (json.dumps(content, indent=2) + "\n").encode("utf-8"))
@@ -112,7 +107,7 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
             _write_bytes(staging / BACKUP_DIR / name, (root / name).read_bytes())
         _write_bytes(staging / LOCK_COPY_NAME, lock_bytes)
         provenance["files"] = {
-            "shards": {s: renamed.get(s, s) for s in checkpoint.weight_files}, "rewritten": [],
+            "shards": shard_names, "rewritten": [],
             "added_shard": written.added_shard, "carried": [], "left_out": [],
             "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}", "originals": None,
         }

@@ -17,7 +17,7 @@ import numpy as np
 
 from .architectures import (VLLM_INACTIVE, ArchitectureSpec, ModelShape, family, redeclared_config,
                             shape_from_config, spec_for_config)
-from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint
+from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint, contained
 from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
 from .lock import Lock
 from .safetensors_file import (FLOAT_DTYPES, TensorReader, TensorEntry, float32_to_raw,
@@ -121,10 +121,8 @@ def plan_edit(checkpoint: Checkpoint, lock: Lock, alpha: float, *,
             raise CheckpointError(problems[0], hint="the config and the tensors disagree; restore the checkpoint")
         locked = weight if layer in displacements else None
         out_bias = target.output_bias(layer)
-        if out_bias in tensors:
+        if out_bias in tensors:  # its shape was checked with the other biases above
             base = tensors[out_bias]
-            if base.shape != (shape.hidden_size,):
-                raise CheckpointError(f"{out_bias} has shape {list(base.shape)}, expected [{shape.hidden_size}]")
             if locked is not None:
                 biases.append(PlannedBias(out_bias, base.dtype, shape.hidden_size, layer, locked, base))
         else:
@@ -178,9 +176,9 @@ def bias_consistency_problems(tensors, spec: ArchitectureSpec, shape: ModelShape
 def _tokenizer_edits(checkpoint: Checkpoint, spec: ArchitectureSpec) -> dict[str, dict]:
     """Pin the tokenizer class a redeclared model type would otherwise stop resolving to."""
     pinned = spec.redeclare.tokenizer_class if spec.redeclare else None
-    path = checkpoint.root / TOKENIZER_CONFIG_NAME
-    if pinned is None or not path.is_file():
+    if pinned is None or not (checkpoint.root / TOKENIZER_CONFIG_NAME).is_file():
         return {}
+    path = contained(checkpoint.root, TOKENIZER_CONFIG_NAME)
     try:
         tokenizer_config = json.loads(path.read_text("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:

@@ -98,6 +98,22 @@ def added_shard_name(checkpoint: Checkpoint) -> str:
     return name
 
 
+def bias_tensors(computed: list[ComputedBias]) -> list[TensorData]:
+    return [TensorData(c.planned.name, c.planned.dtype, (c.planned.width,), c.raw) for c in computed]
+
+
+def output_index(checkpoint: Checkpoint, shard_names: dict[str, str], replaced: set[str], added_shard: str,
+                 new_tensors: list[TensorData]) -> dict:
+    """The output's safetensors index: kept tensors under their (possibly renamed) shards, new ones
+    in the added shard, and the ``metadata`` key transformers requires."""
+    kept = {name: entry for name, entry in checkpoint.tensors.items() if name not in replaced}
+    weight_map = {name: shard_names[entry.path.name] for name, entry in kept.items()}
+    weight_map.update({t.name: added_shard for t in new_tensors})
+    metadata = dict((checkpoint.index or {}).get("metadata") or {})
+    metadata["total_size"] = sum(e.nbytes for e in kept.values()) + sum(len(t.data) for t in new_tensors)
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+
+
 def _write_json(path: Path, value, written: WrittenFiles) -> None:
     data = (json.dumps(value, indent=2) + "\n").encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,8 +133,6 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
     staging.mkdir()
     written = WrittenFiles(added_shard=added_shard_name(checkpoint))
     replaced = set(plan.replaced)
-    weight_map: dict[str, str] = {}
-    total_size = 0
 
     failpoint("staging-created")
     for shard in checkpoint.weight_files:
@@ -132,21 +146,12 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
             written.bytes_written += write_safetensors(staging / out_name, kept,
                                                        checkpoint.headers[shard].metadata or None)
             written.rewritten.append(out_name)
-        for entry in kept:
-            weight_map[entry.name] = out_name
-            total_size += entry.nbytes
 
     failpoint("shards-written")
-    new_tensors = [TensorData(c.planned.name, c.planned.dtype, (c.planned.width,), c.raw) for c in computed]
+    new_tensors = bias_tensors(computed)
     written.bytes_written += write_safetensors(staging / written.added_shard, new_tensors, {"format": "pt"})
-    for t in new_tensors:
-        weight_map[t.name] = written.added_shard
-        total_size += len(t.data)
-
-    index_metadata = dict((checkpoint.index or {}).get("metadata") or {})
-    index_metadata["total_size"] = total_size
-    _write_json(staging / INDEX_NAME, {"metadata": index_metadata,
-                                       "weight_map": dict(sorted(weight_map.items()))}, written)
+    _write_json(staging / INDEX_NAME, output_index(checkpoint, written.shards, replaced, written.added_shard,
+                                                   new_tensors), written)
     _write_json(staging / CONFIG_NAME, plan.new_config, written)
 
     for relative in checkpoint.extra_files():
