@@ -22,13 +22,14 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from weightlock.safetensors_file import encode_header
 
 PRESETS = {
     # Llama-3.1-8B widths; a complete model, so the transformers baseline can run on it.
@@ -81,16 +82,10 @@ def write_checkpoint(folder: Path, p: dict) -> int:
     weight_map, total = {}, 0
     for i, tensors in enumerate(shards):
         shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in tensors:
-            nbytes = int(np.prod(shape)) * 2
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = shard
-        encoded = json.dumps(header).encode()
-        encoded += b" " * (-len(encoded) % 8)
+        header, offset = encode_header((name, "BF16", shape) for name, shape in tensors)
+        weight_map.update({name: shard for name, _ in tensors})
         with open(folder / shard, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            f.write(header)
             remaining = offset
             while remaining:
                 chunk = pattern[:min(remaining, len(pattern))]

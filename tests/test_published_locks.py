@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 
 import pytest
 
 from conftest import LEGACY_LOCKS
 from weightlock import apply_lock, import_legacy, verify_checkpoint
 from weightlock.errors import IncompatibleLockError
+from weightlock.safetensors_file import encode_header
 
 LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
                  intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -59,16 +59,11 @@ def write_sparse_checkpoint(folder, config: dict) -> None:
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, nbytes in shard:
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = file_name
-        encoded = json.dumps(header).encode()
-        encoded += b" " * (-len(encoded) % 8)
+        header, offset = encode_header((name, "BF16", shape) for name, shape, _ in shard)
+        weight_map.update({name: file_name for name, _, _ in shard})
         with open(folder / file_name, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)) + encoded)
-            f.truncate(8 + len(encoded) + offset)  # a hole: no disk used
+            f.write(header)
+            f.truncate(len(header) + offset)  # a hole: no disk used
         total += offset
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))

@@ -295,6 +295,21 @@ class TensorData:
 TensorSource = Union[TensorData, TensorEntry]  # a TensorEntry is copied from its file
 
 
+def encode_header(tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+                  ) -> tuple[bytes, int]:
+    """The length-prefixed, 8-byte aligned header for ``(name, dtype, shape)`` laid out in order;
+    returns it and the size of the data area that must follow."""
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(encoded)) + encoded, offset
+
+
 def write_safetensors(path: Path, tensors: Iterable[TensorSource],
                       metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file, streaming file-backed tensors; returns bytes written.
@@ -303,24 +318,17 @@ def write_safetensors(path: Path, tensors: Iterable[TensorSource],
     folder publishes complete data.
     """
     tensors = list(tensors)
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
     for t in tensors:
         nbytes = len(t.data) if isinstance(t, TensorData) else t.nbytes
         if nbytes != math.prod(t.shape) * DTYPE_SIZES[t.dtype]:
             raise ValueError(f"{t.name}: {nbytes} bytes do not match shape {t.shape} of {t.dtype}")
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
-                          "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
+    header, _ = encode_header(((t.name, t.dtype, t.shape) for t in tensors), metadata)
     written = 0
     sources: dict[Path, BinaryIO] = {}
     try:
         with open(path, "xb") as out:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            written += 8 + len(encoded)
+            out.write(header)
+            written += len(header)
             for t in tensors:
                 if isinstance(t, TensorData):
                     out.write(t.data)
