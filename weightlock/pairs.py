@@ -1,0 +1,89 @@
+"""Safety preference pairs: a prompt, a safe answer and an unsafe answer.
+
+Accepted, as a JSON list or JSON Lines, with either key set per item:
+
+    SafetyLock:  question, answer_matching_behavior (safe), answer_not_matching_behavior (unsafe)
+    preference:  prompt, chosen (safe), rejected (unsafe)
+
+The prompt may be a string or a chat: a list of {role, content} messages (the misspelt
+role "assistent" found in public SafetyLock data is read as "assistant").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidInputError
+
+KEY_SETS = (("question", "answer_matching_behavior", "answer_not_matching_behavior"),
+            ("prompt", "chosen", "rejected"))
+ROLE_ALIASES = {"assistent": "assistant", "human": "user", "bot": "assistant"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    messages: tuple[tuple[str, str], ...]  # (role, content), the prompt as a chat
+    safe: str
+    unsafe: str
+
+
+def _messages(prompt, where: str) -> tuple[tuple[str, str], ...]:
+    if isinstance(prompt, str):
+        return (("user", prompt),)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        out = []
+        for m in prompt:
+            role, content = m.get("role"), m.get("content")
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise InvalidInputError(f"{where}: each chat message needs string 'role' and 'content'")
+            out.append((ROLE_ALIASES.get(role, role), content))
+        return tuple(out)
+    raise InvalidInputError(f"{where}: the prompt must be a string or a list of {{role, content}} messages")
+
+
+def _pair(item, where: str) -> Pair:
+    if not isinstance(item, dict):
+        raise InvalidInputError(f"{where} is not a JSON object")
+    for prompt_key, safe_key, unsafe_key in KEY_SETS:
+        if {prompt_key, safe_key, unsafe_key} <= set(item):
+            safe, unsafe = item[safe_key], item[unsafe_key]
+            if not isinstance(safe, str) or not isinstance(unsafe, str) or not safe.strip() or not unsafe.strip():
+                raise InvalidInputError(f"{where}: '{safe_key}' and '{unsafe_key}' must be non-empty strings")
+            return Pair(_messages(item[prompt_key], where), safe, unsafe)
+    raise InvalidInputError(
+        f"{where} has keys {sorted(item)[:6]}, which are neither SafetyLock's nor prompt/chosen/rejected",
+        hint="each pair needs question, answer_matching_behavior (safe) and answer_not_matching_behavior "
+             "(unsafe), or prompt, chosen (safe) and rejected (unsafe)")
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> tuple[list[Pair], str]:
+    """The pairs in ``path`` (first ``limit`` if given) and the sha256 of the file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InvalidInputError(f"cannot read the pairs file {path}: {e.strerror or e}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"{path} is not UTF-8 text") from None
+    try:
+        items = json.loads(text)
+        if isinstance(items, dict):
+            items = [items]
+    except ValueError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as e:
+            raise InvalidInputError(f"{path} is neither JSON nor JSON Lines ({e})") from None
+    if not isinstance(items, list) or not items:
+        raise InvalidInputError(f"{path} holds no pairs")
+    pairs = [_pair(item, f"{path.name} item {i}") for i, item in enumerate(items[:limit] if limit else items)]
+    if len(pairs) < 4:
+        raise InvalidInputError(f"{path} has {len(pairs)} pairs; forge needs at least 4 to hold some out",
+                                hint="use more pairs (the reference uses 100)")
+    return pairs, digest
