@@ -264,7 +264,6 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
         report.add("transformers_names", SKIP, "transformers is not installed; "
                                                "install weightlock[forge] to check loader names")
         return
-    import logging
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
@@ -277,7 +276,6 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
         return
     finally:
         transformers.logging.set_verbosity(previous)
-    logging.getLogger(__name__).debug("built %s on meta", type(model).__name__)
     params = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     stored, converted = _names_as_loaded(model, params, checkpoint)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
