@@ -12,7 +12,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ from .errors import OutputError, VerificationError
 from .lock import Lock, load_lock
 from .plan import EditPlan, compute_biases, plan_edit
 from .verify import verify_checkpoint
-from .writer import (WrittenFiles, publish, recover_interrupted, staging_path, write_failure,
-                     write_locked_checkpoint)
+from .writer import (WrittenFiles, publish, recover_interrupted, removed_on_failure, staging_path,
+                     write_failure, write_locked_checkpoint)
 
 PROVENANCE_FORMAT = "weightlock-provenance"
 
@@ -141,7 +140,7 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
     plan.warnings.extend(recover_interrupted(out))
     staging = staging_path(out)
     provenance = provenance_record(checkpoint, plan, lock_bytes)
-    try:
+    with removed_on_failure(staging, out):
         written = write_locked_checkpoint(checkpoint, plan, computed, lock_bytes, staging, link_mode,
                                           provenance)
         report = verify_checkpoint(staging, expected=computed, loader_check=False)
@@ -150,12 +149,6 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
                                     + "; ".join(report.failures()),
                                     hint="this is a bug in weightlock or a fault in the disk; please report it")
         publish(staging, out, force)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise write_failure(e, out) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ApplyResult(out, plan, written, provenance, time.perf_counter() - started)
 
 

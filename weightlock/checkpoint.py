@@ -173,7 +173,7 @@ def open_checkpoint(location: str | os.PathLike, revision: str | None = None) ->
             hint="weightlock edits safetensors checkpoints; convert other formats with transformers first")
 
     headers: dict[str, SafetensorsHeader] = {}
-    for name in [CONFIG_NAME] + ([INDEX_NAME] if has_index else []) + shard_names:
+    for name in ([INDEX_NAME] if has_index else []) + shard_names:  # config.json was checked above
         if (root / name).exists():
             contained(root, name)
     for shard in shard_names:

@@ -21,7 +21,6 @@ during revert itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,29 +32,17 @@ from .apply import ApplyResult, ProgressBar, lock_file_bytes, provenance_record
 from .checkpoint import (CONFIG_NAME, INDEX_NAME, PROVENANCE_DIR, PROVENANCE_NAME, SINGLE_NAME,
                          is_alternative_weight_file, open_checkpoint, resolve_location)
 from .errors import CheckpointError, OutputError, VerificationError
-from .lock import Lock, load_lock
+from .lock import Lock, file_sha256, load_lock
 from .plan import compute_biases, plan_edit
 from .safetensors_file import write_safetensors
 from .verify import verify_checkpoint
 from .writer import (LOCK_COPY_NAME, SINGLE_RENAMED, WrittenFiles, added_shard_name, bias_tensors, failpoint,
-                     fsync_tree, output_index, write_failure)
+                     fsync_dir, fsync_tree, output_index, removed_on_failure)
 
 RECORD_NAME = "in-place.json"          # what revert needs, inside weightlock/
 BACKUP_DIR = "backup"                  # exact bytes of every replaced file, inside weightlock/
 NEW_DIR = "new"                        # files waiting to be renamed into place, inside weightlock/
 STAGING_PREFIX = ".weightlock-in-place-"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -92,7 +79,7 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
     provenance = provenance_record(checkpoint, plan, lock_bytes)
     replaced_files = [CONFIG_NAME] + ([INDEX_NAME] if checkpoint.layout == "sharded" else []) \
         + sorted(plan.file_edits)
-    try:
+    with removed_on_failure(staging, root):
         staging.mkdir()
         new = staging / NEW_DIR
         tensors = bias_tensors(computed)
@@ -114,19 +101,13 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
         provenance["mode"] = "in-place"
         _write_bytes(staging / PROVENANCE_NAME, (json.dumps(provenance, indent=2) + "\n").encode("utf-8"))
         record = {"renamed": renamed, "added": [written.added_shard], "replaced": replaced_files,
-                  "original_sha256": {name: _sha256(root / name) for name in replaced_files},
-                  "new_sha256": {name: _sha256(new / name) for name in new_files}}
+                  "original_sha256": {name: file_sha256(root / name) for name in replaced_files},
+                  "new_sha256": {name: file_sha256(new / name) for name in new_files}}
         _write_bytes(staging / RECORD_NAME, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
         fsync_tree(staging)
         failpoint("in-place-staged")
         os.rename(staging, root / PROVENANCE_DIR)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise write_failure(e, root) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _fsync_dir(root)
+    fsync_dir(root)
     failpoint("in-place-recorded")
 
     record_dir = root / PROVENANCE_DIR
@@ -139,7 +120,7 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
         for name in new_files:
             os.replace(record_dir / NEW_DIR / name, root / name)
             failpoint(f"in-place-replaced-{name}")
-        _fsync_dir(root)
+        fsync_dir(root)
         report = verify_checkpoint(root, expected=computed, loader_check=False)
         if not report.ok:
             raise VerificationError("the edited checkpoint failed verification and the edit was reverted: "
@@ -192,7 +173,7 @@ def revert(location) -> dict:
     for name in record["replaced"]:
         backup = record_dir / BACKUP_DIR / name
         if backup.is_file() and (not (root / name).is_file()
-                                 or _sha256(root / name) != record["original_sha256"][name]):
+                                 or file_sha256(root / name) != record["original_sha256"][name]):
             tmp = root / f".{name}.weightlock-revert"
             tmp.unlink(missing_ok=True)
             shutil.copyfile(backup, tmp)
@@ -212,13 +193,13 @@ def revert(location) -> dict:
             os.remove(root / added)
             done.append(f"removed {added}")
     mismatched = [name for name in record["replaced"]
-                  if not (root / name).is_file() or _sha256(root / name) != record["original_sha256"][name]]
+                  if not (root / name).is_file() or file_sha256(root / name) != record["original_sha256"][name]]
     if mismatched:
         raise CheckpointError(f"after revert, {', '.join(mismatched)} do not match the recorded originals",
                               hint="weightlock/backup holds the original bytes; the record was kept")
-    _fsync_dir(root)
+    fsync_dir(root)
     shutil.rmtree(record_dir)
-    _fsync_dir(root)
+    fsync_dir(root)
     done.append("removed the weightlock/ record")
     return {"path": str(root), "reverted": True, "actions": done}
 

@@ -15,7 +15,6 @@ The files carry no model shape; the nine published ones are recognised by hash
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import re
@@ -26,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from .errors import LockFormatError, UnsafePickleError
-from .lock import Lock, SourceModel, build_lock
+from .lock import Lock, SourceModel, build_lock, file_sha256
 
 # No published file is near this; refuse anything that would inflate past it.
 MAX_PICKLE_BYTES = 64 << 20
@@ -191,9 +190,9 @@ def import_legacy(path: str | Path, source_model: SourceModel | None = None,
     ``scale * direction`` equals the legacy ``std * direction`` up to float32 rounding.
     """
     path = Path(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-    if digest is None:
+    if not path.is_file():
         raise LockFormatError(f"legacy lock {path} does not exist")
+    digest = file_sha256(path)
     entries = read_legacy(path)
     known = PUBLISHED_LOCKS.get(digest)
     if source_model is None:

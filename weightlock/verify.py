@@ -21,7 +21,7 @@ from .architectures import ModelShape, shape_from_config, spec_for_config
 from .checkpoint import (PROVENANCE_DIR, Checkpoint, is_alternative_weight_file, open_checkpoint)
 from .errors import WeightlockError
 from .lock import file_sha256, load_lock
-from .plan import apply_config_changes, bias_consistency_problems
+from .plan import apply_config_changes, bias_consistency_problems, output_projection_product
 from .safetensors_file import (FLOAT_DTYPES, TensorReader, float32_to_raw, raw_to_float32, read_header)
 from .schema import schema_errors
 
@@ -175,8 +175,6 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
 def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, record: dict,
                        record_dir: Path, report: Report, expected) -> None:
     """Stored biases equal what the record implies: original + W_o @ d, or zeros."""
-    from .plan import output_projection_product  # the same arithmetic apply used
-
 
     displacements = lock.displacements(record["alpha"], shape.num_heads)
     originals = {}
@@ -228,10 +226,9 @@ def _check_finite(checkpoint: Checkpoint, report: Report, deep: bool) -> None:
     if deep:
         names = [n for n, e in checkpoint.tensors.items() if e.dtype in FLOAT_DTYPES]
     else:
-        record = checkpoint.provenance or {}
-        tensors = record.get("tensors") if isinstance(record, dict) else None
-        names = [n for n in ((tensors or {}).get("added", []) + (tensors or {}).get("replaced", []))
-                 if n in checkpoint.tensors] if isinstance(tensors, dict) else []
+        record = checkpoint.provenance if isinstance(checkpoint.provenance, dict) else {}
+        written = record.get("tensors") if isinstance(record.get("tensors"), dict) else {}
+        names = [n for n in written.get("added", []) + written.get("replaced", []) if n in checkpoint.tensors]
     bad = []
     maps: dict = {}
     try:

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,13 +188,31 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
     return written
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(root: Path) -> None:
     for dirpath, _, _ in os.walk(root):
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+@contextmanager
+def removed_on_failure(staging: Path, where: Path):
+    """Remove ``staging`` if the block fails; a refused write becomes a clear OutputError."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failure(e, where) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 PARTIAL_MARK = "weightlock-partial"
@@ -254,8 +273,4 @@ def publish(staging: Path, out: Path, force: bool) -> None:
             trash.unlink()
     else:
         os.rename(staging, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
