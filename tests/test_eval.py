@@ -23,7 +23,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def make_chat_model(folder, seed=0):
+def make_chat_model(folder, seed=0, **shape):
     """A tiny random Llama with a character-level tokenizer and a chat template, saved like a real one."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -36,7 +36,8 @@ def make_chat_model(folder, seed=0):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
                                         eos_token="</s>", additional_special_tokens=specials[3:])
     tokenizer.chat_template = CHAT_TEMPLATE
-    make_llama(folder, vocab=128, hidden=64, heads=4, kv_heads=2, layers=2, seed=seed, extra_files=False)
+    make_llama(folder, **{**dict(vocab=128, hidden=64, heads=4, kv_heads=2, layers=2), **shape}, seed=seed,
+               extra_files=False)
     tokenizer.save_pretrained(folder)
     return folder
 

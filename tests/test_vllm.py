@@ -178,6 +178,33 @@ def test_architecture_table_says_what_vllm_does(vllm_checks_per_family, family):
         assert backend == (spec.vllm == VLLM_TRANSFORMERS_BACKEND), check
 
 
+def test_eval_engine_vllm_gives_the_answers_transformers_gives(tmp_path):
+    """eval --engine vllm bakes each alpha and serves it; its greedy answers equal the hooked transformers
+    answers (same token ids in, same tokenizer out), and the lock changes some of them."""
+    _require_vllm()
+    from test_eval import make_chat_model, small_sets
+
+    model = make_chat_model(tmp_path / "chat", vocab=128, hidden=128, heads=2, kv_heads=1, head_dim=64)
+    from weightlock import save_lock
+    save_lock(random_lock(model, n_heads=2, seed=5), tmp_path / "l.wlock")
+    files = {k: str(v) for k, v in small_sets(tmp_path).items()}
+    probe = ("import json, sys\n"
+             "from weightlock.evaluate import EvalSettings, evaluate_model\n"
+             "folder, lock, files = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
+             "out = {}\n"
+             "for engine in ('transformers', 'vllm'):\n"
+             "    report = evaluate_model(folder, lock=lock, alphas=[0.0, 6.0], prompt_files=files,\n"
+             "                            settings=EvalSettings(max_new_tokens=10, engine=engine))\n"
+             "    out[engine] = [{k: [a['answer'] for a in v] for k, v in r.answers.items()} for r in report.results]\n"
+             "print(json.dumps(out))\n")
+    answers = json.loads(_run_vllm("-c", probe, str(model), str(tmp_path / "l.wlock"),
+                                   json.dumps(files)).stdout.strip().splitlines()[-1])
+    assert answers["vllm"] == answers["transformers"]
+    unlocked, locked = answers["vllm"]
+    assert any(unlocked[k] != locked[k] for k in unlocked)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".weightlock-eval-")]  # baked copies removed
+
+
 def test_verify_engine_vllm_without_vllm_says_how_to_get_it(tiny_llama, capsys):
     try:
         import vllm  # noqa: F401

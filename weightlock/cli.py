@@ -222,6 +222,9 @@ def eval_options(command):
         click.option("--plain-template", is_flag=True, help="User:/Assistant: text instead of the chat template."),
         click.option("--gguf-file", default=None, help="Load MODEL's folder's GGUF file of this name."),
         click.option("--judge-model", default=None, help="A chat model that judges refusals instead of phrases."),
+        click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers",
+                     show_default=True, help="Who generates the answers; vllm bakes each alpha into a "
+                                             "temporary checkpoint and serves it (KL stays on transformers)."),
         click.option("--device", default="cpu", show_default=True),
         click.option("--dtype", default="float32", show_default=True,
                      type=click.Choice(["float32", "bfloat16", "float16"])),
@@ -241,7 +244,7 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
 
     settings = EvalSettings(max_new_tokens=opts["max_new_tokens"], batch_size=opts["batch_size"],
                             template="plain" if opts["plain_template"] else "chat",
-                            system_prompt=opts["system_prompt"])
+                            system_prompt=opts["system_prompt"], engine=opts["engine"])
     files = {k: opts[o] for k, o in (("harmful", "harmful"), ("benign", "benign"), ("kl", "kl_text"),
                                      ("qa", "qa")) if opts[o] is not None}
     for path in (opts["report"], opts["plot"]):

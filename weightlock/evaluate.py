@@ -35,6 +35,7 @@ PLAIN_USER, PLAIN_ASSISTANT = "User: ", "\nAssistant:"
 class EvalSettings:
     max_new_tokens: int = 48
     batch_size: int = 16
+    engine: str = "transformers"       # or "vllm": answers from vLLM (each alpha baked), KL from transformers
     template: str = "chat"             # "chat" (the tokenizer's template) or "plain"
     system_prompt: str | None = None
     kl_max_tokens: int = 128           # tokens of each KL passage used
@@ -74,10 +75,11 @@ class EvalReport:
 class Evaluator:
     """Greedy answers and next-token distributions of one transformers model, with or without a lock."""
 
-    def __init__(self, model, tokenizer, settings: EvalSettings | None = None, judge=None):
+    def __init__(self, model, tokenizer, settings: EvalSettings | None = None, judge=None, generator=None):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or EvalSettings()
         self.judge = judge
+        self.generator = generator  # a VllmGenerator: answers come from vLLM, distributions from transformers
         if self.settings.template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise InvalidInputError("the tokenizer has no chat template", hint="pass --plain-template")
         if tokenizer.pad_token_id is None:
@@ -95,6 +97,10 @@ class Evaluator:
     def generate(self, prompts: list[str], lock=None, alpha=None) -> list[str]:
         import torch
 
+        if self.generator is not None:
+            ids = [self.tokenizer(self.prompt_text(p), add_special_tokens=False)["input_ids"] for p in prompts]
+            new = self.generator.generate(ids, self.settings.max_new_tokens, lock, alpha)
+            return [a.strip() for a in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
         answers = []
         with _maybe_locked(self.model, lock, alpha):
@@ -287,13 +293,23 @@ def evaluate_model(model: str, *, lock=None, alphas=None, prompt_files: dict | N
     if lock is not None and not isinstance(lock, Lock):
         lock_name, lock = str(lock), load_lock(lock)
     elif lock is not None:
-        lock_name = lock.name
+        lock_name = lock.description or f"lock from {lock.source_model.name or lock.source_model.architecture}"
     if lock is None:
         if alphas:
             raise InvalidInputError("--alpha needs --lock", hint="pass the lock to run at those strengths")
         alphas = [None]
     else:
         alphas = list(alphas) if alphas else [lock.default_alpha]
+    generator = None
+    if settings.engine == "vllm":
+        if gguf_file:
+            raise InvalidInputError("--engine vllm serves safetensors checkpoints, not GGUF files",
+                                    hint="use --engine transformers for --gguf-file")
+        from .checkpoint import open_checkpoint
+        from .vllm_generate import VllmGenerator
+        generator = VllmGenerator(open_checkpoint(model).root, dtype=dtype)
+    elif settings.engine != "transformers":
+        raise InvalidInputError(f"unknown engine {settings.engine!r}", hint="use transformers or vllm")
     loaded, tokenizer = load_for_eval(model, gguf_file=gguf_file, dtype=dtype, device=device)
     judge_name = "refusal phrases (weightlock.judge.REFUSAL_PHRASES)"
     judge = None
@@ -301,12 +317,17 @@ def evaluate_model(model: str, *, lock=None, alphas=None, prompt_files: dict | N
         from .judge import ModelJudge
         judge = ModelJudge(*load_for_eval(judge_model, dtype=dtype, device=device))
         judge_name = f"model: {judge_model}"
-    evaluator = Evaluator(loaded, tokenizer, settings, judge)
+    evaluator = Evaluator(loaded, tokenizer, settings, judge, generator)
     reference_evaluator = None
     if reference is not None and lock is None:
         reference_evaluator = Evaluator(*load_for_eval(reference, gguf_file=gguf_file, dtype=dtype, device=device),
                                         settings)
-    results = run_eval(evaluator, sets, lock=lock, alphas=alphas, reference=reference_evaluator, progress=progress)
+    try:
+        results = run_eval(evaluator, sets, lock=lock, alphas=alphas, reference=reference_evaluator,
+                           progress=progress)
+    finally:
+        if generator is not None:
+            generator.close()
     return EvalReport(model=model, lock=lock_name,
                       sets={k: {"source": s.name, "count": len(s.items)} for k, s in sets.items()},
                       settings=asdict(settings), judge=judge_name, results=results)

