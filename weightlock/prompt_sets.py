@@ -1,4 +1,4 @@
-"""Prompt files for eval: the user's, or the small default sets shipped in ``weightlock/prompt_sets/``.
+"""Prompt files for eval: the user's, or the small default sets shipped in ``weightlock/default_prompts/``.
 
 Accepted files: ``.txt`` (one prompt per line, ``#`` comments), ``.csv`` (a ``prompt`` or ``goal``
 column, else the first column of a header-less file such as AdvBench's; when a ``label`` column
@@ -33,7 +33,7 @@ class PromptSet:
 def load_prompt_set(kind: str, path: str | Path | None = None, limit: int | None = None) -> PromptSet:
     """The ``kind`` set ("harmful", "benign", "kl", "qa") from ``path``, or the shipped default."""
     if path is None:
-        text = resources.files("weightlock").joinpath("prompt_sets", DEFAULTS[kind]).read_text("utf-8")
+        text = resources.files("weightlock").joinpath("default_prompts", DEFAULTS[kind]).read_text("utf-8")
         name, suffix = f"default:{DEFAULTS[kind]}", Path(DEFAULTS[kind]).suffix
     else:
         path = Path(path)
