@@ -175,14 +175,11 @@ def main() -> None:
 
 
 def run(work: Path, cfg: dict, locks: dict) -> dict:
-    import torch
-
     from weightlock import apply_lock, load_lock, save_lock, verify_checkpoint
     from weightlock.evaluate import EvalSettings, Evaluator, run_eval
     from weightlock.forge import ForgeSettings, forge_from_model
     from weightlock.prompt_sets import load_prompt_set
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings_path = work / "timings.json"  # stages a rerun reuses keep their first timings
@@ -202,9 +199,9 @@ def run(work: Path, cfg: dict, locks: dict) -> dict:
     base = work / "base"
     if not base.exists():
         t = time.perf_counter()
-        from weightlock.forge import ForgeSettings as FS, load_model
+        from weightlock.forge import load_model
         gguf = smollm2_gguf()
-        model, tokenizer = load_model(str(gguf.parent), FS(gguf_file=gguf.name))
+        model, tokenizer = load_model(str(gguf.parent), ForgeSettings(gguf_file=gguf.name))
         save_model(model, tokenizer, base)
         timings["export"] = round(time.perf_counter() - t, 1)
     # 2. align

@@ -162,8 +162,6 @@ class Evaluator:
 
 def mean_kl(reference: list, other: list) -> float:
     """Mean over all tokens of KL(reference || other), both given as log-probabilities."""
-    import torch
-
     total, count = 0.0, 0
     for p, q in zip(reference, other):
         if p.shape != q.shape:
