@@ -4,6 +4,7 @@ tokenizer are built in-process and written to disk; the real-model chain is test
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import string
 import struct
@@ -252,3 +253,10 @@ def test_tune_rejects_a_bad_alpha_list(chat_model, tmp_path, capsys):
     save_lock(random_lock(chat_model, n_heads=2), lock_path)
     code, out, err = run_cli(capsys, "tune", str(chat_model), "--lock", str(lock_path), "--alphas", "1,x")
     assert code == 3 and "comma-separated" in err
+
+
+def test_eval_engine_vllm_without_vllm_says_how_to_get_it(chat_model, capsys):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this environment (tests/test_vllm.py covers the engine)")
+    code, out, err = run_cli(capsys, "eval", str(chat_model), "--engine", "vllm", "--limit", "1")
+    assert code == 7 and "needs vLLM" in err and "install_vllm_cpu.sh" in err and "Traceback" not in err

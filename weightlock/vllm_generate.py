@@ -20,6 +20,7 @@ CPU_KV_CACHE_BYTES = 256 << 20  # vLLM's CPU default claims most of the machine'
 
 class VllmGenerator:
     def __init__(self, folder: str | os.PathLike, *, dtype: str = "float32", max_model_len: int | None = None):
+        self._scratch: Path | None = None
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine starts in seconds
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         try:
@@ -68,7 +69,9 @@ class VllmGenerator:
         return out
 
     def close(self) -> None:
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     def __del__(self):
         self.close()
