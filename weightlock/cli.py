@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import InvalidInputError, OutputError, WeightlockError
+from .writer import write_file_atomically
 
 VERIFY_FAILED_EXIT = 1
 
@@ -128,7 +129,7 @@ def inspect_command(target, heatmap, as_json):
         lock = load_lock(path)
         data = describe_lock(lock)
         if heatmap is not None:
-            heatmap.write_bytes(heatmap_png(lock))
+            write_file_atomically(heatmap, heatmap_png(lock))
             data["heatmap"] = str(heatmap)
         m = data["manifest"]
         src = m["source_model"]
@@ -257,10 +258,10 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
     if bounds is not None:
         report.choice = choose_alpha(report.results, bounds)
     if opts["report"] is not None:
-        opts["report"].write_text(report_json(report, with_answers=True) + "\n")
+        write_file_atomically(opts["report"], (report_json(report, with_answers=True) + "\n").encode())
     if opts["plot"] is not None:
         title = f"{'TUNE' if bounds else 'EVAL'}: {Path(model).name}"[:60]
-        opts["plot"].write_bytes(results_plot(report.results, title))
+        write_file_atomically(opts["plot"], results_plot(report.results, title))
     text = results_table(report.results)
     if report.choice is not None:
         chosen = report.choice["alpha"]
@@ -283,7 +284,7 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
               help="Without --lock: the unlocked model to measure KL drift against (e.g. the source).")
 @eval_options
 def eval_command(model, lock_path, alphas, reference, **opts):
-    """Measure MODEL's harmful compliance, over-refusal, QA accuracy and KL drift (greedy, transformers)."""
+    """Measure MODEL's harmful compliance, over-refusal, QA accuracy and KL drift (greedy answers)."""
     _run_evaluation(model, lock_path, alphas, reference, opts)
 
 

@@ -274,3 +274,15 @@ def publish(staging: Path, out: Path, force: bool) -> None:
     else:
         os.rename(staging, out)
     fsync_dir(out.parent)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """A small output file (report, plot): written beside its place, then renamed, so a reader never sees
+    half of it and an existing file is replaced only by a complete one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(e, path) from None
