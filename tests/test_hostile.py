@@ -59,11 +59,25 @@ def _set_header(data, header):
     data[:] = struct.pack("<Q", len(encoded)) + encoded + body
 
 
-def _shift_first_tensor(data):
-    _, header = _header(data)
-    name = next(k for k in header if k != "__metadata__")
-    header[name]["data_offsets"][0] += 4
-    _set_header(data, header)
+def _edit_first_tensor(edit):
+    """A corruption that rewrites the header entry of the file's first tensor with ``edit(entry)``."""
+    def corrupt(data):
+        _, header = _header(data)
+        edit(header[next(k for k in header if k != "__metadata__")])
+        _set_header(data, header)
+    return corrupt
+
+
+def _start_later(entry):
+    entry["data_offsets"][0] += 4
+
+
+def _one_more_row(entry):
+    entry["shape"][0] += 1
+
+
+def _dtype_f4(entry):
+    entry["dtype"] = "F4"
 
 
 def _overlap(data):
@@ -74,29 +88,15 @@ def _overlap(data):
     _set_header(data, header)
 
 
-def _shape_mismatch(data):
-    _, header = _header(data)
-    name = next(k for k in header if k != "__metadata__")
-    header[name]["shape"][0] += 1
-    _set_header(data, header)
-
-
-def _unknown_dtype(data):
-    _, header = _header(data)
-    name = next(k for k in header if k != "__metadata__")
-    header[name]["dtype"] = "F4"
-    _set_header(data, header)
-
-
 MALFORMED = {
     "truncated": (lambda d: d.__delitem__(slice(len(d) - 100, None)), "runs past the end"),
     "header-length-past-end": (lambda d: d.__setitem__(slice(0, 8), struct.pack("<Q", len(d))), "past the end"),
     "huge-declared-header": (lambda d: d.__setitem__(slice(0, 8), struct.pack("<Q", 1 << 62)), "exceeds"),
     "header-not-json": (lambda d: d.__setitem__(slice(8, 12), b"\xff\xfe{["), "not valid JSON"),
     "offsets-overlap": (_overlap, "overlaps"),
-    "offsets-with-gap": (_shift_first_tensor, "needs"),
-    "shape-disagrees-with-bytes": (_shape_mismatch, "needs"),
-    "unknown-dtype": (_unknown_dtype, "unknown dtype"),
+    "offsets-with-gap": (_edit_first_tensor(_start_later), "needs"),
+    "shape-disagrees-with-bytes": (_edit_first_tensor(_one_more_row), "needs"),
+    "unknown-dtype": (_edit_first_tensor(_dtype_f4), "unknown dtype"),
     "trailing-bytes": (lambda d: d.extend(b"\0" * 16), "not described by the header"),
 }
 

@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass, field
 
 from . import __version__
 from .errors import InvalidInputError, MissingDependencyError
+from .forge import render_prompt
 from .judge import answers_question, is_degenerate, is_refusal
 from .prompt_sets import PromptSet
 from .runtime import lock_hooks
 from .schema import schema_errors
-
-PLAIN_USER, PLAIN_ASSISTANT = "User: ", "\nAssistant:"
 
 
 @dataclass
@@ -80,19 +79,13 @@ class Evaluator:
         self.settings = settings or EvalSettings()
         self.judge = judge
         self.generator = generator  # a VllmGenerator: answers come from vLLM, distributions from transformers
-        if self.settings.template == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise InvalidInputError("the tokenizer has no chat template", hint="pass --plain-template")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.device = next(model.parameters()).device
 
     def prompt_text(self, prompt: str) -> str:
-        s = self.settings
-        if s.template == "chat":
-            messages = ([{"role": "system", "content": s.system_prompt}] if s.system_prompt else []) + \
-                       [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return (s.system_prompt + "\n" if s.system_prompt else "") + PLAIN_USER + prompt + PLAIN_ASSISTANT
+        return render_prompt(self.tokenizer, (("user", prompt),), self.settings.template,
+                             self.settings.system_prompt)
 
     def generate(self, prompts: list[str], lock=None, alpha=None) -> list[str]:
         import torch

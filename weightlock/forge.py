@@ -85,10 +85,16 @@ def load_model(location: str, settings: ForgeSettings):
 
 
 def prompt_text(tokenizer, pair: Pair, settings: ForgeSettings) -> str:
-    messages = list(pair.messages)
-    if settings.system_prompt and messages[0][0] != "system":
-        messages.insert(0, ("system", settings.system_prompt))
-    if settings.template == "chat":
+    return render_prompt(tokenizer, pair.messages, settings.template, settings.system_prompt)
+
+
+def render_prompt(tokenizer, messages, template: str, system_prompt: str | None) -> str:
+    """The text a model sees before its answer, for (role, content) messages. eval renders its prompts
+    with this too, so a lock is measured on the same kind of text it was forged from."""
+    messages = list(messages)
+    if system_prompt and messages[0][0] != "system":
+        messages.insert(0, ("system", system_prompt))
+    if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidInputError("the tokenizer has no chat template",
                                     hint="pass --plain-template for base models")

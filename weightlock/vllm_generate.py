@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import MissingDependencyError
+from .vllm_check import import_vllm
 
 CPU_KV_CACHE_BYTES = 256 << 20  # vLLM's CPU default claims most of the machine's memory for the cache
 
@@ -22,14 +22,7 @@ class VllmGenerator:
     def __init__(self, folder: str | os.PathLike, *, dtype: str = "float32", max_model_len: int | None = None):
         self._scratch: Path | None = None
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine starts in seconds
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise MissingDependencyError(
-                "--engine vllm needs vLLM, which is not installed in this environment",
-                hint="run from an environment with vLLM (bash scripts/install_vllm_cpu.sh makes .venv-vllm), "
-                     "or use --engine transformers") from None
+        import_vllm("eval --engine vllm", "use --engine transformers")
         self.folder = Path(folder)
         self.dtype, self.max_model_len = dtype, max_model_len
         # Beside the model when possible: same filesystem, so baking hardlinks the shards instead of copying.
@@ -40,12 +33,12 @@ class VllmGenerator:
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, lock=None, alpha=None) -> list[list[int]]:
         """Greedy continuations (token ids) of each prompt, from the checkpoint with ``lock`` baked at ``alpha``."""
+        import torch
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
         folder = self._baked(lock, alpha)
         kwargs = {}
-        import torch
         if not torch.cuda.is_available():
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         llm = LLM(model=str(folder), dtype=self.dtype, enforce_eager=True, skip_tokenizer_init=True,
