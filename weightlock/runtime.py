@@ -27,9 +27,16 @@ def lock_hooks(model, lock: Lock, alpha: float | None = None):
     handles = []
 
     def make_hook(vector):
+        # One copy per (device, dtype), made on first use: a host-to-device copy in every call would
+        # stall the GPU once per locked layer per generated token (measured: issue 15, README).
+        placed = {}
+
         def hook(module, args):
             hidden = args[0]
-            return (hidden + vector.to(device=hidden.device, dtype=hidden.dtype),) + tuple(args[1:])
+            key = (hidden.device, hidden.dtype)
+            if key not in placed:
+                placed[key] = vector.to(device=hidden.device, dtype=hidden.dtype)
+            return (hidden + placed[key],) + tuple(args[1:])
         return hook
 
     try:
