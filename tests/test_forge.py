@@ -212,7 +212,10 @@ def test_forge_cli_and_heatmap(tmp_path, capsys):
     assert code == 3 and "cannot read the pairs file" in err
 
 
-def test_apply_path_never_imports_transformers(tmp_path):
+def test_apply_path_needs_neither_transformers_nor_torch(tmp_path):
+    """apply runs verify's checks before publishing; the transformers class check is the one that needs
+    transformers. Without it (--no-loader-check) apply imports neither; with both made unimportable,
+    plain apply still works and reports that check skipped."""
     import subprocess
     import sys
     planted_model(tmp_path / "m")
@@ -220,10 +223,22 @@ def test_apply_path_never_imports_transformers(tmp_path):
                       ForgeSettings(heads=2, last_tokens=3, template="plain"))
     from weightlock import save_lock
     save_lock(lock, tmp_path / "l.wlock")
-    code = ("import sys; from weightlock.cli import main\n"
-            "try:\n    main(['apply', sys.argv[1], '--lock', sys.argv[2], '--out', sys.argv[3]])\n"
-            "except SystemExit as e:\n    assert not e.code, e.code\n"
-            "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'apply imported them'\n")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / "l.wlock"),
-                             str(tmp_path / "out")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    blocker = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+               "            raise ImportError('blocked for this test: ' + name)\n"
+               "sys.meta_path.insert(0, Block())\n")
+    for extra, block in ((["--no-loader-check"], ""), ([], blocker)):
+        out = tmp_path / f"out{len(extra)}"
+        code = (block + "import sys; from weightlock.cli import main\n"
+                "try:\n    main(['apply', sys.argv[1], '--lock', sys.argv[2], '--out', sys.argv[3]] + sys.argv[4:])\n"
+                "except SystemExit as e:\n    assert not e.code, e.code\n"
+                "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'apply imported them'\n"
+                "from weightlock import verify_checkpoint\n"
+                "checks = {c.name: c.status for c in verify_checkpoint(sys.argv[3]).checks}\n"
+                "assert checks['lock_biases'] == 'pass', checks\n"
+                "assert checks['transformers_names'] == ('skip' if len(sys.argv) == 4 else 'pass'), checks\n")
+        result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / "l.wlock"),
+                                 str(out), *extra], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr

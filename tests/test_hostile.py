@@ -183,7 +183,7 @@ def test_index_and_shards_disagreeing_is_refused(tmp_path, capsys, setup):
 @pytest.mark.parametrize("edit,words", [
     (lambda c: c.update(num_hidden_layers=7), "another shape"),
     (lambda c: c.update(hidden_size=128), "another shape"),
-    (lambda c: c.update(num_attention_heads="four"), "positive integer"),
+    (lambda c: c.update(num_attention_heads="four"), "is not of type 'integer'"),
     (lambda c: c.update(attention_bias=True), "disagree"),
 ])
 def test_config_disagreeing_with_tensors_is_refused(tmp_path, capsys, setup, edit, words):

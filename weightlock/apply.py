@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import OutputError, VerificationError
+from .checkpoint import Checkpoint, contained, open_checkpoint
+from .errors import LockFormatError, OutputError, VerificationError
 from .lock import Lock, load_lock
 from .plan import EditPlan, compute_biases, plan_edit
+from .untrusted import read_bytes, read_json
 from .verify import verify_checkpoint
 from .writer import (WrittenFiles, publish, recover_interrupted, removed_on_failure, staging_path,
                      write_failure, write_locked_checkpoint)
 
 PROVENANCE_FORMAT = "weightlock-provenance"
+MAX_LOCK_BYTES = 1 << 30  # a lock of 1M heads of head_dim 256 is about 1 GB
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ApplyResult:
     written: WrittenFiles
     provenance: dict
     seconds: float
+    report: object = None   # the verify Report the output passed before it was published
 
     def summary(self) -> dict:
         return {
@@ -93,7 +95,7 @@ def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes)
         "locked_layers": {str(layer): heads for layer, heads in plan.lock.heads_by_layer().items()},
         "config_changes": plan.config_changes,
         # carried files rewritten for the output, with their original content for undo
-        "edited_files": {path: json.loads((checkpoint.root / path).read_text("utf-8"))
+        "edited_files": {path: read_json(contained(checkpoint.root, path), "tokenizer config")
                          for path in plan.file_edits},
         "tensors": {
             "added": [b.name for b in plan.biases if b.base is None],
@@ -114,8 +116,12 @@ def _header_sha256(path: Path, length: int) -> str:
 def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLike | Lock, *,
                out: str | os.PathLike, alpha: float | None = None, force: bool = False,
                link_mode: str = "auto", allow_architecture_mismatch: bool = False,
-               progress: bool = False) -> ApplyResult:
-    """Bake ``lock`` at strength ``alpha`` (default: the lock's) into a copy of ``checkpoint`` at ``out``."""
+               progress: bool = False, loader_check: bool = True) -> ApplyResult:
+    """Bake ``lock`` at strength ``alpha`` (default: the lock's) into a copy of ``checkpoint`` at ``out``.
+
+    The output is published only if :func:`verify_checkpoint` passes on it with the same checks
+    ``weightlock verify`` runs (``loader_check``: the transformers class check, skipped where
+    transformers is not installed), plus a byte comparison with the values just computed."""
     started = time.perf_counter()
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
@@ -124,7 +130,10 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
     else:
         lock_path = Path(lock)
         lock = load_lock(lock_path)
-        lock_bytes = lock_path.read_bytes()
+        lock_bytes = read_bytes(lock_path, "lock file", MAX_LOCK_BYTES, LockFormatError)
+        if hashlib.sha256(lock_bytes).hexdigest() != lock.sha256:
+            raise LockFormatError(f"{lock_path} changed while it was being read",
+                                  hint="do not edit the lock file while weightlock uses it; run again")
     out = Path(out).expanduser()
     _check_output_location(checkpoint.root, out)
     if (out.exists() or out.is_symlink()) and not force:
@@ -143,13 +152,13 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
     with removed_on_failure(staging, out):
         written = write_locked_checkpoint(checkpoint, plan, computed, lock_bytes, staging, link_mode,
                                           provenance)
-        report = verify_checkpoint(staging, expected=computed, loader_check=False)
+        report = verify_checkpoint(staging, expected=computed, loader_check=loader_check)
         if not report.ok:
             raise VerificationError("the written checkpoint failed verification and was discarded: "
                                     + "; ".join(report.failures()),
                                     hint="this is a bug in weightlock or a fault in the disk; please report it")
         publish(staging, out, force)
-    return ApplyResult(out, plan, written, provenance, time.perf_counter() - started)
+    return ApplyResult(out, plan, written, provenance, time.perf_counter() - started, report)
 
 
 def lock_file_bytes(lock: Lock) -> bytes:

@@ -193,7 +193,8 @@ class ModelShape:
                   "qkv": (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, "hidden": self.hidden_size,
                   "intermediate": self.intermediate_size}
         if widths.get(width_from) is None:
-            raise CheckpointError(f"config.json lacks what the {width_from} width is computed from")
+            raise CheckpointError(f"config.json lacks what the {width_from} width is computed from",
+                                  hint="the config is incomplete; restore it from the original")
         return widths[width_from]
 
 
@@ -213,7 +214,8 @@ def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
     def positive_int(key: str, value=None) -> int:
         value = config.get(key) if value is None else value
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise CheckpointError(f"config.json: {key} must be a positive integer, found {value!r}")
+            raise CheckpointError(f"config.json: {key} must be a positive integer, found {value!r}",
+                                  hint="the config is damaged; restore it from the original")
         return value
 
     heads = positive_int(spec.heads_key)
@@ -225,7 +227,8 @@ def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
     if head_dim is None:
         if hidden % heads:
             raise CheckpointError(f"config.json: hidden_size {hidden} is not divisible by "
-                                  f"{heads} attention heads and no head_dim is given")
+                                  f"{heads} attention heads and no head_dim is given",
+                                  hint="add the model's head_dim to config.json, or restore the original config")
         head_dim = hidden // heads
     kv_heads = config.get(spec.kv_heads_key) if spec.kv_heads_key else None
     if kv_heads is None and spec.redeclare is not None:

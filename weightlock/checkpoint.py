@@ -8,7 +8,6 @@ shard's header. No tensor data is read here; callers map the tensors they need.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .safetensors_file import SafetensorsHeader, TensorEntry, read_header
+from .untrusted import is_plain_name, read_json
 
 CONFIG_NAME = "config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -32,6 +32,8 @@ ALTERNATIVE_WEIGHT_PATTERNS = (
     "*.ckpt", "*.gguf", "tf_model*.h5", "flax_model*.msgpack", "model.safetensors.index.json",
     "pytorch_model.bin.index.json", "*.wlt",
 )
+MAX_SHARDS = 100_000
+MAX_FOLDER_ENTRIES = 1_000_000
 # Folders never carried: version control and download caches.
 SKIPPED_DIRS = (".git", ".cache")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -81,11 +83,17 @@ class Checkpoint:
         return sorted(self.headers)
 
     def extra_files(self) -> list[str]:
-        """Every file that is not part of the weights, relative to the root, sorted."""
-        found = []
+        """Every file that is not part of the weights, relative to the root, sorted. Bounded: a folder of
+        more than MAX_FOLDER_ENTRIES entries is refused rather than walked for ever."""
+        found, seen = [], 0
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS
                                  and not (Path(dirpath) == self.root and d == PROVENANCE_DIR))
+            seen += len(dirnames) + len(filenames)
+            if seen > MAX_FOLDER_ENTRIES:
+                raise CheckpointError(f"{self.root} holds more than {MAX_FOLDER_ENTRIES:,} files and folders",
+                                      hint="a checkpoint folder holds weights, configs and a tokenizer; move "
+                                           "the rest out")
             for filename in filenames:
                 relative = (Path(dirpath) / filename).relative_to(self.root).as_posix()
                 if relative in self.headers or relative in (CONFIG_NAME, INDEX_NAME):
@@ -122,21 +130,15 @@ def resolve_location(location: str | os.PathLike, revision: str | None = None
     return folder.resolve(), text, folder.name
 
 
-def _load_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent} has no {path.name}",
-                              hint=f"a checkpoint folder needs its {what}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})",
-                              hint=f"the {what} is damaged; restore it from the original") from None
+def _load_json(path: Path, what: str, schema: str | None):
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path.parent} has no {path.name}", hint=f"a checkpoint folder needs its {what}")
+    return read_json(path, what, schema)
 
 
 def _plain_name(name: str, root: Path) -> str:
     """An index's shard name must name a file directly inside the folder."""
-    if (not isinstance(name, str) or not name or "/" in name or "\\" in name
-            or name in (".", "..") or os.path.isabs(name)):
+    if not is_plain_name(name):
         raise CheckpointError(f"the index names shard {name!r}, which is not a file name inside {root}",
                               hint="the index is damaged or hostile; restore it from the original")
     return name
@@ -147,9 +149,7 @@ def open_checkpoint(location: str | os.PathLike, revision: str | None = None) ->
     root, repo_id, commit = resolve_location(location, revision)
     if (root / CONFIG_NAME).exists():
         contained(root, CONFIG_NAME)
-    config = _load_json(root / CONFIG_NAME, "config.json")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{root / CONFIG_NAME} is not a JSON object")
+    config = _load_json(root / CONFIG_NAME, "config", "config")
     has_index, has_single = (root / INDEX_NAME).is_file(), (root / SINGLE_NAME).is_file()
     if has_index and has_single:
         raise CheckpointError(
@@ -159,12 +159,11 @@ def open_checkpoint(location: str | os.PathLike, revision: str | None = None) ->
     if has_single:
         index, shard_names = None, [SINGLE_NAME]
     elif has_index:
-        index = _load_json(root / INDEX_NAME, "safetensors index")
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{root / INDEX_NAME} has no weight_map",
-                                  hint="the index is damaged; restore it from the original")
-        shard_names = sorted({_plain_name(f, root) for f in weight_map.values()})
+        index = _load_json(root / INDEX_NAME, "index", "index")
+        shard_names = sorted({_plain_name(f, root) for f in index["weight_map"].values()})
+        if len(shard_names) > MAX_SHARDS:
+            raise CheckpointError(f"the index names {len(shard_names):,} shards, more than the {MAX_SHARDS:,} "
+                                  "weightlock opens", hint="the index is damaged or hostile; restore it")
     else:
         others = sorted(p.name for p in root.iterdir() if is_alternative_weight_file(p.name))
         raise CheckpointError(
@@ -201,6 +200,11 @@ def open_checkpoint(location: str | os.PathLike, revision: str | None = None) ->
                                   hint="the index and the shards disagree; restore them from the original")
 
     provenance_path = root / PROVENANCE_DIR / PROVENANCE_NAME
-    provenance = _load_json(provenance_path, "provenance record") if provenance_path.is_file() else None
+    provenance = None
+    if os.path.lexists(provenance_path):
+        contained(root, f"{PROVENANCE_DIR}/{PROVENANCE_NAME}")
+        provenance = read_json(provenance_path, "record", "provenance",
+                               hint=f"the weightlock/ record was damaged or crafted; remove {PROVENANCE_DIR}/ only "
+                                    "if you know the checkpoint's weights are what you expect")
     return Checkpoint(root, config, "single" if index is None else "sharded", index, headers, tensors,
                       repo_id, commit, provenance)

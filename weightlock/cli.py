@@ -9,6 +9,7 @@ check fails. ``--json`` prints one JSON document on stdout, errors included.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,8 +22,23 @@ from .writer import write_file_atomically
 VERIFY_FAILED_EXIT = 1
 
 
-def _emit(as_json: bool, data: dict, text: str) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
+# Characters that would let text from a checkpoint, a lock or a record forge terminal output: line breaks,
+# carriage returns, escape sequences, other C0/C1 controls, and Unicode line separators and bidi overrides.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    """``text`` as one safe terminal line: every unprintable character shown as an escape."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                            else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def _emit(as_json: bool, data: dict, lines: str | list[str]) -> None:
+    """One JSON document, or text: each line made printable on its own (a string is one line)."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo("\n".join(printable(line) for line in ([lines] if isinstance(lines, str) else lines)))
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
@@ -47,8 +63,11 @@ def cli() -> None:
               help="How unchanged shards are reused: hardlink when possible (auto), always, or copy.")
 @click.option("--allow-architecture-mismatch", is_flag=True,
               help="Apply a lock made from another architecture of the same shape.")
+@click.option("--no-loader-check", is_flag=True,
+              help="Verify the output without building the transformers class (as `verify --no-loader-check`).")
 @json_option
-def apply(checkpoint, lock_path, out, in_place, alpha, force, link_mode, allow_architecture_mismatch, as_json):
+def apply(checkpoint, lock_path, out, in_place, alpha, force, link_mode, allow_architecture_mismatch,
+          no_loader_check, as_json):
     """Write a copy of CHECKPOINT (folder or cached Hub id) with the lock baked in, or edit it --in-place."""
     if (out is None) == (not in_place):
         raise InvalidInputError("give exactly one of --out and --in-place",
@@ -56,23 +75,24 @@ def apply(checkpoint, lock_path, out, in_place, alpha, force, link_mode, allow_a
     if in_place:
         from .inplace import apply_in_place
         result = apply_in_place(checkpoint, lock_path, alpha=alpha,
-                                allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json)
+                                allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json,
+                                loader_check=not no_loader_check)
     else:
         from .apply import apply_lock
         result = apply_lock(checkpoint, lock_path, out=out, alpha=alpha, force=force, link_mode=link_mode,
-                            allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json)
+                            allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json,
+                            loader_check=not no_loader_check)
     s = result.summary()
-    text = (f"locked {len(s['locked_layers'])} layers at alpha {s['alpha']:g} -> {s['out']}\n"
-            f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config sets {s['config_changes']['set']}"
-            + (f", removes {s['config_changes']['removed']}" if s['config_changes']['removed'] else "")
-            + (" (redeclared)" if s['redeclared'] else "") + "\n"
-            f"  read {s['bytes_read_weights']:,} bytes of o_proj weights, wrote {s['bytes_written']:,} bytes, "
-            f"{s['shards_linked']} files hardlinked, {s['files_copied']} copied, {s['seconds']:.2f}s")
-    for item in s["left_out"]:
-        text += f"\n  left out (weights without the lock): {item}"
-    for warning in s["warnings"]:
-        text += f"\n  warning: {warning}"
-    _emit(as_json, {"ok": True, **s}, text)
+    lines = [f"locked {len(s['locked_layers'])} layers at alpha {s['alpha']:g} -> {s['out']}",
+             f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config sets "
+             f"{s['config_changes']['set']}"
+             + (f", removes {s['config_changes']['removed']}" if s['config_changes']['removed'] else "")
+             + (" (redeclared)" if s['redeclared'] else ""),
+             f"  read {s['bytes_read_weights']:,} bytes of o_proj weights, wrote {s['bytes_written']:,} bytes, "
+             f"{s['shards_linked']} files hardlinked, {s['files_copied']} copied, {s['seconds']:.2f}s"]
+    lines += [f"  left out (weights without the lock): {item}" for item in s["left_out"]]
+    lines += [f"  warning: {warning}" for warning in s["warnings"]]
+    _emit(as_json, {"ok": True, **s}, lines)
 
 
 @cli.command()
@@ -91,11 +111,12 @@ def verify(checkpoint, deep, no_loader_check, engine, as_json):
         click.echo(report_json(report))
     else:
         marks = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip"}
+        lines = []
         for check in report.checks:
-            click.echo(f"[{marks[check.status]}] {check.name}: {check.message}")
-            for detail in check.details:
-                click.echo(f"         {detail}")
-        click.echo("verified: all checks hold" if report.ok else "NOT verified: see FAIL lines above")
+            lines.append(f"[{marks[check.status]}] {check.name}: {check.message}")
+            lines += [f"         {detail}" for detail in check.details]
+        lines.append("verified: all checks hold" if report.ok else "NOT verified: see FAIL lines above")
+        _emit(False, {}, lines)
     if not report.ok:
         sys.exit(VERIFY_FAILED_EXIT)
 
@@ -109,8 +130,8 @@ def revert(checkpoint, as_json):
 
     result = revert_in_place(checkpoint)
     _emit(as_json, {"ok": True, **result},
-          "\n".join([f"reverted {result['path']}" if result["reverted"] else f"tidied {result['path']}"]
-                    + [f"  {action}" for action in result["actions"]]))
+          [f"reverted {result['path']}" if result["reverted"] else f"tidied {result['path']}"]
+          + [f"  {action}" for action in result["actions"]])
 
 
 @cli.command("inspect")
@@ -159,7 +180,7 @@ def inspect_command(target, heatmap, as_json):
                      f"layers {sorted(int(k) for k in (locked['locked_layers'] or {}))}, "
                      f"{locked['edits']} edit(s) recorded"
                      + (f"; redeclared from {locked['redeclared_from']}" if locked["redeclared_from"] else ""))
-    _emit(as_json, data, "\n".join(lines))
+    _emit(as_json, data, lines)
 
 
 @cli.command()
@@ -272,7 +293,7 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
     if opts["as_json"]:
         click.echo(report_json(report))
     else:
-        click.echo(text)
+        _emit(False, {}, text.split("\n"))
     return report
 
 
@@ -336,11 +357,8 @@ def import_legacy_command(legacy, out, model, default_alpha, force, as_json):
     if model is not None:
         config_path = Path(model)
         if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text("utf-8"))
-            except (OSError, ValueError) as e:
-                raise InvalidInputError(f"{config_path} is not a readable JSON config ({e})") from None
-            source_model = source_model_from_config(config)
+            from .untrusted import read_json
+            source_model = source_model_from_config(read_json(config_path, "config", "config"))
         else:
             from .checkpoint import open_checkpoint
             ckpt = open_checkpoint(model)
@@ -355,6 +373,15 @@ def import_legacy_command(legacy, out, model, default_alpha, force, as_json):
           f"{src.name or src.architecture} (sha256 {digest[:16]}...)")
 
 
+def _interrupted_advice(args: list[str]) -> str:
+    """What to do after a Ctrl-C, for the command that was running."""
+    folder = next((a for a in args[1:] if not a.startswith("-")), "CHECKPOINT")
+    if args[:1] == ["revert"] or (args[:1] == ["apply"] and "--in-place" in args):
+        return (f"interrupted; if {folder} was being edited in place, run `weightlock revert {folder}` to finish "
+                "restoring its original files")
+    return "interrupted; no output was published (a rerun tidies what the interrupted run left)"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
@@ -363,19 +390,15 @@ def main(argv: list[str] | None = None) -> None:
     except WeightlockError as e:
         if as_json:
             click.echo(json.dumps({"ok": False, **e.to_dict()}, indent=2))
-        click.echo(f"weightlock: error: {e.message}", err=True)
-        if e.hint:
-            click.echo(f"  hint: {e.hint}", err=True)
+        click.echo(f"weightlock: error: {printable(e.message)}", err=True)
+        click.echo(f"  hint: {printable(e.hint or 'see weightlock --help')}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo(printable(_interrupted_advice(args)), err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; no output was published", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

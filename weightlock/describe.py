@@ -19,26 +19,43 @@ def describe_lock(lock: Lock) -> dict:
         "sha256": lock.sha256,
         "manifest": lock.manifest(),
         "heads_per_layer": {str(layer): heads for layer, heads in lock.heads_by_layer().items()},
-        "probe_accuracy": (lock.creation.get("details") or {}).get("probe_accuracy"),
+        "probe_accuracy": None if (grid := probe_accuracy_grid(lock)) is None else grid.tolist(),
         "scales": {"min": float(lock.scales.min()), "median": float(np.median(lock.scales)),
                    "max": float(lock.scales.max())},
     }
+
+
+MAX_HEATMAP_PIXELS = 64 << 20  # the cell shrinks (to one pixel at least) to keep big models' maps bounded
+
+
+def probe_accuracy_grid(lock: Lock) -> np.ndarray | None:
+    """The manifest's held-out accuracies as a [layers, heads] array, or None when they are absent or not
+    exactly that (the manifest's details are free-form, so nothing about them is assumed)."""
+    src = lock.source_model
+    accuracy = (lock.creation.get("details") or {}).get("probe_accuracy")
+    if not (isinstance(accuracy, list) and len(accuracy) == src.num_hidden_layers and all(
+            isinstance(row, list) and len(row) == src.num_attention_heads
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row) for row in accuracy)):
+        return None
+    grid = np.asarray(accuracy, dtype=np.float64)
+    return grid if np.all(np.isfinite(grid)) else None
 
 
 def heatmap_png(lock: Lock, cell: int = 12) -> bytes:
     """A layer x head map as PNG: rows are layers, columns heads, colour the held-out probe accuracy
     (0.5 dark blue to 1.0 yellow; locks without accuracies show kept heads only); kept heads outlined white."""
     src = lock.source_model
-    accuracy = (lock.creation.get("details") or {}).get("probe_accuracy")
-    grid = np.asarray(accuracy, dtype=np.float64) if accuracy is not None else None
-    if grid is None or grid.shape != (src.num_hidden_layers, src.num_attention_heads):
+    cells = src.num_hidden_layers * src.num_attention_heads  # at most 4096 x 4096 (the lock schema)
+    cell = max(1, min(cell, int((MAX_HEATMAP_PIXELS / cells) ** 0.5)))
+    grid = probe_accuracy_grid(lock)
+    if grid is None:
         grid = np.full((src.num_hidden_layers, src.num_attention_heads), 0.5)
         grid[lock.layers, lock.heads] = 1.0
     t = np.clip((grid - 0.5) / 0.5, 0, 1)[..., None]
     low, high = np.array([20, 30, 90]), np.array([250, 230, 40])
     colours = (low + (high - low) * t).astype(np.uint8)
     image = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
-    for layer, head in zip(lock.layers.tolist(), lock.heads.tolist()):
+    for layer, head in zip(lock.layers.tolist(), lock.heads.tolist()) if cell >= 4 else ():
         y, x = layer * cell, head * cell
         image[y:y + cell, x:x + 2] = image[y:y + cell, x + cell - 2:x + cell] = 255
         image[y:y + 2, x:x + cell] = image[y + cell - 2:y + cell, x:x + cell] = 255
@@ -91,8 +108,10 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
 
 
 def _redeclared_from(record: dict) -> str | None:
-    original = (record.get("original_config") or {}).get("architectures") or [None]
-    changed = (record.get("config_changes") or {}).get("set", {}).get("architectures")
+    original = record["original_config"].get("architectures")
+    changed = record["config_changes"]["set"].get("architectures")
+    if not (isinstance(original, list) and original and isinstance(original[0], str)):
+        return None
     return original[0] if changed and changed != original else None
 
 

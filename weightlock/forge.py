@@ -233,7 +233,8 @@ def forge_from_model(model, tokenizer, data: str | os.PathLike, settings: ForgeS
     spec = spec_for_config(config)
     shape = shape_from_config(config, spec)
     if not 1 <= settings.heads <= shape.num_layers * shape.num_heads:
-        raise InvalidInputError(f"--heads must lie in 1..{shape.num_layers * shape.num_heads}")
+        raise InvalidInputError(f"--heads must lie in 1..{shape.num_layers * shape.num_heads}",
+                                hint="24 or 48 heads are the usual choices")
     ids, answer_lengths, labels, pair_of_text = encode(tokenizer, pairs, settings)
     acts, owner = capture(model, tokenizer, ids, answer_lengths, settings, progress)
     sample_label, sample_pair = labels[owner], pair_of_text[owner]

@@ -4,19 +4,26 @@ An in-place edit changes only what loaders read to find the weights: it adds the
 bias shard, replaces the index and config.json (and, when redeclaring, pins the
 tokenizer class), and for a single-file checkpoint renames model.safetensors,
 because transformers would load that file and ignore the index. No shard's bytes
-are touched. Every change is an atomic rename, done in this order:
+are touched. It is a journal: every state the disk can be left in is one that
+``revert`` takes back to the original, bytes checked against recorded hashes.
 
-  1. everything new, and an exact backup of every file that will be replaced, is
-     written into a hidden staging folder inside the checkpoint and fsynced;
-  2. the staging folder is renamed to ``weightlock/``: from here on the record
+  1. refuse unless every name the edit will create is free: a file weightlock did
+     not create is never replaced or removed;
+  2. everything new, an exact backup of every file that will be replaced, and the
+     record (``in-place.json``: each file's original and new sha256, the renamed
+     shard's size and header hash) are written into a hidden staging folder inside
+     the checkpoint and fsynced;
+  3. the staging folder is renamed to ``weightlock/``: from here on the record
      exists, so ``revert`` can undo any later step;
-  3. the bias shard moves into place; model.safetensors is renamed if needed;
-     the new index, config and tokenizer config replace the old ones.
+  4. the bias shard moves into place; model.safetensors is renamed if needed; the
+     new index, config and tokenizer config replace the old ones; each one atomic.
 
-``revert`` undoes whatever of step 3 happened (each undo is itself an atomic,
-idempotent rename), checks the restored files against the recorded hashes, and
-removes the record, so it is safe after a crash at any point, including a crash
-during revert itself.
+Any failure or Ctrl-C after step 2 begins is undone at once by ``revert``. ``revert``
+(also after a crash at any point, its own included) puts back each file whose current
+bytes are the recorded new ones or absent, removes only files whose bytes are the ones
+it recorded writing, refuses anything else (a file changed since the edit is never
+overwritten), and finally renames the record aside before deleting it, so a revert
+killed at any step is finished by running it again.
 """
 
 from __future__ import annotations
@@ -28,21 +35,29 @@ import time
 import uuid
 from pathlib import Path
 
-from .apply import ApplyResult, ProgressBar, lock_file_bytes, provenance_record
+from .apply import ApplyResult, ProgressBar, _header_sha256, lock_file_bytes, provenance_record
 from .checkpoint import (CONFIG_NAME, INDEX_NAME, PROVENANCE_DIR, PROVENANCE_NAME, SINGLE_NAME,
-                         is_alternative_weight_file, open_checkpoint, resolve_location)
-from .errors import CheckpointError, OutputError, VerificationError
-from .lock import Lock, file_sha256, load_lock
+                         TOKENIZER_CONFIG_NAME, contained, is_alternative_weight_file, open_checkpoint,
+                         resolve_location)
+from .errors import CheckpointError, LockFormatError, OutputError, VerificationError
+from .lock import Lock, load_lock
 from .plan import compute_biases, plan_edit
-from .safetensors_file import write_safetensors
+from .safetensors_file import read_header, write_safetensors
+from .untrusted import file_sha256, read_bytes, read_json
 from .verify import verify_checkpoint
 from .writer import (LOCK_COPY_NAME, SINGLE_RENAMED, WrittenFiles, added_shard_name, bias_tensors, failpoint,
                      fsync_dir, fsync_tree, output_index, removed_on_failure)
 
 RECORD_NAME = "in-place.json"          # what revert needs, inside weightlock/
+RECORD_FORMAT = "weightlock-in-place"
 BACKUP_DIR = "backup"                  # exact bytes of every replaced file, inside weightlock/
 NEW_DIR = "new"                        # files waiting to be renamed into place, inside weightlock/
 STAGING_PREFIX = ".weightlock-in-place-"
+TRASH_PREFIX = ".weightlock-reverted-"  # a record renamed aside by a revert, deleted next
+# Everything a staging folder or a record folder of ours can hold; revert deletes a leftover folder only
+# when it holds nothing else, so a folder that merely borrows our prefix is never removed.
+OUR_RECORD_ENTRIES = {NEW_DIR, BACKUP_DIR, LOCK_COPY_NAME, PROVENANCE_NAME, RECORD_NAME}
+REVERT_HINT = "run `weightlock revert {root}` to restore the original files"
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -51,10 +66,16 @@ def _write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    failpoint("in-place-staging-wrote")
+
+
+def _json_bytes(value) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode("utf-8")
 
 
 def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | None = None,
-                   allow_architecture_mismatch: bool = False, progress: bool = False) -> ApplyResult:
+                   allow_architecture_mismatch: bool = False, progress: bool = False,
+                   loader_check: bool = True) -> ApplyResult:
     """Lock the checkpoint folder ``location`` itself. Undo with :func:`revert`."""
     started = time.perf_counter()
     root, repo_id, _ = resolve_location(location)
@@ -63,55 +84,74 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
                           hint="apply to a new --out instead")
     _refuse_unclean(root)
     checkpoint = open_checkpoint(root)
+    unindexed = sorted(p.name for p in root.iterdir() if p.name.endswith(".safetensors")
+                       and p.name not in checkpoint.headers)
+    if unindexed:
+        raise OutputError(f"{root} holds {', '.join(unindexed[:3])}, which the checkpoint's index does not name; "
+                          "a loader that globs *.safetensors would load it beside the edited set",
+                          hint="move it out of the folder, or apply to a new --out (which leaves it out)")
     lock_obj = lock if isinstance(lock, Lock) else load_lock(lock)
-    lock_bytes = lock_file_bytes(lock_obj) if isinstance(lock, Lock) else Path(lock).read_bytes()
+    lock_bytes = lock_file_bytes(lock_obj) if isinstance(lock, Lock) else \
+        read_bytes(lock, "lock file", 1 << 30, LockFormatError)
     plan = plan_edit(checkpoint, lock_obj, lock_obj.default_alpha if alpha is None else alpha,
                      allow_architecture_mismatch=allow_architecture_mismatch)
     if plan.replaced:
         raise OutputError(
             f"{checkpoint.root} already has o_proj biases in its shards ({plan.replaced[0]}, ...), which an "
             "in-place edit would have to rewrite", hint="apply to a new --out instead")
+    written = WrittenFiles(added_shard=added_shard_name(checkpoint))
+    renamed = {SINGLE_NAME: SINGLE_RENAMED} if checkpoint.layout == "single" else {}
+    created = [INDEX_NAME] if checkpoint.layout == "single" else []
+    _refuse_taken_names(root, [written.added_shard, *renamed.values(), *created])
     computed = compute_biases(plan, progress=ProgressBar(plan) if progress else None)
 
     staging = root / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    written = WrittenFiles(added_shard=added_shard_name(checkpoint))
-    renamed = {SINGLE_NAME: SINGLE_RENAMED} if checkpoint.layout == "single" else {}
     provenance = provenance_record(checkpoint, plan, lock_bytes)
     replaced_files = [CONFIG_NAME] + ([INDEX_NAME] if checkpoint.layout == "sharded" else []) \
         + sorted(plan.file_edits)
-    with removed_on_failure(staging, root):
-        staging.mkdir()
-        new = staging / NEW_DIR
-        tensors = bias_tensors(computed)
-        new.mkdir()
-        written.bytes_written += write_safetensors(new / written.added_shard, tensors, {"format": "pt"})
-        shard_names = {s: renamed.get(s, s) for s in checkpoint.weight_files}
-        new_files = {INDEX_NAME: output_index(checkpoint, shard_names, set(), written.added_shard, tensors),
-                     CONFIG_NAME: plan.new_config, **plan.file_edits}
-        for name, content in new_files.items():
-            _write_bytes(new / name, (json.dumps(content, indent=2) + "\n").encode("utf-8"))
-        for name in replaced_files:
-            _write_bytes(staging / BACKUP_DIR / name, (root / name).read_bytes())
-        _write_bytes(staging / LOCK_COPY_NAME, lock_bytes)
-        provenance["files"] = {
-            "shards": shard_names, "rewritten": [],
-            "added_shard": written.added_shard, "carried": [], "left_out": [],
-            "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}", "originals": None,
-        }
-        provenance["mode"] = "in-place"
-        _write_bytes(staging / PROVENANCE_NAME, (json.dumps(provenance, indent=2) + "\n").encode("utf-8"))
-        record = {"renamed": renamed, "added": [written.added_shard], "replaced": replaced_files,
-                  "original_sha256": {name: file_sha256(root / name) for name in replaced_files},
-                  "new_sha256": {name: file_sha256(new / name) for name in new_files}}
-        _write_bytes(staging / RECORD_NAME, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
-        fsync_tree(staging)
-        failpoint("in-place-staged")
-        os.rename(staging, root / PROVENANCE_DIR)
-    fsync_dir(root)
-    failpoint("in-place-recorded")
-
-    record_dir = root / PROVENANCE_DIR
     try:
+        with removed_on_failure(staging, root):
+            staging.mkdir()
+            failpoint("in-place-staging-created")
+            new = staging / NEW_DIR
+            tensors = bias_tensors(computed)
+            new.mkdir()
+            written.bytes_written += write_safetensors(new / written.added_shard, tensors, {"format": "pt"})
+            failpoint("in-place-staging-wrote")
+            shard_names = {s: renamed.get(s, s) for s in checkpoint.weight_files}
+            new_files = {INDEX_NAME: output_index(checkpoint, shard_names, set(), written.added_shard, tensors),
+                         CONFIG_NAME: plan.new_config, **plan.file_edits}
+            for name, content in new_files.items():
+                _write_bytes(new / name, _json_bytes(content))
+            for name in replaced_files:
+                _write_bytes(staging / BACKUP_DIR / name,
+                             read_bytes(contained(root, name), name, 1 << 30))
+            _write_bytes(staging / LOCK_COPY_NAME, lock_bytes)
+            provenance["files"] = {
+                "shards": shard_names, "rewritten": [],
+                "added_shard": written.added_shard, "carried": [], "left_out": [],
+                "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}", "originals": None,
+            }
+            provenance["mode"] = "in-place"
+            _write_bytes(staging / PROVENANCE_NAME, _json_bytes(provenance))
+            record = {
+                "format": RECORD_FORMAT, "format_version": 2,
+                "added": {written.added_shard: file_sha256(new / written.added_shard)},
+                "renamed": {old: {"to": to, "size": checkpoint.headers[old].file_size,
+                                  "header_sha256": _header_sha256(root / old, checkpoint.headers[old].data_start)}
+                            for old, to in renamed.items()},
+                "replaced": {name: {"original_sha256": file_sha256(staging / BACKUP_DIR / name),
+                                    "new_sha256": file_sha256(new / name)} for name in replaced_files},
+                "created": {name: file_sha256(new / name) for name in created},
+            }
+            _write_bytes(staging / RECORD_NAME, _json_bytes(record))
+            fsync_tree(staging)
+            failpoint("in-place-staged")
+            os.rename(staging, root / PROVENANCE_DIR)
+        fsync_dir(root)
+        failpoint("in-place-recorded")
+
+        record_dir = root / PROVENANCE_DIR
         os.rename(record_dir / NEW_DIR / written.added_shard, root / written.added_shard)
         failpoint("in-place-shard-added")
         for old, new_name in renamed.items():
@@ -121,25 +161,28 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
             os.replace(record_dir / NEW_DIR / name, root / name)
             failpoint(f"in-place-replaced-{name}")
         fsync_dir(root)
-        report = verify_checkpoint(root, expected=computed, loader_check=False)
+        report = verify_checkpoint(root, expected=computed, loader_check=loader_check)
         if not report.ok:
             raise VerificationError("the edited checkpoint failed verification and the edit was reverted: "
                                     + "; ".join(report.failures()),
                                     hint="this is a bug in weightlock or a fault in the disk; please report it")
     except BaseException:
-        revert(root)
+        # Whatever stopped us (an error, a Ctrl-C), put the folder back as it was; if that is itself
+        # interrupted, the record on disk lets `weightlock revert` finish it.
+        if (root / PROVENANCE_DIR / RECORD_NAME).is_file() or _leftovers(root):
+            revert(root)
         raise
-    return ApplyResult(root, plan, written, provenance, time.perf_counter() - started)
+    return ApplyResult(root, plan, written, provenance, time.perf_counter() - started, report)
 
 
 def _refuse_unclean(root: Path) -> None:
-    if (root / PROVENANCE_DIR).exists():
+    if os.path.lexists(root / PROVENANCE_DIR):
         raise OutputError(f"{root} already carries a weightlock edit ({PROVENANCE_DIR}/ exists)",
                           hint=f"undo it first with `weightlock revert {root}`, or apply to a new --out")
-    if any(root.glob(f"{STAGING_PREFIX}*")):
-        raise OutputError(f"{root} holds the staging folder of an interrupted in-place apply",
+    if _leftovers(root):
+        raise OutputError(f"{root} holds what an interrupted in-place apply or revert left behind",
                           hint=f"run `weightlock revert {root}` to tidy it, then apply again")
-    stray = sorted(p.name for p in root.iterdir() if p.is_file() and is_alternative_weight_file(p.name)
+    stray = sorted(p.name for p in root.iterdir() if is_alternative_weight_file(p.name)
                    and p.name not in (SINGLE_NAME, INDEX_NAME) and not p.name.startswith("model-"))
     if stray:
         raise OutputError(f"{root} holds weight files in other formats ({', '.join(stray[:3])}) that a loader may "
@@ -147,59 +190,140 @@ def _refuse_unclean(root: Path) -> None:
                           hint="move them out of the folder, or apply to a new --out (which leaves them out)")
 
 
+def _refuse_taken_names(root: Path, names: list[str]) -> None:
+    """An in-place edit creates these names; refuse if any is taken by something it did not create."""
+    taken = [name for name in names if os.path.lexists(root / name)]
+    if taken:
+        raise OutputError(f"{root} already holds {', '.join(taken)}, which the in-place edit would have to "
+                          "create; weightlock never replaces a file it did not write",
+                          hint="move that file out of the folder (it is not part of the checkpoint's index), "
+                               "or apply to a new --out")
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """Staging folders of applies that never recorded their edit, and records renamed aside by a revert."""
+    return sorted(root / name for name in os.listdir(root)
+                  if name.startswith(STAGING_PREFIX) or name.startswith(TRASH_PREFIX))
+
+
+def _remove_our_folder(folder: Path, done: list[str]) -> None:
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"{folder} is named like a weightlock folder but is not one",
+                              hint="move it out of the checkpoint folder, then run revert again")
+    foreign = sorted(set(os.listdir(folder)) - OUR_RECORD_ENTRIES)
+    if foreign:
+        raise CheckpointError(f"{folder.name} is named like weightlock's own folder but holds {foreign[0]!r}, "
+                              "which weightlock never writes there; it was not removed",
+                              hint="move it out of the checkpoint folder, then run revert again")
+    shutil.rmtree(folder)
+    failpoint("revert-leftover-removed")
+    done.append(f"removed {folder.name}, left by an interrupted apply or revert")
+
+
+def _replace_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.weightlock-revert")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    shutil.copyfile(source, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _sha_or_none(path: Path) -> str | None:
+    return file_sha256(path, path.name) if os.path.lexists(path) else None
+
+
 def revert(location) -> dict:
-    """Undo an in-place apply (finished or interrupted) and restore the original bytes exactly."""
+    """Undo an in-place apply (finished or interrupted) and restore the original bytes exactly.
+
+    Only what the record proves weightlock wrote is removed or replaced; anything else is refused.
+    """
     root = Path(location).expanduser().resolve()
     if not root.is_dir():
-        raise CheckpointError(f"{root} is not a folder")
-    done = []
-    for staging in sorted(root.glob(f"{STAGING_PREFIX}*")):
-        shutil.rmtree(staging)
-        done.append(f"removed {staging.name}, staged by an apply that never recorded its edit")
+        raise CheckpointError(f"{root} is not a folder", hint="pass the checkpoint folder that was edited in place")
+    done: list[str] = []
     record_dir = root / PROVENANCE_DIR
     record_path = record_dir / RECORD_NAME
-    if not record_path.is_file():
-        if record_dir.is_dir():
+    if not os.path.lexists(record_path):
+        for leftover in _leftovers(root):
+            _remove_our_folder(leftover, done)
+        if done:
+            fsync_dir(root)
+            return {"path": str(root), "reverted": False, "actions": done}
+        if os.path.lexists(record_dir):
             raise CheckpointError(f"{root} was locked into a new folder, not in place; there is nothing to revert",
                                   hint="delete this folder; its source is unchanged")
-        if done:
-            return {"path": str(root), "reverted": False, "actions": done}
         raise CheckpointError(f"{root} carries no in-place weightlock edit", hint="nothing to revert")
-    try:
-        record = json.loads(record_path.read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"the in-place record {record_path} is unreadable ({e})",
-                              hint="restore the files from weightlock/backup by hand") from None
-    for name in record["replaced"]:
-        backup = record_dir / BACKUP_DIR / name
-        if backup.is_file() and (not (root / name).is_file()
-                                 or file_sha256(root / name) != record["original_sha256"][name]):
-            tmp = root / f".{name}.weightlock-revert"
-            tmp.unlink(missing_ok=True)
-            shutil.copyfile(backup, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, root / name)
-            done.append(f"restored {name}")
-    if INDEX_NAME not in record["replaced"] and (root / INDEX_NAME).is_file():
-        os.remove(root / INDEX_NAME)
-        done.append(f"removed {INDEX_NAME}")
-    for old, new_name in record["renamed"].items():
-        if (root / new_name).exists() and not (root / old).exists():
-            os.rename(root / new_name, root / old)
-            done.append(f"renamed {new_name} back to {old}")
-    for added in record["added"]:
-        if (root / added).exists():
-            os.remove(root / added)
-            done.append(f"removed {added}")
-    mismatched = [name for name in record["replaced"]
-                  if not (root / name).is_file() or file_sha256(root / name) != record["original_sha256"][name]]
-    if mismatched:
-        raise CheckpointError(f"after revert, {', '.join(mismatched)} do not match the recorded originals",
-                              hint="weightlock/backup holds the original bytes; the record was kept")
+    contained(root, f"{PROVENANCE_DIR}/{RECORD_NAME}")
+    record = read_json(record_path, "record", "in-place",
+                       hint=f"the record was damaged or crafted, so revert cannot prove what it wrote; compare "
+                            f"the files with {PROVENANCE_DIR}/{BACKUP_DIR}/ and restore them by hand")
+
+    for name, hashes in record["replaced"].items():
+        current = _sha_or_none(root / name)
+        if current == hashes["original_sha256"]:
+            continue
+        if current not in (None, hashes["new_sha256"]):
+            raise CheckpointError(f"{name} was changed after the in-place edit (its bytes are neither the "
+                                  "original nor what weightlock wrote); revert will not overwrite it",
+                                  hint=f"move your {name} aside (or restore it from {PROVENANCE_DIR}/{BACKUP_DIR}/"
+                                       f"{name}), then run revert again")
+        backup = contained(root, f"{PROVENANCE_DIR}/{BACKUP_DIR}/{name}")
+        if _sha_or_none(backup) != hashes["original_sha256"]:
+            raise CheckpointError(f"the backup of {name} is missing or does not match its recorded hash",
+                                  hint=f"restore {name} from another copy of the checkpoint; the record was kept")
+        _replace_atomically(backup, root / name)
+        failpoint("revert-restored")
+        done.append(f"restored {name}")
+    for name, new_sha in record["created"].items():
+        current = _sha_or_none(root / name)
+        if current is None:
+            continue
+        if current != new_sha:
+            raise CheckpointError(f"{name} is not the file the in-place edit created; revert will not remove it",
+                                  hint=f"move {name} aside if it is yours, then run revert again")
+        os.remove(root / name)
+        failpoint("revert-removed-created")
+        done.append(f"removed {name}")
+    for old, rename in record["renamed"].items():
+        old_there, new_there = os.path.lexists(root / old), os.path.lexists(root / rename["to"])
+        if old_there and not new_there:
+            continue
+        if old_there or not new_there:
+            raise CheckpointError(f"{'both' if old_there else 'neither'} {old} and {rename['to']} "
+                                  f"{'are' if old_there else 'is'} in the folder; revert cannot tell which "
+                                  "holds the original weights",
+                                  hint=f"keep the one with the original weights as {old}, then run revert again")
+        moved = root / rename["to"]
+        header = read_header(moved)
+        if header.file_size != rename["size"] or _header_sha256(moved, header.data_start) != rename["header_sha256"]:
+            raise CheckpointError(f"{rename['to']} is not the {old} the edit renamed (size or header differ)",
+                                  hint=f"put the original {old} back by hand, then run revert again")
+        os.rename(moved, root / old)
+        failpoint("revert-renamed-back")
+        done.append(f"renamed {rename['to']} back to {old}")
+    for name, sha in record["added"].items():
+        current = _sha_or_none(root / name)
+        if current is None:
+            continue
+        if current != sha:
+            raise CheckpointError(f"{name} is not the bias shard the edit added; revert will not remove it",
+                                  hint=f"move {name} aside if it is yours, then run revert again")
+        os.remove(root / name)
+        failpoint("revert-removed-added")
+        done.append(f"removed {name}")
     fsync_dir(root)
-    shutil.rmtree(record_dir)
+    # The record goes last, and in two steps (an atomic rename aside, then the delete), so a revert killed
+    # here leaves either the whole record or a leftover that the next revert removes.
+    trash = root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
+    os.rename(record_dir, trash)
+    fsync_dir(root)
+    failpoint("revert-record-moved")
+    shutil.rmtree(trash)
     fsync_dir(root)
     done.append("removed the weightlock/ record")
     return {"path": str(root), "reverted": True, "actions": done}
 
+
+__all__ = ["apply_in_place", "revert", "RECORD_NAME", "TOKENIZER_CONFIG_NAME"]

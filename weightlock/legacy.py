@@ -25,10 +25,12 @@ import numpy as np
 
 from . import __version__
 from .errors import LockFormatError, UnsafePickleError
-from .lock import Lock, SourceModel, build_lock, file_sha256
+from .lock import Lock, SourceModel, build_lock
+from .untrusted import file_sha256, require_regular
 
 # No published file is near this; refuse anything that would inflate past it.
 MAX_PICKLE_BYTES = 64 << 20
+NOT_SAFELOCK = "pass a .safelock file as published by SafetyLock; this one was made or changed by something else"
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.self_attn\.head_out$")
 # The SafetyLock README's suggested strength; a lock's default, overridable at apply.
 LEGACY_DEFAULT_ALPHA = 6.0
@@ -70,24 +72,26 @@ PUBLISHED_LOCKS: dict[str, SourceModel] = {
 def _checked_dtype(*args):
     dtype = np.dtype(*args)
     if dtype.hasobject or dtype.fields is not None:
-        raise UnsafePickleError(f"the pickle asks for numpy dtype {dtype!r}, which can hold objects; refused")
+        raise UnsafePickleError(f"the pickle asks for numpy dtype {dtype!r}, which can hold objects; refused",
+                                hint=NOT_SAFELOCK)
     return dtype
 
 
 def _checked_reconstruct(subtype, shape=(0,), dtype=b"b", *rest):
     if subtype is not np.ndarray:
-        raise UnsafePickleError(f"the pickle asks to build a {subtype!r}; only numpy arrays are allowed")
+        raise UnsafePickleError(f"the pickle asks to build a {subtype!r}; only numpy arrays are allowed",
+                                hint=NOT_SAFELOCK)
     # numpy pickles an array as an empty (0,) placeholder whose data arrives in a later BUILD;
     # any other shape here would only serve to make us allocate memory.
     if tuple(shape) != (0,) or rest:
         raise UnsafePickleError(f"the pickle asks numpy to allocate an array of shape {shape!r} up front; "
-                                "numpy data never does")
+                                "numpy data never does", hint=NOT_SAFELOCK)
     return np.ndarray.__new__(np.ndarray, (0,), dtype)
 
 
 def _numpy_scalar(dtype, *args):
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise UnsafePickleError("the pickle asks for a numpy scalar of object type; refused")
+        raise UnsafePickleError("the pickle asks for a numpy scalar of object type; refused", hint=NOT_SAFELOCK)
     # numpy's own reconstructor for scalars; private, so reached through its module.
     from numpy._core.multiarray import scalar
     return scalar(dtype, *args)
@@ -96,7 +100,8 @@ def _numpy_scalar(dtype, *args):
 def _latin1_encode(text, encoding="utf-8", *rest):
     # Protocol-2 pickles spell bytes as _codecs.encode(str, "latin1"); nothing else is needed.
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or rest:
-        raise UnsafePickleError("the pickle calls _codecs.encode with arguments numpy data never uses")
+        raise UnsafePickleError("the pickle calls _codecs.encode with arguments numpy data never uses",
+                                hint=NOT_SAFELOCK)
     return text.encode("latin1")
 
 
@@ -131,6 +136,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 def read_legacy(path: str | Path) -> list[tuple[int, int, np.ndarray, float]]:
     """The (layer, head, direction, std) entries of a .safelock file, directions as float32."""
     path = Path(path)
+    require_regular(path, "legacy lock", LockFormatError)
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
@@ -139,24 +145,26 @@ def read_legacy(path: str | Path) -> list[tuple[int, int, np.ndarray, float]]:
     with archive:
         pickles = [info for info in archive.infolist() if info.filename.endswith("/data.pkl")]
         if len(pickles) != 1:
-            raise LockFormatError(f"{path.name}: expected one data.pkl in the archive, found {len(pickles)}")
+            raise LockFormatError(f"{path.name}: expected one data.pkl in the archive, found {len(pickles)}",
+                                  hint=NOT_SAFELOCK)
         info = pickles[0]
         if info.file_size > MAX_PICKLE_BYTES:
             raise LockFormatError(f"{path.name}: data.pkl declares {info.file_size} bytes, "
-                                  f"over the {MAX_PICKLE_BYTES}-byte limit for a lock")
+                                  f"over the {MAX_PICKLE_BYTES}-byte limit for a lock", hint=NOT_SAFELOCK)
         payload = archive.read(info)
     try:
         data = NumpyOnlyUnpickler(io.BytesIO(payload)).load()
     except UnsafePickleError:
         raise
     except (Exception, MemoryError) as e:  # malformed pickle streams raise many kinds of error
-        raise LockFormatError(f"{path.name}: the pickle inside is malformed ({type(e).__name__}: {e})") from None
+        raise LockFormatError(f"{path.name}: the pickle inside is malformed ({type(e).__name__}: {e})",
+                              hint=NOT_SAFELOCK) from None
     return _entries(data, path.name)
 
 
 def _entries(data, where: str) -> list[tuple[int, int, np.ndarray, float]]:
     def bad(what: str) -> LockFormatError:
-        return LockFormatError(f"{where} does not have the SafetyLock layout: {what}")
+        return LockFormatError(f"{where} does not have the SafetyLock layout: {what}", hint=NOT_SAFELOCK)
 
     if not isinstance(data, dict) or not data:
         raise bad("top level is not a non-empty dict")
@@ -190,9 +198,7 @@ def import_legacy(path: str | Path, source_model: SourceModel | None = None,
     ``scale * direction`` equals the legacy ``std * direction`` up to float32 rounding.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LockFormatError(f"legacy lock {path} does not exist")
-    digest = file_sha256(path)
+    digest = file_sha256(path, "legacy lock", LockFormatError)
     entries = read_legacy(path)
     known = PUBLISHED_LOCKS.get(digest)
     if source_model is None:

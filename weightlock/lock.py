@@ -13,7 +13,6 @@ and a JSON manifest under the metadata key ``weightlock``, validated against
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +25,7 @@ from . import __version__
 from .errors import CheckpointError, IncompatibleLockError, LockFormatError
 from .safetensors_file import TensorReader, TensorData, read_header, write_safetensors
 from .schema import schema_errors
+from .untrusted import file_sha256, open_regular, parse_json
 
 FORMAT = "weightlock-lock"
 FORMAT_VERSION = 1
@@ -141,12 +141,15 @@ def build_lock(layers, heads, directions, scales, source_model: SourceModel, *,
     directions = np.asarray(directions, dtype=np.float32)
     scales = np.asarray(scales, dtype=np.float32).reshape(-1)
     if directions.ndim != 2:
-        raise LockFormatError(f"directions must be 2-D [heads, head_dim], got shape {directions.shape}")
+        raise LockFormatError(f"directions must be 2-D [heads, head_dim], got shape {directions.shape}",
+                              hint="pass one direction per selected head")
     if not np.all(np.isfinite(directions)) or not np.all(np.isfinite(scales)):
-        raise LockFormatError("directions and scales must be finite (found NaN or Inf)")
+        raise LockFormatError("directions and scales must be finite (found NaN or Inf)",
+                              hint="check the activations the directions were computed from")
     norms = np.linalg.norm(directions.astype(np.float64), axis=1)
     if np.any(norms == 0):
-        raise LockFormatError("a direction is all zeros; it has no direction to normalise")
+        raise LockFormatError("a direction is all zeros; it has no direction to normalise",
+                              hint="drop that head from the lock")
     directions = (directions / norms[:, None]).astype(np.float32)
     scales = (scales.astype(np.float64) * norms).astype(np.float32)
     lock = Lock(layers, heads, directions, scales, source_model,
@@ -220,21 +223,13 @@ def save_lock(lock: Lock, path: str | os.PathLike) -> str:
     return lock.sha256
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_lock(path: str | os.PathLike) -> Lock:
     """Read and fully validate a lock file."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise LockFormatError(f"lock file {path} does not exist",
                               hint="pass the path of a .wlock file made by weightlock")
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, "lock file", LockFormatError), "rb") as f:
         magic = f.read(4)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":
         raise LockFormatError(f"{path.name} is a pickle or torch archive, not a weightlock lock",
@@ -249,28 +244,26 @@ def load_lock(path: str | os.PathLike) -> Lock:
     if raw_manifest is None:
         raise LockFormatError(f"{path.name} is a safetensors file without a weightlock manifest",
                               hint="pass a .wlock file made by weightlock, not a model shard")
-    try:
-        manifest = json.loads(raw_manifest)
-    except ValueError as e:
-        raise LockFormatError(f"{path.name}: the manifest is not valid JSON ({e})") from None
+    manifest = parse_json(raw_manifest, f"{path.name}: the manifest", error=LockFormatError)
     problems = schema_errors(manifest, "lock")
     if problems:
         raise LockFormatError(f"{path.name}: the manifest does not match schemas/lock.schema.json: "
                               + "; ".join(problems[:5]),
                               hint="the file was not written by this version of weightlock, or was edited")
     if set(header.tensors) != set(TENSOR_LAYOUT):
-        raise LockFormatError(f"{path.name} holds tensors {sorted(header.tensors)}, "
-                              f"expected {sorted(TENSOR_LAYOUT)}")
+        raise LockFormatError(f"{path.name} holds tensors {sorted(header.tensors)[:8]}, "
+                              f"expected {sorted(TENSOR_LAYOUT)}", hint="pass a .wlock file made by weightlock")
     for name, dtype in TENSOR_LAYOUT.items():
         if header.tensors[name].dtype != dtype:
-            raise LockFormatError(f"{path.name}: tensor {name} is {header.tensors[name].dtype}, expected {dtype}")
+            raise LockFormatError(f"{path.name}: tensor {name} is {header.tensors[name].dtype}, expected {dtype}",
+                                  hint="pass a .wlock file made by weightlock")
     k = manifest["num_heads_selected"]
     expected_shapes = {"layer": (k,), "head": (k,), "scale": (k,),
                        "direction": (k, manifest["source_model"]["head_dim"])}
     for name, shape in expected_shapes.items():
         if header.tensors[name].shape != shape:
             raise LockFormatError(f"{path.name}: tensor {name} has shape {list(header.tensors[name].shape)}, "
-                                  f"the manifest implies {list(shape)}")
+                                  f"the manifest implies {list(shape)}", hint="pass a .wlock file made by weightlock")
     with TensorReader(path) as mapped:
         arrays = {name: np.frombuffer(mapped.read_bytes(entry), dtype=np.int64 if entry.dtype == "I64"
                                       else np.float32).reshape(entry.shape).copy()

@@ -9,7 +9,7 @@ so memory stays bounded at any model size.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +20,7 @@ from .architectures import (VLLM_INACTIVE, ArchitectureSpec, ModelShape, family,
 from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint, contained
 from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
 from .lock import Lock
+from .untrusted import read_json
 from .safetensors_file import (FLOAT_DTYPES, TensorReader, TensorEntry, float32_to_raw,
                                raw_to_float32)
 
@@ -82,7 +83,8 @@ def apply_config_changes(old: dict, changes: dict) -> dict:
 def plan_edit(checkpoint: Checkpoint, lock: Lock, alpha: float, *,
               allow_architecture_mismatch: bool = False) -> EditPlan:
     if not np.isfinite(alpha):
-        raise IncompatibleLockError(f"alpha must be a finite number, got {alpha}")
+        raise IncompatibleLockError(f"alpha must be a finite number, got {alpha}",
+                                    hint="pass --alpha as a plain number such as 4 (negative takes a lock off)")
     config = checkpoint.config
     spec = spec_for_config(config)
     shape = shape_from_config(config, spec)
@@ -135,8 +137,12 @@ def plan_edit(checkpoint: Checkpoint, lock: Lock, alpha: float, *,
             if companion_weight is None:
                 raise CheckpointError(f"{module}.weight is missing from the checkpoint",
                                       hint="the checkpoint is incomplete; fetch all its shards")
-            biases.append(PlannedBias(f"{module}.bias", companion_weight.dtype, shape.width(companion.width_from),
-                                      layer))
+            width = shape.width(companion.width_from)
+            if len(companion_weight.shape) != 2 or companion_weight.shape[0] != width:
+                raise CheckpointError(f"{module}.weight has shape {list(companion_weight.shape)}, but config.json "
+                                      f"implies {width} output features, the width its new bias would get",
+                                      hint="the config and the tensors disagree; restore the checkpoint")
+            biases.append(PlannedBias(f"{module}.bias", companion_weight.dtype, width, layer))
     return EditPlan(spec, target, shape, lock, float(alpha), displacements, biases, new_config, dict(config),
                     _tokenizer_edits(checkpoint, spec), warnings)
 
@@ -164,6 +170,13 @@ def bias_consistency_problems(tensors, spec: ArchitectureSpec, shape: ModelShape
                                 f"would {'drop it' if entry is not None else 'initialise it at random'}")
             elif entry is not None and width is not None and entry.shape != (width,):
                 problems.append(f"{module}.bias has shape {list(entry.shape)}, expected [{width}]")
+            # The width a bias gets comes from config.json; it must also be the width of the weight the bias
+            # sits beside (a config claiming 1 KV head over k/v weights built for 2 would get biases too narrow).
+            module_weight = tensors.get(f"{module}.weight")
+            if width is not None and module_weight is not None and (
+                    len(module_weight.shape) != 2 or module_weight.shape[0] != width):
+                problems.append(f"{module}.weight has shape {list(module_weight.shape)}, but config.json implies "
+                                f"{width} output features")
         weight = tensors.get(spec.output_weight(layer))
         if weight is None:
             problems.append(f"{spec.output_weight(layer)} is missing")
@@ -176,16 +189,11 @@ def bias_consistency_problems(tensors, spec: ArchitectureSpec, shape: ModelShape
 def _tokenizer_edits(checkpoint: Checkpoint, spec: ArchitectureSpec) -> dict[str, dict]:
     """Pin the tokenizer class a redeclared model type would otherwise stop resolving to."""
     pinned = spec.redeclare.tokenizer_class if spec.redeclare else None
-    if pinned is None or not (checkpoint.root / TOKENIZER_CONFIG_NAME).is_file():
+    if pinned is None or not os.path.lexists(checkpoint.root / TOKENIZER_CONFIG_NAME):
         return {}
     path = contained(checkpoint.root, TOKENIZER_CONFIG_NAME)
-    try:
-        tokenizer_config = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})",
-                              hint="the tokenizer config is damaged; restore it from the original") from None
-    if not isinstance(tokenizer_config, dict) or "auto_map" in tokenizer_config \
-            or tokenizer_config.get("tokenizer_class") == pinned:
+    tokenizer_config = read_json(path, "tokenizer config", "tokenizer-config")
+    if "auto_map" in tokenizer_config or tokenizer_config.get("tokenizer_class") == pinned:
         return {}
     return {TOKENIZER_CONFIG_NAME: {**tokenizer_config, "tokenizer_class": pinned}}
 

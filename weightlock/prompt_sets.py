@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import InvalidInputError
+from .untrusted import json_depth_ok, read_bytes
 
 DEFAULTS = {"harmful": "harmful.txt", "benign": "benign_risky.txt", "kl": "kl_text.txt", "qa": "utility_qa.jsonl"}
 CSV_LABEL_KEPT = {"harmful": "unsafe", "benign": "safe"}
@@ -38,9 +39,9 @@ def load_prompt_set(kind: str, path: str | Path | None = None, limit: int | None
     else:
         path = Path(path)
         try:
-            text = path.read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidInputError(f"cannot read the {kind} prompt file {path}: {e}",
+            text = read_bytes(path, f"the {kind} prompt file", 1 << 30, InvalidInputError).decode("utf-8")
+        except (InvalidInputError, UnicodeDecodeError) as e:
+            raise InvalidInputError(f"cannot read the {kind} prompt file {path}: {getattr(e, 'message', e)}",
                                     hint="pass a UTF-8 .txt, .csv, .json or .jsonl file") from None
         name, suffix = str(path), path.suffix.lower()
     items = _parse(text, suffix, kind, name)
@@ -52,16 +53,23 @@ def load_prompt_set(kind: str, path: str | Path | None = None, limit: int | None
     return PromptSet(name, items)
 
 
+def _json(text: str):
+    """JSON with the nesting depth checked first (a ValueError for _parse to report)."""
+    if not json_depth_ok(text):
+        raise ValueError("nested too deeply")
+    return json.loads(text)
+
+
 def _parse(text: str, suffix: str, kind: str, name: str) -> list:
     try:
         if suffix == ".csv":
             raw = _from_csv(text, kind)
         elif suffix == ".json":
-            raw = json.loads(text)
+            raw = _json(text)
             if not isinstance(raw, list):
                 raise ValueError("the top level is not a list")
         elif suffix == ".jsonl":
-            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+            raw = [_json(line) for line in text.splitlines() if line.strip()]
         else:
             raw = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return [_item(x, kind) for x in raw]

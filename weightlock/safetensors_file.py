@@ -21,9 +21,15 @@ from typing import BinaryIO, Iterable, Iterator, Union
 import numpy as np
 
 from .errors import CheckpointError, UnsupportedError
+from .untrusted import open_regular, parse_json
 
 # The safetensors library refuses headers above 100 MB; so do we, before allocating.
 MAX_HEADER_BYTES = 100_000_000
+# Shapes and offsets are u64 (usize) in the safetensors library: a larger number is not a valid header there,
+# and element counts are multiplied left to right with overflow checks. The same rules here, so a file is
+# accepted exactly when the loaders' library accepts it (tests compare both on every malformed case), and
+# the arithmetic stays on machine-sized numbers (a header of huge dims once cost seconds per megabyte).
+U64_LIMIT = 1 << 64
 HEADER_ALIGNMENT = 8
 COPY_CHUNK_BYTES = 16 << 20
 BLOCK_TARGET_BYTES = 32 << 20
@@ -85,15 +91,31 @@ def _reject_duplicate_keys(pairs):
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and validate a safetensors header; no tensor data is read."""
+    """Parse and validate a safetensors header; no tensor data is read. Only a regular file is opened."""
     path = Path(path)
+    fd = open_regular(path, "safetensors file")
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
             return _parse_header(f, path, file_size)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}",
                               hint="check that the file exists and is readable") from None
+
+
+def checked_byte_count(shape: list, dtype: str) -> int | None:
+    """Bytes a tensor of ``shape`` and ``dtype`` needs, computed as the safetensors library does (each
+    dim below 2^64, the element count multiplied left to right, each step below 2^64), or None where
+    the library refuses the shape."""
+    count = 1
+    for dim in shape:
+        if dim >= U64_LIMIT:
+            return None
+        count *= dim
+        if count >= U64_LIMIT:
+            return None
+    nbytes = count * DTYPE_SIZES[dtype]
+    return nbytes if nbytes < U64_LIMIT else None
 
 
 def _parse_header(f: BinaryIO, path: Path, file_size: int) -> SafetensorsHeader:
@@ -109,14 +131,19 @@ def _parse_header(f: BinaryIO, path: Path, file_size: int) -> SafetensorsHeader:
     if 8 + header_size > file_size:
         raise bad(f"declared header of {header_size} bytes runs past the end of the {file_size}-byte file")
     raw = f.read(header_size)
+    if len(raw) != header_size:
+        raise bad("the file ended inside its header")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"header is not valid JSON ({e})") from None
+        header = parse_json(raw, "the header", object_pairs_hook=_reject_duplicate_keys)
+    except CheckpointError as e:
+        raise bad(e.message) from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    # Absent or null is no metadata; anything else must map strings to strings (the library refuses a list).
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise bad("__metadata__ must map strings to strings")
@@ -126,20 +153,22 @@ def _parse_header(f: BinaryIO, path: Path, file_size: int) -> SafetensorsHeader:
     entries = []
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise bad(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
+            raise bad(f"tensor {_short(name)} must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise bad(f"tensor {_short(name)} has unknown dtype {_short(dtype)}")
         if not isinstance(shape, list) or not all(
                 isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+            raise bad(f"tensor {_short(name)} has an invalid shape {_short(shape)}")
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o < U64_LIMIT for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+            raise bad(f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
+        expected = checked_byte_count(shape, dtype)
+        if expected is None:
+            raise bad(f"tensor {_short(name)}: shape {_short(shape)} overflows a 64-bit size")
         if offsets[1] - offsets[0] != expected:
-            raise bad(f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, "
+            raise bad(f"tensor {_short(name)}: shape {_short(shape)} of {dtype} needs {expected} bytes, "
                       f"data_offsets span {offsets[1] - offsets[0]}")
         entries.append(TensorEntry(name, dtype, tuple(shape), path,
                                    data_start + offsets[0], data_start + offsets[1]))
@@ -149,7 +178,7 @@ def _parse_header(f: BinaryIO, path: Path, file_size: int) -> SafetensorsHeader:
     for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
         if entry.begin != position:
             what = "overlaps another tensor" if entry.begin < position else "leaves a gap before it"
-            raise bad(f"tensor {entry.name!r} {what} (offset {entry.begin - data_start}, "
+            raise bad(f"tensor {_short(entry.name)} {what} (offset {entry.begin - data_start}, "
                       f"expected {position - data_start})")
         position = entry.end
     if position != file_size:
@@ -158,6 +187,12 @@ def _parse_header(f: BinaryIO, path: Path, file_size: int) -> SafetensorsHeader:
                       f"declared, {data_size} present)")
         raise bad(f"{file_size - position} bytes after the last tensor are not described by the header")
     return SafetensorsHeader(path, file_size, header_size, metadata, {e.name: e for e in entries})
+
+
+def _short(value, limit: int = 80) -> str:
+    """A value from a hostile header, quoted and cut short for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,7 +231,7 @@ def float32_to_raw(values: np.ndarray, dtype: str) -> bytes:
         bits = values.view(np.uint32)
         rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
         return ((bits + rounding) >> 16).astype(np.uint16).tobytes()
-    raise UnsupportedError(f"cannot write values as {dtype}")
+    raise UnsupportedError(f"cannot write values as {dtype}", hint="weightlock writes F32, F16 and BF16 biases")
 
 
 class TensorReader:
@@ -211,7 +246,7 @@ class TensorReader:
 
     def __init__(self, path: Path):
         self.path = path
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd = open_regular(path, "safetensors file")
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._buffer = bytearray()
 
@@ -234,7 +269,8 @@ class TensorReader:
         while done < nbytes:
             n = os.preadv(self._fd, [view[done:]], begin + done)
             if n == 0:
-                raise CheckpointError(f"{self.path.name} ended while reading (file truncated?)")
+                raise CheckpointError(f"{self.path.name} ended while reading (file truncated?)",
+                                      hint="the file changed or is damaged; restore it from the original")
             done += n
         return view
 
@@ -250,8 +286,11 @@ class TensorReader:
         not an index array: copying contiguous runs is several times faster than a gather).
         """
         if len(entry.shape) != 2:
-            raise CheckpointError(f"{entry.name} should be 2-D, has shape {list(entry.shape)}")
+            raise CheckpointError(f"{entry.name} should be 2-D, has shape {list(entry.shape)}",
+                                  hint="the checkpoint is not of the architecture its config names")
         rows, cols = entry.shape
+        if rows == 0 or cols == 0:  # nothing to read; a huge row count of width 0 must not cost a loop
+            return
         row_bytes = cols * DTYPE_SIZES[entry.dtype]
         rows_per_block = max(1, block_bytes // max(row_bytes, 1))
         raw_dtype = RAW_NUMPY[entry.dtype]
@@ -342,7 +381,8 @@ def write_safetensors(path: Path, tensors: Iterable[TensorSource],
                 while remaining:
                     chunk = src.read(min(COPY_CHUNK_BYTES, remaining))
                     if not chunk:
-                        raise CheckpointError(f"{t.path.name} ended while copying {t.name}")
+                        raise CheckpointError(f"{t.path.name} ended while copying {t.name}",
+                                              hint="the file changed or is damaged; restore it from the original")
                     out.write(chunk)
                     remaining -= len(chunk)
                     written += len(chunk)

@@ -18,9 +18,10 @@ import numpy as np
 
 from . import __version__
 from .architectures import ModelShape, shape_from_config, spec_for_config
-from .checkpoint import (PROVENANCE_DIR, Checkpoint, is_alternative_weight_file, open_checkpoint)
+from .checkpoint import Checkpoint, contained, is_alternative_weight_file, open_checkpoint
 from .errors import InvalidInputError, MissingDependencyError, WeightlockError
-from .lock import file_sha256, load_lock
+from .lock import load_lock
+from .untrusted import file_sha256
 from .plan import apply_config_changes, bias_consistency_problems, output_projection_product
 from .safetensors_file import (FLOAT_DTYPES, TensorReader, float32_to_raw, raw_to_float32, read_header)
 from .schema import schema_errors
@@ -147,88 +148,114 @@ def _check_vllm_support(spec, report: Report) -> None:
 
 
 def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report, expected) -> None:
+    # open_checkpoint validated the record against schemas/provenance.schema.json (its file paths are the
+    # fixed names weightlock writes); what it claims is checked here against the lock and the tensors.
     record = checkpoint.provenance
     if record is None:
         report.add("provenance", SKIP, "no weightlock/provenance.json: not locked by weightlock")
         return
-    problems = schema_errors(record, "provenance")
-    if problems:
-        report.add("provenance", FAIL, "the provenance record does not match its schema", problems)
-        return
-    record_dir = checkpoint.root / PROVENANCE_DIR
-    lock_path = checkpoint.root / record["files"]["lock"]
     try:
-        if file_sha256(lock_path) != record["lock"]["sha256"]:
+        lock_path = contained(checkpoint.root, record["files"]["lock"])
+        if file_sha256(lock_path, "recorded lock") != record["lock"]["sha256"]:
             report.add("provenance", FAIL, f"{record['files']['lock']} does not match the recorded lock hash")
             return
         lock = load_lock(lock_path)
-    except (OSError, WeightlockError) as e:
-        report.add("provenance", FAIL, f"the recorded lock cannot be read: {getattr(e, 'message', e)}")
+        lock.check_compatible(shape)
+    except WeightlockError as e:
+        report.add("provenance", FAIL, f"the recorded lock cannot be used: {e.message}")
         return
     if apply_config_changes(record["original_config"], record["config_changes"]) != checkpoint.config:
         report.add("provenance", FAIL, "config.json is not the recorded original config with the recorded changes")
         return
-    recorded = set(record["tensors"]["added"]) | set(record["tensors"]["replaced"])
-    absent = sorted(recorded - set(checkpoint.tensors))
+    # Which biases hold the lock follows from the lock and the architecture, not from the record's lists:
+    # a record that leaves a locked bias out must not exempt it from the check.
+    locked = {spec.output_bias(layer) for layer in lock.heads_by_layer()}
+    if set(record["tensors"]["locked"]) != locked:
+        report.add("provenance", FAIL, "the record's locked biases are not the output biases of the lock's layers",
+                   sorted(locked ^ set(record["tensors"]["locked"])))
+        return
+    written = locked | set(record["tensors"]["added"]) | set(record["tensors"]["replaced"])
+    absent = sorted(written - set(checkpoint.tensors))
     if absent:
-        report.add("provenance", FAIL, "tensors the record lists are missing", absent)
+        report.add("provenance", FAIL, "bias tensors the lock or the record implies are missing", absent)
         return
     report.locked = {"alpha": record["alpha"], "lock_sha256": record["lock"]["sha256"],
                      "source_model": lock.source_model.to_dict(), "heads": lock.num_heads_selected,
                      "locked_layers": record["locked_layers"], "created_at": record["created_at"]}
     report.add("provenance", PASS, f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']}; "
                                    "config is the original with the recorded changes")
-    _check_lock_biases(checkpoint, spec, shape, lock, record, record_dir, report, expected)
+    _check_lock_biases(checkpoint, spec, shape, lock, record, sorted(written), report, expected)
 
 
 def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, record: dict,
-                       record_dir: Path, report: Report, expected) -> None:
-    """Stored biases equal what the record implies: original + W_o @ d, or zeros."""
-
-    displacements = lock.displacements(record["alpha"], shape.num_heads)
+                       names: list[str], report: Report, expected) -> None:
+    """Stored biases equal what the lock implies: original (or zero) + W_o @ d, recomputed from the stored
+    o_proj weights. ``expected`` (apply's own values) adds a byte-for-byte comparison; it never replaces
+    the recomputation, so apply's check before publishing is this same check."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        displacements = lock.displacements(record["alpha"], shape.num_heads)
     originals = {}
-    if record["files"].get("originals"):
-        originals_header = read_header(checkpoint.root / record["files"]["originals"])
-        originals = originals_header.tensors
+    if record["files"]["originals"]:
+        originals = read_header(contained(checkpoint.root, record["files"]["originals"])).tensors
     layer_of = {spec.output_bias(layer): layer for layer in range(shape.num_layers)}
     expected_raw = {c.planned.name: c.raw for c in expected} if expected is not None else None
     mismatches = []
-    maps: dict = {}
+    readers: dict = {}
+
+    def reader(entry):
+        return readers.setdefault(entry.path, TensorReader(entry.path))
+
     try:
-        for name in record["tensors"]["added"] + record["tensors"]["replaced"]:
+        for name in names:
             stored = checkpoint.tensors[name]
-            mapped = maps.setdefault(stored.path, TensorReader(stored.path))
-            if expected_raw is not None:
-                if mapped.read_bytes(stored) != expected_raw.get(name):
-                    mismatches.append(f"{name}: stored bytes differ from the computed bias")
+            if len(stored.shape) != 1 or stored.dtype not in FLOAT_DTYPES:
+                mismatches.append(f"{name}: a bias must be a float vector, found {stored.dtype} "
+                                  f"{list(stored.shape)}")
+                continue
+            if expected_raw is not None and reader(stored).read_bytes(stored) != expected_raw.get(name):
+                mismatches.append(f"{name}: stored bytes differ from the computed bias")
                 continue
             values = np.zeros(stored.numel, dtype=np.float32)
             if name in originals:
                 original = originals[name]
-                values += maps.setdefault(original.path, TensorReader(original.path)).read_float32(original)
+                if original.shape != stored.shape or original.dtype not in FLOAT_DTYPES:
+                    mismatches.append(f"{name}: the recorded original has shape {list(original.shape)} "
+                                      f"{original.dtype}, the stored bias {list(stored.shape)}")
+                    continue
+                values += reader(original).read_float32(original)
             layer = layer_of.get(name)
             if layer is not None and layer in displacements:
-                weight = checkpoint.tensors[spec.output_weight(layer)]
-                wmap = maps.setdefault(weight.path, TensorReader(weight.path))
-                values += output_projection_product(wmap, weight, displacements[layer], shape.head_dim)
-            rounded = raw_to_float32(float32_to_raw(values, stored.dtype), stored.dtype)
-            actual = mapped.read_float32(stored)
+                weight = checkpoint.tensors.get(spec.output_weight(layer))
+                if weight is None or weight.shape != (stored.shape[0], shape.attention_width):
+                    mismatches.append(f"{name}: no o_proj weight of shape {[stored.shape[0], shape.attention_width]}"
+                                      " to recompute it from")
+                    continue
+                with np.errstate(over="ignore", invalid="ignore"):
+                    values += output_projection_product(reader(weight), weight, displacements[layer],
+                                                        shape.head_dim)
+            with np.errstate(over="ignore", invalid="ignore"):
+                rounded = raw_to_float32(float32_to_raw(values, stored.dtype), stored.dtype)
+            actual = reader(stored).read_float32(stored)
+            if not (np.all(np.isfinite(actual)) and np.all(np.isfinite(rounded))):
+                mismatches.append(f"{name}: holds or implies NaN/Inf")
+                continue
             tolerance = DTYPE_EPS[stored.dtype] * (np.abs(rounded) + 1e-3 * float(np.abs(rounded).max(initial=0)))
             worst = float(np.max(np.abs(actual - rounded) - tolerance, initial=-1.0))
             if worst > 0:
                 mismatches.append(f"{name}: differs from the recorded edit by up to "
                                   f"{float(np.max(np.abs(actual - rounded))):.3g}")
+    except WeightlockError as e:
+        mismatches.append(e.message)
     finally:
-        for m in maps.values():
-            m.close()
-    how = "byte for byte against the computed values" if expected is not None else \
-        "recomputed from the stored o_proj weights and the recorded lock"
+        for r in readers.values():
+            r.close()
+    how = "recomputed from the stored o_proj weights and the recorded lock" + (
+        ", and byte for byte against the values apply computed" if expected is not None else "")
     if mismatches:
-        report.add("lock_biases", FAIL, f"{len(mismatches)} bias tensors are not what the record implies",
+        report.add("lock_biases", FAIL, f"{len(mismatches)} bias tensors are not what the lock implies",
                    mismatches)
     else:
-        n = len(record["tensors"]["added"]) + len(record["tensors"]["replaced"])
-        report.add("lock_biases", PASS, f"{n} bias tensors equal the recorded edit ({how})")
+        report.add("lock_biases", PASS, f"{len(names)} bias tensors equal the recorded edit ({how})")
 
 
 def _check_finite(checkpoint: Checkpoint, report: Report, deep: bool) -> None:

@@ -24,6 +24,7 @@ from .checkpoint import (CONFIG_NAME, INDEX_NAME, PROVENANCE_DIR, PROVENANCE_NAM
 from .errors import OutputError
 from .plan import ComputedBias, EditPlan
 from .safetensors_file import TensorData, write_safetensors
+from .untrusted import require_regular
 
 LINK_MODES = ("auto", "hardlink", "copy")
 LOCK_COPY_NAME = "lock.wlock"
@@ -36,12 +37,22 @@ SHARDED_ADDED = "model-weightlock-bias{suffix}.safetensors"
 
 
 FAILPOINT_VARIABLE = "WEIGHTLOCK_FAILPOINT"
+_failpoints_passed = 0
 
 
 def failpoint(name: str) -> None:
-    """Die here, as a SIGKILL would, when the named failpoint is set (crash tests; no effect otherwise)."""
-    if os.environ.get(FAILPOINT_VARIABLE) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Crash here when asked to (crash tests; no effect otherwise). WEIGHTLOCK_FAILPOINT is a failpoint's
+    name, or ``#N`` for the N-th failpoint this process reaches, whatever its name (so a test can stop a
+    run at every step without listing them); ``:INT`` after either sends SIGINT (a Ctrl-C) instead of
+    SIGKILL. Every step of apply, in place and revert that changes the disk is followed by one."""
+    global _failpoints_passed
+    wanted = os.environ.get(FAILPOINT_VARIABLE)
+    if not wanted:
+        return
+    _failpoints_passed += 1
+    target, _, how = wanted.partition(":")
+    if target == name or target == f"#{_failpoints_passed}":
+        os.kill(os.getpid(), signal.SIGINT if how == "INT" else signal.SIGKILL)
 
 
 def write_failure(error: OSError, where: Path) -> OutputError:
@@ -71,6 +82,9 @@ class WrittenFiles:
 
 def link_or_copy(source: Path, destination: Path, mode: str, written: WrittenFiles) -> None:
     """Reuse ``source`` byte for byte: a hardlink when allowed (and asked for), else a copy."""
+    # A source that is not a regular file (a broken Hub-cache link, a FIFO, a device) is the input's fault, and
+    # is refused before anything is written; copying /dev/zero would fill the disk.
+    require_regular(source, "checkpoint file")
     destination.parent.mkdir(parents=True, exist_ok=True)
     real = os.path.realpath(source)  # Hub caches hold symlinks into a blob store
     if mode in ("auto", "hardlink"):
@@ -234,6 +248,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _siblings_starting(out: Path, prefix: str) -> list[Path]:
+    """Entries beside ``out`` whose names start with ``prefix``, compared as text: a glob pattern built
+    from a user's folder name would treat its [, ] and * as wildcards and miss (or catch) other names."""
+    return sorted(out.parent / name for name in os.listdir(out.parent) if name.startswith(prefix))
+
+
 def recover_interrupted(out: Path) -> list[str]:
     """Tidy what an earlier run killed mid-way left beside ``out``; returns what was done.
 
@@ -243,12 +263,12 @@ def recover_interrupted(out: Path) -> list[str]:
     done = []
     if not out.parent.is_dir():
         return done
-    for item in sorted(out.parent.glob(f".{out.name}.{PARTIAL_MARK}-*")):
+    for item in _siblings_starting(out, f".{out.name}.{PARTIAL_MARK}-"):
         pid = item.name.rsplit(f"{PARTIAL_MARK}-", 1)[1].split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(item, ignore_errors=True)
             done.append(f"removed the partial output {item.name} of an interrupted run")
-    for item in sorted(out.parent.glob(f".{out.name}.{REPLACED_MARK}-*")):
+    for item in _siblings_starting(out, f".{out.name}.{REPLACED_MARK}-"):
         if out.exists():
             shutil.rmtree(item, ignore_errors=True)
             done.append(f"removed {item.name}, an output already replaced by an interrupted --force run")
