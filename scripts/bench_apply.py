@@ -7,7 +7,9 @@ written to storage (/proc/<pid>/io read_bytes/write_bytes) and peak RSS (wait4).
 
 Contenders:
   cold-read   read exactly the o_proj bytes the lock needs (the floor apply is held to)
-  apply       weightlock apply (unchanged shards hardlinked)
+  apply       weightlock apply (unchanged shards hardlinked; verify's checks before publishing, the
+              transformers class check included: that imports transformers and torch)
+  apply-noload  the same with --no-loader-check
   apply-copy  weightlock apply --link-mode copy (every byte copied)
   baseline    transformers: from_pretrained, set o_proj biases, save_pretrained
               (the reference procedure; only for presets that are complete models)
@@ -157,8 +159,9 @@ if mode == "cold-read":
             while pos < e.end:
                 view = memoryview(buf)[:min(len(buf), e.end - pos)]
                 pos += os.preadv(f.fileno(), [view], pos)
-elif mode in ("apply", "apply-copy"):
-    apply_lock(src, lock, out=out, link_mode="copy" if mode == "apply-copy" else "auto")
+elif mode in ("apply", "apply-copy", "apply-noload"):
+    apply_lock(src, lock, out=out, link_mode="copy" if mode == "apply-copy" else "auto",
+               loader_check=mode != "apply-noload")
 elif mode == "baseline":
     lk = load_lock(lock)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
@@ -216,7 +219,7 @@ def main() -> None:
           f"in {time.perf_counter() - t:.0f}s", flush=True)
     make_lock(src, p, lock, args.legacy_lock)
 
-    modes = ["cold-read", "apply"] + ([] if args.no_copy else ["apply-copy"])
+    modes = ["cold-read", "apply", "apply-noload"] + ([] if args.no_copy else ["apply-copy"])
     if p["complete"] and not args.no_baseline:
         modes.append("baseline")
     results = [run_child(mode, src, lock, out) for mode in modes]

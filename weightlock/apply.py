@@ -17,11 +17,11 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import Checkpoint, contained, open_checkpoint
-from .errors import LockFormatError, OutputError, VerificationError
+from .errors import LockFormatError, OutputError
 from .lock import Lock, load_lock
 from .plan import EditPlan, compute_biases, plan_edit
 from .untrusted import read_bytes, read_json
-from .verify import verify_checkpoint
+from .verify import output_failure, verify_checkpoint
 from .writer import (WrittenFiles, publish, recover_interrupted, removed_on_failure, staging_path,
                      write_failure, write_locked_checkpoint)
 
@@ -154,9 +154,7 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
                                           provenance)
         report = verify_checkpoint(staging, expected=computed, loader_check=loader_check)
         if not report.ok:
-            raise VerificationError("the written checkpoint failed verification and was discarded: "
-                                    + "; ".join(report.failures()),
-                                    hint="this is a bug in weightlock or a fault in the disk; please report it")
+            raise output_failure(report, checkpoint.root, loader_check, "the output was discarded")
         publish(staging, out, force)
     return ApplyResult(out, plan, written, provenance, time.perf_counter() - started, report)
 

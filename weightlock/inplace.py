@@ -39,12 +39,12 @@ from .apply import ApplyResult, ProgressBar, _header_sha256, lock_file_bytes, pr
 from .checkpoint import (CONFIG_NAME, INDEX_NAME, PROVENANCE_DIR, PROVENANCE_NAME, SINGLE_NAME,
                          TOKENIZER_CONFIG_NAME, contained, is_alternative_weight_file, open_checkpoint,
                          resolve_location)
-from .errors import CheckpointError, LockFormatError, OutputError, VerificationError
+from .errors import CheckpointError, LockFormatError, OutputError
 from .lock import Lock, load_lock
 from .plan import compute_biases, plan_edit
 from .safetensors_file import read_header, write_safetensors
 from .untrusted import file_sha256, read_bytes, read_json
-from .verify import verify_checkpoint
+from .verify import output_failure, verify_checkpoint
 from .writer import (LOCK_COPY_NAME, SINGLE_RENAMED, WrittenFiles, added_shard_name, bias_tensors, failpoint,
                      fsync_dir, fsync_tree, output_index, removed_on_failure)
 
@@ -163,9 +163,10 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
         fsync_dir(root)
         report = verify_checkpoint(root, expected=computed, loader_check=loader_check)
         if not report.ok:
-            raise VerificationError("the edited checkpoint failed verification and the edit was reverted: "
-                                    + "; ".join(report.failures()),
-                                    hint="this is a bug in weightlock or a fault in the disk; please report it")
+            raise _EditFailedVerification(report)
+    except _EditFailedVerification as failed:
+        revert(root)
+        raise output_failure(failed.report, root, loader_check, "the edit was reverted") from None
     except BaseException:
         # Whatever stopped us (an error, a Ctrl-C), put the folder back as it was; if that is itself
         # interrupted, the record on disk lets `weightlock revert` finish it.
@@ -173,6 +174,11 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
             revert(root)
         raise
     return ApplyResult(root, plan, written, provenance, time.perf_counter() - started, report)
+
+
+class _EditFailedVerification(Exception):
+    def __init__(self, report):
+        self.report = report
 
 
 def _refuse_unclean(root: Path) -> None:

@@ -12,7 +12,6 @@ role "assistent" found in public SafetyLock data is read as "assistant").
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -317,6 +317,26 @@ class TensorReader:
         return raw_to_float32(self.read_bytes(entry), entry.dtype).reshape(entry.shape)
 
 
+class TensorReaders:
+    """One open TensorReader per file, all closed on exit: ``with TensorReaders() as readers: readers[entry]``."""
+
+    def __init__(self):
+        self._open: dict[Path, TensorReader] = {}
+
+    def __getitem__(self, entry: TensorEntry) -> TensorReader:
+        if entry.path not in self._open:
+            self._open[entry.path] = TensorReader(entry.path)
+        return self._open[entry.path]
+
+    def __enter__(self) -> "TensorReaders":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for reader in self._open.values():
+            reader.close()
+        self._open.clear()
+
+
 # ---------------------------------------------------------------------------------------
 # Writing
 

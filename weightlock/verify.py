@@ -9,21 +9,22 @@ silently drop the biases or leave some uninitialised.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .architectures import ModelShape, shape_from_config, spec_for_config
+from .architectures import ModelShape, family, shape_from_config, spec_for_config
 from .checkpoint import Checkpoint, contained, is_alternative_weight_file, open_checkpoint
-from .errors import InvalidInputError, MissingDependencyError, WeightlockError
+from .errors import CheckpointError, InvalidInputError, MissingDependencyError, VerificationError, WeightlockError
 from .lock import load_lock
 from .untrusted import file_sha256
 from .plan import apply_config_changes, bias_consistency_problems, output_projection_product
-from .safetensors_file import (FLOAT_DTYPES, TensorReader, float32_to_raw, raw_to_float32, read_header)
+from .safetensors_file import (FLOAT_DTYPES, TensorReaders, float32_to_raw, raw_to_float32, read_header)
 from .schema import schema_errors
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
@@ -174,7 +175,16 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
         report.add("provenance", FAIL, "the record's locked biases are not the output biases of the lock's layers",
                    sorted(locked ^ set(record["tensors"]["locked"])))
         return
-    written = locked | set(record["tensors"]["added"]) | set(record["tensors"]["replaced"])
+    implied = _biases_the_edit_created(spec, shape, record)
+    if implied is None:
+        report.add("provenance", FAIL, f"the record names an unknown source family "
+                                       f"{record['architecture_family']!r}")
+        return
+    unlisted = sorted(implied - set(record["tensors"]["added"]))
+    if unlisted:
+        report.add("provenance", FAIL, "biases the edit must have created are not listed as added", unlisted)
+        return
+    written = locked | implied | set(record["tensors"]["added"]) | set(record["tensors"]["replaced"])
     absent = sorted(written - set(checkpoint.tensors))
     if absent:
         report.add("provenance", FAIL, "bias tensors the lock or the record implies are missing", absent)
@@ -187,6 +197,25 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
     _check_lock_biases(checkpoint, spec, shape, lock, record, sorted(written), report, expected)
 
 
+def _biases_the_edit_created(target, shape: ModelShape, record: dict) -> set[str] | None:
+    """Every bias the output class has that the source class did not (by the source family and its original
+    config, which the provenance check has tied to config.json): the edit created these, as zeros or as a
+    lock's product, so each is checked whatever the record's lists say. None for an unknown family."""
+    try:
+        source = family(record["architecture_family"])
+    except StopIteration:
+        return None
+    if source.bias_on(record["original_config"]):
+        return set()
+    names = set()
+    for layer in range(shape.num_layers):
+        always = {source.module(m, layer) for m in source.always_biased}
+        for module in [target.output_module(layer)] + [target.module(c.module, layer) for c in target.bias_companions]:
+            if module not in always:
+                names.add(f"{module}.bias")
+    return names
+
+
 def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, record: dict,
                        names: list[str], report: Report, expected) -> None:
     """Stored biases equal what the lock implies: original (or zero) + W_o @ d, recomputed from the stored
@@ -197,14 +226,22 @@ def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, re
     originals = {}
     if record["files"]["originals"]:
         originals = read_header(contained(checkpoint.root, record["files"]["originals"])).tensors
-    layer_of = {spec.output_bias(layer): layer for layer in range(shape.num_layers)}
     expected_raw = {c.planned.name: c.raw for c in expected} if expected is not None else None
+    with TensorReaders() as reader:
+        mismatches = _bias_mismatches(checkpoint, spec, shape, names, originals, displacements, expected_raw, reader)
+    how = "recomputed from the stored o_proj weights and the recorded lock" + (
+        ", and byte for byte against the values apply computed" if expected is not None else "")
+    if mismatches:
+        report.add("lock_biases", FAIL, f"{len(mismatches)} bias tensors are not what the lock implies",
+                   mismatches)
+    else:
+        report.add("lock_biases", PASS, f"{len(names)} bias tensors equal the recorded edit ({how})")
+
+
+def _bias_mismatches(checkpoint, spec, shape, names, originals, displacements, expected_raw, reader) -> list[str]:
+    """Why each of ``names`` differs from original (or zero) + W_o @ d, rounded to its dtype (empty: none)."""
+    layer_of = {spec.output_bias(layer): layer for layer in range(shape.num_layers)}
     mismatches = []
-    readers: dict = {}
-
-    def reader(entry):
-        return readers.setdefault(entry.path, TensorReader(entry.path))
-
     try:
         for name in names:
             stored = checkpoint.tensors[name]
@@ -212,7 +249,7 @@ def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, re
                 mismatches.append(f"{name}: a bias must be a float vector, found {stored.dtype} "
                                   f"{list(stored.shape)}")
                 continue
-            if expected_raw is not None and reader(stored).read_bytes(stored) != expected_raw.get(name):
+            if expected_raw is not None and reader[stored].read_bytes(stored) != expected_raw.get(name):
                 mismatches.append(f"{name}: stored bytes differ from the computed bias")
                 continue
             values = np.zeros(stored.numel, dtype=np.float32)
@@ -222,7 +259,7 @@ def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, re
                     mismatches.append(f"{name}: the recorded original has shape {list(original.shape)} "
                                       f"{original.dtype}, the stored bias {list(stored.shape)}")
                     continue
-                values += reader(original).read_float32(original)
+                values += reader[original].read_float32(original)
             layer = layer_of.get(name)
             if layer is not None and layer in displacements:
                 weight = checkpoint.tensors.get(spec.output_weight(layer))
@@ -231,11 +268,11 @@ def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, re
                                       " to recompute it from")
                     continue
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values += output_projection_product(reader(weight), weight, displacements[layer],
+                    values += output_projection_product(reader[weight], weight, displacements[layer],
                                                         shape.head_dim)
             with np.errstate(over="ignore", invalid="ignore"):
                 rounded = raw_to_float32(float32_to_raw(values, stored.dtype), stored.dtype)
-            actual = reader(stored).read_float32(stored)
+            actual = reader[stored].read_float32(stored)
             if not (np.all(np.isfinite(actual)) and np.all(np.isfinite(rounded))):
                 mismatches.append(f"{name}: holds or implies NaN/Inf")
                 continue
@@ -246,16 +283,7 @@ def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, re
                                   f"{float(np.max(np.abs(actual - rounded))):.3g}")
     except WeightlockError as e:
         mismatches.append(e.message)
-    finally:
-        for r in readers.values():
-            r.close()
-    how = "recomputed from the stored o_proj weights and the recorded lock" + (
-        ", and byte for byte against the values apply computed" if expected is not None else "")
-    if mismatches:
-        report.add("lock_biases", FAIL, f"{len(mismatches)} bias tensors are not what the lock implies",
-                   mismatches)
-    else:
-        report.add("lock_biases", PASS, f"{len(names)} bias tensors equal the recorded edit ({how})")
+    return mismatches
 
 
 def _check_finite(checkpoint: Checkpoint, report: Report, deep: bool) -> None:
@@ -266,20 +294,17 @@ def _check_finite(checkpoint: Checkpoint, report: Report, deep: bool) -> None:
         written = record.get("tensors") if isinstance(record.get("tensors"), dict) else {}
         names = [n for n in written.get("added", []) + written.get("replaced", []) if n in checkpoint.tensors]
     bad = []
-    maps: dict = {}
-    try:
+    with TensorReaders() as readers:
         for name in names:
             entry = checkpoint.tensors[name]
-            mapped = maps.setdefault(entry.path, TensorReader(entry.path))
-            if len(entry.shape) == 2:
-                finite = all(np.all(np.isfinite(block)) for _, block in mapped.row_blocks(entry))
+            if len(entry.shape) >= 2:  # in row blocks, as 2-D: memory stays at one block at any size
+                rows = math.prod(entry.shape[:-1])
+                flat = dataclasses.replace(entry, shape=(rows, entry.shape[-1]))
+                finite = all(np.all(np.isfinite(block)) for _, block in readers[entry].row_blocks(flat))
             else:
-                finite = bool(np.all(np.isfinite(mapped.read_float32(entry))))
+                finite = bool(np.all(np.isfinite(readers[entry].read_float32(entry))))
             if not finite:
                 bad.append(name)
-    finally:
-        for m in maps.values():
-            m.close()
     scope = "every floating-point tensor" if deep else "the tensors weightlock wrote"
     if bad:
         report.add("finite", FAIL, f"NaN or Inf in {len(bad)} tensors", bad)
@@ -390,6 +415,19 @@ def _patterns(patterns):
         return lambda name: False
     regex = re.compile("|".join(f"({p})" for p in patterns))
     return lambda name: regex.search(name) is not None
+
+
+def output_failure(report: Report, source, loader_check: bool, done: str) -> WeightlockError:
+    """The error for an output that failed verification. When the source fails the same checks the input is at
+    fault (exit 3: apply refuses what verify would refuse); otherwise it is a bug or a disk fault (exit 6)."""
+    failed = {c.name for c in report.checks if c.status == FAIL}
+    source_report = verify_checkpoint(source, loader_check=loader_check)
+    if failed & {c.name for c in source_report.checks if c.status == FAIL}:
+        return CheckpointError(f"the source fails verify's own checks, so {done}: " + "; ".join(
+            source_report.failures()), hint=f"run `weightlock verify {source}` for details; repair or download the "
+                                            "checkpoint again")
+    return VerificationError(f"the written checkpoint failed verification and {done}: " + "; ".join(
+        report.failures()), hint="this is a bug in weightlock or a fault in the disk; please report it")
 
 
 def report_json(report: Report) -> str:
