@@ -198,7 +198,7 @@ def test_in_place_refusals(tmp_path, setup):
         apply_in_place(src, lock)
     (src / "consolidated.safetensors").unlink()
     apply_lock(src, lock, out=tmp_path / "copy")
-    with pytest.raises(CheckpointError, match="not in place"):
+    with pytest.raises(CheckpointError, match="not edited in place"):
         revert(tmp_path / "copy")
     biased = make_llama(tmp_path / "biased", attention_bias=True)
     with pytest.raises(OutputError, match="already has o_proj biases"):

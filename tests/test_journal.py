@@ -292,3 +292,15 @@ def test_in_place_apply_reports_interrupted_leftovers(tmp_path):
         apply_in_place(src, tmp_path / "l.wlock")
     assert revert(src)["reverted"] is False
     apply_in_place(src, tmp_path / "l.wlock")
+
+
+def test_a_lost_record_is_explained_not_guessed(tmp_path):
+    src = make_llama(tmp_path / "src", hidden=64, layers=3, vocab=128)
+    save_lock(random_lock(src), tmp_path / "l.wlock")
+    apply_in_place(src, tmp_path / "l.wlock")
+    os.remove(src / "weightlock" / "in-place.json")
+    before = everything_below(src)
+    with pytest.raises(CheckpointError, match="record in-place.json is missing") as refused:
+        revert(src)
+    assert "backup" in refused.value.hint
+    assert everything_below(src) == before

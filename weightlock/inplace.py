@@ -257,9 +257,15 @@ def revert(location) -> dict:
         if done:
             fsync_dir(root)
             return {"path": str(root), "reverted": False, "actions": done}
+        if os.path.lexists(record_dir / BACKUP_DIR):
+            raise CheckpointError(f"{root} was edited in place but its record {RECORD_NAME} is missing, so revert "
+                                  "cannot prove what it wrote",
+                                  hint=f"the original files are in {PROVENANCE_DIR}/{BACKUP_DIR}/; copy them back "
+                                       "by hand, then remove the added bias shard and the weightlock/ folder")
         if os.path.lexists(record_dir):
-            raise CheckpointError(f"{root} was locked into a new folder, not in place; there is nothing to revert",
-                                  hint="delete this folder; its source is unchanged")
+            raise CheckpointError(f"{root} was written by `weightlock apply --out`, not edited in place; there is "
+                                  "nothing to revert here", hint="its source folder is unchanged; use that, or "
+                                                                 "apply with a negative alpha to take the lock off")
         raise CheckpointError(f"{root} carries no in-place weightlock edit", hint="nothing to revert")
     contained(root, f"{PROVENANCE_DIR}/{RECORD_NAME}")
     record = read_json(record_path, "record", "in-place",
