@@ -62,20 +62,29 @@ def everything_below(root: Path) -> dict[str, str]:
 # Class 3: crash windows, at every step
 
 
+def stop_at_every_step(args, how: str, after_each) -> int:
+    """Run ``args`` stopped at failpoint 1, 2, ... (``how``: "" for SIGKILL, ":INT" for Ctrl-C) until a run
+    completes; ``after_each(result, step)`` checks each stopped run. Returns the step that completed."""
+    for step in range(1, MAX_STEPS):
+        result = run(args, failpoint=f"#{step}{how}")
+        if result.returncode == 0:
+            return step
+        after_each(result, step)
+    pytest.fail("the command never completed")
+
+
 def test_sigkill_at_every_step_of_in_place_apply(setup):
     src, lock = setup
     before = everything_below(src)
-    for step in range(1, MAX_STEPS):
-        result = run(apply_args(src, lock), failpoint=f"#{step}")
-        if result.returncode == 0:
-            break
+
+    def killed(result, step):
         assert result.returncode == -signal.SIGKILL, result.stderr
         if everything_below(src) != before:
             revert(src)
         assert everything_below(src) == before, f"not restored after a kill at step {step}"
-    else:
-        pytest.fail("apply never completed")
-    assert step > 8, "the failpoints should cover every step of an in-place apply"
+
+    steps = stop_at_every_step(apply_args(src, lock), "", killed)
+    assert steps > 8, "the failpoints should cover every step of an in-place apply"
     assert verify_checkpoint(src, loader_check=False).ok
     revert(src)
     assert everything_below(src) == before
@@ -84,15 +93,13 @@ def test_sigkill_at_every_step_of_in_place_apply(setup):
 def test_ctrl_c_at_every_step_of_in_place_apply_reverts_by_itself(setup):
     src, lock = setup
     before = everything_below(src)
-    for step in range(1, MAX_STEPS):
-        result = run(apply_args(src, lock), failpoint=f"#{step}:INT")
-        if result.returncode == 0:
-            break
+
+    def interrupted(result, step):
         assert result.returncode == 130, result.stderr
         assert "Traceback" not in result.stderr and "weightlock revert" in result.stderr, result.stderr
         assert everything_below(src) == before, f"not restored after Ctrl-C at step {step}"
-    else:
-        pytest.fail("apply never completed")
+
+    stop_at_every_step(apply_args(src, lock), ":INT", interrupted)
     revert(src)
 
 

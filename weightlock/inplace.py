@@ -240,6 +240,19 @@ def _sha_or_none(path: Path) -> str | None:
     return file_sha256(path, path.name) if os.path.lexists(path) else None
 
 
+def _remove_if_ours(root: Path, name: str, sha256: str, what: str, done: list[str]) -> None:
+    """Remove ``name`` if its bytes are the ones recorded (absent: already removed); refuse anything else."""
+    current = _sha_or_none(root / name)
+    if current is None:
+        return
+    if current != sha256:
+        raise CheckpointError(f"{name} is not the {what}; revert will not remove it",
+                              hint=f"move {name} aside if it is yours, then run revert again")
+    os.remove(root / name)
+    failpoint("revert-removed")
+    done.append(f"removed {name}")
+
+
 def revert(location) -> dict:
     """Undo an in-place apply (finished or interrupted) and restore the original bytes exactly.
 
@@ -288,16 +301,8 @@ def revert(location) -> dict:
         _replace_atomically(backup, root / name)
         failpoint("revert-restored")
         done.append(f"restored {name}")
-    for name, new_sha in record["created"].items():
-        current = _sha_or_none(root / name)
-        if current is None:
-            continue
-        if current != new_sha:
-            raise CheckpointError(f"{name} is not the file the in-place edit created; revert will not remove it",
-                                  hint=f"move {name} aside if it is yours, then run revert again")
-        os.remove(root / name)
-        failpoint("revert-removed-created")
-        done.append(f"removed {name}")
+    for name, sha in record["created"].items():
+        _remove_if_ours(root, name, sha, "file the in-place edit created", done)
     for old, rename in record["renamed"].items():
         old_there, new_there = os.path.lexists(root / old), os.path.lexists(root / rename["to"])
         if old_there and not new_there:
@@ -316,15 +321,7 @@ def revert(location) -> dict:
         failpoint("revert-renamed-back")
         done.append(f"renamed {rename['to']} back to {old}")
     for name, sha in record["added"].items():
-        current = _sha_or_none(root / name)
-        if current is None:
-            continue
-        if current != sha:
-            raise CheckpointError(f"{name} is not the bias shard the edit added; revert will not remove it",
-                                  hint=f"move {name} aside if it is yours, then run revert again")
-        os.remove(root / name)
-        failpoint("revert-removed-added")
-        done.append(f"removed {name}")
+        _remove_if_ours(root, name, sha, "bias shard the edit added", done)
     fsync_dir(root)
     # The record goes last, and in two steps (an atomic rename aside, then the delete), so a revert killed
     # here leaves either the whole record or a leftover that the next revert removes.
