@@ -21,7 +21,7 @@ from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint, contained
 from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
 from .lock import Lock
 from .untrusted import read_json
-from .safetensors_file import (FLOAT_DTYPES, TensorReader, TensorEntry, float32_to_raw,
+from .safetensors_file import (FLOAT_DTYPES, TensorReader, TensorReaders, TensorEntry, float32_to_raw,
                                raw_to_float32)
 
 
@@ -254,27 +254,20 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
 
     ``progress`` is called with the bytes of each o_proj weight once it has been read.
     """
-    maps: dict = {}
-
-    def reader(entry: TensorEntry) -> TensorReader:
-        if entry.path not in maps:
-            maps[entry.path] = TensorReader(entry.path)
-        return maps[entry.path]
-
     locked_weights = [b.weight for b in plan.biases if b.weight is not None]
     out = []
-    try:
+    with TensorReaders() as reader:
         for planned in plan.biases:
             values = np.zeros(planned.width, dtype=np.float32)
             if planned.base is not None:
-                values += reader(planned.base).read_float32(planned.base)
+                values += reader[planned.base].read_float32(planned.base)
             if planned.weight is not None:
                 position = locked_weights.index(planned.weight)
                 if position + 1 < len(locked_weights):  # overlap the next layer's read with this one
                     following = locked_weights[position + 1]
-                    reader(following).prefetch(following)
+                    reader[following].prefetch(following)
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values += output_projection_product(reader(planned.weight), planned.weight,
+                    values += output_projection_product(reader[planned.weight], planned.weight,
                                                         plan.displacements[planned.layer],
                                                         plan.shape.head_dim)
                 if progress is not None:
@@ -288,7 +281,4 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
                 raise UnsupportedError(f"{planned.name} overflows {planned.dtype} at alpha {plan.alpha}",
                                        hint="use a smaller alpha")
             out.append(ComputedBias(planned, values, raw))
-    finally:
-        for m in maps.values():
-            m.close()
     return out
