@@ -16,7 +16,7 @@ from conftest import SHARED_DATA, make_llama, random_lock, run_cli
 from weightlock import apply_lock, save_lock
 from weightlock.errors import InvalidInputError
 from weightlock.evaluate import (AlphaResult, EvalSettings, Evaluator, TuneBounds, choose_alpha, mean_kl,
-                                 results_plot, run_eval)
+                                 run_eval)
 from weightlock.judge import answers_question, is_degenerate, is_refusal
 from weightlock.prompt_sets import load_prompt_set
 
@@ -203,11 +203,41 @@ def test_tune_picks_the_smallest_alpha_within_bounds():
     assert choose_alpha(results, TuneBounds(target_refusal=1.0, max_over_refusal=0.0))["alpha"] is None
 
 
-def test_plot_is_a_png_of_the_sweep():
-    png = results_plot([_result(0, 0.9, 0.0, 0.0), _result(2, 0.5, 0.1, 0.2)], "TEST")
+def test_plot_is_a_picture_of_the_sweep_png_or_svg():
+    from weightlock.plot import eval_curves
+
+    results = [_result(0, 0.9, 0.0, 0.0), _result(2, 0.5, 0.1, 0.2), _result(4, 0.1, 0.4, 0.5)]
+    png = eval_curves(results, "test sweep", "png", chosen_alpha=2)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
-    assert width > 600 and height > 200
+    assert width > 900 and height > 300
+    svg = eval_curves(results, "test sweep", "svg", chosen_alpha=2).decode()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    for text in ("harmful compliance", "over-refusal", "degenerate answers", "chosen alpha 2", "nats / token"):
+        assert text in svg, text
+
+
+def test_plots_without_matplotlib_say_how_to_get_it(chat_model, tmp_path):
+    """Refused before any model is loaded: exit 7 and the install hint, for eval --plot and inspect --heatmap."""
+    import subprocess
+    import sys
+    save_lock(random_lock(chat_model, n_heads=3, seed=5), tmp_path / "l.wlock")
+    blocker = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'matplotlib':\n"
+               "            raise ImportError('blocked for this test')\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "from weightlock.console import main\n"
+               "main(sys.argv[1:])\n")
+    for args in (["eval", str(chat_model), "--lock", str(tmp_path / "l.wlock"), "--plot", str(tmp_path / "e.png")],
+                 ["inspect", str(tmp_path / "l.wlock"), "--heatmap", str(tmp_path / "h.svg")]):
+        result = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 7, result.stderr
+        assert "pip install 'weightlock[plot]'" in result.stderr and "Traceback" not in result.stderr
+    code = subprocess.run([sys.executable, "-m", "weightlock", "inspect", str(tmp_path / "l.wlock"), "--heatmap",
+                           str(tmp_path / "h.gif")], capture_output=True, text=True, timeout=120)
+    assert code.returncode == 3 and ".png or .svg" in code.stderr
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -384,20 +384,21 @@ def test_a_device_file_in_the_source_is_not_copied(tmp_path, capsys):
     assert "device" in err and not (tmp_path / "out").exists()
 
 
-def test_heatmap_allocations_are_bounded_and_free_form_details_ignored(tmp_path):
+def test_heatmap_size_is_bounded_and_free_form_details_ignored(tmp_path):
     from weightlock import SourceModel, build_lock
-    from weightlock.describe import MAX_HEATMAP_PIXELS, heatmap_png
+    from weightlock.plot import DPI, MAX_FIGURE_INCHES, lock_heatmap
 
     cases = [(4096, {"probe_accuracy": "x"})] + [(8, d) for d in (
         {"probe_accuracy": [[1.0, "a"]]}, {"probe_accuracy": [[0.5] * 3] * 2}, {"probe_accuracy": None}, {},
-        {"probe_accuracy": [[float("nan")] * 8] * 8}, {"probe_accuracy": [[True] * 8] * 8})]
+        {"probe_accuracy": [[float("nan")] * 8] * 8}, {"probe_accuracy": [[True] * 8] * 8},
+        {"probe_accuracy": [[0.7] * 8] * 8})]
     for size, details in cases:
         source = SourceModel("LlamaForCausalLM", "llama", size, size, 16, 64)
         lock = build_lock([0, size - 1], [0, size - 1], np.eye(2, 16), [1.0, 1.0], source, default_alpha=1.0,
                           creation={"method": "api", "tool": "test", "details": details})
-        png = heatmap_png(lock)
+        png = lock_heatmap(lock, "png")
         width, height = struct.unpack(">II", png[16:24])
-        assert width * height <= MAX_HEATMAP_PIXELS and width == height and width % size == 0
+        assert width <= MAX_FIGURE_INCHES * DPI and height <= MAX_FIGURE_INCHES * DPI
 
 
 # --------------------------------------------------------------------------------------------------- class 8

@@ -137,7 +137,8 @@ def revert(checkpoint, as_json):
 @cli.command("inspect")
 @click.argument("target")
 @click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="For a lock: also draw its layer x head map (probe accuracy, kept heads outlined) as PNG.")
+              help="For a lock: also draw its layer x head map (probe accuracy, kept heads marked), .png or .svg "
+                   "(needs weightlock[plot]).")
 @json_option
 def inspect_command(target, heatmap, as_json):
     """Describe a lock file or a checkpoint folder (or cached Hub id)."""
@@ -145,12 +146,13 @@ def inspect_command(target, heatmap, as_json):
 
     path = Path(target)
     if path.is_file():
-        from .describe import heatmap_png
         from .lock import load_lock
+        from .plot import check_can_draw, lock_heatmap
+        fmt = check_can_draw(heatmap) if heatmap is not None else None
         lock = load_lock(path)
         data = describe_lock(lock)
         if heatmap is not None:
-            write_file_atomically(heatmap, heatmap_png(lock))
+            write_file_atomically(heatmap, lock_heatmap(lock, fmt))
             data["heatmap"] = str(heatmap)
         m = data["manifest"]
         src = m["source_model"]
@@ -253,7 +255,8 @@ def eval_options(command):
                      type=click.Choice(["float32", "bfloat16", "float16"])),
         click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
                      help="Write the full report, every answer included, as JSON here."),
-        click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot here."),
+        click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Draw the metrics against alpha here (.png or .svg; needs weightlock[plot])."),
         json_option,
     ]
     for option in reversed(options):
@@ -262,8 +265,8 @@ def eval_options(command):
 
 
 def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
-    from .evaluate import (EvalSettings, choose_alpha, evaluate_model, report_json, results_plot,
-                           results_table)
+    from .evaluate import EvalSettings, choose_alpha, evaluate_model, report_json, results_table
+    from .plot import check_can_draw, eval_curves
 
     settings = EvalSettings(max_new_tokens=opts["max_new_tokens"], batch_size=opts["batch_size"],
                             template="plain" if opts["plain_template"] else "chat",
@@ -273,6 +276,7 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
     for path in (opts["report"], opts["plot"]):
         if path is not None and not path.parent.is_dir():
             raise OutputError(f"the folder of {path} does not exist", hint="create it first")
+    plot_format = check_can_draw(opts["plot"]) if opts["plot"] is not None else None  # before minutes of work
     report = evaluate_model(model, lock=lock_path, alphas=alphas, prompt_files=files, limit=opts["limit"],
                             settings=settings, gguf_file=opts["gguf_file"], reference=reference,
                             judge_model=opts["judge_model"], dtype=opts["dtype"], device=opts["device"],
@@ -282,8 +286,9 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
     if opts["report"] is not None:
         write_file_atomically(opts["report"], (report_json(report, with_answers=True) + "\n").encode())
     if opts["plot"] is not None:
-        title = f"{'TUNE' if bounds else 'EVAL'}: {Path(model).name}"[:60]
-        write_file_atomically(opts["plot"], results_plot(report.results, title))
+        title = f"{'tune' if bounds else 'eval'}: {Path(model).name}"[:80]
+        chosen = report.choice["alpha"] if report.choice else None
+        write_file_atomically(opts["plot"], eval_curves(report.results, title, plot_format, chosen))
     text = results_table(report.results)
     if report.choice is not None:
         chosen = report.choice["alpha"]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 
 from .architectures import shape_from_config, spec_for_config
@@ -25,9 +22,6 @@ def describe_lock(lock: Lock) -> dict:
     }
 
 
-MAX_HEATMAP_PIXELS = 64 << 20  # the cell shrinks (to one pixel at least) to keep big models' maps bounded
-
-
 def probe_accuracy_grid(lock: Lock) -> np.ndarray | None:
     """The manifest's held-out accuracies as a [layers, heads] array, or None when they are absent or not
     exactly that (the manifest's details are free-form, so nothing about them is assumed)."""
@@ -39,38 +33,6 @@ def probe_accuracy_grid(lock: Lock) -> np.ndarray | None:
         return None
     grid = np.asarray(accuracy, dtype=np.float64)
     return grid if np.all(np.isfinite(grid)) else None
-
-
-def heatmap_png(lock: Lock, cell: int = 12) -> bytes:
-    """A layer x head map as PNG: rows are layers, columns heads, colour the held-out probe accuracy
-    (0.5 dark blue to 1.0 yellow; locks without accuracies show kept heads only); kept heads outlined white."""
-    src = lock.source_model
-    cells = src.num_hidden_layers * src.num_attention_heads  # at most 4096 x 4096 (the lock schema)
-    cell = max(1, min(cell, int((MAX_HEATMAP_PIXELS / cells) ** 0.5)))
-    grid = probe_accuracy_grid(lock)
-    if grid is None:
-        grid = np.full((src.num_hidden_layers, src.num_attention_heads), 0.5)
-        grid[lock.layers, lock.heads] = 1.0
-    t = np.clip((grid - 0.5) / 0.5, 0, 1)[..., None]
-    low, high = np.array([20, 30, 90]), np.array([250, 230, 40])
-    colours = (low + (high - low) * t).astype(np.uint8)
-    image = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
-    for layer, head in zip(lock.layers.tolist(), lock.heads.tolist()) if cell >= 4 else ():
-        y, x = layer * cell, head * cell
-        image[y:y + cell, x:x + 2] = image[y:y + cell, x + cell - 2:x + cell] = 255
-        image[y:y + 2, x:x + cell] = image[y + cell - 2:y + cell, x:x + cell] = 255
-    return png_bytes(image)
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an [height, width, 3] uint8 image as PNG (no plotting library needed)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    height, width, _ = rgb.shape
-    raw = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, dtype=np.uint8))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
 def describe_checkpoint(checkpoint: Checkpoint) -> dict:

@@ -234,22 +234,6 @@ def results_table(results: list[AlphaResult]) -> str:
     return "\n".join(lines)
 
 
-def results_plot(results: list[AlphaResult], title: str) -> bytes:
-    from .plot import line_chart
-
-    rows = [r for r in results if r.alpha is not None] or results
-    xs = [r.alpha if r.alpha is not None else 0.0 for r in rows]
-    rates = {"harmful compliance": [r.harmful_compliance for r in rows],
-             "over-refusal": [r.over_refusal for r in rows],
-             "degenerate": [r.degenerate for r in rows]}
-    if any(r.qa_accuracy is not None for r in rows):
-        rates["qa accuracy"] = [r.qa_accuracy for r in rows]
-    panels = [{"title": "rates", "x": xs, "series": rates, "y_max": 1.0}]
-    if any(r.kl is not None for r in rows):
-        panels.append({"title": "KL (nats/token)", "x": xs, "series": {"kl": [r.kl for r in rows]}})
-    return line_chart(panels, "alpha", title)
-
-
 def report_json(report: EvalReport, with_answers: bool = False) -> str:
     data = report.to_dict(with_answers)
     problems = schema_errors(data, "eval")

@@ -1,108 +1,127 @@
-"""A small line chart as PNG (no plotting dependency): eval and tune's metrics against alpha.
+"""Pictures, drawn by matplotlib (the optional extra ``pip install 'weightlock[plot]'``).
 
-Drawn on a numpy RGB canvas with a built-in 5x7 upper-case bitmap font and written with the
-PNG encoder ``describe.png_bytes`` uses for the lock heatmap.
+- ``eval_curves``: eval and tune's metrics against alpha (harmful compliance, over-refusal, QA accuracy,
+  degenerate answers; KL on its own axis), with the alpha tune chose marked;
+- ``lock_heatmap``: a lock's layer x head map of held-out probe accuracy with a colour bar, the kept heads
+  marked.
+
+PNG or SVG, chosen by the output file's suffix. matplotlib's object API (``Figure``) is used, not pyplot:
+no global state and no display backend, so it works in pipelines and threads.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import io
+from pathlib import Path
 
-from .describe import png_bytes
+from .errors import InvalidInputError, MissingDependencyError
 
-# 5x7 glyphs, one string of 7 rows per character; '#' is ink.
-_GLYPHS = {
-    "A": " ### #   ##   #######   ##   ##   #", "B": "#### #   ##   ##### #   ##   ##### ",
-    "C": " ### #   ##    #    #    #   # ### ", "D": "#### #   ##   ##   ##   ##   ##### ",
-    "E": "######    #    #### #    #    #####", "F": "######    #    #### #    #    #    ",
-    "G": " ### #   ##    # ####   ##   # ####", "H": "#   ##   ##   #######   ##   ##   #",
-    "I": " ###   #    #    #    #    #   ### ", "J": "  ###    #    #    #    ##   # ### ",
-    "K": "#   ##  # # #  ##   # #  #  # #   #", "L": "#    #    #    #    #    #    #####",
-    "M": "#   ### ### # ##   ##   ##   ##   #", "N": "#   ###  ## # ##  ###   ##   ##   #",
-    "O": " ### #   ##   ##   ##   ##   # ### ", "P": "#### #   ##   ##### #    #    #    ",
-    "Q": " ### #   ##   ##   ## # ##  #  ## #", "R": "#### #   ##   ##### # #  #  # #   #",
-    "S": " ####    #     ###     #    #####  ", "T": "#####  #    #    #    #    #    #  ",
-    "U": "#   ##   ##   ##   ##   ##   # ### ", "V": "#   ##   ##   ##   ##   # # #   #  ",
-    "W": "#   ##   ##   ## # ## # ## # # # # ", "X": "#   ##   # # #   #   # # #   ##   #",
-    "Y": "#   ##   # # #   #    #    #    #  ", "Z": "#####    #   #   #   #   #    #####",
-    "0": " ### #   ##  ### # ###  ##   # ### ", "1": "  #   ##    #    #    #    #   ### ",
-    "2": " ### #   #    #   #   #   #   #####", "3": "#####   #   #     #     ##   # ### ",
-    "4": "   #   ##  # # #  ######   #    #  ", "5": "######    ####     #    ##   # ### ",
-    "6": "  ##  #   #    #### #   ##   # ### ", "7": "#####    #   #   #    #    #    #  ",
-    "8": " ### #   ##   # ### #   ##   # ### ", "9": " ### #   ##   # ####    #   #  ##  ",
-    ".": "                         ##   ##   ", "-": "               ###               ".ljust(35),
-    ":": "      ##   ##        ##   ##       ", "=": "          #####     #####          ",
-    "%": "##   ##  #   #   #   #   #  ##   ##", "(": "   #   #   #    #    #     #     # ",
-    ")": " #     #     #    #    #   #   #   ", "/": "    #    #   #   #   #   #    #    ",
-    " ": " " * 35,
-}
-WHITE, BLACK, GREY = (255, 255, 255), (30, 30, 30), (215, 215, 215)
-COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+FORMATS = {".png": "png", ".svg": "svg"}
+DPI = 120
+# Bounded by the lock schema (4096 x 4096 heads); the figure stops growing long before that.
+MAX_FIGURE_INCHES = 24
 
 
-class Canvas:
-    def __init__(self, width: int, height: int):
-        self.pixels = np.full((height, width, 3), 255, dtype=np.uint8)
-
-    def text(self, x: int, y: int, text: str, colour=BLACK, scale: int = 1) -> None:
-        for i, ch in enumerate(text.upper()):
-            glyph = _GLYPHS.get(ch, _GLYPHS[" "]).ljust(35)
-            for row in range(7):
-                for col in range(5):
-                    if glyph[row * 5 + col] == "#":
-                        self.rect(x + (i * 6 + col) * scale, y + row * scale, scale, scale, colour)
-
-    def rect(self, x: int, y: int, w: int, h: int, colour) -> None:
-        height, width, _ = self.pixels.shape
-        x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
-        if x0 < x1 and y0 < y1:
-            self.pixels[y0:y1, x0:x1] = colour
-
-    def line(self, x0: float, y0: float, x1: float, y1: float, colour, width: int = 2) -> None:
-        steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        for t in np.linspace(0.0, 1.0, steps):
-            self.rect(int(round(x0 + (x1 - x0) * t)) - width // 2, int(round(y0 + (y1 - y0) * t)) - width // 2,
-                      width, width, colour)
+def image_format(path: str | Path) -> str:
+    """"png" or "svg" from the file name; anything else is refused before any work is done."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise InvalidInputError(f"cannot tell the picture format of {Path(path).name}",
+                                hint="name the file .png or .svg")
+    return fmt
 
 
-def line_chart(panels: list[dict], x_label: str, title: str, panel_size=(380, 260)) -> bytes:
-    """``panels``: [{"title", "x": [...], "series": {name: [y or None, ...]}, "y_max": float or None}]."""
-    pw, ph = panel_size
-    margin_left, margin_top, margin_bottom, legend_w = 48, 40, 44, 170
-    canvas = Canvas(len(panels) * (pw + margin_left + legend_w) + 20, ph + margin_top + margin_bottom + 10)
-    canvas.text(10, 8, title, scale=2)
-    for p, panel in enumerate(panels):
-        left = 10 + p * (pw + margin_left + legend_w) + margin_left
-        top = margin_top
-        xs = np.array(panel["x"], dtype=float)
-        values = [v for ys in panel["series"].values() for v in ys if v is not None]
-        y_max = panel.get("y_max") or (max(values) * 1.1 if values and max(values) > 0 else 1.0)
-        x_min, x_max = float(xs.min()), float(xs.max())
-        x_span = (x_max - x_min) or 1.0
+def check_can_draw(path: str | Path) -> str:
+    """Before long work whose result will be drawn: the format from the suffix, and matplotlib importable."""
+    fmt = image_format(path)
+    _figure(1, 1)
+    return fmt
 
-        def to_px(x, y):
-            return left + (x - x_min) / x_span * pw, top + ph - min(max(y, 0.0), y_max) / y_max * ph
 
-        for k in range(5):  # horizontal grid and y ticks
-            y = y_max * k / 4
-            _, py = to_px(x_min, y)
-            canvas.rect(left, int(py), pw, 1, GREY)
-            canvas.text(left - 44, int(py) - 3, f"{y:.2f}"[:6])
-        for x in xs:
-            px, _ = to_px(x, 0)
-            canvas.rect(int(px), top + ph, 1, 4, BLACK)
-            canvas.text(int(px) - 8, top + ph + 8, f"{x:g}"[:5])
-        canvas.rect(left, top, 1, ph, BLACK)
-        canvas.rect(left, top + ph, pw, 1, BLACK)
-        canvas.text(left + pw // 2 - 3 * len(x_label), top + ph + 24, x_label)
-        canvas.text(left, top - 12, panel["title"])
-        for s, (name, ys) in enumerate(panel["series"].items()):
-            colour = COLOURS[s % len(COLOURS)]
-            points = [to_px(x, y) for x, y in zip(xs, ys) if y is not None]
-            for (ax, ay), (bx, by) in zip(points, points[1:]):
-                canvas.line(ax, ay, bx, by, colour)
-            for px, py in points:
-                canvas.rect(int(px) - 3, int(py) - 3, 7, 7, colour)
-            canvas.rect(left + pw + 14, top + 10 + s * 16, 10, 10, colour)
-            canvas.text(left + pw + 28, top + 12 + s * 16, name[:24])
-    return png_bytes(canvas.pixels)
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError("drawing plots needs matplotlib",
+                                     hint="pip install 'weightlock[plot]'") from None
+    return Figure(figsize=(min(width, MAX_FIGURE_INCHES), min(height, MAX_FIGURE_INCHES)), layout="constrained")
+
+
+def _encode(figure, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=fmt, dpi=DPI, metadata={"Software": "weightlock"} if fmt == "png" else None)
+    return buffer.getvalue()
+
+
+def eval_curves(results, title: str, fmt: str = "png", chosen_alpha: float | None = None) -> bytes:
+    """Rates and KL against alpha, one line per metric; results without an alpha are drawn at 0."""
+    from matplotlib.ticker import PercentFormatter
+
+    rows = sorted(results, key=lambda r: 0.0 if r.alpha is None else r.alpha)
+    xs = [0.0 if r.alpha is None else r.alpha for r in rows]
+    figure = _figure(11, 4.2)
+    rates_axis, kl_axis = figure.subplots(1, 2)
+    series = [("harmful compliance", [r.harmful_compliance for r in rows], "tab:red", "o"),
+              ("over-refusal", [r.over_refusal for r in rows], "tab:blue", "s"),
+              ("degenerate answers", [r.degenerate for r in rows], "tab:gray", "^")]
+    if any(r.qa_accuracy is not None for r in rows):
+        series.append(("QA accuracy", [r.qa_accuracy for r in rows], "tab:green", "D"))
+    for label, values, colour, marker in series:
+        points = [(x, v) for x, v in zip(xs, values) if v is not None]
+        rates_axis.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=colour, label=label)
+    rates_axis.set(title="rates", xlabel="alpha", ylim=(-0.03, 1.03))
+    rates_axis.yaxis.set_major_formatter(PercentFormatter(1.0))
+    kl_points = [(x, r.kl) for x, r in zip(xs, rows) if r.kl is not None]
+    if kl_points:
+        kl_axis.plot([p[0] for p in kl_points], [p[1] for p in kl_points], marker="o", color="tab:purple",
+                     label="KL(unlocked || locked)")
+    else:
+        kl_axis.text(0.5, 0.5, "no KL measured", ha="center", va="center", transform=kl_axis.transAxes)
+    kl_axis.set(title="drift on benign text", xlabel="alpha", ylabel="nats / token")
+    for axis in (rates_axis, kl_axis):
+        axis.grid(alpha=0.3)
+        if chosen_alpha is not None:
+            axis.axvline(chosen_alpha, color="black", linestyle="--", linewidth=1,
+                         label=f"chosen alpha {chosen_alpha:g}")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="small")
+    figure.suptitle(title)
+    return _encode(figure, fmt)
+
+
+def lock_heatmap(lock, fmt: str = "png") -> bytes:
+    """Held-out probe accuracy per (layer, head) with a colour bar; the lock's heads outlined. A lock without
+    accuracies (imported from SafetyLock, say) shows its kept heads only."""
+    import numpy as np
+
+    from .describe import probe_accuracy_grid
+
+    src = lock.source_model
+    layers, heads = src.num_hidden_layers, src.num_attention_heads
+    figure = _figure(max(6.0, 2.5 + heads * 0.22), max(3.5, 1.5 + layers * 0.16))
+    axis = figure.subplots()
+    grid = probe_accuracy_grid(lock)
+    if grid is not None:
+        image = axis.imshow(grid, cmap="viridis", vmin=min(0.5, float(grid.min())), vmax=1.0, aspect="auto",
+                            interpolation="nearest")
+        figure.colorbar(image, ax=axis, label="held-out probe accuracy")
+    else:
+        kept = np.zeros((layers, heads))
+        kept[lock.layers, lock.heads] = 1.0
+        axis.imshow(kept, cmap="Greys", vmin=0, vmax=1.5, aspect="auto", interpolation="nearest")
+    # a square outline about the size of a cell (points), so that kept heads stand out at any grid size
+    width, height = (min(MAX_FIGURE_INCHES, size) for size in figure.get_size_inches())
+    cell = min(72 * 0.8 * width / heads, 72 * 0.8 * height / layers)
+    axis.scatter(lock.heads, lock.layers, marker="s", s=max(1.0, (0.7 * cell) ** 2), facecolors="none",
+                 edgecolors="red", linewidths=1.2)
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set(xlabel="head", ylabel="layer")
+    name = src.name or src.architecture
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a local path: its last part says enough
+        name = Path(name).name
+    axis.set_title(f"{name[:60]}: {layers} layers x {heads} heads\n"
+                   f"the {lock.num_heads_selected} kept heads outlined in red", fontsize="medium")
+    return _encode(figure, fmt)
