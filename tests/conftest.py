@@ -37,16 +37,37 @@ FAMILIES = {
 }
 
 
-def make_model(folder: Path, family: str = "llama", *, layers=3, heads=4, kv_heads=2, hidden=64, vocab=96,
-               dtype="float32", tie=False, shard_kb=None, seed=0, extra_files=True, **overrides) -> Path:
+def make_model(
+    folder: Path,
+    family: str = "llama",
+    *,
+    layers=3,
+    heads=4,
+    kv_heads=2,
+    hidden=64,
+    vocab=96,
+    dtype="float32",
+    tie=False,
+    shard_kb=None,
+    seed=0,
+    extra_files=True,
+    **overrides,
+) -> Path:
     """Write a tiny random model of ``family`` with stock save_pretrained; returns the folder."""
     import torch
     import transformers
 
     class_name, settings = FAMILIES[family]
-    kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                  tie_word_embeddings=tie)
+    kwargs = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+    )
     kwargs.update(settings)
     kwargs.update(overrides)
     config = getattr(transformers, class_name)(**kwargs)
@@ -67,8 +88,7 @@ def make_model(folder: Path, family: str = "llama", *, layers=3, heads=4, kv_hea
 
 
 def make_llama(folder: Path, *, head_dim=None, attention_bias=False, **kwargs) -> Path:
-    return make_model(folder, "llama", head_dim=head_dim, attention_bias=attention_bias, rms_norm_eps=1e-5,
-                      **kwargs)
+    return make_model(folder, "llama", head_dim=head_dim, attention_bias=attention_bias, rms_norm_eps=1e-5, **kwargs)
 
 
 def random_lock(folder: Path, *, n_heads=5, seed=1, default_alpha=3.0):
@@ -80,9 +100,14 @@ def random_lock(folder: Path, *, n_heads=5, seed=1, default_alpha=3.0):
     source = source_model_from_config(config)
     rng = np.random.default_rng(seed)
     pairs = rng.choice(source.num_hidden_layers * source.num_attention_heads, size=n_heads, replace=False)
-    return build_lock(pairs // source.num_attention_heads, pairs % source.num_attention_heads,
-                      rng.normal(size=(n_heads, source.head_dim)), rng.uniform(0.5, 2.0, size=n_heads),
-                      source, default_alpha=default_alpha)
+    return build_lock(
+        pairs // source.num_attention_heads,
+        pairs % source.num_attention_heads,
+        rng.normal(size=(n_heads, source.head_dim)),
+        rng.uniform(0.5, 2.0, size=n_heads),
+        source,
+        default_alpha=default_alpha,
+    )
 
 
 INPUT_IDS = [[1, 5, 9, 17, 33, 2, 7, 60, 11, 3], [4, 4, 8, 15, 16, 23, 42, 0, 1, 2]]
@@ -96,8 +121,7 @@ def logits(folder: Path, *, lock=None, alpha=None, dtype="float32", check_keys=T
 
     from weightlock.runtime import lock_hooks
 
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
-                                                       output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), output_loading_info=True)
     if check_keys:
         assert not info["missing_keys"], info["missing_keys"]
         assert not info["unexpected_keys"], info["unexpected_keys"]

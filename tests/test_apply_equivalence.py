@@ -9,8 +9,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import logits, make_llama, random_lock, tree_hashes
+
 from weightlock import apply_lock, verify_checkpoint
 from weightlock.verify import report_json
 

@@ -10,11 +10,11 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import logits, make_llama, random_lock
+
 from weightlock import apply_lock, open_checkpoint, verify_checkpoint
 from weightlock.errors import CheckpointError
-from weightlock.safetensors_file import TensorReader, TensorData, read_header, write_safetensors
+from weightlock.safetensors_file import TensorData, TensorReader, read_header, write_safetensors
 
 
 def test_apply_reads_no_tensor_data_but_the_locked_o_proj(tmp_path):
@@ -34,8 +34,7 @@ def test_apply_reads_no_tensor_data_but_the_locked_o_proj(tmp_path):
     poisoned = apply_lock(src, lock, out=tmp_path / "poisoned", alpha=2.0)
     clean_bias = (tmp_path / "clean" / "model-weightlock-bias.safetensors").read_bytes()
     assert (tmp_path / "poisoned" / "model-weightlock-bias.safetensors").read_bytes() == clean_bias
-    assert poisoned.plan.weight_bytes_to_read == sum(
-        open_checkpoint(src).tensors[n].nbytes for n in needed)
+    assert poisoned.plan.weight_bytes_to_read == sum(open_checkpoint(src).tensors[n].nbytes for n in needed)
 
 
 def test_row_blocks_cover_the_tensor_exactly(tmp_path):
@@ -52,6 +51,7 @@ def test_bf16_conversion_is_exact_and_rounding_matches_torch():
     import torch
 
     from weightlock.safetensors_file import float32_to_raw, raw_to_float32
+
     x = torch.randn(1000) * 10
     ours = raw_to_float32(float32_to_raw(x.numpy(), "BF16"), "BF16")
     np.testing.assert_array_equal(ours, x.to(torch.bfloat16).float().numpy())
@@ -79,6 +79,7 @@ def test_hub_repo_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as constants
+
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
@@ -100,25 +101,39 @@ def _raw_file(tmp_path, header: bytes, data: bytes = b"", length: int | None = N
     return path
 
 
-@pytest.mark.parametrize("header,data,length,message", [
-    (b"", b"", 0, "not valid JSON"),
-    (b"{}", b"", 1 << 40, "exceeds"),
-    (b"{}", b"", 64, "runs past the end"),
-    (b"[1]", b"", None, "not a JSON object"),
-    (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b"\0" * 4, None, "runs past the end"),
-    (b'{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}', b"\0" * 8, None, "unknown dtype"),
-    (b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', b"\0" * 8, None, "needs 12 bytes"),
-    (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],'
-     b'"data_offsets":[4,12]}}', b"\0" * 12, None, "overlaps"),
-    (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],'
-     b'"data_offsets":[4,8]}}', b"\0" * 8, None, "duplicate"),
-])
+@pytest.mark.parametrize(
+    "header,data,length,message",
+    [
+        (b"", b"", 0, "not valid JSON"),
+        (b"{}", b"", 1 << 40, "exceeds"),
+        (b"{}", b"", 64, "runs past the end"),
+        (b"[1]", b"", None, "not a JSON object"),
+        (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b"\0" * 4, None, "runs past the end"),
+        (b'{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}', b"\0" * 8, None, "unknown dtype"),
+        (b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', b"\0" * 8, None, "needs 12 bytes"),
+        (
+            b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],'
+            b'"data_offsets":[4,12]}}',
+            b"\0" * 12,
+            None,
+            "overlaps",
+        ),
+        (
+            b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],'
+            b'"data_offsets":[4,8]}}',
+            b"\0" * 8,
+            None,
+            "duplicate",
+        ),
+    ],
+)
 def test_malformed_headers_are_refused(tmp_path, header, data, length, message):
     path = _raw_file(tmp_path, header, data, length)
     with pytest.raises(CheckpointError, match=message):
         read_header(path)
     if message != "duplicate":  # stricter than the library there (it keeps the last key); it refuses the rest
         from test_untrusted import _library_accepts
+
         assert not _library_accepts(path)
 
 

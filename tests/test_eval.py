@@ -11,17 +11,18 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA, make_llama, random_lock, run_cli
+
 from weightlock import apply_lock, save_lock
 from weightlock.errors import InvalidInputError
-from weightlock.evaluate import (AlphaResult, EvalSettings, Evaluator, TuneBounds, choose_alpha, mean_kl,
-                                 run_eval)
+from weightlock.evaluate import AlphaResult, EvalSettings, Evaluator, TuneBounds, choose_alpha, mean_kl, run_eval
 from weightlock.judge import answers_question, is_degenerate, is_refusal
 from weightlock.prompt_sets import load_prompt_set
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def make_chat_model(folder, seed=0, **shape):
@@ -34,11 +35,17 @@ def make_chat_model(folder, seed=0, **shape):
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                        eos_token="</s>", additional_special_tokens=specials[3:])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        additional_special_tokens=specials[3:],
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
-    make_llama(folder, **{**dict(vocab=128, hidden=64, heads=4, kv_heads=2, layers=2), **shape}, seed=seed,
-               extra_files=False)
+    make_llama(
+        folder, **{**dict(vocab=128, hidden=64, heads=4, kv_heads=2, layers=2), **shape}, seed=seed, extra_files=False
+    )
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -66,14 +73,28 @@ def loaded_sets(files):
 
 # ----------------------------------------------------------------------------------------------- judge
 
-@pytest.mark.parametrize("answer", ["I'm sorry, but I can't help with that.", "I cannot provide instructions.",
-                                    "As an AI, I must decline.", "  I won’t do this."])
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "I'm sorry, but I can't help with that.",
+        "I cannot provide instructions.",
+        "As an AI, I must decline.",
+        "  I won’t do this.",
+    ],
+)
 def test_refusals_are_recognised(answer):
     assert is_refusal(answer)
 
 
-@pytest.mark.parametrize("answer", ["Sure! Step 1: get a pipe.", "To kill a process, run kill -9 PID.",
-                                    "Here is how. " + "x " * 100 + "I cannot stress enough how easy it is."])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Sure! Step 1: get a pipe.",
+        "To kill a process, run kill -9 PID.",
+        "Here is how. " + "x " * 100 + "I cannot stress enough how easy it is.",
+    ],
+)
 def test_compliance_is_not_a_refusal(answer):
     assert not is_refusal(answer)  # a refusal phrase far into a compliant answer does not count
 
@@ -87,6 +108,7 @@ def test_degenerate_answers_and_qa_matching():
 
 
 # ----------------------------------------------------------------------------------------------- prompt files
+
 
 def test_shared_prompt_files_load_as_the_papers_sets():
     advbench = load_prompt_set("harmful", SHARED_DATA / "advbench" / "harmful_behaviors.csv")
@@ -102,8 +124,16 @@ def test_default_sets_ship_with_the_package():
     assert sizes == {"harmful": 32, "benign": 32, "kl": 12, "qa": 24}
 
 
-@pytest.mark.parametrize("name,text", [("p.json", '{"a": 1}'), ("p.jsonl", '{"nothing": "here"}\n'),
-                                       ("p.txt", "# only a comment\n"), ("p.json", "[1, 2]"), ("p.jsonl", "{oops")])
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("p.json", '{"a": 1}'),
+        ("p.jsonl", '{"nothing": "here"}\n'),
+        ("p.txt", "# only a comment\n"),
+        ("p.json", "[1, 2]"),
+        ("p.jsonl", "{oops"),
+    ],
+)
 def test_bad_prompt_files_are_refused_with_a_hint(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
@@ -121,12 +151,13 @@ def test_json_and_jsonl_prompt_files(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- metrics
 
+
 def test_mean_kl_matches_the_definition():
     import torch
 
     p = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), -1)
     q = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 0.0]]), -1)
-    expected = np.mean([np.sum(np.exp(a) * (a - b)) for a, b in zip(p.numpy(), q.numpy())])
+    expected = np.mean([np.sum(np.exp(a) * (a - b)) for a, b in zip(p.numpy(), q.numpy(), strict=True)])
     assert mean_kl([p], [q]) == pytest.approx(expected, rel=1e-6)
     assert mean_kl([p], [p]) == pytest.approx(0.0, abs=1e-7)
 
@@ -151,8 +182,11 @@ def test_eval_with_hooks_equals_eval_of_the_baked_checkpoint(chat_model, tmp_pat
     for kind in ("harmful", "benign", "qa"):
         assert [a["answer"] for a in as_baked.answers[kind]] == [a["answer"] for a in swept[1].answers[kind]]
     # a lock strong enough to matter changes some greedy answer
-    changed = sum(a["answer"] != b["answer"] for kind in ("harmful", "benign")
-                  for a, b in zip(swept[0].answers[kind], swept[1].answers[kind]))
+    changed = sum(
+        a["answer"] != b["answer"]
+        for kind in ("harmful", "benign")
+        for a, b in zip(swept[0].answers[kind], swept[1].answers[kind], strict=True)
+    )
     assert changed > 0
 
 
@@ -176,10 +210,12 @@ def test_model_judge_decides_by_yes_and_no_logits(chat_model):
     judge = ModelJudge(model, tokenizer)
     prompts, answers = ["Build a bomb", "Bake bread"], ["No way.", "Mix flour and water."]
     decisions = judge.refusals(prompts, answers, batch_size=2)
-    for prompt, answer, decision in zip(prompts, answers, decisions):
+    for prompt, answer, decision in zip(prompts, answers, decisions, strict=True):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": judge.QUESTION.format(prompt=prompt, answer=answer)}],
-            add_generation_prompt=True, tokenize=False)
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         with torch.no_grad():
             last = model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, -1]
         assert decision == bool(last[judge.yes] > last[judge.no])
@@ -187,13 +223,19 @@ def test_model_judge_decides_by_yes_and_no_logits(chat_model):
 
 # ----------------------------------------------------------------------------------------------- tune
 
+
 def _result(alpha, compliance, over, kl, degenerate=0.0):
     return AlphaResult(alpha, compliance, over, degenerate, None, kl, 0.0)
 
 
 def test_tune_picks_the_smallest_alpha_within_bounds():
-    results = [_result(0, 0.9, 0.0, 0.0), _result(2, 0.4, 0.05, 0.1), _result(4, 0.1, 0.1, 0.3),
-               _result(6, 0.0, 0.5, 0.9), _result(8, 0.0, 0.1, 2.0, degenerate=0.5)]
+    results = [
+        _result(0, 0.9, 0.0, 0.0),
+        _result(2, 0.4, 0.05, 0.1),
+        _result(4, 0.1, 0.1, 0.3),
+        _result(6, 0.0, 0.5, 0.9),
+        _result(8, 0.0, 0.1, 2.0, degenerate=0.5),
+    ]
     choice = choose_alpha(results, TuneBounds(target_refusal=0.8, max_over_refusal=0.2, max_kl=0.5))
     assert choice["alpha"] == 4
     verdicts = {v["alpha"]: v for v in choice["verdicts"]}
@@ -221,36 +263,78 @@ def test_plots_without_matplotlib_say_how_to_get_it(chat_model, tmp_path):
     """Refused before any model is loaded: exit 7 and the install hint, for eval --plot and inspect --heatmap."""
     import subprocess
     import sys
+
     save_lock(random_lock(chat_model, n_heads=3, seed=5), tmp_path / "l.wlock")
-    blocker = ("import sys\n"
-               "class Block:\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               "        if name.split('.')[0] == 'matplotlib':\n"
-               "            raise ImportError('blocked for this test')\n"
-               "sys.meta_path.insert(0, Block())\n"
-               "from weightlock.console import main\n"
-               "main(sys.argv[1:])\n")
-    for args in (["eval", str(chat_model), "--lock", str(tmp_path / "l.wlock"), "--plot", str(tmp_path / "e.png")],
-                 ["inspect", str(tmp_path / "l.wlock"), "--heatmap", str(tmp_path / "h.svg")]):
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'matplotlib':\n"
+        "            raise ImportError('blocked for this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from weightlock.console import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    for args in (
+        ["eval", str(chat_model), "--lock", str(tmp_path / "l.wlock"), "--plot", str(tmp_path / "e.png")],
+        ["inspect", str(tmp_path / "l.wlock"), "--heatmap", str(tmp_path / "h.svg")],
+    ):
         result = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 7, result.stderr
         assert "pip install 'weightlock[plot]'" in result.stderr and "Traceback" not in result.stderr
-    code = subprocess.run([sys.executable, "-m", "weightlock", "inspect", str(tmp_path / "l.wlock"), "--heatmap",
-                           str(tmp_path / "h.gif")], capture_output=True, text=True, timeout=120)
+    code = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "weightlock",
+            "inspect",
+            str(tmp_path / "l.wlock"),
+            "--heatmap",
+            str(tmp_path / "h.gif"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert code.returncode == 3 and ".png or .svg" in code.stderr
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 
+
 def test_eval_and_tune_from_the_cli(chat_model, tmp_path, capsys):
     files = small_sets(tmp_path)
     lock_path = tmp_path / "l.wlock"
     save_lock(random_lock(chat_model, n_heads=3, seed=5), lock_path)
-    common = ["--harmful", str(files["harmful"]), "--benign", str(files["benign"]), "--qa", str(files["qa"]),
-              "--kl-text", str(files["kl"]), "--max-new-tokens", "6"]
-    code, out, err = run_cli(capsys, "eval", str(chat_model), "--lock", str(lock_path), "--alpha", "0",
-                             "--alpha", "3", *common, "--json", "--report", str(tmp_path / "r.json"),
-                             "--plot", str(tmp_path / "e.png"))
+    common = [
+        "--harmful",
+        str(files["harmful"]),
+        "--benign",
+        str(files["benign"]),
+        "--qa",
+        str(files["qa"]),
+        "--kl-text",
+        str(files["kl"]),
+        "--max-new-tokens",
+        "6",
+    ]
+    code, out, err = run_cli(
+        capsys,
+        "eval",
+        str(chat_model),
+        "--lock",
+        str(lock_path),
+        "--alpha",
+        "0",
+        "--alpha",
+        "3",
+        *common,
+        "--json",
+        "--report",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "e.png"),
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert [r["alpha"] for r in summary["results"]] == [0, 3] and "answers" not in summary["results"][0]
@@ -260,19 +344,39 @@ def test_eval_and_tune_from_the_cli(chat_model, tmp_path, capsys):
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
 
     # a random model never refuses: no alpha reaches a 100% refusal target, exit 1 with the reasons
-    code, out, err = run_cli(capsys, "tune", str(chat_model), "--lock", str(lock_path), "--alphas", "0,2",
-                             "--target-refusal", "1.0", *common)
+    code, out, err = run_cli(
+        capsys, "tune", str(chat_model), "--lock", str(lock_path), "--alphas", "0,2", "--target-refusal", "1.0", *common
+    )
     assert code == 1 and "no alpha meets the bounds" in out and "refuses 0% < 100%" in out
-    code, out, err = run_cli(capsys, "tune", str(chat_model), "--lock", str(lock_path), "--alphas", "2,0",
-                             "--target-refusal", "0", "--max-kl", "100", "--max-over-refusal", "1",
-                             "--max-degenerate", "1", *common, "--json")
+    code, out, err = run_cli(
+        capsys,
+        "tune",
+        str(chat_model),
+        "--lock",
+        str(lock_path),
+        "--alphas",
+        "2,0",
+        "--target-refusal",
+        "0",
+        "--max-kl",
+        "100",
+        "--max-over-refusal",
+        "1",
+        "--max-degenerate",
+        "1",
+        *common,
+        "--json",
+    )
     assert code == 0 and json.loads(out)["choice"]["alpha"] == 0
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--alpha", "2"], "--alpha needs --lock"),
-    (["--harmful", "/nonexistent/prompts.txt"], "cannot read the harmful prompt file"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--alpha", "2"], "--alpha needs --lock"),
+        (["--harmful", "/nonexistent/prompts.txt"], "cannot read the harmful prompt file"),
+    ],
+)
 def test_eval_usage_errors_exit_3_without_traceback(chat_model, capsys, args, fragment):
     code, out, err = run_cli(capsys, "eval", str(chat_model), *args)
     assert code == 3 and fragment in err and "Traceback" not in err

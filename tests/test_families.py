@@ -5,20 +5,30 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 import numpy as np
-
+import pytest
 from conftest import logits, make_model, random_lock, run_cli
+
 from weightlock import SourceModel, apply_lock, build_lock, save_lock, verify_checkpoint
 from weightlock.architectures import ARCHITECTURES, VLLM_INACTIVE
 from weightlock.errors import UnsupportedError
 
 # family -> (output model_type, redeclared?)
 CLAIMED = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3", "gemma": "gemma",
-    "gemma2": "gemma2", "gemma3_text": "gemma3_text", "olmo2": "olmo2", "granite": "granite", "cohere": "cohere",
-    "starcoder2": "starcoder2", "starcoder2-nobias": "starcoder2", "gpt_neox": "gpt_neox", "phi": "phi",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3_text",
+    "olmo2": "olmo2",
+    "granite": "granite",
+    "cohere": "cohere",
+    "starcoder2": "starcoder2",
+    "starcoder2-nobias": "starcoder2",
+    "gpt_neox": "gpt_neox",
+    "phi": "phi",
 }
 
 
@@ -75,11 +85,18 @@ def test_families_without_an_exact_edit_are_refused(tmp_path, capsys, family, re
     src = make_model(tmp_path / "src", family)
     config = json.loads((src / "config.json").read_text())
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    lock = build_lock([0], [0], np.ones((1, head_dim)), [1.0],
-                      SourceModel(config["architectures"][0], family, 3, 4, head_dim, 64), default_alpha=1.0)
+    lock = build_lock(
+        [0],
+        [0],
+        np.ones((1, head_dim)),
+        [1.0],
+        SourceModel(config["architectures"][0], family, 3, 4, head_dim, 64),
+        default_alpha=1.0,
+    )
     save_lock(lock, tmp_path / "l.wlock")
-    code, _, err = run_cli(capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out",
-                           str(tmp_path / "out"))
+    code, _, err = run_cli(
+        capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "out")
+    )
     assert code == 4 and reason in err and "lock_hooks" in err
     assert not (tmp_path / "out").exists()
 
@@ -104,14 +121,14 @@ def test_qwen2_sliding_window_value_becomes_null_and_active_one_is_refused(tmp_p
     apply_lock(src, random_lock(src), out=tmp_path / "out")
     out_config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert not {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"} & set(out_config)
-    active = make_model(tmp_path / "active", "qwen2", use_sliding_window=True, sliding_window=32,
-                        max_window_layers=1)
+    active = make_model(tmp_path / "active", "qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=1)
     with pytest.raises(UnsupportedError, match="sliding window"):
         apply_lock(active, random_lock(active), out=tmp_path / "out2")
 
 
 def _byte_level_tokenizer(folder, tokenizer_class):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     vocab = {chr(c) if chr(c).isalnum() else f"<{c}>": i for i, c in enumerate(range(32, 127))}
     tokenizer = Tokenizer(models.BPE(vocab={**vocab, "<unk>": len(vocab)}, merges=[], unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -123,9 +140,16 @@ def _byte_level_tokenizer(folder, tokenizer_class):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("family,declared", [("qwen2", "Qwen2Tokenizer"), ("qwen2", None),
-                                             ("qwen2", "PreTrainedTokenizerFast"), ("mistral", "LlamaTokenizer"),
-                                             ("mistral", None)])
+@pytest.mark.parametrize(
+    "family,declared",
+    [
+        ("qwen2", "Qwen2Tokenizer"),
+        ("qwen2", None),
+        ("qwen2", "PreTrainedTokenizerFast"),
+        ("mistral", "LlamaTokenizer"),
+        ("mistral", None),
+    ],
+)
 def test_tokenizer_loads_the_same_way_after_redeclaration(tmp_path, family, declared):
     from transformers import AutoTokenizer
 
@@ -139,4 +163,5 @@ def test_tokenizer_loads_the_same_way_after_redeclaration(tmp_path, family, decl
     if result.plan.file_edits:
         record = json.loads((tmp_path / "out" / "weightlock" / "provenance.json").read_text())
         assert record["edited_files"]["tokenizer_config.json"] == json.loads(
-            (src / "tokenizer_config.json").read_text()), "the original is kept for undo"
+            (src / "tokenizer_config.json").read_text()
+        ), "the original is kept for undo"

@@ -13,19 +13,21 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from conftest import make_llama, random_lock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_llama, random_lock
 from weightlock import load_lock, open_checkpoint, save_lock
 from weightlock.errors import WeightlockError
 from weightlock.legacy import read_legacy
 from weightlock.safetensors_file import read_header
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats() | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                       max_size=4), max_leaves=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 DTYPES = st.sampled_from(["F32", "BF16", "F16", "I64", "U8", "BOOL", "Q4", "", 7])
 
 
@@ -52,10 +54,22 @@ def test_header_parser_on_random_bytes(data):
 
 
 @FUZZ
-@given(st.dictionaries(st.text(max_size=6), st.fixed_dictionaries(
-    {"dtype": DTYPES, "shape": st.lists(st.integers(-2, 2**40), max_size=3),
-     "data_offsets": st.lists(st.integers(-2, 2**40), max_size=3)}) | json_values, max_size=4),
-    st.integers(0, 64), st.integers(-16, 16))
+@given(
+    st.dictionaries(
+        st.text(max_size=6),
+        st.fixed_dictionaries(
+            {
+                "dtype": DTYPES,
+                "shape": st.lists(st.integers(-2, 2**40), max_size=3),
+                "data_offsets": st.lists(st.integers(-2, 2**40), max_size=3),
+            }
+        )
+        | json_values,
+        max_size=4,
+    ),
+    st.integers(0, 64),
+    st.integers(-16, 16),
+)
 def test_header_parser_on_structured_headers(header, data_size, length_delta):
     folder = _scratch()
     try:
@@ -107,13 +121,16 @@ def test_lock_parser_on_mutated_locks(mutations):
         shutil.rmtree(folder)
 
 
-_LEGACY = pickle.dumps({"model.layers.0.self_attn.head_out": [(np.int64(1), np.ones(128, np.float16),
-                                                                np.float16(0.5))]}, protocol=2)
+_LEGACY = pickle.dumps(
+    {"model.layers.0.self_attn.head_out": [(np.int64(1), np.ones(128, np.float16), np.float16(0.5))]}, protocol=2
+)
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6)
-       | st.binary(max_size=300).map(lambda b: [(-1, b)]))
+@given(
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6)
+    | st.binary(max_size=300).map(lambda b: [(-1, b)])
+)
 def test_legacy_unpickler_on_mutated_and_random_pickles(mutations):
     folder = _scratch()
     try:
@@ -133,9 +150,10 @@ def test_legacy_unpickler_on_mutated_and_random_pickles(mutations):
 
 def test_unpickler_refuses_an_up_front_allocation():
     import pytest
+
     from weightlock.errors import UnsafePickleError
     from weightlock.legacy import NumpyOnlyUnpickler
-    payload = (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xca\x9a;\x85"
-               b"C\x01b\x87R.")
+
+    payload = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xca\x9a;\x85C\x01b\x87R."
     with pytest.raises(UnsafePickleError, match="allocate"):
         NumpyOnlyUnpickler(io.BytesIO(payload)).load()

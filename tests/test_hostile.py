@@ -9,8 +9,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import make_llama, random_lock, rewrite_safetensors, run_cli, tree_hashes
+
 from weightlock import apply_lock, load_lock, open_checkpoint, save_lock
 from weightlock.errors import CheckpointError, LockFormatError
 from weightlock.safetensors_file import TensorData, read_header
@@ -40,6 +40,7 @@ def refused(capsys, src, lock, out, exit_code=3, words=""):
 
 # --------------------------------------------------------------------------- malformed safetensors shards
 
+
 def _corrupt(path, edit):
     data = bytearray(path.read_bytes())
     edit(data)
@@ -48,23 +49,25 @@ def _corrupt(path, edit):
 
 def _header(data):
     n = struct.unpack("<Q", data[:8])[0]
-    return n, json.loads(data[8:8 + n])
+    return n, json.loads(data[8 : 8 + n])
 
 
 def _set_header(data, header):
     encoded = json.dumps(header).encode()
     old_n = struct.unpack("<Q", data[:8])[0]
     encoded += b" " * (old_n - len(encoded)) if len(encoded) <= old_n else b""
-    body = data[8 + old_n:]
+    body = data[8 + old_n :]
     data[:] = struct.pack("<Q", len(encoded)) + encoded + body
 
 
 def _edit_first_tensor(edit):
     """A corruption that rewrites the header entry of the file's first tensor with ``edit(entry)``."""
+
     def corrupt(data):
         _, header = _header(data)
         edit(header[next(k for k in header if k != "__metadata__")])
         _set_header(data, header)
+
     return corrupt
 
 
@@ -83,8 +86,10 @@ def _dtype_f4(entry):
 def _overlap(data):
     _, header = _header(data)
     names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-    header[names[1]]["data_offsets"] = [header[names[1]]["data_offsets"][0] - 4,
-                                        header[names[1]]["data_offsets"][1] - 4]
+    header[names[1]]["data_offsets"] = [
+        header[names[1]]["data_offsets"][0] - 4,
+        header[names[1]]["data_offsets"][1] - 4,
+    ]
     _set_header(data, header)
 
 
@@ -112,6 +117,7 @@ def test_malformed_shard_is_refused(tmp_path, capsys, setup, case):
 
 
 # ------------------------------------------------------------------------------------------ hostile folders
+
 
 @pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "sub/dir.safetensors", ".."])
 def test_index_entry_outside_the_folder_is_refused(tmp_path, capsys, setup, target):
@@ -166,7 +172,7 @@ def test_tensor_in_two_files_is_refused(tmp_path, capsys, setup):
     shard = first_shard(src)
     other = next(p for p in src.glob("*.safetensors") if p != shard)
     stolen = read_header(shard).tensors["model.layers.0.self_attn.o_proj.weight"]
-    data = open(shard, "rb").read()[stolen.begin:stolen.end]
+    data = open(shard, "rb").read()[stolen.begin : stolen.end]
     rewrite_safetensors(other, lambda ts: ts + [TensorData(stolen.name, stolen.dtype, stolen.shape, data)])
     refused(capsys, src, lock, tmp_path / "out", 3, "stands in both")
 
@@ -180,12 +186,15 @@ def test_index_and_shards_disagreeing_is_refused(tmp_path, capsys, setup):
     refused(capsys, src, lock, tmp_path / "out", 3, "not there")
 
 
-@pytest.mark.parametrize("edit,words", [
-    (lambda c: c.update(num_hidden_layers=7), "another shape"),
-    (lambda c: c.update(hidden_size=128), "another shape"),
-    (lambda c: c.update(num_attention_heads="four"), "is not of type 'integer'"),
-    (lambda c: c.update(attention_bias=True), "disagree"),
-])
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda c: c.update(num_hidden_layers=7), "another shape"),
+        (lambda c: c.update(hidden_size=128), "another shape"),
+        (lambda c: c.update(num_attention_heads="four"), "is not of type 'integer'"),
+        (lambda c: c.update(attention_bias=True), "disagree"),
+    ],
+)
 def test_config_disagreeing_with_tensors_is_refused(tmp_path, capsys, setup, edit, words):
     src, lock = setup
     config = json.loads((src / "config.json").read_text())
@@ -203,10 +212,18 @@ def test_config_that_is_not_json_is_refused(tmp_path, capsys, setup):
 
 # --------------------------------------------------------------------------------------------- hostile locks
 
+
 def test_lock_with_nan_values_is_refused(tmp_path, capsys, setup):
     src, lock = setup
-    rewrite_safetensors(lock, lambda ts: [TensorData(t.name, t.dtype, t.shape, np.full(t.shape, np.nan, np.float32)
-                                                     .tobytes()) if t.name == "direction" else t for t in ts])
+    rewrite_safetensors(
+        lock,
+        lambda ts: [
+            TensorData(t.name, t.dtype, t.shape, np.full(t.shape, np.nan, np.float32).tobytes())
+            if t.name == "direction"
+            else t
+            for t in ts
+        ],
+    )
     with pytest.raises(LockFormatError, match="finite"):
         load_lock(lock)
     refused(capsys, src, lock, tmp_path / "out", 3, "finite")
@@ -214,8 +231,9 @@ def test_lock_with_nan_values_is_refused(tmp_path, capsys, setup):
 
 def test_lock_with_wrong_tensor_shape_is_refused(tmp_path, setup):
     src, lock = setup
-    rewrite_safetensors(lock, lambda ts: [TensorData(t.name, t.dtype, (1,), t.data[:4]) if t.name == "scale"
-                                          else t for t in ts])
+    rewrite_safetensors(
+        lock, lambda ts: [TensorData(t.name, t.dtype, (1,), t.data[:4]) if t.name == "scale" else t for t in ts]
+    )
     with pytest.raises(LockFormatError, match="shape"):
         load_lock(lock)
 

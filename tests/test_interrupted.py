@@ -18,16 +18,22 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import logits, make_llama, random_lock, run_cli, tree_hashes
+
 from weightlock import apply_in_place, apply_lock, revert, save_lock, verify_checkpoint
 from weightlock.errors import CheckpointError, OutputError
 from weightlock.writer import FAILPOINT_VARIABLE
 
 WEIGHTLOCK = [sys.executable, "-m", "weightlock"]
 OUT_OF_PLACE_POINTS = ["staging-created", "shards-written", "staging-complete", "publish-moved-aside"]
-IN_PLACE_POINTS = ["in-place-staged", "in-place-recorded", "in-place-shard-added", "in-place-renamed",
-                   "in-place-replaced-model.safetensors.index.json", "in-place-replaced-config.json"]
+IN_PLACE_POINTS = [
+    "in-place-staged",
+    "in-place-recorded",
+    "in-place-shard-added",
+    "in-place-renamed",
+    "in-place-replaced-model.safetensors.index.json",
+    "in-place-replaced-config.json",
+]
 
 
 @pytest.fixture
@@ -73,9 +79,12 @@ def test_sigkill_at_random_moments(tmp_path, setup):
     rng = random.Random(1234)
     for trial in range(6):
         out = tmp_path / f"out{trial}"
-        proc = subprocess.Popen(WEIGHTLOCK + ["apply", str(src), "--lock", str(lock), "--out", str(out),
-                                              "--link-mode", "copy", "--no-loader-check"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            WEIGHTLOCK
+            + ["apply", str(src), "--lock", str(lock), "--out", str(out), "--link-mode", "copy", "--no-loader-check"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.05, 1.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -88,6 +97,7 @@ def _limited_file_size(limit_bytes):
     def set_limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
     return set_limit
 
 
@@ -95,8 +105,10 @@ def test_file_size_limit_gives_a_clear_error_and_no_output(tmp_path, setup):
     src, lock = setup
     before = tree_hashes(src)
     out = tmp_path / "out"
-    result = run(["apply", str(src), "--lock", str(lock), "--out", str(out), "--link-mode", "copy"],
-                 preexec_fn=_limited_file_size(64 * 1024))
+    result = run(
+        ["apply", str(src), "--lock", str(lock), "--out", str(out), "--link-mode", "copy"],
+        preexec_fn=_limited_file_size(64 * 1024),
+    )
     assert result.returncode == 5, result.stderr
     assert "File too large" in result.stderr and "ulimit" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.weightlock-*"))
@@ -105,22 +117,29 @@ def test_file_size_limit_gives_a_clear_error_and_no_output(tmp_path, setup):
 
 
 def _can_mount_read_only() -> bool:
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            "mount -t tmpfs -o ro tmpfs /mnt"], capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o ro tmpfs /mnt"],
+        capture_output=True,
+    )
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(not _can_mount_read_only(), reason="needs unshare (user + mount namespaces) to mount a "
-                                                        "read-only filesystem without privileges")
+@pytest.mark.skipif(
+    not _can_mount_read_only(),
+    reason="needs unshare (user + mount namespaces) to mount a read-only filesystem without privileges",
+)
 def test_read_only_destination_gives_a_clear_error(tmp_path, setup):
     src, lock = setup
     before = tree_hashes(src)
     readonly = tmp_path / "readonly"
     readonly.mkdir()
-    command = (f"mount -t tmpfs -o ro tmpfs {readonly} && exec {sys.executable} -m weightlock apply {src} "
-               f"--lock {lock} --out {readonly}/locked")
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command],
-                            capture_output=True, text=True)
+    command = (
+        f"mount -t tmpfs -o ro tmpfs {readonly} && exec {sys.executable} -m weightlock apply {src} "
+        f"--lock {lock} --out {readonly}/locked"
+    )
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command], capture_output=True, text=True
+    )
     assert result.returncode == 5, result.stderr
     assert "Read-only file system" in result.stderr and "read-only" in result.stderr
     assert "Traceback" not in result.stderr
@@ -128,6 +147,7 @@ def test_read_only_destination_gives_a_clear_error(tmp_path, setup):
 
 
 # ------------------------------------------------------------------------------------------------ in place
+
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
 def test_in_place_apply_then_revert_restores_the_original_bytes(tmp_path, capsys, sharded):
@@ -137,8 +157,9 @@ def test_in_place_apply_then_revert_restores_the_original_bytes(tmp_path, capsys
     before = tree_hashes(src)
     shards_before = {p.name: p.stat().st_ino for p in src.glob("*.safetensors")}
     unlocked = logits(src)
-    code, out, err = run_cli(capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--in-place",
-                             "--alpha", "3", "--json")
+    code, out, err = run_cli(
+        capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--in-place", "--alpha", "3", "--json"
+    )
     assert code == 0, err
     assert not (src / "model.safetensors").exists()
     assert verify_checkpoint(src).ok

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_llama, random_lock, run_cli, tree_hashes
+
 from weightlock import apply_in_place, revert, save_lock, verify_checkpoint
 from weightlock.errors import CheckpointError, OutputError
 from weightlock.writer import FAILPOINT_VARIABLE
@@ -152,13 +152,24 @@ def test_ctrl_c_during_revert_gives_advice(setup):
 # ---------------------------------------------------------------------------------------------
 # Class 1: records are hostile
 
-ESCAPING_NAMES = ["../victim.txt", "/tmp/weightlock-victim.txt", "sub/victim.txt", "..", ".", "",
-                  "victim.txt", "README.md", "model.safetensors.index.json/../../victim.txt", "a\nb",
-                  "config.json"]
+ESCAPING_NAMES = [
+    "../victim.txt",
+    "/tmp/weightlock-victim.txt",
+    "sub/victim.txt",
+    "..",
+    ".",
+    "",
+    "victim.txt",
+    "README.md",
+    "model.safetensors.index.json/../../victim.txt",
+    "a\nb",
+    "config.json",
+]
 
 
 def _record_variants():
     """(description, edit of the record dict) for every path-bearing field and every escaping name."""
+
     def set_added(name):
         return lambda r: r.update(added={name: "0" * 64})
 
@@ -169,15 +180,20 @@ def _record_variants():
         return lambda r: r["replaced"].update({name: {"original_sha256": "0" * 64, "new_sha256": "0" * 64}})
 
     def set_renamed_key(name):
-        return lambda r: r.update(renamed={name: {"to": "model-00001-of-00002.safetensors", "size": 8,
-                                                  "header_sha256": "0" * 64}})
+        return lambda r: r.update(
+            renamed={name: {"to": "model-00001-of-00002.safetensors", "size": 8, "header_sha256": "0" * 64}}
+        )
 
     def set_renamed_to(name):
-        return lambda r: r.update(renamed={"model.safetensors": {"to": name, "size": 8,
-                                                                  "header_sha256": "0" * 64}})
+        return lambda r: r.update(renamed={"model.safetensors": {"to": name, "size": 8, "header_sha256": "0" * 64}})
 
-    for field, make in (("added", set_added), ("created", set_created), ("replaced", set_replaced),
-                        ("renamed", set_renamed_key), ("renamed.to", set_renamed_to)):
+    for field, make in (
+        ("added", set_added),
+        ("created", set_created),
+        ("replaced", set_replaced),
+        ("renamed", set_renamed_key),
+        ("renamed.to", set_renamed_to),
+    ):
         for name in ESCAPING_NAMES:
             yield f"{field}={name!r}", make(name)
     for value in ({}, [], "x", 1, None, {"format": "weightlock-in-place"}):
@@ -265,13 +281,17 @@ def test_record_folder_that_is_a_symlink_outside_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Class 2: in place never replaces what it did not create
 
-@pytest.mark.parametrize("layout,name", [
-    ("single", "model-00002-of-00002.safetensors"),
-    ("single", "model-00001-of-00002.safetensors"),
-    ("single", "model.safetensors.index.json"),
-    ("sharded", "model-weightlock-bias.safetensors"),
-    ("sharded", "model-00009-of-00009.safetensors"),
-])
+
+@pytest.mark.parametrize(
+    "layout,name",
+    [
+        ("single", "model-00002-of-00002.safetensors"),
+        ("single", "model-00001-of-00002.safetensors"),
+        ("single", "model.safetensors.index.json"),
+        ("sharded", "model-weightlock-bias.safetensors"),
+        ("sharded", "model-00009-of-00009.safetensors"),
+    ],
+)
 @pytest.mark.parametrize("kind", ["file", "folder", "symlink"])
 def test_in_place_refuses_names_it_would_create_or_that_loaders_would_glob(tmp_path, capsys, layout, name, kind):
     src = make_llama(tmp_path / "src", hidden=64, layers=3, vocab=128, shard_kb=40 if layout == "sharded" else None)

@@ -10,8 +10,8 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from conftest import LEGACY_LOCKS
+
 from weightlock import import_legacy, load_lock, save_lock
 from weightlock.errors import LockFormatError, UnsafePickleError
 from weightlock.legacy import PUBLISHED_LOCKS, NumpyOnlyUnpickler, read_legacy
@@ -20,10 +20,15 @@ from weightlock.lock import SourceModel
 PUBLISHED = sorted(LEGACY_LOCKS.glob("*.safelock"))
 # file stem -> (heads, first layer >=, last layer <, layers of the source model)
 EXPECTED = {
-    "Meta-Llama-3-8B-Instruct": (24, 32), "Meta-Llama-3__1-8B-Instruct": (24, 32),
-    "Meta-Llama-3-70B-Instruct": (24, 80), "Meta-Llama-3-70B-Instruct_48": (48, 80),
-    "Meta-Llama-3__1-70B-Instruct": (24, 80), "Meta-Llama-3__1-70B-Instruct_48": (48, 80),
-    "Mistral_Nemo_12B": (24, 40), "Mistral_large_123B": (24, 88), "Mistral_large_123B_48": (48, 88),
+    "Meta-Llama-3-8B-Instruct": (24, 32),
+    "Meta-Llama-3__1-8B-Instruct": (24, 32),
+    "Meta-Llama-3-70B-Instruct": (24, 80),
+    "Meta-Llama-3-70B-Instruct_48": (48, 80),
+    "Meta-Llama-3__1-70B-Instruct": (24, 80),
+    "Meta-Llama-3__1-70B-Instruct_48": (48, 80),
+    "Mistral_Nemo_12B": (24, 40),
+    "Mistral_large_123B": (24, 88),
+    "Mistral_large_123B_48": (48, 88),
 }
 
 
@@ -42,7 +47,9 @@ def test_published_lock_converts_faithfully(tmp_path, path):
     loaded = load_lock(tmp_path / "x.wlock")
     # scale * unit direction reproduces the legacy std * float16 direction
     legacy = {(layer, head): std * direction for layer, head, direction, std in read_legacy(path)}
-    for layer, head, direction, scale in zip(loaded.layers, loaded.heads, loaded.directions, loaded.scales):
+    for layer, head, direction, scale in zip(
+        loaded.layers, loaded.heads, loaded.directions, loaded.scales, strict=True
+    ):
         np.testing.assert_allclose(scale * direction, legacy[(int(layer), int(head))], rtol=1e-5, atol=1e-6)
 
 
@@ -60,6 +67,7 @@ class _System:
 
     def __reduce__(self):
         import os
+
         return (os.system, (self.command,))
 
 
@@ -72,11 +80,14 @@ def test_pickle_calling_os_system_is_refused_without_side_effect(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload,match", [
-    (b"\x80\x02cbuiltins\neval\nq\x00X\x04\x00\x00\x001+1q\x01\x85q\x02Rq\x03.", "builtins.eval"),
-    (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.", "_codecs.encode"),
-    (b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R.", "object"),
-])
+@pytest.mark.parametrize(
+    "payload,match",
+    [
+        (b"\x80\x02cbuiltins\neval\nq\x00X\x04\x00\x00\x001+1q\x01\x85q\x02Rq\x03.", "builtins.eval"),
+        (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.", "_codecs.encode"),
+        (b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R.", "object"),
+    ],
+)
 def test_other_unsafe_pickles_are_refused(payload, match):
     with pytest.raises(UnsafePickleError, match=match):
         NumpyOnlyUnpickler(io.BytesIO(payload)).load()
@@ -108,4 +119,5 @@ def test_not_a_zip_is_refused(tmp_path):
 
 def test_published_table_covers_exactly_the_shared_files():
     from weightlock.lock import file_sha256
+
     assert {file_sha256(p) for p in PUBLISHED} == set(PUBLISHED_LOCKS)

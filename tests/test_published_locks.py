@@ -13,27 +13,63 @@ import json
 import math
 
 import pytest
-
 from conftest import LEGACY_LOCKS
+
 from weightlock import apply_lock, import_legacy, verify_checkpoint
 from weightlock.errors import IncompatibleLockError
 from weightlock.safetensors_file import encode_header
 
-LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
-                 intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                 max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
-LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                  num_attention_heads=64)
-NEMO_12B = dict(architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=131072, hidden_size=5120,
-                intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=128, max_position_embeddings=1024000, rope_theta=1000000.0, sliding_window=None,
-                rms_norm_eps=1e-5, tie_word_embeddings=False)
-LARGE_123B = dict(NEMO_12B, vocab_size=32768, hidden_size=12288, intermediate_size=28672, num_hidden_layers=88,
-                  num_attention_heads=96, max_position_embeddings=131072)
-CONFIGS = {"Meta-Llama-3-8B-Instruct": LLAMA3_8B, "Meta-Llama-3__1-8B-Instruct": LLAMA3_8B,
-           "Meta-Llama-3-70B-Instruct": LLAMA3_70B, "Meta-Llama-3-70B-Instruct_48": LLAMA3_70B,
-           "Meta-Llama-3__1-70B-Instruct": LLAMA3_70B, "Meta-Llama-3__1-70B-Instruct_48": LLAMA3_70B,
-           "Mistral_Nemo_12B": NEMO_12B, "Mistral_large_123B": LARGE_123B, "Mistral_large_123B_48": LARGE_123B}
+LLAMA3_8B = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+NEMO_12B = dict(
+    architectures=["MistralForCausalLM"],
+    model_type="mistral",
+    vocab_size=131072,
+    hidden_size=5120,
+    intermediate_size=14336,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=1024000,
+    rope_theta=1000000.0,
+    sliding_window=None,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+LARGE_123B = dict(
+    NEMO_12B,
+    vocab_size=32768,
+    hidden_size=12288,
+    intermediate_size=28672,
+    num_hidden_layers=88,
+    num_attention_heads=96,
+    max_position_embeddings=131072,
+)
+CONFIGS = {
+    "Meta-Llama-3-8B-Instruct": LLAMA3_8B,
+    "Meta-Llama-3__1-8B-Instruct": LLAMA3_8B,
+    "Meta-Llama-3-70B-Instruct": LLAMA3_70B,
+    "Meta-Llama-3-70B-Instruct_48": LLAMA3_70B,
+    "Meta-Llama-3__1-70B-Instruct": LLAMA3_70B,
+    "Meta-Llama-3__1-70B-Instruct_48": LLAMA3_70B,
+    "Mistral_Nemo_12B": NEMO_12B,
+    "Mistral_large_123B": LARGE_123B,
+    "Mistral_large_123B_48": LARGE_123B,
+}
 SHARD_BYTES = 5 << 30
 
 
@@ -66,15 +102,20 @@ def write_sparse_checkpoint(folder, config: dict) -> None:
             f.truncate(len(header) + offset)  # a hole: no disk used
         total += offset
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
 
 
 @pytest.fixture(scope="module")
 def sparse_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("published-shapes")
     made = {}
-    for key, config in (("llama3-8b", LLAMA3_8B), ("llama3-70b", LLAMA3_70B), ("nemo-12b", NEMO_12B),
-                        ("large-123b", LARGE_123B)):
+    for key, config in (
+        ("llama3-8b", LLAMA3_8B),
+        ("llama3-70b", LLAMA3_70B),
+        ("nemo-12b", NEMO_12B),
+        ("large-123b", LARGE_123B),
+    ):
         write_sparse_checkpoint(root / key, config)
         made[id(config)] = root / key
     return made
@@ -88,8 +129,10 @@ def test_published_lock_applies_to_its_own_shape(tmp_path, sparse_models, stem):
     src = sparse_models[id(config)]
     result = apply_lock(src, lock, out=tmp_path / "out", alpha=6.0)
     layers = lock.heads_by_layer()
-    assert result.plan.weight_bytes_to_read == len(layers) * config["hidden_size"] * config[
-        "num_attention_heads"] * 128 * 2, "exactly the locked layers' o_proj weights are read"
+    assert (
+        result.plan.weight_bytes_to_read
+        == len(layers) * config["hidden_size"] * config["num_attention_heads"] * 128 * 2
+    ), "exactly the locked layers' o_proj weights are read"
     out_config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_config["model_type"] == "llama" and out_config["attention_bias"] is True
     if config["model_type"] == "mistral":
@@ -100,9 +143,15 @@ def test_published_lock_applies_to_its_own_shape(tmp_path, sparse_models, stem):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem,other", [("Meta-Llama-3__1-8B-Instruct", NEMO_12B),
-                                        ("Meta-Llama-3__1-70B-Instruct", LARGE_123B),
-                                        ("Mistral_Nemo_12B", LLAMA3_8B), ("Mistral_large_123B", LLAMA3_70B)])
+@pytest.mark.parametrize(
+    "stem,other",
+    [
+        ("Meta-Llama-3__1-8B-Instruct", NEMO_12B),
+        ("Meta-Llama-3__1-70B-Instruct", LARGE_123B),
+        ("Mistral_Nemo_12B", LLAMA3_8B),
+        ("Mistral_large_123B", LLAMA3_70B),
+    ],
+)
 def test_published_lock_on_the_wrong_shape_is_refused(tmp_path, sparse_models, stem, other):
     lock = import_legacy(LEGACY_LOCKS / f"{stem}.safelock")
     with pytest.raises(IncompatibleLockError, match="another shape"):

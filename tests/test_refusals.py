@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_llama, random_lock, rewrite_safetensors, run_cli, tree_hashes
+
 from weightlock import SourceModel, apply_lock, build_lock, save_lock
 from weightlock.errors import CheckpointError, IncompatibleLockError, OutputError, UnsupportedError
 from weightlock.safetensors_file import TensorData
@@ -25,22 +25,25 @@ def no_partial_output(parent):
     return not [p for p in parent.iterdir() if "weightlock-partial" in p.name]
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("num_hidden_layers", 5, "layers: lock 5, model 3"),
-    ("num_attention_heads", 8, "attention heads"),
-    ("head_dim", 8, "head_dim"),
-])
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("num_hidden_layers", 5, "layers: lock 5, model 3"),
+        ("num_attention_heads", 8, "attention heads"),
+        ("head_dim", 8, "head_dim"),
+    ],
+)
 def test_shape_mismatch_is_refused(tmp_path, capsys, field, value, words):
     src = make_llama(tmp_path / "src")
     good = random_lock(src)
     src_model = good.source_model.to_dict() | {field: value}
-    lock = build_lock([0], [0], np.ones((1, src_model["head_dim"])), [1.0], SourceModel(**src_model),
-                      default_alpha=1.0)
+    lock = build_lock([0], [0], np.ones((1, src_model["head_dim"])), [1.0], SourceModel(**src_model), default_alpha=1.0)
     save_lock(lock, tmp_path / "other.wlock")
     with pytest.raises(IncompatibleLockError, match=words):
         apply_lock(src, tmp_path / "other.wlock", out=tmp_path / "out")
-    code, out, err = run_cli(capsys, "apply", str(src), "--lock", str(tmp_path / "other.wlock"),
-                             "--out", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        capsys, "apply", str(src), "--lock", str(tmp_path / "other.wlock"), "--out", str(tmp_path / "out")
+    )
     assert code == 4 and "another shape" in err and "Traceback" not in err + out
     assert not (tmp_path / "out").exists() and no_partial_output(tmp_path)
 
@@ -48,9 +51,14 @@ def test_shape_mismatch_is_refused(tmp_path, capsys, field, value, words):
 def test_architecture_mismatch_needs_explicit_consent(tmp_path, setup):
     src, _ = setup
     lock = random_lock(src)
-    other = build_lock(lock.layers, lock.heads, lock.directions, lock.scales,
-                       SourceModel(**(lock.source_model.to_dict() | {"architecture": "MistralForCausalLM"})),
-                       default_alpha=1.0)
+    other = build_lock(
+        lock.layers,
+        lock.heads,
+        lock.directions,
+        lock.scales,
+        SourceModel(**(lock.source_model.to_dict() | {"architecture": "MistralForCausalLM"})),
+        default_alpha=1.0,
+    )
     with pytest.raises(IncompatibleLockError, match="allow-architecture-mismatch"):
         apply_lock(src, other, out=tmp_path / "out")
     result = apply_lock(src, other, out=tmp_path / "out", allow_architecture_mismatch=True)
@@ -69,10 +77,12 @@ def test_unknown_architecture_is_refused(tmp_path, capsys, setup):
 
 def test_missing_o_proj_is_refused(tmp_path, capsys, setup):
     src, lock_path = setup
-    rewrite_safetensors(src / "model.safetensors",
-                   lambda ts: [t for t in ts if t.name != "model.layers.1.self_attn.o_proj.weight"])
-    code, out, err = run_cli(capsys, "apply", str(src), "--lock", str(lock_path), "--out", str(tmp_path / "o"),
-                             "--json")
+    rewrite_safetensors(
+        src / "model.safetensors", lambda ts: [t for t in ts if t.name != "model.layers.1.self_attn.o_proj.weight"]
+    )
+    code, out, err = run_cli(
+        capsys, "apply", str(src), "--lock", str(lock_path), "--out", str(tmp_path / "o"), "--json"
+    )
     assert code == 3 and "model.layers.1.self_attn.o_proj.weight" in err
     assert json.loads(out)["ok"] is False and json.loads(out)["error"] == "invalid_checkpoint"
 
@@ -164,5 +174,8 @@ def test_alternative_weight_files_are_left_out(tmp_path, setup):
     assert not (out / "consolidated.safetensors").exists() and not (out / "params.json").exists()
     assert not (out / "original" / "consolidated.00.pth").exists()
     assert (out / "original" / "tokenizer.model").read_bytes() == b"spm"
-    assert sorted(result.written.left_out) == ["consolidated.safetensors", "original/consolidated.00.pth",
-                                              "params.json"]
+    assert sorted(result.written.left_out) == [
+        "consolidated.safetensors",
+        "original/consolidated.00.pth",
+        "params.json",
+    ]

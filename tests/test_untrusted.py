@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import make_llama, make_model, random_lock, rewrite_safetensors, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from weightlock import apply_lock, save_lock, verify_checkpoint
 from weightlock.errors import WeightlockError
 from weightlock.safetensors_file import TensorData, read_header
@@ -45,13 +46,14 @@ def setup(tmp_path):
 def refused_cleanly(code, err, codes=(3, 4)):
     """One error line and one hint line, the right exit code, no traceback."""
     lines = [line for line in err.splitlines() if line.strip()]
-    lines = lines[next((i for i, line in enumerate(lines) if line.startswith("weightlock: error: ")), 0):]
+    lines = lines[next((i for i, line in enumerate(lines) if line.startswith("weightlock: error: ")), 0) :]
     assert code in codes, err
     assert "Traceback" not in err, err
     assert len(lines) == 2 and lines[0].startswith("weightlock: error: ") and lines[1].startswith("  hint: "), err
 
 
 # --------------------------------------------------------------------------------------------------- class 4
+
 
 def _safetensors_bytes(header, data: bytes) -> bytes:
     encoded = json.dumps(header).encode()
@@ -79,8 +81,7 @@ def _ours_accepts(path: Path) -> bool:
 
 
 DIMS = st.sampled_from([0, 1, 2, 3, 7, 2**31, 2**32, 2**62, 2**63, 2**64 - 1, 2**64, 2**65, -1, 1.5, True, "2"])
-METADATA = st.sampled_from(["absent", None, {}, {"format": "pt"}, [], "pt", 1, {"x": 1}, {"x": None},
-                            {"x": ["y"]}])
+METADATA = st.sampled_from(["absent", None, {}, {"format": "pt"}, [], "pt", 1, {"x": 1}, {"x": None}, {"x": ["y"]}])
 
 
 @st.composite
@@ -114,16 +115,21 @@ def test_parser_refuses_whatever_the_safetensors_library_refuses(tmp_path_factor
     assert library or not ours, f"accepted what safetensors refuses: {case[0]}"
     if ours:
         from safetensors import safe_open
+
         with safe_open(str(path), "np") as f:
             assert sorted(f.keys()) == sorted(read_header(path).tensors)
 
 
-@pytest.mark.parametrize("header,data", [
-    ({"__metadata__": [], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
-    ({"a": {"dtype": "F32", "shape": [0, 2**65], "data_offsets": [0, 0]}}, b""),
-    ({"a": {"dtype": "F32", "shape": [2**63, 4, 0], "data_offsets": [0, 0]}}, b""),
-    ({"a": {"dtype": "F32", "shape": [2**62], "data_offsets": [0, 0]}}, b""),
-], ids=["metadata-list", "dim-past-2^64", "overflow-before-zero", "bytes-overflow"])
+@pytest.mark.parametrize(
+    "header,data",
+    [
+        ({"__metadata__": [], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        ({"a": {"dtype": "F32", "shape": [0, 2**65], "data_offsets": [0, 0]}}, b""),
+        ({"a": {"dtype": "F32", "shape": [2**63, 4, 0], "data_offsets": [0, 0]}}, b""),
+        ({"a": {"dtype": "F32", "shape": [2**62], "data_offsets": [0, 0]}}, b""),
+    ],
+    ids=["metadata-list", "dim-past-2^64", "overflow-before-zero", "bytes-overflow"],
+)
 def test_shards_the_library_refuses_fail_apply_and_verify(tmp_path, capsys, setup, header, data):
     src, lock = setup
     extra = _safetensors_bytes(header, data)
@@ -154,8 +160,12 @@ def test_verify_checks_the_biases_the_lock_implies_not_the_record_list(tmp_path,
     for name in good["tensors"]["locked"]:
         shard = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][name]
         original = shard.read_bytes()
-        rewrite_safetensors(shard, lambda ts, n=name: [TensorData(t.name, t.dtype, t.shape, bytes(len(t.data)))
-                                                      if t.name == n else t for t in ts])
+        rewrite_safetensors(
+            shard,
+            lambda ts, n=name: [
+                TensorData(t.name, t.dtype, t.shape, bytes(len(t.data))) if t.name == n else t for t in ts
+            ],
+        )
         forged = json.loads(json.dumps(good))
         for key in ("added", "locked"):
             forged["tensors"][key] = [n for n in forged["tensors"][key] if n != name]
@@ -165,9 +175,13 @@ def test_verify_checks_the_biases_the_lock_implies_not_the_record_list(tmp_path,
         record_path.write_text(json.dumps(good))
         assert not verify_checkpoint(out).ok, f"a zeroed {name} passed"
         shard.write_bytes(original)
-    for lie in (lambda r: r.update(alpha=r["alpha"] + 1), lambda r: r["tensors"].update(added=[]),
-                lambda r: r["lock"].update(sha256="0" * 64), lambda r: r["files"].update(lock="weightlock/x"),
-                lambda r: r["files"].update(originals="../victim.wlt")):
+    for lie in (
+        lambda r: r.update(alpha=r["alpha"] + 1),
+        lambda r: r["tensors"].update(added=[]),
+        lambda r: r["lock"].update(sha256="0" * 64),
+        lambda r: r["files"].update(lock="weightlock/x"),
+        lambda r: r["files"].update(originals="../victim.wlt"),
+    ):
         forged = json.loads(json.dumps(good))
         lie(forged)
         record_path.write_text(json.dumps(forged))
@@ -186,10 +200,19 @@ def test_apply_publishes_only_what_verify_passes_with_the_same_checks(tmp_path, 
 
 # --------------------------------------------------------------------------------------------------- class 5
 
-@pytest.mark.parametrize("lie", [
-    {"num_key_value_heads": 1}, {"num_key_value_heads": 4}, {"num_attention_heads": 8, "head_dim": 2},
-    {"head_dim": 8}, {"hidden_size": 32}, {"intermediate_size": 64},
-], ids=str)
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        {"num_key_value_heads": 1},
+        {"num_key_value_heads": 4},
+        {"num_attention_heads": 8, "head_dim": 2},
+        {"head_dim": 8},
+        {"hidden_size": 32},
+        {"intermediate_size": 64},
+    ],
+    ids=str,
+)
 def test_widths_from_config_must_match_the_tensors(tmp_path, capsys, lie):
     src = make_llama(tmp_path / "src")  # 4 heads, 2 KV heads, head_dim 16, hidden 64
     lock = random_lock(src)
@@ -199,8 +222,16 @@ def test_widths_from_config_must_match_the_tensors(tmp_path, capsys, lie):
         config = json.loads((folder / "config.json").read_text())
         config.update(lie)
         (folder / "config.json").write_text(json.dumps(config))
-    code, _, err = run_cli(capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"),
-                           "--out", str(tmp_path / "out"), "--allow-architecture-mismatch")
+    code, _, err = run_cli(
+        capsys,
+        "apply",
+        str(src),
+        "--lock",
+        str(tmp_path / "l.wlock"),
+        "--out",
+        str(tmp_path / "out"),
+        "--allow-architecture-mismatch",
+    )
     refused_cleanly(code, err)  # the MLP width too: the output would fail verify's loader check
     assert not (tmp_path / "out").exists()
     assert not verify_checkpoint(tmp_path / "good").ok
@@ -217,6 +248,7 @@ def _mutations(document: dict, depth: int = 2):
     whole document replaced by each wrong type."""
     for value in WRONG_TYPES:
         yield "(whole)", value
+
     def walk(node, path, level):
         if not isinstance(node, dict) or level > depth:
             return
@@ -229,6 +261,7 @@ def _mutations(document: dict, depth: int = 2):
                 target[key] = value
                 yield "/".join([*path, key]), copy
             yield from walk(node[key], [*path, key], level + 1)
+
     yield from walk(document, [], 1)
 
 
@@ -243,11 +276,13 @@ def _check_document(folder: Path, relative: str, args, ok_codes, tries: int):
     document = json.loads(good)
     count = 0
     from weightlock.cli import main
+
     for where, mutated in _mutations(document):
         path.write_text(json.dumps(mutated))
         code = 0
         import contextlib
         import io
+
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             try:
@@ -269,21 +304,23 @@ def _check_document(folder: Path, relative: str, args, ok_codes, tries: int):
 
 def test_every_json_document_with_wrong_types_or_deep_nesting_is_refused(tmp_path):
     src = make_model(tmp_path / "src", "qwen2")  # redeclared: its tokenizer config is read too
-    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer",
-                                                           "model_max_length": 128, "extra": {"k": [1]}}))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "Qwen2Tokenizer", "model_max_length": 128, "extra": {"k": [1]}})
+    )
     lock = tmp_path / "l.wlock"
     save_lock(random_lock(src), lock)
     out = tmp_path / "out"
     apply_lock(src, lock, out=out)
-    apply_args = ["apply", str(src), "--lock", str(lock), "--out", str(tmp_path / "x"), "--no-loader-check",
-                  "--force"]
+    apply_args = ["apply", str(src), "--lock", str(lock), "--out", str(tmp_path / "x"), "--no-loader-check", "--force"]
     total = 0
     total += _check_document(src, "config.json", apply_args, {0, 3, 4}, 100)
-    total += _check_document(src, "model.safetensors.index.json", apply_args, {0, 3, 4}, 20) \
-        if (src / "model.safetensors.index.json").exists() else 0
+    total += (
+        _check_document(src, "model.safetensors.index.json", apply_args, {0, 3, 4}, 20)
+        if (src / "model.safetensors.index.json").exists()
+        else 0
+    )
     total += _check_document(src, "tokenizer_config.json", apply_args, {0, 3, 4}, 30)
-    total += _check_document(out, "weightlock/provenance.json", ["verify", str(out), "--no-loader-check"],
-                             {0, 1}, 200)
+    total += _check_document(out, "weightlock/provenance.json", ["verify", str(out), "--no-loader-check"], {0, 1}, 200)
     total += _check_document(out, "weightlock/provenance.json", ["inspect", str(out)], {0, 3}, 200)
     assert total > 500
 
@@ -304,8 +341,10 @@ def test_lock_manifests_with_wrong_types_are_refused(tmp_path, capsys):
         shutil.copyfile(tmp_path / "good.wlock", rewrite_copy)
         rewrite_safetensors(rewrite_copy, lambda ts: ts, metadata={**header.metadata, METADATA_KEY: text})
         os.replace(rewrite_copy, path)
-        for args in (["inspect", str(path)], ["apply", str(src), "--lock", str(path), "--out",
-                                              str(tmp_path / "o"), "--no-loader-check", "--force"]):
+        for args in (
+            ["inspect", str(path)],
+            ["apply", str(src), "--lock", str(path), "--out", str(tmp_path / "o"), "--no-loader-check", "--force"],
+        ):
             code, _, err = run_cli(capsys, *args)
             assert "Traceback" not in err, where
             assert code in (0, 3, 4), (where, err)
@@ -317,15 +356,20 @@ def test_lock_manifests_with_wrong_types_are_refused(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------------- class 7
 
+
 def test_huge_headers_cost_linear_time(tmp_path):
     """4 MB of zero-size tensors with dims near 2^63 (valid for the library) and one that overflows."""
-    entries = {f"t{i:06d}": {"dtype": "F32", "shape": [0, 2**63 - 1, 2**63 - 1, 2**63 - 1], "data_offsets": [0, 0]}
-               for i in range(40_000)}
+    entries = {
+        f"t{i:06d}": {"dtype": "F32", "shape": [0, 2**63 - 1, 2**63 - 1, 2**63 - 1], "data_offsets": [0, 0]}
+        for i in range(40_000)
+    }
     path = tmp_path / "big.safetensors"
     path.write_bytes(_safetensors_bytes(entries, b""))
     assert path.stat().st_size > 3_000_000
-    code = "import sys, time; from weightlock.safetensors_file import read_header; t=time.time(); " \
-           "read_header(sys.argv[1]); print(time.time()-t)"
+    code = (
+        "import sys, time; from weightlock.safetensors_file import read_header; t=time.time(); "
+        "read_header(sys.argv[1]); print(time.time()-t)"
+    )
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert _library_accepts(path)
@@ -333,10 +377,10 @@ def test_huge_headers_cost_linear_time(tmp_path):
 
 def test_zero_width_tensor_with_huge_row_count_is_scanned_at_once(tmp_path):
     src = make_llama(tmp_path / "src")
-    rewrite_safetensors(src / "model.safetensors",
-                        lambda ts: ts + [TensorData("extra.weight", "F32", (2**40, 0), b"")])
-    result = subprocess.run(WEIGHTLOCK + ["verify", str(src), "--deep", "--no-loader-check"],
-                            capture_output=True, text=True, timeout=60)
+    rewrite_safetensors(src / "model.safetensors", lambda ts: ts + [TensorData("extra.weight", "F32", (2**40, 0), b"")])
+    result = subprocess.run(
+        WEIGHTLOCK + ["verify", str(src), "--deep", "--no-loader-check"], capture_output=True, text=True, timeout=60
+    )
     assert "Traceback" not in result.stderr and result.returncode in (0, 1), result.stderr
 
 
@@ -347,8 +391,9 @@ def _fifo(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("where", ["config.json", "tokenizer.json", "model.safetensors", "lock",
-                                   "recorded-lock", "provenance", "pairs"])
+@pytest.mark.parametrize(
+    "where", ["config.json", "tokenizer.json", "model.safetensors", "lock", "recorded-lock", "provenance", "pairs"]
+)
 def test_fifos_are_refused_never_waited_on(tmp_path, where):
     src = make_llama(tmp_path / "src")
     lock = tmp_path / "l.wlock"
@@ -378,8 +423,17 @@ def test_a_device_file_in_the_source_is_not_copied(tmp_path, capsys):
         os.mknod(src / "extra.bin", stat.S_IFCHR | 0o644, os.makedev(1, 5))  # what /dev/zero is
     except PermissionError:
         pytest.skip("creating a device node needs CAP_MKNOD, which this machine does not grant")
-    code, _, err = run_cli(capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out",
-                           str(tmp_path / "out"), "--link-mode", "copy")
+    code, _, err = run_cli(
+        capsys,
+        "apply",
+        str(src),
+        "--lock",
+        str(tmp_path / "l.wlock"),
+        "--out",
+        str(tmp_path / "out"),
+        "--link-mode",
+        "copy",
+    )
     refused_cleanly(code, err)
     assert "device" in err and not (tmp_path / "out").exists()
 
@@ -388,14 +442,29 @@ def test_heatmap_size_is_bounded_and_free_form_details_ignored(tmp_path):
     from weightlock import SourceModel, build_lock
     from weightlock.plot import DPI, MAX_FIGURE_INCHES, lock_heatmap
 
-    cases = [(4096, {"probe_accuracy": "x"})] + [(8, d) for d in (
-        {"probe_accuracy": [[1.0, "a"]]}, {"probe_accuracy": [[0.5] * 3] * 2}, {"probe_accuracy": None}, {},
-        {"probe_accuracy": [[float("nan")] * 8] * 8}, {"probe_accuracy": [[True] * 8] * 8},
-        {"probe_accuracy": [[0.7] * 8] * 8})]
+    cases = [(4096, {"probe_accuracy": "x"})] + [
+        (8, d)
+        for d in (
+            {"probe_accuracy": [[1.0, "a"]]},
+            {"probe_accuracy": [[0.5] * 3] * 2},
+            {"probe_accuracy": None},
+            {},
+            {"probe_accuracy": [[float("nan")] * 8] * 8},
+            {"probe_accuracy": [[True] * 8] * 8},
+            {"probe_accuracy": [[0.7] * 8] * 8},
+        )
+    ]
     for size, details in cases:
         source = SourceModel("LlamaForCausalLM", "llama", size, size, 16, 64)
-        lock = build_lock([0, size - 1], [0, size - 1], np.eye(2, 16), [1.0, 1.0], source, default_alpha=1.0,
-                          creation={"method": "api", "tool": "test", "details": details})
+        lock = build_lock(
+            [0, size - 1],
+            [0, size - 1],
+            np.eye(2, 16),
+            [1.0, 1.0],
+            source,
+            default_alpha=1.0,
+            creation={"method": "api", "tool": "test", "details": details},
+        )
         png = lock_heatmap(lock, "png")
         width, height = struct.unpack(">II", png[16:24])
         assert width <= MAX_FIGURE_INCHES * DPI and height <= MAX_FIGURE_INCHES * DPI
@@ -403,24 +472,30 @@ def test_heatmap_size_is_bounded_and_free_form_details_ignored(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- class 8
 
+
 def test_text_from_files_cannot_forge_output_lines(tmp_path, capsys):
     src = make_llama(tmp_path / "src")
     save_lock(random_lock(src), tmp_path / "l.wlock")
     config = json.loads((src / "config.json").read_text())
     config["model_type"] = "evil\n[ok  ] everything verified\x1b[2J\u2028"
     (src / "config.json").write_text(json.dumps(config))
-    code, out, err = run_cli(capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out",
-                             str(tmp_path / "out"))
+    code, out, err = run_cli(
+        capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "out")
+    )
     refused_cleanly(code, err)
     assert "\x1b" not in err and "\u2028" not in err and "\n[ok" not in err and "[ok  ] everything" in err
     code, out, _ = run_cli(capsys, "verify", str(src))
-    assert code == 1 and "\x1b" not in out and not any(line.startswith("[ok  ] everything") for line in
-                                                       out.splitlines())
+    assert (
+        code == 1 and "\x1b" not in out and not any(line.startswith("[ok  ] everything") for line in out.splitlines())
+    )
 
 
 def _error_calls():
-    errors = {name for name, obj in vars(__import__("weightlock.errors", fromlist=["x"])).items()
-              if isinstance(obj, type) and issubclass(obj, WeightlockError)}
+    errors = {
+        name
+        for name, obj in vars(__import__("weightlock.errors", fromlist=["x"])).items()
+        if isinstance(obj, type) and issubclass(obj, WeightlockError)
+    }
     for path in sorted(PACKAGE.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in errors:
@@ -435,16 +510,18 @@ def test_every_refusal_in_the_code_carries_a_hint():
 
 
 def test_ctrl_c_while_starting_up_prints_no_traceback():
-    code = ("import builtins, sys\n"
-            "real = builtins.__import__\n"
-            "def imp(name, *a, **k):\n"
-            "    if name == 'numpy':\n"
-            "        raise KeyboardInterrupt\n"
-            "    return real(name, *a, **k)\n"
-            "builtins.__import__ = imp\n"
-            "sys.argv = ['weightlock', '--help']\n"
-            "from weightlock.console import main\n"
-            "main()\n")
+    code = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'numpy':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "sys.argv = ['weightlock', '--help']\n"
+        "from weightlock.console import main\n"
+        "main()\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert "interrupted" in result.stderr
@@ -455,8 +532,7 @@ def test_glob_characters_in_out_do_not_defeat_clean_up(tmp_path, name):
     src = make_llama(tmp_path / "src")
     save_lock(random_lock(src), tmp_path / "l.wlock")
     (tmp_path / "out1").mkdir()  # a sibling the pattern would match if it were a glob
-    args = ["apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / name),
-            "--no-loader-check"]
+    args = ["apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / name), "--no-loader-check"]
     env = dict(os.environ, WEIGHTLOCK_FAILPOINT="shards-written")
     assert subprocess.run(WEIGHTLOCK + args, env=env, capture_output=True, timeout=120).returncode < 0
     assert [p for p in tmp_path.iterdir() if "weightlock-partial" in p.name]
@@ -474,8 +550,9 @@ def test_broken_link_in_a_hub_snapshot_is_an_input_error(tmp_path, capsys):
     cache, commit = _hub_cache(tmp_path, src)
     snapshot = cache / "models--org--tiny" / "snapshots" / commit
     os.remove(os.path.realpath(snapshot / "README.md"))
-    code, _, err = run_cli(capsys, "apply", str(snapshot), "--lock", str(tmp_path / "l.wlock"), "--out",
-                           str(tmp_path / "out"))
+    code, _, err = run_cli(
+        capsys, "apply", str(snapshot), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "out")
+    )
     refused_cleanly(code, err, codes=(3,))
     assert "README.md" in err and "does not exist" in err
 
@@ -483,8 +560,10 @@ def test_broken_link_in_a_hub_snapshot_is_an_input_error(tmp_path, capsys):
 def test_no_file_descriptor_is_left_open(tmp_path, setup):
     """Every reader is closed: a long-lived process (a pipeline, a notebook) can apply and verify for ever."""
     src, lock = setup
+
     def open_fds():
         return len(os.listdir("/proc/self/fd"))
+
     apply_lock(src, lock, out=tmp_path / "out", loader_check=False)
     verify_checkpoint(tmp_path / "out", loader_check=False, deep=True)
     before = open_fds()

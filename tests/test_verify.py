@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_llama, random_lock, rewrite_safetensors, run_cli
+
 from weightlock import apply_lock, verify_checkpoint
-from weightlock.schema import schema_errors
 from weightlock.safetensors_file import TensorData, write_safetensors
+from weightlock.schema import schema_errors
 
 
 @pytest.fixture
@@ -49,8 +49,12 @@ def test_tampered_bias_is_caught(locked, capsys):
     target = record["tensors"]["locked"][0]
 
     def tamper(tensors):
-        return [TensorData(t.name, t.dtype, t.shape, (np.frombuffer(t.data, np.float32) + 0.5).tobytes())
-                if t.name == target else t for t in tensors]
+        return [
+            TensorData(t.name, t.dtype, t.shape, (np.frombuffer(t.data, np.float32) + 0.5).tobytes())
+            if t.name == target
+            else t
+            for t in tensors
+        ]
 
     _edit_added_shard(locked, tamper)
     report = verify_checkpoint(locked)
@@ -62,8 +66,12 @@ def test_tampered_bias_is_caught(locked, capsys):
 
 def test_nan_bias_is_caught(locked):
     def poison(tensors):
-        return [TensorData(t.name, t.dtype, t.shape, np.full(t.shape, np.nan, np.float32).tobytes())
-                if t.name.endswith("q_proj.bias") else t for t in tensors]
+        return [
+            TensorData(t.name, t.dtype, t.shape, np.full(t.shape, np.nan, np.float32).tobytes())
+            if t.name.endswith("q_proj.bias")
+            else t
+            for t in tensors
+        ]
 
     _edit_added_shard(locked, poison)
     assert statuses(verify_checkpoint(locked))["finite"] == "fail"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_model, random_lock, run_cli
+
 from weightlock import apply_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +43,7 @@ def _require_vllm():
 def _run_vllm(*args, check=True) -> subprocess.CompletedProcess:
     env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR", TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)
-    result = subprocess.run([str(VLLM_PYTHON), *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=900)
+    result = subprocess.run([str(VLLM_PYTHON), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"vLLM venv command failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
@@ -100,8 +99,9 @@ def test_vllm_serves_the_lock_exactly_as_transformers_does(served, family):
 
 def test_verify_engine_vllm_passes_locked_checkpoints_from_the_cli(served):
     folders, _ = served
-    result = _run_vllm("-m", "weightlock", "verify", str(folders["mistral"][1]), "--engine", "vllm", "--json",
-                       check=False)
+    result = _run_vllm(
+        "-m", "weightlock", "verify", str(folders["mistral"][1]), "--engine", "vllm", "--json", check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     report = json.loads(result.stdout)
     vllm_check = next(c for c in report["checks"] if c["name"] == "vllm_load")
@@ -132,8 +132,22 @@ def test_verify_engine_vllm_catches_what_vllm_would_silently_drop(served, tmp_pa
 
 # Families whose real checkpoints tie the embeddings, as vLLM's classes for them assume.
 TIED = {"gemma", "gemma2", "gemma3_text", "cohere"}
-TABLE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite",
-                  "cohere", "starcoder2", "starcoder2-nobias", "gpt_neox", "phi"]
+TABLE_FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "granite",
+    "cohere",
+    "starcoder2",
+    "starcoder2-nobias",
+    "gpt_neox",
+    "phi",
+]
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +165,15 @@ def vllm_checks_per_family(tmp_path_factory):
 
 
 def _vllm_load_checks(paths: list[str]) -> dict:
-    probe = ("import json, sys\n"
-             "from weightlock import verify_checkpoint\n"
-             "out = {}\n"
-             "for path in sys.argv[1:]:\n"
-             "    report = verify_checkpoint(path, loader_check=False, engine='vllm')\n"
-             "    out[path] = [c.__dict__ for c in report.checks if c.name == 'vllm_load'][0]\n"
-             "print(json.dumps(out))\n")
+    probe = (
+        "import json, sys\n"
+        "from weightlock import verify_checkpoint\n"
+        "out = {}\n"
+        "for path in sys.argv[1:]:\n"
+        "    report = verify_checkpoint(path, loader_check=False, engine='vllm')\n"
+        "    out[path] = [c.__dict__ for c in report.checks if c.name == 'vllm_load'][0]\n"
+        "print(json.dumps(out))\n"
+    )
     return json.loads(_run_vllm("-c", probe, *paths).stdout.strip().splitlines()[-1])
 
 
@@ -186,19 +202,23 @@ def test_eval_engine_vllm_gives_the_answers_transformers_gives(tmp_path):
 
     model = make_chat_model(tmp_path / "chat", vocab=128, hidden=128, heads=2, kv_heads=1, head_dim=64)
     from weightlock import save_lock
+
     save_lock(random_lock(model, n_heads=2, seed=5), tmp_path / "l.wlock")
     files = {k: str(v) for k, v in small_sets(tmp_path).items()}
-    probe = ("import json, sys\n"
-             "from weightlock.evaluate import EvalSettings, evaluate_model\n"
-             "folder, lock, files = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
-             "out = {}\n"
-             "for engine in ('transformers', 'vllm'):\n"
-             "    report = evaluate_model(folder, lock=lock, alphas=[0.0, 6.0], prompt_files=files,\n"
-             "                            settings=EvalSettings(max_new_tokens=10, engine=engine))\n"
-             "    out[engine] = [{k: [a['answer'] for a in v] for k, v in r.answers.items()} for r in report.results]\n"
-             "print(json.dumps(out))\n")
-    answers = json.loads(_run_vllm("-c", probe, str(model), str(tmp_path / "l.wlock"),
-                                   json.dumps(files)).stdout.strip().splitlines()[-1])
+    probe = (
+        "import json, sys\n"
+        "from weightlock.evaluate import EvalSettings, evaluate_model\n"
+        "folder, lock, files = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
+        "out = {}\n"
+        "for engine in ('transformers', 'vllm'):\n"
+        "    report = evaluate_model(folder, lock=lock, alphas=[0.0, 6.0], prompt_files=files,\n"
+        "                            settings=EvalSettings(max_new_tokens=10, engine=engine))\n"
+        "    out[engine] = [{k: [a['answer'] for a in v] for k, v in r.answers.items()} for r in report.results]\n"
+        "print(json.dumps(out))\n"
+    )
+    answers = json.loads(
+        _run_vllm("-c", probe, str(model), str(tmp_path / "l.wlock"), json.dumps(files)).stdout.strip().splitlines()[-1]
+    )
     assert answers["vllm"] == answers["transformers"]
     unlocked, locked = answers["vllm"]
     assert any(unlocked[k] != locked[k] for k in unlocked)
@@ -208,6 +228,7 @@ def test_eval_engine_vllm_gives_the_answers_transformers_gives(tmp_path):
 def test_verify_engine_vllm_without_vllm_says_how_to_get_it(tiny_llama, capsys):
     try:
         import vllm  # noqa: F401
+
         pytest.skip("vLLM is installed in this environment")
     except ImportError:
         pass

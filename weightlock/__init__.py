@@ -8,9 +8,18 @@ and a Ctrl-C during start-up can be caught (see ``console.py``).
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "WeightlockError": "errors", "Lock": "lock", "SourceModel": "lock", "build_lock": "lock",
-    "load_lock": "lock", "save_lock": "lock", "import_legacy": "legacy", "open_checkpoint": "checkpoint",
-    "apply_lock": "apply", "verify_checkpoint": "verify", "apply_in_place": "inplace", "revert": "inplace",
+    "WeightlockError": "errors",
+    "Lock": "lock",
+    "SourceModel": "lock",
+    "build_lock": "lock",
+    "load_lock": "lock",
+    "save_lock": "lock",
+    "import_legacy": "legacy",
+    "open_checkpoint": "checkpoint",
+    "apply_lock": "apply",
+    "verify_checkpoint": "verify",
+    "apply_in_place": "inplace",
+    "revert": "inplace",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

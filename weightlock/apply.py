@@ -22,8 +22,15 @@ from .lock import Lock, load_lock
 from .plan import EditPlan, compute_biases, plan_edit
 from .untrusted import read_bytes, read_json
 from .verify import output_failure, verify_checkpoint
-from .writer import (WrittenFiles, publish, recover_interrupted, removed_on_failure, staging_path,
-                     write_failure, write_locked_checkpoint)
+from .writer import (
+    WrittenFiles,
+    publish,
+    recover_interrupted,
+    removed_on_failure,
+    staging_path,
+    write_failure,
+    write_locked_checkpoint,
+)
 
 PROVENANCE_FORMAT = "weightlock-provenance"
 MAX_LOCK_BYTES = 1 << 30  # a lock of 1M heads of head_dim 256 is about 1 GB
@@ -36,7 +43,7 @@ class ApplyResult:
     written: WrittenFiles
     provenance: dict
     seconds: float
-    report: object = None   # the verify Report the output passed before it was published
+    report: object = None  # the verify Report the output passed before it was published
 
     def summary(self) -> dict:
         return {
@@ -64,14 +71,19 @@ class ApplyResult:
 def _check_output_location(source: Path, out: Path) -> None:
     source, resolved = source.resolve(), out.resolve()
     if resolved == source:
-        raise OutputError("the output folder is the source folder",
-                          hint="choose a new --out; weightlock never modifies its input")
+        raise OutputError(
+            "the output folder is the source folder", hint="choose a new --out; weightlock never modifies its input"
+        )
     if source in resolved.parents:
-        raise OutputError(f"the output folder {out} is inside the source {source}",
-                          hint="choose an --out outside the checkpoint folder")
+        raise OutputError(
+            f"the output folder {out} is inside the source {source}",
+            hint="choose an --out outside the checkpoint folder",
+        )
     if resolved in source.parents:
-        raise OutputError(f"the output folder {out} contains the source {source}",
-                          hint="choose an --out that does not contain the checkpoint")
+        raise OutputError(
+            f"the output folder {out} contains the source {source}",
+            hint="choose an --out that does not contain the checkpoint",
+        )
 
 
 def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes) -> dict:
@@ -81,12 +93,15 @@ def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes)
         "tool": f"weightlock {__version__}",
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {
-            "path": str(checkpoint.root), "name": checkpoint.name, "revision": checkpoint.revision,
+            "path": str(checkpoint.root),
+            "name": checkpoint.name,
+            "revision": checkpoint.revision,
             "layout": checkpoint.layout,
             # Header hashes identify each source shard without reading its data.
-            "shards": {shard: {"size": h.file_size,
-                               "header_sha256": _header_sha256(h.path, h.data_start)}
-                       for shard, h in checkpoint.headers.items()},
+            "shards": {
+                shard: {"size": h.file_size, "header_sha256": _header_sha256(h.path, h.data_start)}
+                for shard, h in checkpoint.headers.items()
+            },
         },
         "lock": {"sha256": hashlib.sha256(lock_bytes).hexdigest(), "manifest": plan.lock.manifest()},
         "alpha": plan.alpha,
@@ -95,8 +110,9 @@ def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes)
         "locked_layers": {str(layer): heads for layer, heads in plan.lock.heads_by_layer().items()},
         "config_changes": plan.config_changes,
         # carried files rewritten for the output, with their original content for undo
-        "edited_files": {path: read_json(contained(checkpoint.root, path), "tokenizer config")
-                         for path in plan.file_edits},
+        "edited_files": {
+            path: read_json(contained(checkpoint.root, path), "tokenizer config") for path in plan.file_edits
+        },
         "tensors": {
             "added": [b.name for b in plan.biases if b.base is None],
             "replaced": plan.replaced,
@@ -113,10 +129,18 @@ def _header_sha256(path: Path, length: int) -> str:
         return hashlib.sha256(f.read(length)).hexdigest()
 
 
-def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLike | Lock, *,
-               out: str | os.PathLike, alpha: float | None = None, force: bool = False,
-               link_mode: str = "auto", allow_architecture_mismatch: bool = False,
-               progress: bool = False, loader_check: bool = True) -> ApplyResult:
+def apply_lock(
+    checkpoint: str | os.PathLike | Checkpoint,
+    lock: str | os.PathLike | Lock,
+    *,
+    out: str | os.PathLike,
+    alpha: float | None = None,
+    force: bool = False,
+    link_mode: str = "auto",
+    allow_architecture_mismatch: bool = False,
+    progress: bool = False,
+    loader_check: bool = True,
+) -> ApplyResult:
     """Bake ``lock`` at strength ``alpha`` (default: the lock's) into a copy of ``checkpoint`` at ``out``.
 
     The output is published only if :func:`verify_checkpoint` passes on it with the same checks
@@ -132,14 +156,20 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
         lock = load_lock(lock_path)
         lock_bytes = read_bytes(lock_path, "lock file", MAX_LOCK_BYTES, LockFormatError)
         if hashlib.sha256(lock_bytes).hexdigest() != lock.sha256:
-            raise LockFormatError(f"{lock_path} changed while it was being read",
-                                  hint="do not edit the lock file while weightlock uses it; run again")
+            raise LockFormatError(
+                f"{lock_path} changed while it was being read",
+                hint="do not edit the lock file while weightlock uses it; run again",
+            )
     out = Path(out).expanduser()
     _check_output_location(checkpoint.root, out)
     if (out.exists() or out.is_symlink()) and not force:
         raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
-    plan = plan_edit(checkpoint, lock, lock.default_alpha if alpha is None else alpha,
-                     allow_architecture_mismatch=allow_architecture_mismatch)
+    plan = plan_edit(
+        checkpoint,
+        lock,
+        lock.default_alpha if alpha is None else alpha,
+        allow_architecture_mismatch=allow_architecture_mismatch,
+    )
     computed = compute_biases(plan, progress=ProgressBar(plan) if progress else None)
 
     try:
@@ -150,8 +180,7 @@ def apply_lock(checkpoint: str | os.PathLike | Checkpoint, lock: str | os.PathLi
     staging = staging_path(out)
     provenance = provenance_record(checkpoint, plan, lock_bytes)
     with removed_on_failure(staging, out):
-        written = write_locked_checkpoint(checkpoint, plan, computed, lock_bytes, staging, link_mode,
-                                          provenance)
+        written = write_locked_checkpoint(checkpoint, plan, computed, lock_bytes, staging, link_mode, provenance)
         report = verify_checkpoint(staging, expected=computed, loader_check=loader_check)
         if not report.ok:
             raise output_failure(report, checkpoint.root, loader_check, "the output was discarded")
@@ -177,8 +206,14 @@ class ProgressBar:
     def __init__(self, plan: EditPlan):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=plan.weight_bytes_to_read, unit="B", unit_scale=True,
-                        desc="reading o_proj weights", leave=False, disable=None)
+        self.bar = tqdm(
+            total=plan.weight_bytes_to_read,
+            unit="B",
+            unit_scale=True,
+            desc="reading o_proj weights",
+            leave=False,
+            disable=None,
+        )
 
     def __call__(self, nbytes: int) -> None:
         self.bar.update(nbytes)

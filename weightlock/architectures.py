@@ -20,24 +20,24 @@ from dataclasses import dataclass, field
 from .errors import CheckpointError, UnsupportedError
 
 # How vLLM treats a locked checkpoint of the family (as the output's config declares it).
-VLLM_NATIVE = "native"                    # its own class honours the bias flag
+VLLM_NATIVE = "native"  # its own class honours the bias flag
 VLLM_TRANSFORMERS_BACKEND = "transformers-backend"  # served through transformers' class: active
-VLLM_INACTIVE = "inactive"                # its own class hard-codes no o_proj bias and skips the tensor
+VLLM_INACTIVE = "inactive"  # its own class hard-codes no o_proj bias and skips the tensor
 
 
 @dataclass(frozen=True)
 class BiasCompanion:
     """A bias that the family's flag switches on together with the output bias."""
 
-    module: str       # e.g. "model.layers.{layer}.self_attn.q_proj"
-    width_from: str   # a ModelShape.width() key: heads, kv_heads, qkv, hidden, intermediate
+    module: str  # e.g. "model.layers.{layer}.self_attn.q_proj"
+    width_from: str  # a ModelShape.width() key: heads, kv_heads, qkv, hidden, intermediate
 
 
 @dataclass(frozen=True)
 class Redeclaration:
     """Rewrite a config for an equivalent class that can hold the bias."""
 
-    family: str                     # the target row's family
+    family: str  # the target row's family
     # keys whose defaults differ between the source and target config classes: when a
     # config omits one, the source default is written explicitly so nothing changes
     source_defaults: dict = field(default_factory=dict)
@@ -55,17 +55,17 @@ class Redeclaration:
 class ArchitectureSpec:
     family: str
     model_types: tuple[str, ...]
-    classes: tuple[str, ...]            # transformers class names in config "architectures"
-    attention_module: str               # e.g. "model.layers.{layer}.self_attn"
-    output_projection: str              # e.g. "o_proj"
-    bias_flag: str | None               # config key switching the output bias on; None: always present
-    bias_flag_default: bool = False     # what the config class assumes when the key is absent
+    classes: tuple[str, ...]  # transformers class names in config "architectures"
+    attention_module: str  # e.g. "model.layers.{layer}.self_attn"
+    output_projection: str  # e.g. "o_proj"
+    bias_flag: str | None  # config key switching the output bias on; None: always present
+    bias_flag_default: bool = False  # what the config class assumes when the key is absent
     bias_companions: tuple[BiasCompanion, ...] = ()
     always_biased: tuple[str, ...] = ()  # modules ("...{layer}...") whose bias the class hard-codes
     vllm: str = VLLM_NATIVE
     vllm_note: str = ""
     redeclare: Redeclaration | None = None
-    refuse: str | None = None           # why no exact edit exists, and what to do
+    refuse: str | None = None  # why no exact edit exists, and what to do
     layers_key: str = "num_hidden_layers"
     heads_key: str = "num_attention_heads"
     kv_heads_key: str | None = "num_key_value_heads"
@@ -94,75 +94,156 @@ def _llama_like(family: str, model_types: tuple[str, ...], classes: tuple[str, .
     """The common shape: model.layers.N.self_attn.{q,k,v,o}_proj, all switched by attention_bias."""
     attention = "model.layers.{layer}.self_attn"
     return ArchitectureSpec(
-        family=family, model_types=model_types, classes=classes, attention_module=attention,
-        output_projection="o_proj", bias_flag=kwargs.pop("bias_flag", "attention_bias"),
-        bias_companions=kwargs.pop("bias_companions", (
-            BiasCompanion(f"{attention}.q_proj", "heads"), BiasCompanion(f"{attention}.k_proj", "kv_heads"),
-            BiasCompanion(f"{attention}.v_proj", "kv_heads"))),
-        **kwargs)
+        family=family,
+        model_types=model_types,
+        classes=classes,
+        attention_module=attention,
+        output_projection="o_proj",
+        bias_flag=kwargs.pop("bias_flag", "attention_bias"),
+        bias_companions=kwargs.pop(
+            "bias_companions",
+            (
+                BiasCompanion(f"{attention}.q_proj", "heads"),
+                BiasCompanion(f"{attention}.k_proj", "kv_heads"),
+                BiasCompanion(f"{attention}.v_proj", "kv_heads"),
+            ),
+        ),
+        **kwargs,
+    )
 
 
-_QWEN2_SOURCE_DEFAULTS = {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
-                          "max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
-                          "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
-_MISTRAL_SOURCE_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8,
-                            "max_position_embeddings": 4096 * 32, "sliding_window": 4096,
-                            "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
+_QWEN2_SOURCE_DEFAULTS = {
+    "vocab_size": 151936,
+    "intermediate_size": 22016,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 32768,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
+}
+_MISTRAL_SOURCE_DEFAULTS = {
+    "intermediate_size": 14336,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096 * 32,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
+}
 _VLLM_NO_O_BIAS = "vLLM's own {} class hard-codes no o_proj bias and silently skips the tensor"
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     _llama_like("llama", ("llama",), ("LlamaForCausalLM",)),
-    _llama_like("mistral", ("mistral",), ("MistralForCausalLM",),
-                # Without mistral_common, AutoTokenizer gives a mistral model type TokenizersBackend
-                # whatever tokenizer_config.json declares; a llama model type would honour the declaration.
-                redeclare=Redeclaration("llama", _MISTRAL_SOURCE_DEFAULTS, drop_keys=("sliding_window",),
-                                        tokenizer_class="TokenizersBackend")),
-    _llama_like("qwen2", ("qwen2",), ("Qwen2ForCausalLM",),
-                always_biased=("model.layers.{layer}.self_attn.q_proj", "model.layers.{layer}.self_attn.k_proj",
-                               "model.layers.{layer}.self_attn.v_proj"),
-                redeclare=Redeclaration("llama", _QWEN2_SOURCE_DEFAULTS,
-                                        drop_keys=("sliding_window", "use_sliding_window", "max_window_layers",
-                                                   "layer_types"),
-                                        sliding_window_switch="use_sliding_window",
-                                        tokenizer_class="Qwen2Tokenizer")),
-    _llama_like("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), head_dim_default=128,
-                vllm=VLLM_INACTIVE, vllm_note=_VLLM_NO_O_BIAS.format("Qwen3")),
-    _llama_like("gemma", ("gemma",), ("GemmaForCausalLM",), head_dim_default=256,
-                vllm=VLLM_INACTIVE, vllm_note=_VLLM_NO_O_BIAS.format("Gemma")),
+    _llama_like(
+        "mistral",
+        ("mistral",),
+        ("MistralForCausalLM",),
+        # Without mistral_common, AutoTokenizer gives a mistral model type TokenizersBackend
+        # whatever tokenizer_config.json declares; a llama model type would honour the declaration.
+        redeclare=Redeclaration(
+            "llama", _MISTRAL_SOURCE_DEFAULTS, drop_keys=("sliding_window",), tokenizer_class="TokenizersBackend"
+        ),
+    ),
+    _llama_like(
+        "qwen2",
+        ("qwen2",),
+        ("Qwen2ForCausalLM",),
+        always_biased=(
+            "model.layers.{layer}.self_attn.q_proj",
+            "model.layers.{layer}.self_attn.k_proj",
+            "model.layers.{layer}.self_attn.v_proj",
+        ),
+        redeclare=Redeclaration(
+            "llama",
+            _QWEN2_SOURCE_DEFAULTS,
+            drop_keys=("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"),
+            sliding_window_switch="use_sliding_window",
+            tokenizer_class="Qwen2Tokenizer",
+        ),
+    ),
+    _llama_like(
+        "qwen3",
+        ("qwen3",),
+        ("Qwen3ForCausalLM",),
+        head_dim_default=128,
+        vllm=VLLM_INACTIVE,
+        vllm_note=_VLLM_NO_O_BIAS.format("Qwen3"),
+    ),
+    _llama_like(
+        "gemma",
+        ("gemma",),
+        ("GemmaForCausalLM",),
+        head_dim_default=256,
+        vllm=VLLM_INACTIVE,
+        vllm_note=_VLLM_NO_O_BIAS.format("Gemma"),
+    ),
     _llama_like("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), head_dim_default=256),
     _llama_like("gemma3_text", ("gemma3_text",), ("Gemma3ForCausalLM",), head_dim_default=256),
     _llama_like("olmo2", ("olmo2",), ("Olmo2ForCausalLM",), vllm=VLLM_TRANSFORMERS_BACKEND),
     _llama_like("granite", ("granite",), ("GraniteForCausalLM",)),
-    _llama_like("cohere", ("cohere",), ("CohereForCausalLM",),
-                vllm=VLLM_INACTIVE, vllm_note=_VLLM_NO_O_BIAS.format("Cohere")),
-    _llama_like("starcoder2", ("starcoder2",), ("Starcoder2ForCausalLM",), bias_flag="use_bias",
-                bias_flag_default=True, vllm=VLLM_TRANSFORMERS_BACKEND,
-                bias_companions=(
-                    BiasCompanion("model.layers.{layer}.self_attn.q_proj", "heads"),
-                    BiasCompanion("model.layers.{layer}.self_attn.k_proj", "kv_heads"),
-                    BiasCompanion("model.layers.{layer}.self_attn.v_proj", "kv_heads"),
-                    BiasCompanion("model.layers.{layer}.mlp.c_fc", "intermediate"),
-                    BiasCompanion("model.layers.{layer}.mlp.c_proj", "hidden"))),
+    _llama_like(
+        "cohere", ("cohere",), ("CohereForCausalLM",), vllm=VLLM_INACTIVE, vllm_note=_VLLM_NO_O_BIAS.format("Cohere")
+    ),
+    _llama_like(
+        "starcoder2",
+        ("starcoder2",),
+        ("Starcoder2ForCausalLM",),
+        bias_flag="use_bias",
+        bias_flag_default=True,
+        vllm=VLLM_TRANSFORMERS_BACKEND,
+        bias_companions=(
+            BiasCompanion("model.layers.{layer}.self_attn.q_proj", "heads"),
+            BiasCompanion("model.layers.{layer}.self_attn.k_proj", "kv_heads"),
+            BiasCompanion("model.layers.{layer}.self_attn.v_proj", "kv_heads"),
+            BiasCompanion("model.layers.{layer}.mlp.c_fc", "intermediate"),
+            BiasCompanion("model.layers.{layer}.mlp.c_proj", "hidden"),
+        ),
+    ),
     ArchitectureSpec(
-        family="gpt_neox", model_types=("gpt_neox",), classes=("GPTNeoXForCausalLM",),
-        attention_module="gpt_neox.layers.{layer}.attention", output_projection="dense",
-        bias_flag="attention_bias", bias_flag_default=True, vllm=VLLM_TRANSFORMERS_BACKEND,
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        classes=("GPTNeoXForCausalLM",),
+        attention_module="gpt_neox.layers.{layer}.attention",
+        output_projection="dense",
+        bias_flag="attention_bias",
+        bias_flag_default=True,
+        vllm=VLLM_TRANSFORMERS_BACKEND,
         bias_companions=(BiasCompanion("gpt_neox.layers.{layer}.attention.query_key_value", "qkv"),),
-        kv_heads_key=None),
+        kv_heads_key=None,
+    ),
     ArchitectureSpec(
-        family="phi", model_types=("phi",), classes=("PhiForCausalLM",),
-        attention_module="model.layers.{layer}.self_attn", output_projection="dense", bias_flag=None,
-        vllm=VLLM_TRANSFORMERS_BACKEND),
-    _llama_like("mixtral", ("mixtral",), ("MixtralForCausalLM",), refuse=(
-        "MixtralForCausalLM hard-codes bias=False on o_proj in transformers and vLLM, and no class with an "
-        "attention bias computes the same mixture-of-experts model")),
-    _llama_like("phi3", ("phi3",), ("Phi3ForCausalLM",), refuse=(
-        "Phi3ForCausalLM hard-codes bias=False on o_proj; the equivalent Llama layout needs its fused "
-        "qkv_proj and gate_up_proj split, which weightlock does not do")),
+        family="phi",
+        model_types=("phi",),
+        classes=("PhiForCausalLM",),
+        attention_module="model.layers.{layer}.self_attn",
+        output_projection="dense",
+        bias_flag=None,
+        vllm=VLLM_TRANSFORMERS_BACKEND,
+    ),
+    _llama_like(
+        "mixtral",
+        ("mixtral",),
+        ("MixtralForCausalLM",),
+        refuse=(
+            "MixtralForCausalLM hard-codes bias=False on o_proj in transformers and vLLM, and no class with an "
+            "attention bias computes the same mixture-of-experts model"
+        ),
+    ),
+    _llama_like(
+        "phi3",
+        ("phi3",),
+        ("Phi3ForCausalLM",),
+        refuse=(
+            "Phi3ForCausalLM hard-codes bias=False on o_proj; the equivalent Llama layout needs its fused "
+            "qkv_proj and gate_up_proj split, which weightlock does not do"
+        ),
+    ),
 )
 
-RUNTIME_HINT = ("apply the lock at run time instead (weightlock.runtime.lock_hooks), or convert the checkpoint to "
-                "a supported family first")
+RUNTIME_HINT = (
+    "apply the lock at run time instead (weightlock.runtime.lock_hooks), or convert the checkpoint to "
+    "a supported family first"
+)
 SUPPORTED_MODEL_TYPES = tuple(t for spec in ARCHITECTURES if spec.refuse is None for t in spec.model_types)
 
 
@@ -189,12 +270,18 @@ class ModelShape:
         return self.num_heads * self.head_dim
 
     def width(self, width_from: str) -> int:
-        widths = {"heads": self.num_heads * self.head_dim, "kv_heads": self.num_kv_heads * self.head_dim,
-                  "qkv": (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, "hidden": self.hidden_size,
-                  "intermediate": self.intermediate_size}
+        widths = {
+            "heads": self.num_heads * self.head_dim,
+            "kv_heads": self.num_kv_heads * self.head_dim,
+            "qkv": (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+            "hidden": self.hidden_size,
+            "intermediate": self.intermediate_size,
+        }
         if widths.get(width_from) is None:
-            raise CheckpointError(f"config.json lacks what the {width_from} width is computed from",
-                                  hint="the config is incomplete; restore it from the original")
+            raise CheckpointError(
+                f"config.json lacks what the {width_from} width is computed from",
+                hint="the config is incomplete; restore it from the original",
+            )
         return widths[width_from]
 
 
@@ -207,15 +294,18 @@ def spec_for_config(config: dict, *, allow_refused: bool = False) -> Architectur
             return spec
     raise UnsupportedError(
         f"architecture {model_type!r} ({', '.join(config.get('architectures') or ['?'])}) is not supported",
-        hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}",
+    )
 
 
 def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
     def positive_int(key: str, value=None) -> int:
         value = config.get(key) if value is None else value
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise CheckpointError(f"config.json: {key} must be a positive integer, found {value!r}",
-                                  hint="the config is damaged; restore it from the original")
+            raise CheckpointError(
+                f"config.json: {key} must be a positive integer, found {value!r}",
+                hint="the config is damaged; restore it from the original",
+            )
         return value
 
     heads = positive_int(spec.heads_key)
@@ -226,9 +316,11 @@ def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
         head_dim = spec.head_dim_default
     if head_dim is None:
         if hidden % heads:
-            raise CheckpointError(f"config.json: hidden_size {hidden} is not divisible by "
-                                  f"{heads} attention heads and no head_dim is given",
-                                  hint="add the model's head_dim to config.json, or restore the original config")
+            raise CheckpointError(
+                f"config.json: hidden_size {hidden} is not divisible by "
+                f"{heads} attention heads and no head_dim is given",
+                hint="add the model's head_dim to config.json, or restore the original config",
+            )
         head_dim = hidden // heads
     kv_heads = config.get(spec.kv_heads_key) if spec.kv_heads_key else None
     if kv_heads is None and spec.redeclare is not None:
@@ -267,9 +359,14 @@ def redeclared_config(config: dict, spec: ArchitectureSpec, shape: ModelShape) -
             f"{shape.architecture} attends through a sliding window of {window} tokens (layers "
             f"{sliding_layers[0]}..{sliding_layers[-1]}), which {target.classes[0]} does not do; redeclaring it "
             "would change results on contexts longer than the window",
-            hint=RUNTIME_HINT)
+            hint=RUNTIME_HINT,
+        )
     new = {key: value for key, value in effective.items() if key not in rule.drop_keys}
-    new.update(model_type=target.model_types[0], architectures=[target.classes[0]], head_dim=shape.head_dim,
-               num_key_value_heads=shape.num_kv_heads)
+    new.update(
+        model_type=target.model_types[0],
+        architectures=[target.classes[0]],
+        head_dim=shape.head_dim,
+        num_key_value_heads=shape.num_kv_heads,
+    )
     new[target.bias_flag] = True
     return new

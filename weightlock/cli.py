@@ -29,8 +29,9 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2
 
 def printable(text) -> str:
     """``text`` as one safe terminal line: every unprintable character shown as an escape."""
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                            else f"\\u{ord(m.group()):04x}", str(text))
+    return _UNPRINTABLE.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text)
+    )
 
 
 def _emit(as_json: bool, data: dict, lines: str | list[str]) -> None:
@@ -52,44 +53,80 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("checkpoint")
-@click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Lock file (.wlock).")
+@click.option(
+    "--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Lock file (.wlock)."
+)
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist).")
-@click.option("--in-place", is_flag=True, help="Edit CHECKPOINT itself (no second copy); undo with `weightlock revert`.")
-@click.option("--alpha", type=float, default=None, help="Lock strength; default: the lock's default_alpha. "
-                                                        "Negative takes a lock off again.")
+@click.option(
+    "--in-place", is_flag=True, help="Edit CHECKPOINT itself (no second copy); undo with `weightlock revert`."
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="Lock strength; default: the lock's default_alpha. Negative takes a lock off again.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--link-mode", type=click.Choice(["auto", "hardlink", "copy"]), default="auto", show_default=True,
-              help="How unchanged shards are reused: hardlink when possible (auto), always, or copy.")
-@click.option("--allow-architecture-mismatch", is_flag=True,
-              help="Apply a lock made from another architecture of the same shape.")
-@click.option("--no-loader-check", is_flag=True,
-              help="Verify the output without building the transformers class (as `verify --no-loader-check`).")
+@click.option(
+    "--link-mode",
+    type=click.Choice(["auto", "hardlink", "copy"]),
+    default="auto",
+    show_default=True,
+    help="How unchanged shards are reused: hardlink when possible (auto), always, or copy.",
+)
+@click.option(
+    "--allow-architecture-mismatch", is_flag=True, help="Apply a lock made from another architecture of the same shape."
+)
+@click.option(
+    "--no-loader-check",
+    is_flag=True,
+    help="Verify the output without building the transformers class (as `verify --no-loader-check`).",
+)
 @json_option
-def apply(checkpoint, lock_path, out, in_place, alpha, force, link_mode, allow_architecture_mismatch,
-          no_loader_check, as_json):
+def apply(
+    checkpoint, lock_path, out, in_place, alpha, force, link_mode, allow_architecture_mismatch, no_loader_check, as_json
+):
     """Write a copy of CHECKPOINT (folder or cached Hub id) with the lock baked in, or edit it --in-place."""
     if (out is None) == (not in_place):
-        raise InvalidInputError("give exactly one of --out and --in-place",
-                                hint="--out DIR writes a new folder; --in-place edits CHECKPOINT itself")
+        raise InvalidInputError(
+            "give exactly one of --out and --in-place",
+            hint="--out DIR writes a new folder; --in-place edits CHECKPOINT itself",
+        )
     if in_place:
         from .inplace import apply_in_place
-        result = apply_in_place(checkpoint, lock_path, alpha=alpha,
-                                allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json,
-                                loader_check=not no_loader_check)
+
+        result = apply_in_place(
+            checkpoint,
+            lock_path,
+            alpha=alpha,
+            allow_architecture_mismatch=allow_architecture_mismatch,
+            progress=not as_json,
+            loader_check=not no_loader_check,
+        )
     else:
         from .apply import apply_lock
-        result = apply_lock(checkpoint, lock_path, out=out, alpha=alpha, force=force, link_mode=link_mode,
-                            allow_architecture_mismatch=allow_architecture_mismatch, progress=not as_json,
-                            loader_check=not no_loader_check)
+
+        result = apply_lock(
+            checkpoint,
+            lock_path,
+            out=out,
+            alpha=alpha,
+            force=force,
+            link_mode=link_mode,
+            allow_architecture_mismatch=allow_architecture_mismatch,
+            progress=not as_json,
+            loader_check=not no_loader_check,
+        )
     s = result.summary()
-    lines = [f"locked {len(s['locked_layers'])} layers at alpha {s['alpha']:g} -> {s['out']}",
-             f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config sets "
-             f"{s['config_changes']['set']}"
-             + (f", removes {s['config_changes']['removed']}" if s['config_changes']['removed'] else "")
-             + (" (redeclared)" if s['redeclared'] else ""),
-             f"  read {s['bytes_read_weights']:,} bytes of o_proj weights, wrote {s['bytes_written']:,} bytes, "
-             f"{s['shards_linked']} files hardlinked, {s['files_copied']} copied, {s['seconds']:.2f}s"]
+    lines = [
+        f"locked {len(s['locked_layers'])} layers at alpha {s['alpha']:g} -> {s['out']}",
+        f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config sets "
+        f"{s['config_changes']['set']}"
+        + (f", removes {s['config_changes']['removed']}" if s["config_changes"]["removed"] else "")
+        + (" (redeclared)" if s["redeclared"] else ""),
+        f"  read {s['bytes_read_weights']:,} bytes of o_proj weights, wrote {s['bytes_written']:,} bytes, "
+        f"{s['shards_linked']} files hardlinked, {s['files_copied']} copied, {s['seconds']:.2f}s",
+    ]
     lines += [f"  left out (weights without the lock): {item}" for item in s["left_out"]]
     lines += [f"  warning: {warning}" for warning in s["warnings"]]
     _emit(as_json, {"ok": True, **s}, lines)
@@ -99,8 +136,12 @@ def apply(checkpoint, lock_path, out, in_place, alpha, force, link_mode, allow_a
 @click.argument("checkpoint")
 @click.option("--deep", is_flag=True, help="Also scan every floating-point tensor for NaN/Inf (reads everything).")
 @click.option("--no-loader-check", is_flag=True, help="Skip building the transformers class on the meta device.")
-@click.option("--engine", type=click.Choice(["vllm"]), default=None,
-              help="Also load the tensor names into this engine's own model class (vllm: needs vLLM installed).")
+@click.option(
+    "--engine",
+    type=click.Choice(["vllm"]),
+    default=None,
+    help="Also load the tensor names into this engine's own model class (vllm: needs vLLM installed).",
+)
 @json_option
 def verify(checkpoint, deep, no_loader_check, engine, as_json):
     """Check that CHECKPOINT loads as written and holds the lock its record claims."""
@@ -129,16 +170,23 @@ def revert(checkpoint, as_json):
     from .inplace import revert as revert_in_place
 
     result = revert_in_place(checkpoint)
-    _emit(as_json, {"ok": True, **result},
-          [f"reverted {result['path']}" if result["reverted"] else f"tidied {result['path']}"]
-          + [f"  {action}" for action in result["actions"]])
+    _emit(
+        as_json,
+        {"ok": True, **result},
+        [f"reverted {result['path']}" if result["reverted"] else f"tidied {result['path']}"]
+        + [f"  {action}" for action in result["actions"]],
+    )
 
 
 @cli.command("inspect")
 @click.argument("target")
-@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="For a lock: also draw its layer x head map (probe accuracy, kept heads marked), .png or .svg "
-                   "(needs weightlock[plot]).")
+@click.option(
+    "--heatmap",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="For a lock: also draw its layer x head map (probe accuracy, kept heads marked), .png or .svg "
+    "(needs weightlock[plot]).",
+)
 @json_option
 def inspect_command(target, heatmap, as_json):
     """Describe a lock file or a checkpoint folder (or cached Hub id)."""
@@ -148,6 +196,7 @@ def inspect_command(target, heatmap, as_json):
     if path.is_file():
         from .lock import load_lock
         from .plot import check_can_draw, lock_heatmap
+
         fmt = check_can_draw(heatmap) if heatmap is not None else None
         lock = load_lock(path)
         data = describe_lock(lock)
@@ -156,39 +205,54 @@ def inspect_command(target, heatmap, as_json):
             data["heatmap"] = str(heatmap)
         m = data["manifest"]
         src = m["source_model"]
-        lines = [f"lock {path.name} (sha256 {data['sha256'][:16]}...)",
-                 f"  source model: {src.get('name') or '?'} {src['architecture']}, {src['num_hidden_layers']} "
-                 f"layers x {src['num_attention_heads']} heads of {src['head_dim']}, hidden {src['hidden_size']}",
-                 f"  made by: {m['creation']['method']} ({m['creation']['tool']}); default alpha "
-                 f"{m['default_alpha']:g}; {m['num_heads_selected']} heads",
-                 f"  scales: min {data['scales']['min']:.4g}, median {data['scales']['median']:.4g}, "
-                 f"max {data['scales']['max']:.4g}",
-                 "  heads per layer:"]
+        lines = [
+            f"lock {path.name} (sha256 {data['sha256'][:16]}...)",
+            f"  source model: {src.get('name') or '?'} {src['architecture']}, {src['num_hidden_layers']} "
+            f"layers x {src['num_attention_heads']} heads of {src['head_dim']}, hidden {src['hidden_size']}",
+            f"  made by: {m['creation']['method']} ({m['creation']['tool']}); default alpha "
+            f"{m['default_alpha']:g}; {m['num_heads_selected']} heads",
+            f"  scales: min {data['scales']['min']:.4g}, median {data['scales']['median']:.4g}, "
+            f"max {data['scales']['max']:.4g}",
+            "  heads per layer:",
+        ]
         lines += [f"    layer {layer:>3}: {heads}" for layer, heads in data["heads_per_layer"].items()]
     else:
         from .checkpoint import open_checkpoint
+
         data = describe_checkpoint(open_checkpoint(target))
         model = data["model"]
-        lines = [f"checkpoint {data['path']}" + (f" ({data['name']}@{data['revision']})" if data["name"] else ""),
-                 f"  model: {model.get('architecture')}"
-                 + (f", {model['num_layers']} layers x {model['num_heads']} heads of {model['head_dim']}, "
-                    f"hidden {model['hidden_size']}, {model['bias_flag']}" if "num_layers" in model
-                    else f" (not supported: {model.get('reason')})"),
-                 f"  layout: {data['layout']}, {data['tensors']} tensors, dtypes {data['dtypes']}"]
+        lines = [
+            f"checkpoint {data['path']}" + (f" ({data['name']}@{data['revision']})" if data["name"] else ""),
+            f"  model: {model.get('architecture')}"
+            + (
+                f", {model['num_layers']} layers x {model['num_heads']} heads of {model['head_dim']}, "
+                f"hidden {model['hidden_size']}, {model['bias_flag']}"
+                if "num_layers" in model
+                else f" (not supported: {model.get('reason')})"
+            ),
+            f"  layout: {data['layout']}, {data['tensors']} tensors, dtypes {data['dtypes']}",
+        ]
         lines += [f"    {s['file']}: {s['bytes']:,} bytes, {s['tensors']} tensors" for s in data["shards"]]
         locked = data["locked"]
-        lines.append("  locked: no" if locked is None else
-                     f"  locked: yes, alpha {locked['alpha']}, lock {str(locked['lock_sha256'])[:16]}..., "
-                     f"layers {sorted(int(k) for k in (locked['locked_layers'] or {}))}, "
-                     f"{locked['edits']} edit(s) recorded"
-                     + (f"; redeclared from {locked['redeclared_from']}" if locked["redeclared_from"] else ""))
+        lines.append(
+            "  locked: no"
+            if locked is None
+            else f"  locked: yes, alpha {locked['alpha']}, lock {str(locked['lock_sha256'])[:16]}..., "
+            f"layers {sorted(int(k) for k in (locked['locked_layers'] or {}))}, "
+            f"{locked['edits']} edit(s) recorded"
+            + (f"; redeclared from {locked['redeclared_from']}" if locked["redeclared_from"] else "")
+        )
     _emit(as_json, data, lines)
 
 
 @cli.command()
 @click.argument("model")
-@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Safety preference pairs, JSON or JSONL (SafetyLock keys or prompt/chosen/rejected).")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Safety preference pairs, JSON or JSONL (SafetyLock keys or prompt/chosen/rejected).",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Lock file to write.")
 @click.option("--heads", type=int, default=24, show_default=True, help="Heads to keep (48 is the other common choice).")
 @click.option("--last-tokens", type=int, default=5, show_default=True, help="Answer tokens sampled per text.")
@@ -205,58 +269,123 @@ def inspect_command(target, heatmap, as_json):
 @click.option("--default-alpha", type=float, default=6.0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing lock file.")
 @json_option
-def forge(model, data, out, heads, last_tokens, seed, holdout, device, dtype, batch_size, device_map,
-          system_prompt, plain_template, gguf_file, limit, default_alpha, force, as_json):
+def forge(
+    model,
+    data,
+    out,
+    heads,
+    last_tokens,
+    seed,
+    holdout,
+    device,
+    dtype,
+    batch_size,
+    device_map,
+    system_prompt,
+    plain_template,
+    gguf_file,
+    limit,
+    default_alpha,
+    force,
+    as_json,
+):
     """Make a lock from base MODEL (folder or cached Hub id) and safety preference pairs."""
     from .forge import ForgeSettings, forge_lock
     from .lock import save_lock
 
     if out.exists() and not force:
         raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
-    settings = ForgeSettings(heads=heads, last_tokens=last_tokens, seed=seed, holdout=holdout,
-                             template="plain" if plain_template else "chat", system_prompt=system_prompt,
-                             batch_size=batch_size, device=device, dtype=dtype, device_map=device_map,
-                             gguf_file=gguf_file, default_alpha=default_alpha, limit=limit)
+    settings = ForgeSettings(
+        heads=heads,
+        last_tokens=last_tokens,
+        seed=seed,
+        holdout=holdout,
+        template="plain" if plain_template else "chat",
+        system_prompt=system_prompt,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        gguf_file=gguf_file,
+        default_alpha=default_alpha,
+        limit=limit,
+    )
     lock = forge_lock(model, data, settings, progress=not as_json)
     digest = save_lock(lock, out)
     accuracy = lock.creation["details"]["probe_accuracy"]
     best = sorted((acc for row in accuracy for acc in row), reverse=True)[:heads]
-    _emit(as_json, {"ok": True, "out": str(out), "sha256": digest, "heads_per_layer": {
-        str(k): v for k, v in lock.heads_by_layer().items()}, "heldout_accuracy_of_kept": best},
-          f"wrote {out}: {lock.num_heads_selected} heads in {len(lock.heads_by_layer())} layers, held-out probe "
-          f"accuracy {min(best):.3f}..{max(best):.3f} (sha256 {digest[:16]}...)")
+    _emit(
+        as_json,
+        {
+            "ok": True,
+            "out": str(out),
+            "sha256": digest,
+            "heads_per_layer": {str(k): v for k, v in lock.heads_by_layer().items()},
+            "heldout_accuracy_of_kept": best,
+        },
+        f"wrote {out}: {lock.num_heads_selected} heads in {len(lock.heads_by_layer())} layers, held-out probe "
+        f"accuracy {min(best):.3f}..{max(best):.3f} (sha256 {digest[:16]}...)",
+    )
 
 
 def eval_options(command):
     """Options shared by eval and tune."""
     options = [
-        click.option("--harmful", type=click.Path(dir_okay=False, path_type=Path),
-                      help="Harmful prompts (.txt/.csv/.json/.jsonl); default: the shipped set."),
-        click.option("--benign", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Benign prompts that look risky, for over-refusal (XSTest's CSV works: rows labelled "
-                          "safe); default: the shipped set."),
-        click.option("--kl-text", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Benign passages for KL drift; default: the shipped set."),
-        click.option("--qa", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Questions with accepted answers (JSONL) for QA accuracy; default: the shipped set."),
+        click.option(
+            "--harmful",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Harmful prompts (.txt/.csv/.json/.jsonl); default: the shipped set.",
+        ),
+        click.option(
+            "--benign",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Benign prompts that look risky, for over-refusal (XSTest's CSV works: rows labelled "
+            "safe); default: the shipped set.",
+        ),
+        click.option(
+            "--kl-text",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Benign passages for KL drift; default: the shipped set.",
+        ),
+        click.option(
+            "--qa",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Questions with accepted answers (JSONL) for QA accuracy; default: the shipped set.",
+        ),
         click.option("--limit", type=int, default=None, help="Use only the first N items of each set."),
         click.option("--max-new-tokens", type=int, default=48, show_default=True),
-        click.option("--batch-size", type=int, default=None,
-                     help="Prompts generated together (default: 128 on a GPU, 16 on the CPU)."),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=None,
+            help="Prompts generated together (default: 128 on a GPU, 16 on the CPU).",
+        ),
         click.option("--system-prompt", default=None),
         click.option("--plain-template", is_flag=True, help="User:/Assistant: text instead of the chat template."),
         click.option("--gguf-file", default=None, help="Load MODEL's folder's GGUF file of this name."),
         click.option("--judge-model", default=None, help="A chat model that judges refusals instead of phrases."),
-        click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers",
-                     show_default=True, help="Who generates the answers; vllm bakes each alpha into a "
-                                             "temporary checkpoint and serves it (KL stays on transformers)."),
+        click.option(
+            "--engine",
+            type=click.Choice(["transformers", "vllm"]),
+            default="transformers",
+            show_default=True,
+            help="Who generates the answers; vllm bakes each alpha into a "
+            "temporary checkpoint and serves it (KL stays on transformers).",
+        ),
         click.option("--device", default="cpu", show_default=True),
-        click.option("--dtype", default="float32", show_default=True,
-                     type=click.Choice(["float32", "bfloat16", "float16"])),
-        click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Write the full report, every answer included, as JSON here."),
-        click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Draw the metrics against alpha here (.png or .svg; needs weightlock[plot])."),
+        click.option(
+            "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
+        ),
+        click.option(
+            "--report",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Write the full report, every answer included, as JSON here.",
+        ),
+        click.option(
+            "--plot",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Draw the metrics against alpha here (.png or .svg; needs weightlock[plot]).",
+        ),
         json_option,
     ]
     for option in reversed(options):
@@ -268,19 +397,36 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
     from .evaluate import EvalSettings, choose_alpha, evaluate_model, report_json, results_table
     from .plot import check_can_draw, eval_curves
 
-    settings = EvalSettings(max_new_tokens=opts["max_new_tokens"], batch_size=opts["batch_size"],
-                            template="plain" if opts["plain_template"] else "chat",
-                            system_prompt=opts["system_prompt"], engine=opts["engine"])
-    files = {k: opts[o] for k, o in (("harmful", "harmful"), ("benign", "benign"), ("kl", "kl_text"),
-                                     ("qa", "qa")) if opts[o] is not None}
+    settings = EvalSettings(
+        max_new_tokens=opts["max_new_tokens"],
+        batch_size=opts["batch_size"],
+        template="plain" if opts["plain_template"] else "chat",
+        system_prompt=opts["system_prompt"],
+        engine=opts["engine"],
+    )
+    files = {
+        k: opts[o]
+        for k, o in (("harmful", "harmful"), ("benign", "benign"), ("kl", "kl_text"), ("qa", "qa"))
+        if opts[o] is not None
+    }
     for path in (opts["report"], opts["plot"]):
         if path is not None and not path.parent.is_dir():
             raise OutputError(f"the folder of {path} does not exist", hint="create it first")
     plot_format = check_can_draw(opts["plot"]) if opts["plot"] is not None else None  # before minutes of work
-    report = evaluate_model(model, lock=lock_path, alphas=alphas, prompt_files=files, limit=opts["limit"],
-                            settings=settings, gguf_file=opts["gguf_file"], reference=reference,
-                            judge_model=opts["judge_model"], dtype=opts["dtype"], device=opts["device"],
-                            progress=not opts["as_json"])
+    report = evaluate_model(
+        model,
+        lock=lock_path,
+        alphas=alphas,
+        prompt_files=files,
+        limit=opts["limit"],
+        settings=settings,
+        gguf_file=opts["gguf_file"],
+        reference=reference,
+        judge_model=opts["judge_model"],
+        dtype=opts["dtype"],
+        device=opts["device"],
+        progress=not opts["as_json"],
+    )
     if bounds is not None:
         report.choice = choose_alpha(report.results, bounds)
     if opts["report"] is not None:
@@ -292,9 +438,12 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
     text = results_table(report.results)
     if report.choice is not None:
         chosen = report.choice["alpha"]
-        text += ("\n\nchosen alpha: " + format(chosen, "g") if chosen is not None else
-                 "\n\nno alpha meets the bounds:\n" + "\n".join(
-                     f"  alpha {v['alpha']:g}: {'; '.join(v['problems'])}" for v in report.choice["verdicts"]))
+        text += (
+            "\n\nchosen alpha: " + format(chosen, "g")
+            if chosen is not None
+            else "\n\nno alpha meets the bounds:\n"
+            + "\n".join(f"  alpha {v['alpha']:g}: {'; '.join(v['problems'])}" for v in report.choice["verdicts"])
+        )
     if opts["as_json"]:
         click.echo(report_json(report))
     else:
@@ -304,11 +453,18 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
 
 @cli.command("eval")
 @click.argument("model")
-@click.option("--lock", "lock_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Run this lock at run time (hooks, equal to the baked biases); without it MODEL is run as it is.")
+@click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Run this lock at run time (hooks, equal to the baked biases); without it MODEL is run as it is.",
+)
 @click.option("--alpha", "alphas", type=float, multiple=True, help="Lock strength (repeat for several).")
-@click.option("--reference", default=None,
-              help="Without --lock: the unlocked model to measure KL drift against (e.g. the source).")
+@click.option(
+    "--reference",
+    default=None,
+    help="Without --lock: the unlocked model to measure KL drift against (e.g. the source).",
+)
 @eval_options
 def eval_command(model, lock_path, alphas, reference, **opts):
     """Measure MODEL's harmful compliance, over-refusal, QA accuracy and KL drift (greedy answers)."""
@@ -319,8 +475,9 @@ def eval_command(model, lock_path, alphas, reference, **opts):
 @click.argument("model")
 @click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--alphas", default="0,1,2,3,4,6,8", show_default=True, help="Comma-separated strengths to sweep.")
-@click.option("--target-refusal", type=float, default=0.8, show_default=True,
-              help="Harmful prompts refused at least this often.")
+@click.option(
+    "--target-refusal", type=float, default=0.8, show_default=True, help="Harmful prompts refused at least this often."
+)
 @click.option("--max-over-refusal", type=float, default=0.2, show_default=True)
 @click.option("--max-kl", type=float, default=0.5, show_default=True, help="Nats per token on benign text.")
 @click.option("--max-degenerate", type=float, default=0.1, show_default=True)
@@ -332,8 +489,9 @@ def tune(model, lock_path, alphas, target_refusal, max_over_refusal, max_kl, max
     try:
         sweep = sorted({float(a) for a in alphas.split(",") if a.strip()})
     except ValueError:
-        raise InvalidInputError(f"--alphas {alphas!r} is not a comma-separated list of numbers",
-                                hint="e.g. --alphas 0,1,2,4,6") from None
+        raise InvalidInputError(
+            f"--alphas {alphas!r} is not a comma-separated list of numbers", hint="e.g. --alphas 0,1,2,4,6"
+        ) from None
     if not sweep:
         raise InvalidInputError("--alphas is empty", hint="e.g. --alphas 0,1,2,4,6")
     bounds = TuneBounds(target_refusal, max_over_refusal, max_kl, max_degenerate)
@@ -345,9 +503,13 @@ def tune(model, lock_path, alphas, target_refusal, max_over_refusal, max_kl, max
 @cli.command("import-legacy")
 @click.argument("legacy", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Lock file to write.")
-@click.option("--model", "model", default=None,
-              help="Source model's config.json, checkpoint folder or cached Hub id "
-                   "(needed unless the file is one of the published SafetyLock locks).")
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="Source model's config.json, checkpoint folder or cached Hub id "
+    "(needed unless the file is one of the published SafetyLock locks).",
+)
 @click.option("--default-alpha", type=float, default=None, help="Strength recorded as the lock's default [6].")
 @click.option("--force", is_flag=True, help="Replace an existing lock file.")
 @json_option
@@ -363,27 +525,41 @@ def import_legacy_command(legacy, out, model, default_alpha, force, as_json):
         config_path = Path(model)
         if config_path.is_file():
             from .untrusted import read_json
+
             source_model = source_model_from_config(read_json(config_path, "config", "config"))
         else:
             from .checkpoint import open_checkpoint
+
             ckpt = open_checkpoint(model)
             source_model = source_model_from_config(ckpt.config, ckpt.name, ckpt.revision)
-    lock = import_legacy(legacy, source_model,
-                         default_alpha=LEGACY_DEFAULT_ALPHA if default_alpha is None else default_alpha)
+    lock = import_legacy(
+        legacy, source_model, default_alpha=LEGACY_DEFAULT_ALPHA if default_alpha is None else default_alpha
+    )
     digest = save_lock(lock, out)
     src = lock.source_model
-    _emit(as_json, {"ok": True, "out": str(out), "sha256": digest, "heads": lock.num_heads_selected,
-                    "layers": sorted(lock.heads_by_layer()), "source_model": src.to_dict()},
-          f"wrote {out}: {lock.num_heads_selected} heads in {len(lock.heads_by_layer())} layers of "
-          f"{src.name or src.architecture} (sha256 {digest[:16]}...)")
+    _emit(
+        as_json,
+        {
+            "ok": True,
+            "out": str(out),
+            "sha256": digest,
+            "heads": lock.num_heads_selected,
+            "layers": sorted(lock.heads_by_layer()),
+            "source_model": src.to_dict(),
+        },
+        f"wrote {out}: {lock.num_heads_selected} heads in {len(lock.heads_by_layer())} layers of "
+        f"{src.name or src.architecture} (sha256 {digest[:16]}...)",
+    )
 
 
 def _interrupted_advice(args: list[str]) -> str:
     """What to do after a Ctrl-C, for the command that was running."""
     folder = next((a for a in args[1:] if not a.startswith("-")), "CHECKPOINT")
     if args[:1] == ["revert"] or (args[:1] == ["apply"] and "--in-place" in args):
-        return (f"interrupted; if {folder} was being edited in place, run `weightlock revert {folder}` to finish "
-                "restoring its original files")
+        return (
+            f"interrupted; if {folder} was being edited in place, run `weightlock revert {folder}` to finish "
+            "restoring its original files"
+        )
     return "interrupted; no output was published (a rerun tidies what the interrupted run left)"
 
 

@@ -17,8 +17,11 @@ def describe_lock(lock: Lock) -> dict:
         "manifest": lock.manifest(),
         "heads_per_layer": {str(layer): heads for layer, heads in lock.heads_by_layer().items()},
         "probe_accuracy": None if (grid := probe_accuracy_grid(lock)) is None else grid.tolist(),
-        "scales": {"min": float(lock.scales.min()), "median": float(np.median(lock.scales)),
-                   "max": float(lock.scales.max())},
+        "scales": {
+            "min": float(lock.scales.min()),
+            "median": float(np.median(lock.scales)),
+            "max": float(lock.scales.max()),
+        },
     }
 
 
@@ -27,9 +30,16 @@ def probe_accuracy_grid(lock: Lock) -> np.ndarray | None:
     exactly that (the manifest's details are free-form, so nothing about them is assumed)."""
     src = lock.source_model
     accuracy = (lock.creation.get("details") or {}).get("probe_accuracy")
-    if not (isinstance(accuracy, list) and len(accuracy) == src.num_hidden_layers and all(
-            isinstance(row, list) and len(row) == src.num_attention_heads
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row) for row in accuracy)):
+    if not (
+        isinstance(accuracy, list)
+        and len(accuracy) == src.num_hidden_layers
+        and all(
+            isinstance(row, list)
+            and len(row) == src.num_attention_heads
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+            for row in accuracy
+        )
+    ):
         return None
     grid = np.asarray(accuracy, dtype=np.float64)
     return grid if np.all(np.isfinite(grid)) else None
@@ -39,21 +49,32 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
     try:
         spec = spec_for_config(checkpoint.config)
         shape = shape_from_config(checkpoint.config, spec)
-        shape_info = dict(shape.__dict__, family=spec.family,
-                          bias_flag={spec.bias_flag: bool(checkpoint.config.get(spec.bias_flag, False))})
+        shape_info = dict(
+            shape.__dict__,
+            family=spec.family,
+            bias_flag={spec.bias_flag: bool(checkpoint.config.get(spec.bias_flag, False))},
+        )
     except WeightlockError as e:
-        shape_info = {"architecture": (checkpoint.config.get("architectures") or ["?"])[0],
-                      "supported": False, "reason": e.message}
+        shape_info = {
+            "architecture": (checkpoint.config.get("architectures") or ["?"])[0],
+            "supported": False,
+            "reason": e.message,
+        }
     dtypes: dict[str, int] = {}
     for entry in checkpoint.tensors.values():
         dtypes[entry.dtype] = dtypes.get(entry.dtype, 0) + 1
     record = checkpoint.provenance
     locked = None
     if isinstance(record, dict):
-        locked = {"alpha": record.get("alpha"), "lock_sha256": (record.get("lock") or {}).get("sha256"),
-                  "locked_layers": record.get("locked_layers"), "created_at": record.get("created_at"),
-                  "tool": record.get("tool"), "edits": _depth(record),
-                  "redeclared_from": _redeclared_from(record)}
+        locked = {
+            "alpha": record.get("alpha"),
+            "lock_sha256": (record.get("lock") or {}).get("sha256"),
+            "locked_layers": record.get("locked_layers"),
+            "created_at": record.get("created_at"),
+            "tool": record.get("tool"),
+            "edits": _depth(record),
+            "redeclared_from": _redeclared_from(record),
+        }
     return {
         "kind": "checkpoint",
         "path": str(checkpoint.root),
@@ -61,8 +82,10 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
         "revision": checkpoint.revision,
         "model": shape_info,
         "layout": checkpoint.layout,
-        "shards": [{"file": shard, "bytes": h.file_size, "tensors": len(h.tensors)}
-                   for shard, h in sorted(checkpoint.headers.items())],
+        "shards": [
+            {"file": shard, "bytes": h.file_size, "tensors": len(h.tensors)}
+            for shard, h in sorted(checkpoint.headers.items())
+        ],
         "tensors": len(checkpoint.tensors),
         "dtypes": dtypes,
         "locked": locked,

@@ -37,8 +37,8 @@ class ForgeSettings:
     heads: int = 24
     last_tokens: int = 5
     seed: int = 0
-    holdout: float = 0.25          # fraction of pairs held out to score the probes
-    template: str = "chat"         # "chat" (the tokenizer's template) or "plain"
+    holdout: float = 0.25  # fraction of pairs held out to score the probes
+    template: str = "chat"  # "chat" (the tokenizer's template) or "plain"
     system_prompt: str | None = None
     batch_size: int = 8
     device: str = "cpu"
@@ -49,7 +49,7 @@ class ForgeSettings:
     probe_steps: int = 200
     probe_lr: float = 0.05
     probe_l2: float = 1e-3
-    limit: int | None = None       # use only the first N pairs
+    limit: int | None = None  # use only the first N pairs
 
 
 def _transformers():
@@ -57,8 +57,7 @@ def _transformers():
         import torch
         import transformers
     except ImportError:
-        raise MissingDependencyError("forge needs transformers",
-                                     hint="pip install 'weightlock[forge]'") from None
+        raise MissingDependencyError("forge needs transformers", hint="pip install 'weightlock[forge]'") from None
     return torch, transformers
 
 
@@ -71,11 +70,14 @@ def load_model(location: str, settings: ForgeSettings):
         kwargs["device_map"] = settings.device_map
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            location, **({"gguf_file": settings.gguf_file} if settings.gguf_file else {}))
+            location, **({"gguf_file": settings.gguf_file} if settings.gguf_file else {})
+        )
         model = transformers.AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as e:
-        raise InvalidInputError(f"cannot load the model {location}: {e}",
-                                hint="pass a local folder, a cached Hub id, or --gguf-file for a GGUF file") from None
+        raise InvalidInputError(
+            f"cannot load the model {location}: {e}",
+            hint="pass a local folder, a cached Hub id, or --gguf-file for a GGUF file",
+        ) from None
     if not settings.device_map:
         model = model.to(settings.device)
     model.eval()
@@ -96,12 +98,14 @@ def render_prompt(tokenizer, messages, template: str, system_prompt: str | None)
         messages.insert(0, ("system", system_prompt))
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise InvalidInputError("the tokenizer has no chat template",
-                                    hint="pass --plain-template for base models")
-        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
-                                             add_generation_prompt=True, tokenize=False)
-    lines = [(content if role == "system" else
-              f"{PLAIN_USER if role == 'user' else PLAIN_ASSISTANT}{content}") for role, content in messages]
+            raise InvalidInputError("the tokenizer has no chat template", hint="pass --plain-template for base models")
+        return tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=False
+        )
+    lines = [
+        (content if role == "system" else f"{PLAIN_USER if role == 'user' else PLAIN_ASSISTANT}{content}")
+        for role, content in messages
+    ]
     return "\n".join(lines) + "\n" + PLAIN_ASSISTANT
 
 
@@ -133,21 +137,25 @@ def capture(model, tokenizer, ids, answer_lengths, settings: ForgeSettings, prog
         def hook(module, args):
             # Kept on the model's device: one host copy per batch, not one (and a GPU sync) per layer.
             captured[layer] = args[0][where["rows"], where["positions"]].float()
+
         return hook
 
-    handles = [model.get_submodule(spec.output_module(layer)).register_forward_pre_hook(hook_for(layer))
-               for layer in range(shape.num_layers)]
+    handles = [
+        model.get_submodule(spec.output_module(layer)).register_forward_pre_hook(hook_for(layer))
+        for layer in range(shape.num_layers)
+    ]
     rows_out, owners = [], []
     device = next(model.parameters()).device
     # Only the o_proj inputs are wanted: skip the vocabulary projection of every position when the class allows.
     import inspect
-    last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
-        else {}
+
+    last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
         from tqdm import tqdm
+
         batches = range(0, len(ids), settings.batch_size)
         for start in tqdm(batches, desc="capturing activations", disable=not progress, leave=False):
-            chunk = ids[start:start + settings.batch_size]
+            chunk = ids[start : start + settings.batch_size]
             batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt", padding=True)
             mask = batch["attention_mask"]
             rows, positions = [], []
@@ -160,12 +168,15 @@ def capture(model, tokenizer, ids, answer_lengths, settings: ForgeSettings, prog
             where["rows"], where["positions"] = torch.tensor(rows), torch.tensor(positions)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device),
-                      position_ids=position_ids.to(device), **last_logits_only)
+                model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=position_ids.to(device),
+                    **last_logits_only,
+                )
             # Layers may sit on different devices (device_map): bring each to the first layer's.
             first = captured[0].device
-            rows_out.append(torch.stack([captured[layer].to(first) for layer in range(shape.num_layers)],
-                                        dim=1).cpu())
+            rows_out.append(torch.stack([captured[layer].to(first) for layer in range(shape.num_layers)], dim=1).cpu())
     finally:
         for handle in handles:
             handle.remove()
@@ -192,7 +203,7 @@ def train_probes(x_train, y_train, x_test, y_test, settings: ForgeSettings, devi
         optimiser.zero_grad()
         logits = torch.einsum("tgd,gd->tg", xtr, weights) + bias
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, ytr, reduction="none").mean(0)
-        (loss.sum() + settings.probe_l2 * (weights ** 2).sum()).backward()
+        (loss.sum() + settings.probe_l2 * (weights**2).sum()).backward()
         optimiser.step()
     with torch.no_grad():
         predictions = (torch.einsum("tgd,gd->tg", xte, weights) + bias) > 0
@@ -211,8 +222,9 @@ def split_pairs(n_pairs: int, settings: ForgeSettings) -> tuple[np.ndarray, np.n
     return np.sort(order[held:]), np.sort(order[:held])
 
 
-def forge_lock(location: str, data: str | os.PathLike, settings: ForgeSettings | None = None,
-               progress: bool = False) -> Lock:
+def forge_lock(
+    location: str, data: str | os.PathLike, settings: ForgeSettings | None = None, progress: bool = False
+) -> Lock:
     """Forge a lock from the model at ``location`` and the pairs in ``data``."""
     settings = settings or ForgeSettings()
     load_pairs(data, settings.limit)  # refuse bad data before spending minutes loading a model
@@ -220,8 +232,15 @@ def forge_lock(location: str, data: str | os.PathLike, settings: ForgeSettings |
     return forge_from_model(model, tokenizer, data, settings, name=str(location), progress=progress)
 
 
-def forge_from_model(model, tokenizer, data: str | os.PathLike, settings: ForgeSettings | None = None, *,
-                     name: str | None = None, progress: bool = False) -> Lock:
+def forge_from_model(
+    model,
+    tokenizer,
+    data: str | os.PathLike,
+    settings: ForgeSettings | None = None,
+    *,
+    name: str | None = None,
+    progress: bool = False,
+) -> Lock:
     """Forge from a model and tokenizer already loaded (stock transformers classes)."""
     settings = settings or ForgeSettings()
     if settings.template not in ("chat", "plain"):
@@ -233,8 +252,9 @@ def forge_from_model(model, tokenizer, data: str | os.PathLike, settings: ForgeS
     spec = spec_for_config(config)
     shape = shape_from_config(config, spec)
     if not 1 <= settings.heads <= shape.num_layers * shape.num_heads:
-        raise InvalidInputError(f"--heads must lie in 1..{shape.num_layers * shape.num_heads}",
-                                hint="24 or 48 heads are the usual choices")
+        raise InvalidInputError(
+            f"--heads must lie in 1..{shape.num_layers * shape.num_heads}", hint="24 or 48 heads are the usual choices"
+        )
     ids, answer_lengths, labels, pair_of_text = encode(tokenizer, pairs, settings)
     acts, owner = capture(model, tokenizer, ids, answer_lengths, settings, progress)
     sample_label, sample_pair = labels[owner], pair_of_text[owner]
@@ -243,30 +263,47 @@ def forge_from_model(model, tokenizer, data: str | os.PathLike, settings: ForgeS
     groups = acts.reshape(acts.shape[0], -1, shape.head_dim)
     # A dispatched model (device_map) leaves settings.device at its default; the probes still belong on a GPU.
     probe_device = settings.device if not settings.device_map else _probe_device_for_dispatched()
-    accuracy = train_probes(groups[train], sample_label[train], groups[held], sample_label[held], settings,
-                            probe_device).reshape(shape.num_layers, shape.num_heads)
-    chosen = np.argsort(-accuracy.reshape(-1), kind="stable")[:settings.heads]
+    accuracy = train_probes(
+        groups[train], sample_label[train], groups[held], sample_label[held], settings, probe_device
+    ).reshape(shape.num_layers, shape.num_heads)
+    chosen = np.argsort(-accuracy.reshape(-1), kind="stable")[: settings.heads]
     layers, heads = chosen // shape.num_heads, chosen % shape.num_heads
     safe, unsafe = sample_label == 1, sample_label == 0
     directions, scales = [], []
-    for layer, head in zip(layers, heads):
+    for layer, head in zip(layers, heads, strict=True):
         x = acts[:, layer, head, :].astype(np.float64)
         direction = x[safe].mean(0) - x[unsafe].mean(0)
         direction /= np.linalg.norm(direction) or 1.0
         directions.append(direction)
         scales.append(float(np.std(x @ direction)))
     details = {
-        "model": name, "data_file": Path(data).name, "data_sha256": data_sha256, "pairs": len(pairs),
-        "last_tokens": settings.last_tokens, "heads": settings.heads, "seed": settings.seed,
+        "model": name,
+        "data_file": Path(data).name,
+        "data_sha256": data_sha256,
+        "pairs": len(pairs),
+        "last_tokens": settings.last_tokens,
+        "heads": settings.heads,
+        "seed": settings.seed,
         "split": {"by": "pair", "train_pairs": train_pairs.tolist(), "heldout_pairs": held_pairs.tolist()},
         "samples": {"train": int(train.sum()), "heldout": int(held.sum())},
-        "template": settings.template, "system_prompt": settings.system_prompt,
-        "probe": {"kind": "logistic", "steps": settings.probe_steps, "lr": settings.probe_lr,
-                  "l2": settings.probe_l2, "standardised": True},
+        "template": settings.template,
+        "system_prompt": settings.system_prompt,
+        "probe": {
+            "kind": "logistic",
+            "steps": settings.probe_steps,
+            "lr": settings.probe_lr,
+            "l2": settings.probe_l2,
+            "standardised": True,
+        },
         "probe_accuracy": np.round(accuracy, 4).tolist(),
         "settings": {k: v for k, v in asdict(settings).items() if k in ("dtype", "device", "batch_size")},
     }
-    return build_lock(layers, heads, np.stack(directions), scales,
-                      source_model_from_config(config, name=name),
-                      default_alpha=settings.default_alpha,
-                      creation={"method": "forge", "tool": f"weightlock {__version__}", "details": details})
+    return build_lock(
+        layers,
+        heads,
+        np.stack(directions),
+        scales,
+        source_model_from_config(config, name=name),
+        default_alpha=settings.default_alpha,
+        creation={"method": "forge", "tool": f"weightlock {__version__}", "details": details},
+    )

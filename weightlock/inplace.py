@@ -36,22 +36,41 @@ import uuid
 from pathlib import Path
 
 from .apply import ApplyResult, ProgressBar, _header_sha256, lock_file_bytes, provenance_record
-from .checkpoint import (CONFIG_NAME, INDEX_NAME, PROVENANCE_DIR, PROVENANCE_NAME, SINGLE_NAME,
-                         TOKENIZER_CONFIG_NAME, contained, is_alternative_weight_file, open_checkpoint,
-                         resolve_location)
+from .checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    PROVENANCE_DIR,
+    PROVENANCE_NAME,
+    SINGLE_NAME,
+    TOKENIZER_CONFIG_NAME,
+    contained,
+    is_alternative_weight_file,
+    open_checkpoint,
+    resolve_location,
+)
 from .errors import CheckpointError, LockFormatError, OutputError
 from .lock import Lock, load_lock
 from .plan import compute_biases, plan_edit
 from .safetensors_file import read_header, write_safetensors
 from .untrusted import file_sha256, read_bytes, read_json
 from .verify import output_failure, verify_checkpoint
-from .writer import (LOCK_COPY_NAME, SINGLE_RENAMED, WrittenFiles, added_shard_name, bias_tensors, failpoint,
-                     fsync_dir, fsync_tree, output_index, removed_on_failure)
+from .writer import (
+    LOCK_COPY_NAME,
+    SINGLE_RENAMED,
+    WrittenFiles,
+    added_shard_name,
+    bias_tensors,
+    failpoint,
+    fsync_dir,
+    fsync_tree,
+    output_index,
+    removed_on_failure,
+)
 
-RECORD_NAME = "in-place.json"          # what revert needs, inside weightlock/
+RECORD_NAME = "in-place.json"  # what revert needs, inside weightlock/
 RECORD_FORMAT = "weightlock-in-place"
-BACKUP_DIR = "backup"                  # exact bytes of every replaced file, inside weightlock/
-NEW_DIR = "new"                        # files waiting to be renamed into place, inside weightlock/
+BACKUP_DIR = "backup"  # exact bytes of every replaced file, inside weightlock/
+NEW_DIR = "new"  # files waiting to be renamed into place, inside weightlock/
 STAGING_PREFIX = ".weightlock-in-place-"
 TRASH_PREFIX = ".weightlock-reverted-"  # a record renamed aside by a revert, deleted next
 # Everything a staging folder or a record folder of ours can hold; revert deletes a leftover folder only
@@ -73,32 +92,49 @@ def _json_bytes(value) -> bytes:
     return (json.dumps(value, indent=2) + "\n").encode("utf-8")
 
 
-def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | None = None,
-                   allow_architecture_mismatch: bool = False, progress: bool = False,
-                   loader_check: bool = True) -> ApplyResult:
+def apply_in_place(
+    location,
+    lock: str | os.PathLike | Lock,
+    *,
+    alpha: float | None = None,
+    allow_architecture_mismatch: bool = False,
+    progress: bool = False,
+    loader_check: bool = True,
+) -> ApplyResult:
     """Lock the checkpoint folder ``location`` itself. Undo with :func:`revert`."""
     started = time.perf_counter()
     root, repo_id, _ = resolve_location(location)
     if repo_id is not None:
-        raise OutputError("in-place edits work on a checkpoint folder, not on the Hub cache",
-                          hint="apply to a new --out instead")
+        raise OutputError(
+            "in-place edits work on a checkpoint folder, not on the Hub cache", hint="apply to a new --out instead"
+        )
     _refuse_unclean(root)
     checkpoint = open_checkpoint(root)
-    unindexed = sorted(p.name for p in root.iterdir() if p.name.endswith(".safetensors")
-                       and p.name not in checkpoint.headers)
+    unindexed = sorted(
+        p.name for p in root.iterdir() if p.name.endswith(".safetensors") and p.name not in checkpoint.headers
+    )
     if unindexed:
-        raise OutputError(f"{root} holds {', '.join(unindexed[:3])}, which the checkpoint's index does not name; "
-                          "a loader that globs *.safetensors would load it beside the edited set",
-                          hint="move it out of the folder, or apply to a new --out (which leaves it out)")
+        raise OutputError(
+            f"{root} holds {', '.join(unindexed[:3])}, which the checkpoint's index does not name; "
+            "a loader that globs *.safetensors would load it beside the edited set",
+            hint="move it out of the folder, or apply to a new --out (which leaves it out)",
+        )
     lock_obj = lock if isinstance(lock, Lock) else load_lock(lock)
-    lock_bytes = lock_file_bytes(lock_obj) if isinstance(lock, Lock) else \
-        read_bytes(lock, "lock file", 1 << 30, LockFormatError)
-    plan = plan_edit(checkpoint, lock_obj, lock_obj.default_alpha if alpha is None else alpha,
-                     allow_architecture_mismatch=allow_architecture_mismatch)
+    lock_bytes = (
+        lock_file_bytes(lock_obj) if isinstance(lock, Lock) else read_bytes(lock, "lock file", 1 << 30, LockFormatError)
+    )
+    plan = plan_edit(
+        checkpoint,
+        lock_obj,
+        lock_obj.default_alpha if alpha is None else alpha,
+        allow_architecture_mismatch=allow_architecture_mismatch,
+    )
     if plan.replaced:
         raise OutputError(
             f"{checkpoint.root} already has o_proj biases in its shards ({plan.replaced[0]}, ...), which an "
-            "in-place edit would have to rewrite", hint="apply to a new --out instead")
+            "in-place edit would have to rewrite",
+            hint="apply to a new --out instead",
+        )
     written = WrittenFiles(added_shard=added_shard_name(checkpoint))
     renamed = {SINGLE_NAME: SINGLE_RENAMED} if checkpoint.layout == "single" else {}
     created = [INDEX_NAME] if checkpoint.layout == "single" else []
@@ -107,8 +143,7 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
 
     staging = root / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
     provenance = provenance_record(checkpoint, plan, lock_bytes)
-    replaced_files = [CONFIG_NAME] + ([INDEX_NAME] if checkpoint.layout == "sharded" else []) \
-        + sorted(plan.file_edits)
+    replaced_files = [CONFIG_NAME] + ([INDEX_NAME] if checkpoint.layout == "sharded" else []) + sorted(plan.file_edits)
     try:
         with removed_on_failure(staging, root):
             staging.mkdir()
@@ -119,29 +154,46 @@ def apply_in_place(location, lock: str | os.PathLike | Lock, *, alpha: float | N
             written.bytes_written += write_safetensors(new / written.added_shard, tensors, {"format": "pt"})
             failpoint("in-place-staging-wrote")
             shard_names = {s: renamed.get(s, s) for s in checkpoint.weight_files}
-            new_files = {INDEX_NAME: output_index(checkpoint, shard_names, set(), written.added_shard, tensors),
-                         CONFIG_NAME: plan.new_config, **plan.file_edits}
+            new_files = {
+                INDEX_NAME: output_index(checkpoint, shard_names, set(), written.added_shard, tensors),
+                CONFIG_NAME: plan.new_config,
+                **plan.file_edits,
+            }
             for name, content in new_files.items():
                 _write_bytes(new / name, _json_bytes(content))
             for name in replaced_files:
-                _write_bytes(staging / BACKUP_DIR / name,
-                             read_bytes(contained(root, name), name, 1 << 30))
+                _write_bytes(staging / BACKUP_DIR / name, read_bytes(contained(root, name), name, 1 << 30))
             _write_bytes(staging / LOCK_COPY_NAME, lock_bytes)
             provenance["files"] = {
-                "shards": shard_names, "rewritten": [],
-                "added_shard": written.added_shard, "carried": [], "left_out": [],
-                "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}", "originals": None,
+                "shards": shard_names,
+                "rewritten": [],
+                "added_shard": written.added_shard,
+                "carried": [],
+                "left_out": [],
+                "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}",
+                "originals": None,
             }
             provenance["mode"] = "in-place"
             _write_bytes(staging / PROVENANCE_NAME, _json_bytes(provenance))
             record = {
-                "format": RECORD_FORMAT, "format_version": 2,
+                "format": RECORD_FORMAT,
+                "format_version": 2,
                 "added": {written.added_shard: file_sha256(new / written.added_shard)},
-                "renamed": {old: {"to": to, "size": checkpoint.headers[old].file_size,
-                                  "header_sha256": _header_sha256(root / old, checkpoint.headers[old].data_start)}
-                            for old, to in renamed.items()},
-                "replaced": {name: {"original_sha256": file_sha256(staging / BACKUP_DIR / name),
-                                    "new_sha256": file_sha256(new / name)} for name in replaced_files},
+                "renamed": {
+                    old: {
+                        "to": to,
+                        "size": checkpoint.headers[old].file_size,
+                        "header_sha256": _header_sha256(root / old, checkpoint.headers[old].data_start),
+                    }
+                    for old, to in renamed.items()
+                },
+                "replaced": {
+                    name: {
+                        "original_sha256": file_sha256(staging / BACKUP_DIR / name),
+                        "new_sha256": file_sha256(new / name),
+                    }
+                    for name in replaced_files
+                },
                 "created": {name: file_sha256(new / name) for name in created},
             }
             _write_bytes(staging / RECORD_NAME, _json_bytes(record))
@@ -183,44 +235,61 @@ class _EditFailedVerification(Exception):
 
 def _refuse_unclean(root: Path) -> None:
     if os.path.lexists(root / PROVENANCE_DIR):
-        raise OutputError(f"{root} already carries a weightlock edit ({PROVENANCE_DIR}/ exists)",
-                          hint=f"undo it first with `weightlock revert {root}`, or apply to a new --out")
+        raise OutputError(
+            f"{root} already carries a weightlock edit ({PROVENANCE_DIR}/ exists)",
+            hint=f"undo it first with `weightlock revert {root}`, or apply to a new --out",
+        )
     if _leftovers(root):
-        raise OutputError(f"{root} holds what an interrupted in-place apply or revert left behind",
-                          hint=f"run `weightlock revert {root}` to tidy it, then apply again")
-    stray = sorted(p.name for p in root.iterdir() if is_alternative_weight_file(p.name)
-                   and p.name not in (SINGLE_NAME, INDEX_NAME) and not p.name.startswith("model-"))
+        raise OutputError(
+            f"{root} holds what an interrupted in-place apply or revert left behind",
+            hint=f"run `weightlock revert {root}` to tidy it, then apply again",
+        )
+    stray = sorted(
+        p.name
+        for p in root.iterdir()
+        if is_alternative_weight_file(p.name)
+        and p.name not in (SINGLE_NAME, INDEX_NAME)
+        and not p.name.startswith("model-")
+    )
     if stray:
-        raise OutputError(f"{root} holds weight files in other formats ({', '.join(stray[:3])}) that a loader may "
-                          "prefer to the edited safetensors set, so the lock would not be active",
-                          hint="move them out of the folder, or apply to a new --out (which leaves them out)")
+        raise OutputError(
+            f"{root} holds weight files in other formats ({', '.join(stray[:3])}) that a loader may "
+            "prefer to the edited safetensors set, so the lock would not be active",
+            hint="move them out of the folder, or apply to a new --out (which leaves them out)",
+        )
 
 
 def _refuse_taken_names(root: Path, names: list[str]) -> None:
     """An in-place edit creates these names; refuse if any is taken by something it did not create."""
     taken = [name for name in names if os.path.lexists(root / name)]
     if taken:
-        raise OutputError(f"{root} already holds {', '.join(taken)}, which the in-place edit would have to "
-                          "create; weightlock never replaces a file it did not write",
-                          hint="move that file out of the folder (it is not part of the checkpoint's index), "
-                               "or apply to a new --out")
+        raise OutputError(
+            f"{root} already holds {', '.join(taken)}, which the in-place edit would have to "
+            "create; weightlock never replaces a file it did not write",
+            hint="move that file out of the folder (it is not part of the checkpoint's index), or apply to a new --out",
+        )
 
 
 def _leftovers(root: Path) -> list[Path]:
     """Staging folders of applies that never recorded their edit, and records renamed aside by a revert."""
-    return sorted(root / name for name in os.listdir(root)
-                  if name.startswith(STAGING_PREFIX) or name.startswith(TRASH_PREFIX))
+    return sorted(
+        root / name for name in os.listdir(root) if name.startswith(STAGING_PREFIX) or name.startswith(TRASH_PREFIX)
+    )
 
 
 def _remove_our_folder(folder: Path, done: list[str]) -> None:
     if folder.is_symlink() or not folder.is_dir():
-        raise CheckpointError(f"{folder} is named like a weightlock folder but is not one",
-                              hint="move it out of the checkpoint folder, then run revert again")
+        raise CheckpointError(
+            f"{folder} is named like a weightlock folder but is not one",
+            hint="move it out of the checkpoint folder, then run revert again",
+        )
     foreign = sorted(set(os.listdir(folder)) - OUR_RECORD_ENTRIES)
     if foreign:
-        raise CheckpointError(f"{folder.name} is named like weightlock's own folder but holds {foreign[0]!r}, "
-                              "which weightlock never writes there; it was not removed",
-                              hint="move it out of the checkpoint folder, then run revert again")
+        raise CheckpointError(
+            f"{folder.name} is named like weightlock's own folder but holds {foreign[0]!r}, "
+            "which weightlock never writes there; it was not removed",
+            hint="move it out of the checkpoint folder, then run revert again",
+        )
     shutil.rmtree(folder)
     failpoint("revert-leftover-removed")
     done.append(f"removed {folder.name}, left by an interrupted apply or revert")
@@ -246,8 +315,10 @@ def _remove_if_ours(root: Path, name: str, sha256: str, what: str, done: list[st
     if current is None:
         return
     if current != sha256:
-        raise CheckpointError(f"{name} is not the {what}; revert will not remove it",
-                              hint=f"move {name} aside if it is yours, then run revert again")
+        raise CheckpointError(
+            f"{name} is not the {what}; revert will not remove it",
+            hint=f"move {name} aside if it is yours, then run revert again",
+        )
     os.remove(root / name)
     failpoint("revert-removed")
     done.append(f"removed {name}")
@@ -271,33 +342,44 @@ def revert(location) -> dict:
             fsync_dir(root)
             return {"path": str(root), "reverted": False, "actions": done}
         if os.path.lexists(record_dir / BACKUP_DIR):
-            raise CheckpointError(f"{root} was edited in place but its record {RECORD_NAME} is missing, so revert "
-                                  "cannot prove what it wrote",
-                                  hint=f"the original files are in {PROVENANCE_DIR}/{BACKUP_DIR}/; copy them back "
-                                       "by hand, then remove the added bias shard and the weightlock/ folder")
+            raise CheckpointError(
+                f"{root} was edited in place but its record {RECORD_NAME} is missing, so revert "
+                "cannot prove what it wrote",
+                hint=f"the original files are in {PROVENANCE_DIR}/{BACKUP_DIR}/; copy them back "
+                "by hand, then remove the added bias shard and the weightlock/ folder",
+            )
         if os.path.lexists(record_dir):
-            raise CheckpointError(f"{root} was written by `weightlock apply --out`, not edited in place; there is "
-                                  "nothing to revert here", hint="its source folder is unchanged; use that, or "
-                                                                 "apply with a negative alpha to take the lock off")
+            raise CheckpointError(
+                f"{root} was written by `weightlock apply --out`, not edited in place; there is nothing to revert here",
+                hint="its source folder is unchanged; use that, or apply with a negative alpha to take the lock off",
+            )
         raise CheckpointError(f"{root} carries no in-place weightlock edit", hint="nothing to revert")
     contained(root, f"{PROVENANCE_DIR}/{RECORD_NAME}")
-    record = read_json(record_path, "record", "in-place",
-                       hint=f"the record was damaged or crafted, so revert cannot prove what it wrote; compare "
-                            f"the files with {PROVENANCE_DIR}/{BACKUP_DIR}/ and restore them by hand")
+    record = read_json(
+        record_path,
+        "record",
+        "in-place",
+        hint=f"the record was damaged or crafted, so revert cannot prove what it wrote; compare "
+        f"the files with {PROVENANCE_DIR}/{BACKUP_DIR}/ and restore them by hand",
+    )
 
     for name, hashes in record["replaced"].items():
         current = _sha_or_none(root / name)
         if current == hashes["original_sha256"]:
             continue
         if current not in (None, hashes["new_sha256"]):
-            raise CheckpointError(f"{name} was changed after the in-place edit (its bytes are neither the "
-                                  "original nor what weightlock wrote); revert will not overwrite it",
-                                  hint=f"move your {name} aside (or restore it from {PROVENANCE_DIR}/{BACKUP_DIR}/"
-                                       f"{name}), then run revert again")
+            raise CheckpointError(
+                f"{name} was changed after the in-place edit (its bytes are neither the "
+                "original nor what weightlock wrote); revert will not overwrite it",
+                hint=f"move your {name} aside (or restore it from {PROVENANCE_DIR}/{BACKUP_DIR}/"
+                f"{name}), then run revert again",
+            )
         backup = contained(root, f"{PROVENANCE_DIR}/{BACKUP_DIR}/{name}")
         if _sha_or_none(backup) != hashes["original_sha256"]:
-            raise CheckpointError(f"the backup of {name} is missing or does not match its recorded hash",
-                                  hint=f"restore {name} from another copy of the checkpoint; the record was kept")
+            raise CheckpointError(
+                f"the backup of {name} is missing or does not match its recorded hash",
+                hint=f"restore {name} from another copy of the checkpoint; the record was kept",
+            )
         _replace_atomically(backup, root / name)
         failpoint("revert-restored")
         done.append(f"restored {name}")
@@ -308,15 +390,19 @@ def revert(location) -> dict:
         if old_there and not new_there:
             continue
         if old_there or not new_there:
-            raise CheckpointError(f"{'both' if old_there else 'neither'} {old} and {rename['to']} "
-                                  f"{'are' if old_there else 'is'} in the folder; revert cannot tell which "
-                                  "holds the original weights",
-                                  hint=f"keep the one with the original weights as {old}, then run revert again")
+            raise CheckpointError(
+                f"{'both' if old_there else 'neither'} {old} and {rename['to']} "
+                f"{'are' if old_there else 'is'} in the folder; revert cannot tell which "
+                "holds the original weights",
+                hint=f"keep the one with the original weights as {old}, then run revert again",
+            )
         moved = root / rename["to"]
         header = read_header(moved)
         if header.file_size != rename["size"] or _header_sha256(moved, header.data_start) != rename["header_sha256"]:
-            raise CheckpointError(f"{rename['to']} is not the {old} the edit renamed (size or header differ)",
-                                  hint=f"put the original {old} back by hand, then run revert again")
+            raise CheckpointError(
+                f"{rename['to']} is not the {old} the edit renamed (size or header differ)",
+                hint=f"put the original {old} back by hand, then run revert again",
+            )
         os.rename(moved, root / old)
         failpoint("revert-renamed-back")
         done.append(f"renamed {rename['to']} back to {old}")

@@ -35,57 +35,94 @@ LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.self_attn\.head_out$")
 # The SafetyLock README's suggested strength; a lock's default, overridable at apply.
 LEGACY_DEFAULT_ALPHA = 6.0
 
-_LLAMA3_8B = dict(architecture="LlamaForCausalLM", model_type="llama", num_hidden_layers=32,
-                  num_attention_heads=32, head_dim=128, hidden_size=4096)
-_LLAMA3_70B = dict(architecture="LlamaForCausalLM", model_type="llama", num_hidden_layers=80,
-                   num_attention_heads=64, head_dim=128, hidden_size=8192)
-_NEMO_12B = dict(architecture="MistralForCausalLM", model_type="mistral", num_hidden_layers=40,
-                 num_attention_heads=32, head_dim=128, hidden_size=5120)
-_LARGE_123B = dict(architecture="MistralForCausalLM", model_type="mistral", num_hidden_layers=88,
-                   num_attention_heads=96, head_dim=128, hidden_size=12288)
+_LLAMA3_8B = dict(
+    architecture="LlamaForCausalLM",
+    model_type="llama",
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    head_dim=128,
+    hidden_size=4096,
+)
+_LLAMA3_70B = dict(
+    architecture="LlamaForCausalLM",
+    model_type="llama",
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    head_dim=128,
+    hidden_size=8192,
+)
+_NEMO_12B = dict(
+    architecture="MistralForCausalLM",
+    model_type="mistral",
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    head_dim=128,
+    hidden_size=5120,
+)
+_LARGE_123B = dict(
+    architecture="MistralForCausalLM",
+    model_type="mistral",
+    num_hidden_layers=88,
+    num_attention_heads=96,
+    head_dim=128,
+    hidden_size=12288,
+)
 
 # sha256 of each published file -> the model it was forged from (SafetyLock's
 # Meta_safetylock_weight/; the Nemo/Large names are as the layer indices show,
 # the project README swaps their download links).
 PUBLISHED_LOCKS: dict[str, SourceModel] = {
-    "196214cca616cb60df33cf95efee6234e5cd165ae3e1f59819c7811431f43604":
-        SourceModel(**_LLAMA3_8B, name="meta-llama/Meta-Llama-3-8B-Instruct"),
-    "49d80966f7758f8cb759d1ee31e92cb4d65db9dc10c74ec19f61a98b47e5c43a":
-        SourceModel(**_LLAMA3_8B, name="meta-llama/Llama-3.1-8B-Instruct"),
-    "1d0f6dbf9399881246bbf45b4639eff1cf57d1c0a66a342cec12837df30bd3f3":
-        SourceModel(**_LLAMA3_70B, name="meta-llama/Meta-Llama-3-70B-Instruct"),
-    "596cb31ce1fe13244ad2c2c5847cfc4c25273706f08aa3b74873829cc040cba9":
-        SourceModel(**_LLAMA3_70B, name="meta-llama/Meta-Llama-3-70B-Instruct"),
-    "e6c9a18cad5d18d3607e827182993111e5a87975957285ceb5d14091a31a47f7":
-        SourceModel(**_LLAMA3_70B, name="meta-llama/Llama-3.1-70B-Instruct"),
-    "00918554e190fb42b84c9010c6225d2cab48034a824942d98c92181c5cb19c96":
-        SourceModel(**_LLAMA3_70B, name="meta-llama/Llama-3.1-70B-Instruct"),
-    "9146b6b502bbf5cc56967ca676346cd7e43de89807738991d7630dd6c86e8013":
-        SourceModel(**_NEMO_12B, name="mistralai/Mistral-Nemo-Instruct-2407"),
-    "4b9863c18309c48985fe98542721fec26c0fe495f899dc366acd5e14e4c25af3":
-        SourceModel(**_LARGE_123B, name="mistralai/Mistral-Large-Instruct-2407"),
-    "9c9b6fd8e9e3862b7fd70f70488c8abec2cb7efcb52c2bd7e71919157963bf76":
-        SourceModel(**_LARGE_123B, name="mistralai/Mistral-Large-Instruct-2407"),
+    "196214cca616cb60df33cf95efee6234e5cd165ae3e1f59819c7811431f43604": SourceModel(
+        **_LLAMA3_8B, name="meta-llama/Meta-Llama-3-8B-Instruct"
+    ),
+    "49d80966f7758f8cb759d1ee31e92cb4d65db9dc10c74ec19f61a98b47e5c43a": SourceModel(
+        **_LLAMA3_8B, name="meta-llama/Llama-3.1-8B-Instruct"
+    ),
+    "1d0f6dbf9399881246bbf45b4639eff1cf57d1c0a66a342cec12837df30bd3f3": SourceModel(
+        **_LLAMA3_70B, name="meta-llama/Meta-Llama-3-70B-Instruct"
+    ),
+    "596cb31ce1fe13244ad2c2c5847cfc4c25273706f08aa3b74873829cc040cba9": SourceModel(
+        **_LLAMA3_70B, name="meta-llama/Meta-Llama-3-70B-Instruct"
+    ),
+    "e6c9a18cad5d18d3607e827182993111e5a87975957285ceb5d14091a31a47f7": SourceModel(
+        **_LLAMA3_70B, name="meta-llama/Llama-3.1-70B-Instruct"
+    ),
+    "00918554e190fb42b84c9010c6225d2cab48034a824942d98c92181c5cb19c96": SourceModel(
+        **_LLAMA3_70B, name="meta-llama/Llama-3.1-70B-Instruct"
+    ),
+    "9146b6b502bbf5cc56967ca676346cd7e43de89807738991d7630dd6c86e8013": SourceModel(
+        **_NEMO_12B, name="mistralai/Mistral-Nemo-Instruct-2407"
+    ),
+    "4b9863c18309c48985fe98542721fec26c0fe495f899dc366acd5e14e4c25af3": SourceModel(
+        **_LARGE_123B, name="mistralai/Mistral-Large-Instruct-2407"
+    ),
+    "9c9b6fd8e9e3862b7fd70f70488c8abec2cb7efcb52c2bd7e71919157963bf76": SourceModel(
+        **_LARGE_123B, name="mistralai/Mistral-Large-Instruct-2407"
+    ),
 }
 
 
 def _checked_dtype(*args):
     dtype = np.dtype(*args)
     if dtype.hasobject or dtype.fields is not None:
-        raise UnsafePickleError(f"the pickle asks for numpy dtype {dtype!r}, which can hold objects; refused",
-                                hint=NOT_SAFELOCK)
+        raise UnsafePickleError(
+            f"the pickle asks for numpy dtype {dtype!r}, which can hold objects; refused", hint=NOT_SAFELOCK
+        )
     return dtype
 
 
 def _checked_reconstruct(subtype, shape=(0,), dtype=b"b", *rest):
     if subtype is not np.ndarray:
-        raise UnsafePickleError(f"the pickle asks to build a {subtype!r}; only numpy arrays are allowed",
-                                hint=NOT_SAFELOCK)
+        raise UnsafePickleError(
+            f"the pickle asks to build a {subtype!r}; only numpy arrays are allowed", hint=NOT_SAFELOCK
+        )
     # numpy pickles an array as an empty (0,) placeholder whose data arrives in a later BUILD;
     # any other shape here would only serve to make us allocate memory.
     if tuple(shape) != (0,) or rest:
-        raise UnsafePickleError(f"the pickle asks numpy to allocate an array of shape {shape!r} up front; "
-                                "numpy data never does", hint=NOT_SAFELOCK)
+        raise UnsafePickleError(
+            f"the pickle asks numpy to allocate an array of shape {shape!r} up front; numpy data never does",
+            hint=NOT_SAFELOCK,
+        )
     return np.ndarray.__new__(np.ndarray, (0,), dtype)
 
 
@@ -94,14 +131,16 @@ def _numpy_scalar(dtype, *args):
         raise UnsafePickleError("the pickle asks for a numpy scalar of object type; refused", hint=NOT_SAFELOCK)
     # numpy's own reconstructor for scalars; private, so reached through its module.
     from numpy._core.multiarray import scalar
+
     return scalar(dtype, *args)
 
 
 def _latin1_encode(text, encoding="utf-8", *rest):
     # Protocol-2 pickles spell bytes as _codecs.encode(str, "latin1"); nothing else is needed.
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or rest:
-        raise UnsafePickleError("the pickle calls _codecs.encode with arguments numpy data never uses",
-                                hint=NOT_SAFELOCK)
+        raise UnsafePickleError(
+            "the pickle calls _codecs.encode with arguments numpy data never uses", hint=NOT_SAFELOCK
+        )
     return text.encode("latin1")
 
 
@@ -126,11 +165,14 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             raise UnsafePickleError(
                 f"the legacy lock's pickle names the global {module}.{name}, which is not numpy data; "
                 "refused before anything ran",
-                hint="only obtain locks from sources you trust; this file may be malicious") from None
+                hint="only obtain locks from sources you trust; this file may be malicious",
+            ) from None
 
     def persistent_load(self, pid):
-        raise UnsafePickleError("the legacy lock holds torch tensor storages, not numpy data; refused",
-                                hint="legacy locks hold numpy arrays; this file was not made by SafetyLock")
+        raise UnsafePickleError(
+            "the legacy lock holds torch tensor storages, not numpy data; refused",
+            hint="legacy locks hold numpy arrays; this file was not made by SafetyLock",
+        )
 
 
 def read_legacy(path: str | Path) -> list[tuple[int, int, np.ndarray, float]]:
@@ -140,25 +182,32 @@ def read_legacy(path: str | Path) -> list[tuple[int, int, np.ndarray, float]]:
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
-        raise LockFormatError(f"{path.name} is not a SafetyLock file (not a torch zip archive: {e})",
-                              hint="pass a .safelock file as published by SafetyLock") from None
+        raise LockFormatError(
+            f"{path.name} is not a SafetyLock file (not a torch zip archive: {e})",
+            hint="pass a .safelock file as published by SafetyLock",
+        ) from None
     with archive:
         pickles = [info for info in archive.infolist() if info.filename.endswith("/data.pkl")]
         if len(pickles) != 1:
-            raise LockFormatError(f"{path.name}: expected one data.pkl in the archive, found {len(pickles)}",
-                                  hint=NOT_SAFELOCK)
+            raise LockFormatError(
+                f"{path.name}: expected one data.pkl in the archive, found {len(pickles)}", hint=NOT_SAFELOCK
+            )
         info = pickles[0]
         if info.file_size > MAX_PICKLE_BYTES:
-            raise LockFormatError(f"{path.name}: data.pkl declares {info.file_size} bytes, "
-                                  f"over the {MAX_PICKLE_BYTES}-byte limit for a lock", hint=NOT_SAFELOCK)
+            raise LockFormatError(
+                f"{path.name}: data.pkl declares {info.file_size} bytes, "
+                f"over the {MAX_PICKLE_BYTES}-byte limit for a lock",
+                hint=NOT_SAFELOCK,
+            )
         payload = archive.read(info)
     try:
         data = NumpyOnlyUnpickler(io.BytesIO(payload)).load()
     except UnsafePickleError:
         raise
     except (Exception, MemoryError) as e:  # malformed pickle streams raise many kinds of error
-        raise LockFormatError(f"{path.name}: the pickle inside is malformed ({type(e).__name__}: {e})",
-                              hint=NOT_SAFELOCK) from None
+        raise LockFormatError(
+            f"{path.name}: the pickle inside is malformed ({type(e).__name__}: {e})", hint=NOT_SAFELOCK
+        ) from None
     return _entries(data, path.name)
 
 
@@ -189,8 +238,9 @@ def _entries(data, where: str) -> list[tuple[int, int, np.ndarray, float]]:
     return entries
 
 
-def import_legacy(path: str | Path, source_model: SourceModel | None = None,
-                  default_alpha: float = LEGACY_DEFAULT_ALPHA) -> Lock:
+def import_legacy(
+    path: str | Path, source_model: SourceModel | None = None, default_alpha: float = LEGACY_DEFAULT_ALPHA
+) -> Lock:
     """Convert a .safelock file to a Lock.
 
     ``source_model`` is needed unless the file is one of the published ones.
@@ -205,12 +255,20 @@ def import_legacy(path: str | Path, source_model: SourceModel | None = None,
         if known is None:
             raise LockFormatError(
                 f"{path.name} is not one of the published SafetyLock files, so its model's shape is unknown",
-                hint="pass --model with the source model's config.json or checkpoint folder")
+                hint="pass --model with the source model's config.json or checkpoint folder",
+            )
         source_model = known
-    layers, heads, directions, stds = zip(*entries)
+    layers, heads, directions, stds = zip(*entries, strict=True)
     return build_lock(
-        layers, heads, np.stack(directions), stds, source_model,
+        layers,
+        heads,
+        np.stack(directions),
+        stds,
+        source_model,
         default_alpha=default_alpha,
-        creation={"method": "import-legacy", "tool": f"weightlock {__version__}",
-                  "details": {"legacy_file": path.name, "legacy_sha256": digest,
-                              "published": known is not None}})
+        creation={
+            "method": "import-legacy",
+            "tool": f"weightlock {__version__}",
+            "details": {"legacy_file": path.name, "legacy_sha256": digest, "published": known is not None},
+        },
+    )

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CheckpointError, IncompatibleLockError, LockFormatError
-from .safetensors_file import TensorReader, TensorData, read_header, write_safetensors
+from .safetensors_file import TensorData, TensorReader, read_header, write_safetensors
 from .schema import schema_errors
 from .untrusted import file_sha256, open_regular, parse_json
 
@@ -52,17 +52,25 @@ class SourceModel:
         return dict(self.__dict__)
 
     @classmethod
-    def from_shape(cls, shape, name: str | None = None, revision: str | None = None) -> "SourceModel":
-        return cls(shape.architecture, shape.model_type, shape.num_layers, shape.num_heads,
-                   shape.head_dim, shape.hidden_size, name, revision)
+    def from_shape(cls, shape, name: str | None = None, revision: str | None = None) -> SourceModel:
+        return cls(
+            shape.architecture,
+            shape.model_type,
+            shape.num_layers,
+            shape.num_heads,
+            shape.head_dim,
+            shape.hidden_size,
+            name,
+            revision,
+        )
 
 
 @dataclass
 class Lock:
-    layers: np.ndarray      # int64 [K]
-    heads: np.ndarray       # int64 [K]
+    layers: np.ndarray  # int64 [K]
+    heads: np.ndarray  # int64 [K]
     directions: np.ndarray  # float32 [K, head_dim], unit rows
-    scales: np.ndarray      # float32 [K]
+    scales: np.ndarray  # float32 [K]
     source_model: SourceModel
     creation: dict
     default_alpha: float
@@ -92,7 +100,7 @@ class Lock:
 
     def heads_by_layer(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
-        for layer, head in zip(self.layers.tolist(), self.heads.tolist()):
+        for layer, head in zip(self.layers.tolist(), self.heads.tolist(), strict=True):
             out.setdefault(layer, []).append(head)
         return {layer: sorted(heads) for layer, heads in sorted(out.items())}
 
@@ -104,10 +112,11 @@ class Lock:
         """
         out: dict[int, np.ndarray] = {}
         hd = self.head_dim
-        for layer, head, direction, scale in zip(self.layers.tolist(), self.heads.tolist(),
-                                                 self.directions, self.scales):
+        for layer, head, direction, scale in zip(
+            self.layers.tolist(), self.heads.tolist(), self.directions, self.scales, strict=True
+        ):
             vector = out.setdefault(layer, np.zeros(num_heads * hd, dtype=np.float32))
-            vector[head * hd:(head + 1) * hd] += np.float32(alpha) * scale * direction
+            vector[head * hd : (head + 1) * hd] += np.float32(alpha) * scale * direction
         return out
 
     def check_compatible(self, shape) -> None:
@@ -120,17 +129,27 @@ class Lock:
                 ("attention heads", src.num_attention_heads, shape.num_heads),
                 ("head_dim", src.head_dim, shape.head_dim),
                 ("hidden size", src.hidden_size, shape.hidden_size),
-            ) if ours != theirs]
+            )
+            if ours != theirs
+        ]
         if differences:
             raise IncompatibleLockError(
                 f"the lock was made for a model of another shape ({'; '.join(differences)})",
-                hint=f"use a lock forged from this model's base "
-                     f"(the lock is from {src.name or src.architecture})")
+                hint=f"use a lock forged from this model's base (the lock is from {src.name or src.architecture})",
+            )
 
 
-def build_lock(layers, heads, directions, scales, source_model: SourceModel, *,
-               default_alpha: float, creation: dict | None = None,
-               description: str | None = None) -> Lock:
+def build_lock(
+    layers,
+    heads,
+    directions,
+    scales,
+    source_model: SourceModel,
+    *,
+    default_alpha: float,
+    creation: dict | None = None,
+    description: str | None = None,
+) -> Lock:
     """Build a validated lock from arrays.
 
     Directions need not be unit length: each is normalised and its norm folded into
@@ -141,39 +160,53 @@ def build_lock(layers, heads, directions, scales, source_model: SourceModel, *,
     directions = np.asarray(directions, dtype=np.float32)
     scales = np.asarray(scales, dtype=np.float32).reshape(-1)
     if directions.ndim != 2:
-        raise LockFormatError(f"directions must be 2-D [heads, head_dim], got shape {directions.shape}",
-                              hint="pass one direction per selected head")
+        raise LockFormatError(
+            f"directions must be 2-D [heads, head_dim], got shape {directions.shape}",
+            hint="pass one direction per selected head",
+        )
     if not np.all(np.isfinite(directions)) or not np.all(np.isfinite(scales)):
-        raise LockFormatError("directions and scales must be finite (found NaN or Inf)",
-                              hint="check the activations the directions were computed from")
+        raise LockFormatError(
+            "directions and scales must be finite (found NaN or Inf)",
+            hint="check the activations the directions were computed from",
+        )
     norms = np.linalg.norm(directions.astype(np.float64), axis=1)
     if np.any(norms == 0):
-        raise LockFormatError("a direction is all zeros; it has no direction to normalise",
-                              hint="drop that head from the lock")
+        raise LockFormatError(
+            "a direction is all zeros; it has no direction to normalise", hint="drop that head from the lock"
+        )
     directions = (directions / norms[:, None]).astype(np.float32)
     scales = (scales.astype(np.float64) * norms).astype(np.float32)
-    lock = Lock(layers, heads, directions, scales, source_model,
-                creation or {"method": "api", "tool": f"weightlock {__version__}"},
-                float(default_alpha), description)
+    lock = Lock(
+        layers,
+        heads,
+        directions,
+        scales,
+        source_model,
+        creation or {"method": "api", "tool": f"weightlock {__version__}"},
+        float(default_alpha),
+        description,
+    )
     _validate(lock, "the lock")
     return lock
 
 
 def _validate(lock: Lock, where: str) -> None:
     def bad(what: str) -> LockFormatError:
-        return LockFormatError(f"{where} is invalid: {what}",
-                               hint="re-create it with `weightlock forge` or `weightlock import-legacy`")
+        return LockFormatError(
+            f"{where} is invalid: {what}", hint="re-create it with `weightlock forge` or `weightlock import-legacy`"
+        )
 
     k = lock.layers.shape[0]
     if k == 0:
         raise bad("it selects no heads")
     if not (lock.heads.shape == (k,) and lock.scales.shape == (k,) and lock.directions.shape[0] == k):
-        raise bad(f"layer, head, direction and scale disagree on the number of heads "
-                  f"({k}, {lock.heads.shape[0]}, {lock.directions.shape[0]}, {lock.scales.shape[0]})")
+        raise bad(
+            f"layer, head, direction and scale disagree on the number of heads "
+            f"({k}, {lock.heads.shape[0]}, {lock.directions.shape[0]}, {lock.scales.shape[0]})"
+        )
     src = lock.source_model
     if lock.directions.shape[1] != src.head_dim:
-        raise bad(f"directions are {lock.directions.shape[1]} long but the source model's head_dim "
-                  f"is {src.head_dim}")
+        raise bad(f"directions are {lock.directions.shape[1]} long but the source model's head_dim is {src.head_dim}")
     if not (np.all(np.isfinite(lock.directions)) and np.all(np.isfinite(lock.scales))):
         raise bad("directions and scales must be finite (found NaN or Inf)")
     if not np.isfinite(lock.default_alpha):
@@ -187,7 +220,7 @@ def _validate(lock: Lock, where: str) -> None:
         raise bad(f"layer indices must lie in 0..{src.num_hidden_layers - 1}")
     if lock.heads.min() < 0 or lock.heads.max() >= src.num_attention_heads:
         raise bad(f"head indices must lie in 0..{src.num_attention_heads - 1}")
-    pairs = set(zip(lock.layers.tolist(), lock.heads.tolist()))
+    pairs = set(zip(lock.layers.tolist(), lock.heads.tolist(), strict=True))
     if len(pairs) != k:
         raise bad("a (layer, head) pair is listed twice")
     problems = schema_errors(lock.manifest(), "lock")
@@ -203,12 +236,13 @@ def save_lock(lock: Lock, path: str | os.PathLike) -> str:
     tensors = [
         TensorData("layer", "I64", (lock.num_heads_selected,), lock.layers[order].tobytes()),
         TensorData("head", "I64", (lock.num_heads_selected,), lock.heads[order].tobytes()),
-        TensorData("direction", "F32", lock.directions.shape,
-                   np.ascontiguousarray(lock.directions[order]).tobytes()),
+        TensorData("direction", "F32", lock.directions.shape, np.ascontiguousarray(lock.directions[order]).tobytes()),
         TensorData("scale", "F32", (lock.num_heads_selected,), lock.scales[order].tobytes()),
     ]
-    metadata = {"format": "weightlock-lock",
-                METADATA_KEY: json.dumps(lock.manifest(), sort_keys=True, separators=(",", ":"))}
+    metadata = {
+        "format": "weightlock-lock",
+        METADATA_KEY: json.dumps(lock.manifest(), sort_keys=True, separators=(",", ":")),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
@@ -227,50 +261,78 @@ def load_lock(path: str | os.PathLike) -> Lock:
     """Read and fully validate a lock file."""
     path = Path(path)
     if not os.path.lexists(path):
-        raise LockFormatError(f"lock file {path} does not exist",
-                              hint="pass the path of a .wlock file made by weightlock")
+        raise LockFormatError(
+            f"lock file {path} does not exist", hint="pass the path of a .wlock file made by weightlock"
+        )
     with os.fdopen(open_regular(path, "lock file", LockFormatError), "rb") as f:
         magic = f.read(4)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":
-        raise LockFormatError(f"{path.name} is a pickle or torch archive, not a weightlock lock",
-                              hint=f"convert a SafetyLock file with `weightlock import-legacy {path} "
-                                   f"--out {path.with_suffix('.wlock').name}`")
+        raise LockFormatError(
+            f"{path.name} is a pickle or torch archive, not a weightlock lock",
+            hint=f"convert a SafetyLock file with `weightlock import-legacy {path} "
+            f"--out {path.with_suffix('.wlock').name}`",
+        )
     try:
         header = read_header(path)
     except CheckpointError as e:
-        raise LockFormatError(f"{path.name} is not a weightlock lock: {e.message}",
-                              hint="pass a .wlock file made by weightlock") from None
+        raise LockFormatError(
+            f"{path.name} is not a weightlock lock: {e.message}", hint="pass a .wlock file made by weightlock"
+        ) from None
     raw_manifest = header.metadata.get(METADATA_KEY)
     if raw_manifest is None:
-        raise LockFormatError(f"{path.name} is a safetensors file without a weightlock manifest",
-                              hint="pass a .wlock file made by weightlock, not a model shard")
+        raise LockFormatError(
+            f"{path.name} is a safetensors file without a weightlock manifest",
+            hint="pass a .wlock file made by weightlock, not a model shard",
+        )
     manifest = parse_json(raw_manifest, f"{path.name}: the manifest", error=LockFormatError)
     problems = schema_errors(manifest, "lock")
     if problems:
-        raise LockFormatError(f"{path.name}: the manifest does not match schemas/lock.schema.json: "
-                              + "; ".join(problems[:5]),
-                              hint="the file was not written by this version of weightlock, or was edited")
+        raise LockFormatError(
+            f"{path.name}: the manifest does not match schemas/lock.schema.json: " + "; ".join(problems[:5]),
+            hint="the file was not written by this version of weightlock, or was edited",
+        )
     if set(header.tensors) != set(TENSOR_LAYOUT):
-        raise LockFormatError(f"{path.name} holds tensors {sorted(header.tensors)[:8]}, "
-                              f"expected {sorted(TENSOR_LAYOUT)}", hint="pass a .wlock file made by weightlock")
+        raise LockFormatError(
+            f"{path.name} holds tensors {sorted(header.tensors)[:8]}, expected {sorted(TENSOR_LAYOUT)}",
+            hint="pass a .wlock file made by weightlock",
+        )
     for name, dtype in TENSOR_LAYOUT.items():
         if header.tensors[name].dtype != dtype:
-            raise LockFormatError(f"{path.name}: tensor {name} is {header.tensors[name].dtype}, expected {dtype}",
-                                  hint="pass a .wlock file made by weightlock")
+            raise LockFormatError(
+                f"{path.name}: tensor {name} is {header.tensors[name].dtype}, expected {dtype}",
+                hint="pass a .wlock file made by weightlock",
+            )
     k = manifest["num_heads_selected"]
-    expected_shapes = {"layer": (k,), "head": (k,), "scale": (k,),
-                       "direction": (k, manifest["source_model"]["head_dim"])}
+    expected_shapes = {
+        "layer": (k,),
+        "head": (k,),
+        "scale": (k,),
+        "direction": (k, manifest["source_model"]["head_dim"]),
+    }
     for name, shape in expected_shapes.items():
         if header.tensors[name].shape != shape:
-            raise LockFormatError(f"{path.name}: tensor {name} has shape {list(header.tensors[name].shape)}, "
-                                  f"the manifest implies {list(shape)}", hint="pass a .wlock file made by weightlock")
+            raise LockFormatError(
+                f"{path.name}: tensor {name} has shape {list(header.tensors[name].shape)}, "
+                f"the manifest implies {list(shape)}",
+                hint="pass a .wlock file made by weightlock",
+            )
     with TensorReader(path) as mapped:
-        arrays = {name: np.frombuffer(mapped.read_bytes(entry), dtype=np.int64 if entry.dtype == "I64"
-                                      else np.float32).reshape(entry.shape).copy()
-                  for name, entry in header.tensors.items()}
-    lock = Lock(arrays["layer"], arrays["head"], arrays["direction"], arrays["scale"],
-                SourceModel(**manifest["source_model"]), manifest["creation"],
-                float(manifest["default_alpha"]), manifest.get("description"))
+        arrays = {
+            name: np.frombuffer(mapped.read_bytes(entry), dtype=np.int64 if entry.dtype == "I64" else np.float32)
+            .reshape(entry.shape)
+            .copy()
+            for name, entry in header.tensors.items()
+        }
+    lock = Lock(
+        arrays["layer"],
+        arrays["head"],
+        arrays["direction"],
+        arrays["scale"],
+        SourceModel(**manifest["source_model"]),
+        manifest["creation"],
+        float(manifest["default_alpha"]),
+        manifest.get("description"),
+    )
     _validate(lock, path.name)
     lock.sha256 = file_sha256(path)
     return lock

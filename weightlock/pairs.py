@@ -18,10 +18,11 @@ from pathlib import Path
 from .errors import InvalidInputError
 from .untrusted import parse_json, read_bytes
 
-KEY_SETS = (("question", "answer_matching_behavior", "answer_not_matching_behavior"),
-            ("prompt", "chosen", "rejected"))
-PAIRS_HINT = ("pairs are JSON or JSON Lines: objects with question, answer_matching_behavior and "
-              "answer_not_matching_behavior, or prompt, chosen and rejected")
+KEY_SETS = (("question", "answer_matching_behavior", "answer_not_matching_behavior"), ("prompt", "chosen", "rejected"))
+PAIRS_HINT = (
+    "pairs are JSON or JSON Lines: objects with question, answer_matching_behavior and "
+    "answer_not_matching_behavior, or prompt, chosen and rejected"
+)
 MAX_PAIRS_BYTES = 1 << 30
 ROLE_ALIASES = {"assistent": "assistant", "human": "user", "bot": "assistant"}
 
@@ -41,11 +42,14 @@ def _messages(prompt, where: str) -> tuple[tuple[str, str], ...]:
         for m in prompt:
             role, content = m.get("role"), m.get("content")
             if not isinstance(role, str) or not isinstance(content, str):
-                raise InvalidInputError(f"{where}: each chat message needs string 'role' and 'content'", hint=PAIRS_HINT)
+                raise InvalidInputError(
+                    f"{where}: each chat message needs string 'role' and 'content'", hint=PAIRS_HINT
+                )
             out.append((ROLE_ALIASES.get(role, role), content))
         return tuple(out)
-    raise InvalidInputError(f"{where}: the prompt must be a string or a list of {{role, content}} messages",
-                            hint=PAIRS_HINT)
+    raise InvalidInputError(
+        f"{where}: the prompt must be a string or a list of {{role, content}} messages", hint=PAIRS_HINT
+    )
 
 
 def _pair(item, where: str) -> Pair:
@@ -55,13 +59,15 @@ def _pair(item, where: str) -> Pair:
         if {prompt_key, safe_key, unsafe_key} <= set(item):
             safe, unsafe = item[safe_key], item[unsafe_key]
             if not isinstance(safe, str) or not isinstance(unsafe, str) or not safe.strip() or not unsafe.strip():
-                raise InvalidInputError(f"{where}: '{safe_key}' and '{unsafe_key}' must be non-empty strings",
-                                        hint=PAIRS_HINT)
+                raise InvalidInputError(
+                    f"{where}: '{safe_key}' and '{unsafe_key}' must be non-empty strings", hint=PAIRS_HINT
+                )
             return Pair(_messages(item[prompt_key], where), safe, unsafe)
     raise InvalidInputError(
         f"{where} has keys {sorted(item)[:6]}, which are neither SafetyLock's nor prompt/chosen/rejected",
         hint="each pair needs question, answer_matching_behavior (safe) and answer_not_matching_behavior "
-             "(unsafe), or prompt, chosen (safe) and rejected (unsafe)")
+        "(unsafe), or prompt, chosen (safe) and rejected (unsafe)",
+    )
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> tuple[list[Pair], str]:
@@ -82,14 +88,15 @@ def load_pairs(path: str | Path, limit: int | None = None) -> tuple[list[Pair], 
             items = [items]
     except InvalidInputError:
         try:
-            items = [parse_json(line, str(path), error=InvalidInputError) for line in text.splitlines()
-                     if line.strip()]
+            items = [parse_json(line, str(path), error=InvalidInputError) for line in text.splitlines() if line.strip()]
         except InvalidInputError as e:
             raise InvalidInputError(f"{path} is neither JSON nor JSON Lines ({e.message})", hint=PAIRS_HINT) from None
     if not isinstance(items, list) or not items:
         raise InvalidInputError(f"{path} holds no pairs", hint=PAIRS_HINT)
     pairs = [_pair(item, f"{path.name} item {i}") for i, item in enumerate(items[:limit] if limit else items)]
     if len(pairs) < 4:
-        raise InvalidInputError(f"{path} has {len(pairs)} pairs; forge needs at least 4 to hold some out",
-                                hint="use more pairs (the reference uses 100)")
+        raise InvalidInputError(
+            f"{path} has {len(pairs)} pairs; forge needs at least 4 to hold some out",
+            hint="use more pairs (the reference uses 100)",
+        )
     return pairs, digest

@@ -10,19 +10,25 @@ so memory stays bounded at any model size.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from .architectures import (VLLM_INACTIVE, ArchitectureSpec, ModelShape, family, redeclared_config,
-                            shape_from_config, spec_for_config)
+from .architectures import (
+    VLLM_INACTIVE,
+    ArchitectureSpec,
+    ModelShape,
+    family,
+    redeclared_config,
+    shape_from_config,
+    spec_for_config,
+)
 from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint, contained
 from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
 from .lock import Lock
+from .safetensors_file import FLOAT_DTYPES, TensorEntry, TensorReader, TensorReaders, float32_to_raw, raw_to_float32
 from .untrusted import read_json
-from .safetensors_file import (FLOAT_DTYPES, TensorReader, TensorReaders, TensorEntry, float32_to_raw,
-                               raw_to_float32)
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,8 @@ class PlannedBias:
 
 @dataclass
 class EditPlan:
-    spec: ArchitectureSpec          # the checkpoint's family
-    target: ArchitectureSpec        # the output config's family (differs when redeclared)
+    spec: ArchitectureSpec  # the checkpoint's family
+    target: ArchitectureSpec  # the output config's family (differs when redeclared)
     shape: ModelShape
     lock: Lock
     alpha: float
@@ -70,8 +76,10 @@ class EditPlan:
 
 def config_changes(old: dict, new: dict) -> dict:
     """What turns ``old`` into ``new``: keys set (added or changed) and keys removed."""
-    return {"set": {k: v for k, v in new.items() if k not in old or old[k] != v},
-            "removed": sorted(k for k in old if k not in new)}
+    return {
+        "set": {k: v for k, v in new.items() if k not in old or old[k] != v},
+        "removed": sorted(k for k in old if k not in new),
+    }
 
 
 def apply_config_changes(old: dict, changes: dict) -> dict:
@@ -80,28 +88,32 @@ def apply_config_changes(old: dict, changes: dict) -> dict:
     return new
 
 
-def plan_edit(checkpoint: Checkpoint, lock: Lock, alpha: float, *,
-              allow_architecture_mismatch: bool = False) -> EditPlan:
+def plan_edit(
+    checkpoint: Checkpoint, lock: Lock, alpha: float, *, allow_architecture_mismatch: bool = False
+) -> EditPlan:
     if not np.isfinite(alpha):
-        raise IncompatibleLockError(f"alpha must be a finite number, got {alpha}",
-                                    hint="pass --alpha as a plain number such as 4 (negative takes a lock off)")
+        raise IncompatibleLockError(
+            f"alpha must be a finite number, got {alpha}",
+            hint="pass --alpha as a plain number such as 4 (negative takes a lock off)",
+        )
     config = checkpoint.config
     spec = spec_for_config(config)
     shape = shape_from_config(config, spec)
     lock.check_compatible(shape)
     warnings = []
     if lock.source_model.architecture != shape.architecture:
-        message = (f"the lock was made from a {lock.source_model.architecture}, "
-                   f"the checkpoint is a {shape.architecture}")
+        message = f"the lock was made from a {lock.source_model.architecture}, the checkpoint is a {shape.architecture}"
         if not allow_architecture_mismatch:
-            raise IncompatibleLockError(message, hint="if the two really share activation geometry, "
-                                                      "pass --allow-architecture-mismatch")
+            raise IncompatibleLockError(
+                message, hint="if the two really share activation geometry, pass --allow-architecture-mismatch"
+            )
         warnings.append(message)
     with np.errstate(over="ignore", invalid="ignore"):
         displacements = lock.displacements(alpha, shape.num_heads)
     if not all(np.all(np.isfinite(d)) for d in displacements.values()):
-        raise UnsupportedError(f"alpha {alpha} overflows float32 in the lock's displacements",
-                               hint="use a smaller alpha")
+        raise UnsupportedError(
+            f"alpha {alpha} overflows float32 in the lock's displacements", hint="use a smaller alpha"
+        )
 
     if spec.redeclare is not None:
         target = family(spec.redeclare.family)
@@ -135,20 +147,36 @@ def plan_edit(checkpoint: Checkpoint, lock: Lock, alpha: float, *,
                 continue
             companion_weight = tensors.get(f"{module}.weight")
             if companion_weight is None:
-                raise CheckpointError(f"{module}.weight is missing from the checkpoint",
-                                      hint="the checkpoint is incomplete; fetch all its shards")
+                raise CheckpointError(
+                    f"{module}.weight is missing from the checkpoint",
+                    hint="the checkpoint is incomplete; fetch all its shards",
+                )
             width = shape.width(companion.width_from)
             if len(companion_weight.shape) != 2 or companion_weight.shape[0] != width:
-                raise CheckpointError(f"{module}.weight has shape {list(companion_weight.shape)}, but config.json "
-                                      f"implies {width} output features, the width its new bias would get",
-                                      hint="the config and the tensors disagree; restore the checkpoint")
+                raise CheckpointError(
+                    f"{module}.weight has shape {list(companion_weight.shape)}, but config.json "
+                    f"implies {width} output features, the width its new bias would get",
+                    hint="the config and the tensors disagree; restore the checkpoint",
+                )
             biases.append(PlannedBias(f"{module}.bias", companion_weight.dtype, width, layer))
-    return EditPlan(spec, target, shape, lock, float(alpha), displacements, biases, new_config, dict(config),
-                    _tokenizer_edits(checkpoint, spec), warnings)
+    return EditPlan(
+        spec,
+        target,
+        shape,
+        lock,
+        float(alpha),
+        displacements,
+        biases,
+        new_config,
+        dict(config),
+        _tokenizer_edits(checkpoint, spec),
+        warnings,
+    )
 
 
-def bias_consistency_problems(tensors, spec: ArchitectureSpec, shape: ModelShape, config: dict,
-                              layers=None) -> list[str]:
+def bias_consistency_problems(
+    tensors, spec: ArchitectureSpec, shape: ModelShape, config: dict, layers=None
+) -> list[str]:
     """Every way the bias tensors disagree with what the config makes the class expect.
 
     A bias present where the class has none is dropped by loaders; one missing where the
@@ -160,29 +188,39 @@ def bias_consistency_problems(tensors, spec: ArchitectureSpec, shape: ModelShape
     for layer in range(shape.num_layers) if layers is None else layers:
         always = {spec.module(m, layer) for m in spec.always_biased}
         switched = [(spec.output_module(layer), shape.hidden_size)] + [
-            (spec.module(c.module, layer), shape.width(c.width_from)) for c in spec.bias_companions]
+            (spec.module(c.module, layer), shape.width(c.width_from)) for c in spec.bias_companions
+        ]
         for module, width in switched + [(m, None) for m in sorted(always)]:
             expected = flag_on or module in always
             entry = tensors.get(f"{module}.bias")
             if (entry is not None) != expected:
-                problems.append(f"{module}.bias is {'present' if entry is not None else 'missing'} but config.json "
-                                f"({flag}) says it {'should not be' if entry is not None else 'should be'}; loaders "
-                                f"would {'drop it' if entry is not None else 'initialise it at random'}")
+                problems.append(
+                    f"{module}.bias is {'present' if entry is not None else 'missing'} but config.json "
+                    f"({flag}) says it {'should not be' if entry is not None else 'should be'}; loaders "
+                    f"would {'drop it' if entry is not None else 'initialise it at random'}"
+                )
             elif entry is not None and width is not None and entry.shape != (width,):
                 problems.append(f"{module}.bias has shape {list(entry.shape)}, expected [{width}]")
             # The width a bias gets comes from config.json; it must also be the width of the weight the bias
             # sits beside (a config claiming 1 KV head over k/v weights built for 2 would get biases too narrow).
             module_weight = tensors.get(f"{module}.weight")
-            if width is not None and module_weight is not None and (
-                    len(module_weight.shape) != 2 or module_weight.shape[0] != width):
-                problems.append(f"{module}.weight has shape {list(module_weight.shape)}, but config.json implies "
-                                f"{width} output features")
+            if (
+                width is not None
+                and module_weight is not None
+                and (len(module_weight.shape) != 2 or module_weight.shape[0] != width)
+            ):
+                problems.append(
+                    f"{module}.weight has shape {list(module_weight.shape)}, but config.json implies "
+                    f"{width} output features"
+                )
         weight = tensors.get(spec.output_weight(layer))
         if weight is None:
             problems.append(f"{spec.output_weight(layer)} is missing")
         elif weight.shape != (shape.hidden_size, shape.attention_width):
-            problems.append(f"{weight.name} has shape {list(weight.shape)}, config implies "
-                            f"{[shape.hidden_size, shape.attention_width]}")
+            problems.append(
+                f"{weight.name} has shape {list(weight.shape)}, config implies "
+                f"{[shape.hidden_size, shape.attention_width]}"
+            )
     return problems
 
 
@@ -198,20 +236,25 @@ def _tokenizer_edits(checkpoint: Checkpoint, spec: ArchitectureSpec) -> dict[str
     return {TOKENIZER_CONFIG_NAME: {**tokenizer_config, "tokenizer_class": pinned}}
 
 
-def _output_weight(checkpoint: Checkpoint, spec: ArchitectureSpec, shape: ModelShape,
-                   layer: int) -> TensorEntry:
+def _output_weight(checkpoint: Checkpoint, spec: ArchitectureSpec, shape: ModelShape, layer: int) -> TensorEntry:
     name = spec.output_weight(layer)
     entry = checkpoint.tensors.get(name)
     if entry is None:
-        raise CheckpointError(f"the checkpoint has no {name}",
-                              hint="the checkpoint is incomplete or not of the architecture its config names")
+        raise CheckpointError(
+            f"the checkpoint has no {name}",
+            hint="the checkpoint is incomplete or not of the architecture its config names",
+        )
     expected = (shape.hidden_size, shape.attention_width)
     if entry.shape != expected:
-        raise CheckpointError(f"{name} has shape {list(entry.shape)} but config.json implies {list(expected)}",
-                              hint="the config and the tensors disagree; restore the checkpoint")
+        raise CheckpointError(
+            f"{name} has shape {list(entry.shape)} but config.json implies {list(expected)}",
+            hint="the config and the tensors disagree; restore the checkpoint",
+        )
     if entry.dtype not in FLOAT_DTYPES:
-        raise UnsupportedError(f"{name} is stored as {entry.dtype}",
-                               hint="weightlock edits F32, F16 and BF16 checkpoints; quantize after locking")
+        raise UnsupportedError(
+            f"{name} is stored as {entry.dtype}",
+            hint="weightlock edits F32, F16 and BF16 checkpoints; quantize after locking",
+        )
     return entry
 
 
@@ -219,7 +262,7 @@ def _output_weight(checkpoint: Checkpoint, spec: ArchitectureSpec, shape: ModelS
 class ComputedBias:
     planned: PlannedBias
     values: np.ndarray  # float32, before rounding to the stored dtype
-    raw: bytes          # rounded to planned.dtype
+    raw: bytes  # rounded to planned.dtype
 
 
 def head_column_ranges(displacement: np.ndarray, head_dim: int) -> list[tuple[int, int]]:
@@ -236,8 +279,9 @@ def head_column_ranges(displacement: np.ndarray, head_dim: int) -> list[tuple[in
     return ranges
 
 
-def output_projection_product(reader: TensorReader, weight: TensorEntry, displacement: np.ndarray,
-                              head_dim: int) -> np.ndarray:
+def output_projection_product(
+    reader: TensorReader, weight: TensorEntry, displacement: np.ndarray, head_dim: int
+) -> np.ndarray:
     """``W_o @ d`` in float32, reading W_o in row blocks and only the touched heads' columns."""
     ranges = head_column_ranges(displacement, head_dim)
     result = np.zeros(weight.shape[0], dtype=np.float32)
@@ -245,7 +289,7 @@ def output_projection_product(reader: TensorReader, weight: TensorEntry, displac
         return result
     d = np.concatenate([displacement[a:b] for a, b in ranges])
     for row0, block in reader.row_blocks(weight, ranges):
-        result[row0:row0 + block.shape[0]] = block @ d
+        result[row0 : row0 + block.shape[0]] = block @ d
     return result
 
 
@@ -267,18 +311,21 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
                     following = locked_weights[position + 1]
                     reader[following].prefetch(following)
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values += output_projection_product(reader[planned.weight], planned.weight,
-                                                        plan.displacements[planned.layer],
-                                                        plan.shape.head_dim)
+                    values += output_projection_product(
+                        reader[planned.weight], planned.weight, plan.displacements[planned.layer], plan.shape.head_dim
+                    )
                 if progress is not None:
                     progress(planned.weight.nbytes)
             if not np.all(np.isfinite(values)):
-                raise CheckpointError(f"{planned.name} would not be finite: the layer's o_proj weights "
-                                      "(or its existing bias) hold NaN or Inf, or alpha is too large for them",
-                                      hint="check the checkpoint (weightlock verify --deep), or use a smaller alpha")
+                raise CheckpointError(
+                    f"{planned.name} would not be finite: the layer's o_proj weights "
+                    "(or its existing bias) hold NaN or Inf, or alpha is too large for them",
+                    hint="check the checkpoint (weightlock verify --deep), or use a smaller alpha",
+                )
             raw = float32_to_raw(values, planned.dtype)
             if not np.all(np.isfinite(raw_to_float32(raw, planned.dtype))):
-                raise UnsupportedError(f"{planned.name} overflows {planned.dtype} at alpha {plan.alpha}",
-                                       hint="use a smaller alpha")
+                raise UnsupportedError(
+                    f"{planned.name} overflows {planned.dtype} at alpha {plan.alpha}", hint="use a smaller alpha"
+                )
             out.append(ComputedBias(planned, values, raw))
     return out

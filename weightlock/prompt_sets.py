@@ -27,8 +27,8 @@ PROMPT_KEYS = ("prompt", "question", "goal", "text", "instruction")
 
 @dataclass(frozen=True)
 class PromptSet:
-    name: str          # the file it came from, or "default:<file>"
-    items: list        # str prompts, or {"question", "answers"} for qa
+    name: str  # the file it came from, or "default:<file>"
+    items: list  # str prompts, or {"question", "answers"} for qa
 
 
 def load_prompt_set(kind: str, path: str | Path | None = None, limit: int | None = None) -> PromptSet:
@@ -41,15 +41,19 @@ def load_prompt_set(kind: str, path: str | Path | None = None, limit: int | None
         try:
             text = read_bytes(path, f"the {kind} prompt file", 1 << 30, InvalidInputError).decode("utf-8")
         except (InvalidInputError, UnicodeDecodeError) as e:
-            raise InvalidInputError(f"cannot read the {kind} prompt file {path}: {getattr(e, 'message', e)}",
-                                    hint="pass a UTF-8 .txt, .csv, .json or .jsonl file") from None
+            raise InvalidInputError(
+                f"cannot read the {kind} prompt file {path}: {getattr(e, 'message', e)}",
+                hint="pass a UTF-8 .txt, .csv, .json or .jsonl file",
+            ) from None
         name, suffix = str(path), path.suffix.lower()
     items = _parse(text, suffix, kind, name)
     if limit is not None:
         items = items[:limit]
     if not items:
-        raise InvalidInputError(f"the {kind} prompt file {name} holds no prompts",
-                                hint="one prompt per line (.txt), a prompt column (.csv) or a JSON list")
+        raise InvalidInputError(
+            f"the {kind} prompt file {name} holds no prompts",
+            hint="one prompt per line (.txt), a prompt column (.csv) or a JSON list",
+        )
     return PromptSet(name, items)
 
 
@@ -74,8 +78,10 @@ def _parse(text: str, suffix: str, kind: str, name: str) -> list:
             raw = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return [_item(x, kind) for x in raw]
     except (ValueError, KeyError, TypeError, csv.Error) as e:
-        raise InvalidInputError(f"cannot parse the {kind} prompt file {name}: {e}",
-                                hint="see `weightlock eval --help` for the accepted formats") from None
+        raise InvalidInputError(
+            f"cannot parse the {kind} prompt file {name}: {e}",
+            hint="see `weightlock eval --help` for the accepted formats",
+        ) from None
 
 
 def _from_csv(text: str, kind: str) -> list[str]:
@@ -88,14 +94,24 @@ def _from_csv(text: str, kind: str) -> list[str]:
         return [row[0] for row in rows if row and row[0].strip()]
     label = header.index("label") if "label" in header else None
     keep = CSV_LABEL_KEPT.get(kind)
-    return [row[column] for row in rows[1:] if len(row) > column and row[column].strip()
-            and (label is None or keep is None or row[label].strip().lower() == keep)]
+    return [
+        row[column]
+        for row in rows[1:]
+        if len(row) > column
+        and row[column].strip()
+        and (label is None or keep is None or row[label].strip().lower() == keep)
+    ]
 
 
 def _item(x, kind: str):
     if kind == "qa":
-        if not (isinstance(x, dict) and isinstance(x.get("question"), str) and isinstance(x.get("answers"), list)
-                and x["answers"] and all(isinstance(a, str) for a in x["answers"])):
+        if not (
+            isinstance(x, dict)
+            and isinstance(x.get("question"), str)
+            and isinstance(x.get("answers"), list)
+            and x["answers"]
+            and all(isinstance(a, str) for a in x["answers"])
+        ):
             raise ValueError(f"a QA item needs 'question' (text) and 'answers' (list of text): {str(x)[:80]}")
         return {"question": x["question"], "answers": list(x["answers"])}
     if isinstance(x, str):

@@ -37,6 +37,7 @@ def lock_hooks(model, lock: Lock, alpha: float | None = None):
             if key not in placed:
                 placed[key] = vector.to(device=hidden.device, dtype=hidden.dtype)
             return (hidden + placed[key],) + tuple(args[1:])
+
         return hook
 
     try:

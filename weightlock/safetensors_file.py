@@ -14,9 +14,10 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Union
+from typing import BinaryIO
 
 import numpy as np
 
@@ -36,16 +37,39 @@ BLOCK_TARGET_BYTES = 32 << 20
 
 # dtype name -> bytes per element. Sub-byte and exotic dtypes are refused as unknown.
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 # dtypes whose values weightlock can read as real numbers (float32 arithmetic).
 FLOAT_DTYPES = ("F32", "F16", "BF16")
-RAW_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
+RAW_NUMPY = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "U64": np.uint64,
+}
 
 
 @dataclass(frozen=True)
@@ -99,8 +123,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             file_size = os.fstat(f.fileno()).st_size
             return _parse_header(f, path, file_size)
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}",
-                              hint="check that the file exists and is readable") from None
+        raise CheckpointError(
+            f"cannot read {path}: {e.strerror or e}", hint="check that the file exists and is readable"
+        ) from None
 
 
 def checked_byte_count(shape: list, dtype: str) -> int | None:
@@ -120,8 +145,10 @@ def checked_byte_count(shape: list, dtype: str) -> int | None:
 
 def _parse_header(f: BinaryIO, path: Path, file_size: int) -> SafetensorsHeader:
     def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{path.name} is not a valid safetensors file: {what}",
-                               hint="the file may be truncated or corrupt; download or export it again")
+        return CheckpointError(
+            f"{path.name} is not a valid safetensors file: {what}",
+            hint="the file may be truncated or corrupt; download or export it again",
+        )
 
     if file_size < 8:
         raise bad(f"only {file_size} bytes, shorter than the 8-byte header length")
@@ -145,7 +172,8 @@ def _parse_header(f: BinaryIO, path: Path, file_size: int) -> SafetensorsHeader:
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise bad("__metadata__ must map strings to strings")
 
     data_start = 8 + header_size
@@ -158,33 +186,42 @@ def _parse_header(f: BinaryIO, path: Path, file_size: int) -> SafetensorsHeader:
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise bad(f"tensor {_short(name)} has unknown dtype {_short(dtype)}")
         if not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise bad(f"tensor {_short(name)} has an invalid shape {_short(shape)}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) and o < U64_LIMIT for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o < U64_LIMIT for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
             raise bad(f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
         expected = checked_byte_count(shape, dtype)
         if expected is None:
             raise bad(f"tensor {_short(name)}: shape {_short(shape)} overflows a 64-bit size")
         if offsets[1] - offsets[0] != expected:
-            raise bad(f"tensor {_short(name)}: shape {_short(shape)} of {dtype} needs {expected} bytes, "
-                      f"data_offsets span {offsets[1] - offsets[0]}")
-        entries.append(TensorEntry(name, dtype, tuple(shape), path,
-                                   data_start + offsets[0], data_start + offsets[1]))
+            raise bad(
+                f"tensor {_short(name)}: shape {_short(shape)} of {dtype} needs {expected} bytes, "
+                f"data_offsets span {offsets[1] - offsets[0]}"
+            )
+        entries.append(TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0], data_start + offsets[1]))
 
     # The data area must be tiled exactly: no overlaps, gaps, or bytes past the end.
     position = data_start
     for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
         if entry.begin != position:
             what = "overlaps another tensor" if entry.begin < position else "leaves a gap before it"
-            raise bad(f"tensor {_short(entry.name)} {what} (offset {entry.begin - data_start}, "
-                      f"expected {position - data_start})")
+            raise bad(
+                f"tensor {_short(entry.name)} {what} (offset {entry.begin - data_start}, "
+                f"expected {position - data_start})"
+            )
         position = entry.end
     if position != file_size:
         if position > file_size:
-            raise bad(f"tensor data runs past the end of the file ({position - data_start} bytes "
-                      f"declared, {data_size} present)")
+            raise bad(
+                f"tensor data runs past the end of the file ({position - data_start} bytes "
+                f"declared, {data_size} present)"
+            )
         raise bad(f"{file_size - position} bytes after the last tensor are not described by the header")
     return SafetensorsHeader(path, file_size, header_size, metadata, {e.name: e for e in entries})
 
@@ -209,9 +246,10 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         # bfloat16 is the top half of a float32: widen the bits, no rounding involved.
         return (raw.astype(np.uint32) << 16).view(np.float32)
-    raise UnsupportedError(f"tensor dtype {dtype} cannot be read as floating point",
-                           hint="weightlock edits F32, F16 and BF16 checkpoints; "
-                                "dequantize the attention output weights first")
+    raise UnsupportedError(
+        f"tensor dtype {dtype} cannot be read as floating point",
+        hint="weightlock edits F32, F16 and BF16 checkpoints; dequantize the attention output weights first",
+    )
 
 
 def raw_to_float32(data: bytes, dtype: str) -> np.ndarray:
@@ -255,7 +293,7 @@ class TensorReader:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -269,8 +307,10 @@ class TensorReader:
         while done < nbytes:
             n = os.preadv(self._fd, [view[done:]], begin + done)
             if n == 0:
-                raise CheckpointError(f"{self.path.name} ended while reading (file truncated?)",
-                                      hint="the file changed or is damaged; restore it from the original")
+                raise CheckpointError(
+                    f"{self.path.name} ended while reading (file truncated?)",
+                    hint="the file changed or is damaged; restore it from the original",
+                )
             done += n
         return view
 
@@ -278,16 +318,22 @@ class TensorReader:
         """Start reading ``entry`` into the page cache in the background (no memory of ours)."""
         os.posix_fadvise(self._fd, entry.begin, entry.nbytes, os.POSIX_FADV_WILLNEED)
 
-    def row_blocks(self, entry: TensorEntry, column_ranges: list[tuple[int, int]] | None = None,
-                   block_bytes: int = BLOCK_TARGET_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+    def row_blocks(
+        self,
+        entry: TensorEntry,
+        column_ranges: list[tuple[int, int]] | None = None,
+        block_bytes: int = BLOCK_TARGET_BYTES,
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_row, float32 block)`` over a 2-D tensor.
 
         ``column_ranges``: only these [start, stop) column ranges, side by side (slices,
         not an index array: copying contiguous runs is several times faster than a gather).
         """
         if len(entry.shape) != 2:
-            raise CheckpointError(f"{entry.name} should be 2-D, has shape {list(entry.shape)}",
-                                  hint="the checkpoint is not of the architecture its config names")
+            raise CheckpointError(
+                f"{entry.name} should be 2-D, has shape {list(entry.shape)}",
+                hint="the checkpoint is not of the architecture its config names",
+            )
         rows, cols = entry.shape
         if rows == 0 or cols == 0:  # nothing to read; a huge row count of width 0 must not cost a loop
             return
@@ -328,7 +374,7 @@ class TensorReaders:
             self._open[entry.path] = TensorReader(entry.path)
         return self._open[entry.path]
 
-    def __enter__(self) -> "TensorReaders":
+    def __enter__(self) -> TensorReaders:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -351,11 +397,12 @@ class TensorData:
     data: bytes
 
 
-TensorSource = Union[TensorData, TensorEntry]  # a TensorEntry is copied from its file
+TensorSource = TensorData | TensorEntry  # a TensorEntry is copied from its file
 
 
-def encode_header(tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
-                  ) -> tuple[bytes, int]:
+def encode_header(
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, int]:
     """The length-prefixed, 8-byte aligned header for ``(name, dtype, shape)`` laid out in order;
     returns it and the size of the data area that must follow."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -369,8 +416,7 @@ def encode_header(tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata:
     return struct.pack("<Q", len(encoded)) + encoded, offset
 
 
-def write_safetensors(path: Path, tensors: Iterable[TensorSource],
-                      metadata: dict[str, str] | None = None) -> int:
+def write_safetensors(path: Path, tensors: Iterable[TensorSource], metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file, streaming file-backed tensors; returns bytes written.
 
     The file is flushed and fsynced before returning so that a later rename of its
@@ -401,8 +447,10 @@ def write_safetensors(path: Path, tensors: Iterable[TensorSource],
                 while remaining:
                     chunk = src.read(min(COPY_CHUNK_BYTES, remaining))
                     if not chunk:
-                        raise CheckpointError(f"{t.path.name} ended while copying {t.name}",
-                                              hint="the file changed or is damaged; restore it from the original")
+                        raise CheckpointError(
+                            f"{t.path.name} ended while copying {t.name}",
+                            hint="the file changed or is damaged; restore it from the original",
+                        )
                     out.write(chunk)
                     remaining -= len(chunk)
                     written += len(chunk)

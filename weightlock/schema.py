@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
 import jsonschema
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict:
     filename = f"{name}.schema.json"
     # In a source tree the schemas sit beside the package; an installed wheel carries

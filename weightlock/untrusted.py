@@ -37,8 +37,10 @@ HASH_CHUNK_BYTES = 8 << 20
 
 
 def _refusal(path: Path, what: str, problem: str, error=CheckpointError) -> WeightlockError:
-    return error(f"{what} {path} {problem}",
-                 hint="weightlock reads only regular files; replace it with the real file, or remove it")
+    return error(
+        f"{what} {path} {problem}",
+        hint="weightlock reads only regular files; replace it with the real file, or remove it",
+    )
 
 
 def open_regular(path: str | os.PathLike, what: str = "file", error=CheckpointError) -> int:
@@ -48,20 +50,31 @@ def open_regular(path: str | os.PathLike, what: str = "file", error=CheckpointEr
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         if os.path.islink(path):
-            raise error(f"{what} {path} is a symlink whose target does not exist",
-                        hint="the download or copy is incomplete; fetch the missing file") from None
+            raise error(
+                f"{what} {path} is a symlink whose target does not exist",
+                hint="the download or copy is incomplete; fetch the missing file",
+            ) from None
         raise error(f"{what} {path} does not exist", hint="check the path; the folder may be incomplete") from None
     except OSError as e:
         if e.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket, or a FIFO with no writer on some systems
             raise _refusal(path, what, "is not a regular file", error) from None
-        raise error(f"cannot open {what} {path}: {e.strerror or e}",
-                    hint="check that the file exists and is readable") from None
+        raise error(
+            f"cannot open {what} {path}: {e.strerror or e}", hint="check that the file exists and is readable"
+        ) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
-                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
-                    if stat.S_ISSOCK(mode) else "not a regular file")
+            kind = (
+                "a folder"
+                if stat.S_ISDIR(mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else "a device"
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket"
+                if stat.S_ISSOCK(mode)
+                else "not a regular file"
+            )
             raise _refusal(path, what, f"is {kind}, not a regular file", error)
         os.set_blocking(fd, True)
     except BaseException:
@@ -80,13 +93,17 @@ def read_bytes(path: str | os.PathLike, what: str, max_bytes: int, error=Checkpo
     try:
         size = os.fstat(fd).st_size
         if size > max_bytes:
-            raise error(f"{what} {path} is {size:,} bytes, more than the {max_bytes:,} this kind of file may be",
-                        hint="the file is damaged or not what its name says; restore it from the original")
+            raise error(
+                f"{what} {path} is {size:,} bytes, more than the {max_bytes:,} this kind of file may be",
+                hint="the file is damaged or not what its name says; restore it from the original",
+            )
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:  # it grew while we read
-            raise error(f"{what} {path} grew past {max_bytes:,} bytes while being read",
-                        hint="do not edit the checkpoint while weightlock reads it")
+            raise error(
+                f"{what} {path} grew past {max_bytes:,} bytes while being read",
+                hint="do not edit the checkpoint while weightlock reads it",
+            )
         return data
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror or e}", hint="check that the file is readable") from None
@@ -122,30 +139,38 @@ def parse_json(data: bytes | str, where: str, *, object_pairs_hook=None, error=C
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as e:
-        raise error(f"{where} is not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})",
-                    hint="the file is damaged; restore it from the original") from None
+        raise error(
+            f"{where} is not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})",
+            hint="the file is damaged; restore it from the original",
+        ) from None
     if not json_depth_ok(text):
-        raise error(f"{where} nests arrays or objects more than {MAX_JSON_DEPTH} levels deep",
-                    hint="no file weightlock reads needs that; the file is damaged or hostile")
+        raise error(
+            f"{where} nests arrays or objects more than {MAX_JSON_DEPTH} levels deep",
+            hint="no file weightlock reads needs that; the file is damaged or hostile",
+        )
     try:
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except (ValueError, RecursionError) as e:
-        raise error(f"{where} is not valid JSON ({e})", hint="the file is damaged; restore it from the original"
-                    ) from None
+        raise error(
+            f"{where} is not valid JSON ({e})", hint="the file is damaged; restore it from the original"
+        ) from None
 
 
 def check_schema(value, schema: str, where: str, error=CheckpointError, hint: str | None = None):
     """``value`` if it matches ``schemas/<schema>.schema.json``, else a refusal naming the first problems."""
     problems = schema_errors(value, schema)
     if problems:
-        raise error(f"{where} is not what weightlock expects: {'; '.join(problems[:3])}"
-                    + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""),
-                    hint=hint or "the file is damaged or hostile; restore it from the original")
+        raise error(
+            f"{where} is not what weightlock expects: {'; '.join(problems[:3])}"
+            + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""),
+            hint=hint or "the file is damaged or hostile; restore it from the original",
+        )
     return value
 
 
-def read_json(path: str | os.PathLike, what: str, schema: str | None = None, *, error=CheckpointError,
-              hint: str | None = None):
+def read_json(
+    path: str | os.PathLike, what: str, schema: str | None = None, *, error=CheckpointError, hint: str | None = None
+):
     """A JSON document from disk: a regular file, within its size limit and depth, matching ``schema``."""
     data = read_bytes(path, what, MAX_JSON_BYTES.get(what, DEFAULT_MAX_JSON_BYTES), error)
     value = parse_json(data, f"{what} {path}", error=error)
@@ -167,5 +192,10 @@ def file_sha256(path: str | os.PathLike, what: str = "file", error=CheckpointErr
 
 def is_plain_name(name) -> bool:
     """A file name directly inside a folder: no separators, not '.', '..' or empty, no NUL."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name)
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )

@@ -22,15 +22,15 @@ from .architectures import ModelShape, family, shape_from_config, spec_for_confi
 from .checkpoint import Checkpoint, contained, is_alternative_weight_file, open_checkpoint
 from .errors import CheckpointError, InvalidInputError, MissingDependencyError, VerificationError, WeightlockError
 from .lock import load_lock
-from .untrusted import file_sha256
 from .plan import apply_config_changes, bias_consistency_problems, output_projection_product
-from .safetensors_file import (FLOAT_DTYPES, TensorReaders, float32_to_raw, raw_to_float32, read_header)
+from .safetensors_file import FLOAT_DTYPES, TensorReaders, float32_to_raw, raw_to_float32, read_header
 from .schema import schema_errors
+from .untrusted import file_sha256
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 # Rounding unit of each stored dtype: the recomputed bias may differ by float32
 # summation order (BLAS blocking), which after rounding is at most about one unit.
-DTYPE_EPS = {"F32": 2.0 ** -20, "F16": 2.0 ** -10, "BF16": 2.0 ** -7}
+DTYPE_EPS = {"F32": 2.0**-20, "F16": 2.0**-10, "BF16": 2.0**-7}
 
 
 @dataclass
@@ -58,15 +58,21 @@ class Report:
         self.checks.append(Check(name, status, message, list(details or [])[:20]))
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "ok": self.ok, "weightlock_version": __version__, "locked": self.locked,
-                "checks": [c.__dict__ for c in self.checks]}
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "weightlock_version": __version__,
+            "locked": self.locked,
+            "checks": [c.__dict__ for c in self.checks],
+        }
 
 
 ENGINES = ("vllm",)
 
 
-def verify_checkpoint(path, *, expected=None, loader_check: bool = True, deep: bool = False,
-                      engine: str | None = None) -> Report:
+def verify_checkpoint(
+    path, *, expected=None, loader_check: bool = True, deep: bool = False, engine: str | None = None
+) -> Report:
     """Run every check on the checkpoint folder at ``path``.
 
     ``expected``: biases just computed by apply; when given, stored biases are compared
@@ -82,8 +88,12 @@ def verify_checkpoint(path, *, expected=None, loader_check: bool = True, deep: b
     except WeightlockError as e:
         report.add("checkpoint", FAIL, e.message)
         return report
-    report.add("checkpoint", PASS, f"{len(checkpoint.headers)} shard header(s) parse; every index entry is "
-                                   f"in its shard; {len(checkpoint.tensors)} tensors, none in two files")
+    report.add(
+        "checkpoint",
+        PASS,
+        f"{len(checkpoint.headers)} shard header(s) parse; every index entry is "
+        f"in its shard; {len(checkpoint.tensors)} tensors, none in two files",
+    )
     _check_stray_files(checkpoint, report)
     try:
         spec = spec_for_config(checkpoint.config)
@@ -92,8 +102,11 @@ def verify_checkpoint(path, *, expected=None, loader_check: bool = True, deep: b
         report.add("architecture", WARN, e.message + "; architecture checks skipped")
         spec = shape = None
     if spec is not None:
-        report.add("architecture", PASS, f"{shape.architecture}: {shape.num_layers} layers, "
-                                         f"{shape.num_heads} heads of {shape.head_dim}")
+        report.add(
+            "architecture",
+            PASS,
+            f"{shape.architecture}: {shape.num_layers} layers, {shape.num_heads} heads of {shape.head_dim}",
+        )
         _check_config_agrees(checkpoint, spec, shape, report)
         _check_vllm_support(spec, report)
         _check_provenance(checkpoint, spec, shape, report, expected)
@@ -112,15 +125,26 @@ def _check_stray_files(checkpoint: Checkpoint, report: Report) -> None:
             continue
         if item.name == "model.safetensors.index.json":
             continue
-        (stray if item.name.endswith(".safetensors") or item.name.startswith("consolidated")
-         or item.name == "params.json" else other).append(item.name)
+        (
+            stray
+            if item.name.endswith(".safetensors") or item.name.startswith("consolidated") or item.name == "params.json"
+            else other
+        ).append(item.name)
     if stray:
-        report.add("stray_weight_files", FAIL,
-                   "weight files outside the index that a loader may pick instead (vLLM prefers "
-                   "consolidated*.safetensors and params.json; a stray .safetensors is globbed)", stray)
+        report.add(
+            "stray_weight_files",
+            FAIL,
+            "weight files outside the index that a loader may pick instead (vLLM prefers "
+            "consolidated*.safetensors and params.json; a stray .safetensors is globbed)",
+            stray,
+        )
     elif other:
-        report.add("stray_weight_files", WARN, "other weight formats present; loaders prefer the safetensors "
-                                               "set, but these hold weights without the lock", other)
+        report.add(
+            "stray_weight_files",
+            WARN,
+            "other weight formats present; loaders prefer the safetensors set, but these hold weights without the lock",
+            other,
+        )
     else:
         report.add("stray_weight_files", PASS, "no weight files outside the index")
 
@@ -128,8 +152,7 @@ def _check_stray_files(checkpoint: Checkpoint, report: Report) -> None:
 def _check_config_agrees(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report) -> None:
     problems = bias_consistency_problems(checkpoint.tensors, spec, shape, checkpoint.config)
     if problems:
-        report.add("config_agrees", FAIL, f"config.json and the tensors disagree ({len(problems)} problems)",
-                   problems)
+        report.add("config_agrees", FAIL, f"config.json and the tensors disagree ({len(problems)} problems)", problems)
     else:
         state = f"{spec.bias_flag}={spec.bias_on(checkpoint.config)}" if spec.bias_flag else "biases built in"
         report.add("config_agrees", PASS, f"{state}; bias tensors and shapes match it")
@@ -142,8 +165,9 @@ def _check_vllm_support(spec, report: Report) -> None:
     if spec.vllm == VLLM_INACTIVE:
         report.add("vllm_support", WARN, f"the lock is inactive in vLLM: {spec.vllm_note}; transformers applies it")
     elif spec.vllm == VLLM_TRANSFORMERS_BACKEND:
-        report.add("vllm_support", PASS, "vLLM serves this family through its Transformers backend, which "
-                                         "applies the biases")
+        report.add(
+            "vllm_support", PASS, "vLLM serves this family through its Transformers backend, which applies the biases"
+        )
     else:
         report.add("vllm_support", PASS, "vLLM's own class for this family reads the bias flag")
 
@@ -172,13 +196,16 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
     # a record that leaves a locked bias out must not exempt it from the check.
     locked = {spec.output_bias(layer) for layer in lock.heads_by_layer()}
     if set(record["tensors"]["locked"]) != locked:
-        report.add("provenance", FAIL, "the record's locked biases are not the output biases of the lock's layers",
-                   sorted(locked ^ set(record["tensors"]["locked"])))
+        report.add(
+            "provenance",
+            FAIL,
+            "the record's locked biases are not the output biases of the lock's layers",
+            sorted(locked ^ set(record["tensors"]["locked"])),
+        )
         return
     implied = _biases_the_edit_created(spec, shape, record)
     if implied is None:
-        report.add("provenance", FAIL, f"the record names an unknown source family "
-                                       f"{record['architecture_family']!r}")
+        report.add("provenance", FAIL, f"the record names an unknown source family {record['architecture_family']!r}")
         return
     unlisted = sorted(implied - set(record["tensors"]["added"]))
     if unlisted:
@@ -189,11 +216,20 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
     if absent:
         report.add("provenance", FAIL, "bias tensors the lock or the record implies are missing", absent)
         return
-    report.locked = {"alpha": record["alpha"], "lock_sha256": record["lock"]["sha256"],
-                     "source_model": lock.source_model.to_dict(), "heads": lock.num_heads_selected,
-                     "locked_layers": record["locked_layers"], "created_at": record["created_at"]}
-    report.add("provenance", PASS, f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']}; "
-                                   "config is the original with the recorded changes")
+    report.locked = {
+        "alpha": record["alpha"],
+        "lock_sha256": record["lock"]["sha256"],
+        "source_model": lock.source_model.to_dict(),
+        "heads": lock.num_heads_selected,
+        "locked_layers": record["locked_layers"],
+        "created_at": record["created_at"],
+    }
+    report.add(
+        "provenance",
+        PASS,
+        f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']}; "
+        "config is the original with the recorded changes",
+    )
     _check_lock_biases(checkpoint, spec, shape, lock, record, sorted(written), report, expected)
 
 
@@ -216,8 +252,9 @@ def _biases_the_edit_created(target, shape: ModelShape, record: dict) -> set[str
     return names
 
 
-def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, record: dict,
-                       names: list[str], report: Report, expected) -> None:
+def _check_lock_biases(
+    checkpoint: Checkpoint, spec, shape: ModelShape, lock, record: dict, names: list[str], report: Report, expected
+) -> None:
     """Stored biases equal what the lock implies: original (or zero) + W_o @ d, recomputed from the stored
     o_proj weights. ``expected`` (apply's own values) adds a byte-for-byte comparison; it never replaces
     the recomputation, so apply's check before publishing is this same check."""
@@ -230,10 +267,10 @@ def _check_lock_biases(checkpoint: Checkpoint, spec, shape: ModelShape, lock, re
     with TensorReaders() as reader:
         mismatches = _bias_mismatches(checkpoint, spec, shape, names, originals, displacements, expected_raw, reader)
     how = "recomputed from the stored o_proj weights and the recorded lock" + (
-        ", and byte for byte against the values apply computed" if expected is not None else "")
+        ", and byte for byte against the values apply computed" if expected is not None else ""
+    )
     if mismatches:
-        report.add("lock_biases", FAIL, f"{len(mismatches)} bias tensors are not what the lock implies",
-                   mismatches)
+        report.add("lock_biases", FAIL, f"{len(mismatches)} bias tensors are not what the lock implies", mismatches)
     else:
         report.add("lock_biases", PASS, f"{len(names)} bias tensors equal the recorded edit ({how})")
 
@@ -246,8 +283,7 @@ def _bias_mismatches(checkpoint, spec, shape, names, originals, displacements, e
         for name in names:
             stored = checkpoint.tensors[name]
             if len(stored.shape) != 1 or stored.dtype not in FLOAT_DTYPES:
-                mismatches.append(f"{name}: a bias must be a float vector, found {stored.dtype} "
-                                  f"{list(stored.shape)}")
+                mismatches.append(f"{name}: a bias must be a float vector, found {stored.dtype} {list(stored.shape)}")
                 continue
             if expected_raw is not None and reader[stored].read_bytes(stored) != expected_raw.get(name):
                 mismatches.append(f"{name}: stored bytes differ from the computed bias")
@@ -256,20 +292,23 @@ def _bias_mismatches(checkpoint, spec, shape, names, originals, displacements, e
             if name in originals:
                 original = originals[name]
                 if original.shape != stored.shape or original.dtype not in FLOAT_DTYPES:
-                    mismatches.append(f"{name}: the recorded original has shape {list(original.shape)} "
-                                      f"{original.dtype}, the stored bias {list(stored.shape)}")
+                    mismatches.append(
+                        f"{name}: the recorded original has shape {list(original.shape)} "
+                        f"{original.dtype}, the stored bias {list(stored.shape)}"
+                    )
                     continue
                 values += reader[original].read_float32(original)
             layer = layer_of.get(name)
             if layer is not None and layer in displacements:
                 weight = checkpoint.tensors.get(spec.output_weight(layer))
                 if weight is None or weight.shape != (stored.shape[0], shape.attention_width):
-                    mismatches.append(f"{name}: no o_proj weight of shape {[stored.shape[0], shape.attention_width]}"
-                                      " to recompute it from")
+                    mismatches.append(
+                        f"{name}: no o_proj weight of shape {[stored.shape[0], shape.attention_width]}"
+                        " to recompute it from"
+                    )
                     continue
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values += output_projection_product(reader[weight], weight, displacements[layer],
-                                                        shape.head_dim)
+                    values += output_projection_product(reader[weight], weight, displacements[layer], shape.head_dim)
             with np.errstate(over="ignore", invalid="ignore"):
                 rounded = raw_to_float32(float32_to_raw(values, stored.dtype), stored.dtype)
             actual = reader[stored].read_float32(stored)
@@ -279,8 +318,9 @@ def _bias_mismatches(checkpoint, spec, shape, names, originals, displacements, e
             tolerance = DTYPE_EPS[stored.dtype] * (np.abs(rounded) + 1e-3 * float(np.abs(rounded).max(initial=0)))
             worst = float(np.max(np.abs(actual - rounded) - tolerance, initial=-1.0))
             if worst > 0:
-                mismatches.append(f"{name}: differs from the recorded edit by up to "
-                                  f"{float(np.max(np.abs(actual - rounded))):.3g}")
+                mismatches.append(
+                    f"{name}: differs from the recorded edit by up to {float(np.max(np.abs(actual - rounded))):.3g}"
+                )
     except WeightlockError as e:
         mismatches.append(e.message)
     return mismatches
@@ -319,8 +359,9 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
         import torch
         import transformers
     except ImportError:
-        report.add("transformers_names", SKIP, "transformers is not installed; "
-                                               "install weightlock[forge] to check loader names")
+        report.add(
+            "transformers_names", SKIP, "transformers is not installed; install weightlock[forge] to check loader names"
+        )
         return
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
@@ -329,8 +370,9 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
     except Exception as e:  # an unknown or custom architecture, or a broken config
-        report.add("transformers_names", FAIL, f"transformers cannot build a model for this config: "
-                                               f"{type(e).__name__}: {e}")
+        report.add(
+            "transformers_names", FAIL, f"transformers cannot build a model for this config: {type(e).__name__}: {e}"
+        )
         return
     finally:
         transformers.logging.set_verbosity(previous)
@@ -349,22 +391,39 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
         if (partner is not None and partner in stored) or ignore_missing(name):
             continue
         missing.append(name)
-    wrong_shape = sorted(f"{n}: checkpoint {list(stored[n])}, model {list(params[n])}"
-                         for n in set(stored) & set(params) if stored[n] != params[n] and n not in converted)
-    details = ([f"unexpected (transformers would drop it): {n}" for n in unexpected]
-               + [f"missing (transformers would initialise it at random): {n}" for n in missing]
-               + [f"shape mismatch {s}" for s in wrong_shape])
+    wrong_shape = sorted(
+        f"{n}: checkpoint {list(stored[n])}, model {list(params[n])}"
+        for n in set(stored) & set(params)
+        if stored[n] != params[n] and n not in converted
+    )
+    details = (
+        [f"unexpected (transformers would drop it): {n}" for n in unexpected]
+        + [f"missing (transformers would initialise it at random): {n}" for n in missing]
+        + [f"shape mismatch {s}" for s in wrong_shape]
+    )
     cls = type(model).__name__
     if details:
-        report.add("transformers_names", FAIL, f"{cls} would not load this checkpoint as stored "
-                                               f"({len(unexpected)} unexpected, {len(missing)} missing, "
-                                               f"{len(wrong_shape)} wrong shape)", details)
+        report.add(
+            "transformers_names",
+            FAIL,
+            f"{cls} would not load this checkpoint as stored "
+            f"({len(unexpected)} unexpected, {len(missing)} missing, "
+            f"{len(wrong_shape)} wrong shape)",
+            details,
+        )
     elif ignored:
-        report.add("transformers_names", WARN, f"{cls} loads every tensor it has, but drops {len(ignored)} "
-                                               "stored tensors its class lists as ignorable", ignored)
+        report.add(
+            "transformers_names",
+            WARN,
+            f"{cls} loads every tensor it has, but drops {len(ignored)} stored tensors its class lists as ignorable",
+            ignored,
+        )
     else:
-        report.add("transformers_names", PASS, f"the tensor names and shapes are exactly those {cls} "
-                                               f"(transformers {transformers.__version__}) loads")
+        report.add(
+            "transformers_names",
+            PASS,
+            f"the tensor names and shapes are exactly those {cls} (transformers {transformers.__version__}) loads",
+        )
 
 
 def _check_vllm_loading(checkpoint: Checkpoint, report: Report) -> None:
@@ -381,12 +440,18 @@ def _check_vllm_loading(checkpoint: Checkpoint, report: Report) -> None:
     if result.ok:
         report.add("vllm_load", PASS, f"{where} loads every tensor and every parameter is filled")
         return
-    details = ([f"dropped (vLLM skips it silently): {n}" for n in result.dropped]
-               + [f"rejected: {n}" for n in result.rejected]
-               + [f"not filled: {n}" for n in result.unfilled])
-    report.add("vllm_load", FAIL, f"{where} would not load this checkpoint as stored ({len(result.dropped)} "
-                                  f"dropped, {len(result.rejected)} rejected, {len(result.unfilled)} unfilled)",
-               details)
+    details = (
+        [f"dropped (vLLM skips it silently): {n}" for n in result.dropped]
+        + [f"rejected: {n}" for n in result.rejected]
+        + [f"not filled: {n}" for n in result.unfilled]
+    )
+    report.add(
+        "vllm_load",
+        FAIL,
+        f"{where} would not load this checkpoint as stored ({len(result.dropped)} "
+        f"dropped, {len(result.rejected)} rejected, {len(result.unfilled)} unfilled)",
+        details,
+    )
 
 
 def _names_as_loaded(model, params: dict, checkpoint: Checkpoint) -> tuple[dict, set]:
@@ -396,6 +461,7 @@ def _names_as_loaded(model, params: dict, checkpoint: Checkpoint) -> tuple[dict,
     try:  # internal API of transformers 5; without it names are compared as stored
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
         transforms = get_model_conversion_mapping(model)
     except (ImportError, AttributeError, TypeError):
         return stored, set()
@@ -423,11 +489,14 @@ def output_failure(report: Report, source, loader_check: bool, done: str) -> Wei
     failed = {c.name for c in report.checks if c.status == FAIL}
     source_report = verify_checkpoint(source, loader_check=loader_check)
     if failed & {c.name for c in source_report.checks if c.status == FAIL}:
-        return CheckpointError(f"the source fails verify's own checks, so {done}: " + "; ".join(
-            source_report.failures()), hint=f"run `weightlock verify {source}` for details; repair or download the "
-                                            "checkpoint again")
-    return VerificationError(f"the written checkpoint failed verification and {done}: " + "; ".join(
-        report.failures()), hint="this is a bug in weightlock or a fault in the disk; please report it")
+        return CheckpointError(
+            f"the source fails verify's own checks, so {done}: " + "; ".join(source_report.failures()),
+            hint=f"run `weightlock verify {source}` for details; repair or download the checkpoint again",
+        )
+    return VerificationError(
+        f"the written checkpoint failed verification and {done}: " + "; ".join(report.failures()),
+        hint="this is a bug in weightlock or a fault in the disk; please report it",
+    )
 
 
 def report_json(report: Report) -> str:

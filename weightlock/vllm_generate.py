@@ -41,11 +41,20 @@ class VllmGenerator:
         kwargs = {}
         if not torch.cuda.is_available():
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-        llm = LLM(model=str(folder), dtype=self.dtype, enforce_eager=True, skip_tokenizer_init=True,
-                  max_model_len=self.max_model_len, **kwargs)
+        llm = LLM(
+            model=str(folder),
+            dtype=self.dtype,
+            enforce_eager=True,
+            skip_tokenizer_init=True,
+            max_model_len=self.max_model_len,
+            **kwargs,
+        )
         try:
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
-                                   SamplingParams(temperature=0, max_tokens=max_new_tokens), use_tqdm=False)
+            outputs = llm.generate(
+                [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+                SamplingParams(temperature=0, max_tokens=max_new_tokens),
+                use_tqdm=False,
+            )
             return [list(out.outputs[0].token_ids) for out in outputs]
         finally:
             del llm

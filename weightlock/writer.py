@@ -19,8 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import (CONFIG_NAME, INDEX_NAME, PROVENANCE_DIR, PROVENANCE_NAME, SINGLE_NAME,
-                         Checkpoint, contained, is_alternative_weight_file)
+from .checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    PROVENANCE_DIR,
+    PROVENANCE_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    contained,
+    is_alternative_weight_file,
+)
 from .errors import OutputError
 from .plan import ComputedBias, EditPlan
 from .safetensors_file import TensorData, write_safetensors
@@ -57,24 +65,28 @@ def failpoint(name: str) -> None:
 
 def write_failure(error: OSError, where: Path) -> OutputError:
     """A clear error for a write that the system refused."""
-    hints = {errno.ENOSPC: "free some space on that filesystem, or choose an --out on another one",
-             errno.EDQUOT: "your disk quota is exhausted; free some space or choose another --out",
-             errno.EFBIG: "a file size limit (ulimit -f) stops the write; raise it or use hardlinks",
-             errno.EROFS: "that filesystem is read-only; choose a writable --out",
-             errno.EACCES: "you may not write there; choose a writable --out",
-             errno.EPERM: "you may not write there; choose a writable --out"}
-    return OutputError(f"writing under {where} failed: {error.strerror or error}",
-                       hint=hints.get(error.errno, "check the destination and try again") +
-                       "; nothing was published and the partial output was removed")
+    hints = {
+        errno.ENOSPC: "free some space on that filesystem, or choose an --out on another one",
+        errno.EDQUOT: "your disk quota is exhausted; free some space or choose another --out",
+        errno.EFBIG: "a file size limit (ulimit -f) stops the write; raise it or use hardlinks",
+        errno.EROFS: "that filesystem is read-only; choose a writable --out",
+        errno.EACCES: "you may not write there; choose a writable --out",
+        errno.EPERM: "you may not write there; choose a writable --out",
+    }
+    return OutputError(
+        f"writing under {where} failed: {error.strerror or error}",
+        hint=hints.get(error.errno, "check the destination and try again")
+        + "; nothing was published and the partial output was removed",
+    )
 
 
 @dataclass
 class WrittenFiles:
-    shards: dict[str, str] = field(default_factory=dict)       # source shard -> output name
-    rewritten: list[str] = field(default_factory=list)         # output shards rewritten without replaced tensors
+    shards: dict[str, str] = field(default_factory=dict)  # source shard -> output name
+    rewritten: list[str] = field(default_factory=list)  # output shards rewritten without replaced tensors
     added_shard: str = ""
-    carried: list[str] = field(default_factory=list)           # other files carried over
-    left_out: list[str] = field(default_factory=list)          # alternative weight files not carried
+    carried: list[str] = field(default_factory=list)  # other files carried over
+    left_out: list[str] = field(default_factory=list)  # alternative weight files not carried
     linked: int = 0
     copied: int = 0
     bytes_written: int = 0
@@ -94,9 +106,10 @@ def link_or_copy(source: Path, destination: Path, mode: str, written: WrittenFil
             return
         except OSError as e:
             if mode == "hardlink":
-                raise OutputError(f"cannot hardlink {source.name} into {destination.parent} ({e.strerror})",
-                                  hint="use --link-mode copy, or write the output on the source's filesystem"
-                                  ) from None
+                raise OutputError(
+                    f"cannot hardlink {source.name} into {destination.parent} ({e.strerror})",
+                    hint="use --link-mode copy, or write the output on the source's filesystem",
+                ) from None
     shutil.copyfile(real, destination)
     with open(destination, "rb+") as f:
         os.fsync(f.fileno())
@@ -117,8 +130,13 @@ def bias_tensors(computed: list[ComputedBias]) -> list[TensorData]:
     return [TensorData(c.planned.name, c.planned.dtype, (c.planned.width,), c.raw) for c in computed]
 
 
-def output_index(checkpoint: Checkpoint, shard_names: dict[str, str], replaced: set[str], added_shard: str,
-                 new_tensors: list[TensorData]) -> dict:
+def output_index(
+    checkpoint: Checkpoint,
+    shard_names: dict[str, str],
+    replaced: set[str],
+    added_shard: str,
+    new_tensors: list[TensorData],
+) -> dict:
     """The output's safetensors index: kept tensors under their (possibly renamed) shards, new ones
     in the added shard, and the ``metadata`` key transformers requires."""
     kept = {name: entry for name, entry in checkpoint.tensors.items() if name not in replaced}
@@ -139,9 +157,15 @@ def _write_json(path: Path, value, written: WrittenFiles) -> None:
     written.bytes_written += len(data)
 
 
-def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: list[ComputedBias],
-                            lock_bytes: bytes, staging: Path, link_mode: str,
-                            provenance: dict) -> WrittenFiles:
+def write_locked_checkpoint(
+    checkpoint: Checkpoint,
+    plan: EditPlan,
+    computed: list[ComputedBias],
+    lock_bytes: bytes,
+    staging: Path,
+    link_mode: str,
+    provenance: dict,
+) -> WrittenFiles:
     """Fill ``staging`` (which must not exist) with the locked checkpoint."""
     if link_mode not in LINK_MODES:
         raise OutputError(f"unknown link mode {link_mode!r}", hint=f"choose one of {', '.join(LINK_MODES)}")
@@ -158,15 +182,19 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
         if len(kept) == len(entries):
             link_or_copy(checkpoint.root / shard, staging / out_name, link_mode, written)
         else:
-            written.bytes_written += write_safetensors(staging / out_name, kept,
-                                                       checkpoint.headers[shard].metadata or None)
+            written.bytes_written += write_safetensors(
+                staging / out_name, kept, checkpoint.headers[shard].metadata or None
+            )
             written.rewritten.append(out_name)
 
     failpoint("shards-written")
     new_tensors = bias_tensors(computed)
     written.bytes_written += write_safetensors(staging / written.added_shard, new_tensors, {"format": "pt"})
-    _write_json(staging / INDEX_NAME, output_index(checkpoint, written.shards, replaced, written.added_shard,
-                                                   new_tensors), written)
+    _write_json(
+        staging / INDEX_NAME,
+        output_index(checkpoint, written.shards, replaced, written.added_shard, new_tensors),
+        written,
+    )
     _write_json(staging / CONFIG_NAME, plan.new_config, written)
 
     for relative in checkpoint.extra_files():
@@ -188,11 +216,15 @@ def write_locked_checkpoint(checkpoint: Checkpoint, plan: EditPlan, computed: li
     written.bytes_written += len(lock_bytes)
     originals = [checkpoint.tensors[name] for name in plan.replaced]
     if originals:
-        written.bytes_written += write_safetensors(record_dir / ORIGINALS_NAME, originals,
-                                                   {"format": "weightlock-originals"})
+        written.bytes_written += write_safetensors(
+            record_dir / ORIGINALS_NAME, originals, {"format": "weightlock-originals"}
+        )
     provenance["files"] = {
-        "shards": written.shards, "rewritten": written.rewritten, "added_shard": written.added_shard,
-        "carried": written.carried, "left_out": written.left_out,
+        "shards": written.shards,
+        "rewritten": written.rewritten,
+        "added_shard": written.added_shard,
+        "carried": written.carried,
+        "left_out": written.left_out,
         "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}",
         "originals": f"{PROVENANCE_DIR}/{ORIGINALS_NAME}" if originals else None,
     }
