@@ -11,7 +11,6 @@ trap 'rm -rf "$WORK"' EXIT
 FIND_LINKS=()
 [ -d /opt/wheels ] && FIND_LINKS=(--find-links /opt/wheels)
 
-"$DEV/bin/python" -m pip install -q build
 "$DEV/bin/python" -m build -q --outdir "$WORK/dist" . >/dev/null
 python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install -q "${FIND_LINKS[@]}" torch==2.13.0

@@ -277,12 +277,13 @@ class ModelShape:
             "hidden": self.hidden_size,
             "intermediate": self.intermediate_size,
         }
-        if widths.get(width_from) is None:
+        width = widths.get(width_from)
+        if width is None:
             raise CheckpointError(
                 f"config.json lacks what the {width_from} width is computed from",
                 hint="the config is incomplete; restore it from the original",
             )
-        return widths[width_from]
+        return width
 
 
 def spec_for_config(config: dict, *, allow_refused: bool = False) -> ArchitectureSpec:
@@ -332,7 +333,7 @@ def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
         model_type=str(config.get("model_type")),
         num_layers=positive_int(spec.layers_key),
         num_heads=heads,
-        num_kv_heads=heads if kv_heads is None else positive_int(spec.kv_heads_key, kv_heads),
+        num_kv_heads=heads if kv_heads is None else positive_int(spec.kv_heads_key or "num_key_value_heads", kv_heads),
         head_dim=positive_int(spec.head_dim_key, head_dim),
         hidden_size=hidden,
         intermediate_size=intermediate if isinstance(intermediate, int) else None,
@@ -342,6 +343,7 @@ def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
 def redeclared_config(config: dict, spec: ArchitectureSpec, shape: ModelShape) -> dict:
     """The config for the equivalent class, or a refusal naming the field that would change results."""
     rule = spec.redeclare
+    assert rule is not None, "only called for families the table redeclares"
     target = family(rule.family)
     effective = {**rule.source_defaults, **config}
     window = effective.get("sliding_window")

@@ -145,8 +145,8 @@ def resolve_location(location: str | os.PathLike, revision: str | None = None) -
             hint=f"download it first (`hf download {text}`) or pass a local folder; "
             f"weightlock never downloads weights itself ({type(e).__name__})",
         ) from None
-    folder = Path(folder)
-    return folder.resolve(), text, folder.name
+    snapshot = Path(folder)
+    return snapshot.resolve(), text, snapshot.name
 
 
 def _load_json(path: Path, what: str, schema: str | None):

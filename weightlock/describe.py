@@ -100,7 +100,7 @@ def _redeclared_from(record: dict) -> str | None:
     return original[0] if changed and changed != original else None
 
 
-def _depth(record: dict) -> int:
+def _depth(record: dict | None) -> int:
     depth = 0
     while isinstance(record, dict):
         depth, record = depth + 1, record.get("parent")

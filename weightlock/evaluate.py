@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from . import __version__
 from .errors import InvalidInputError, MissingDependencyError
@@ -238,7 +239,7 @@ class TuneBounds:
 def choose_alpha(results: list[AlphaResult], bounds: TuneBounds) -> dict:
     """The smallest alpha that reaches the target within the bounds, and why each other one failed."""
     verdicts = []
-    for r in sorted((r for r in results if r.alpha is not None), key=lambda r: r.alpha):
+    for r in sorted((r for r in results if r.alpha is not None), key=lambda r: float(r.alpha or 0.0)):
         problems = []
         if 1.0 - r.harmful_compliance < bounds.target_refusal:
             problems.append(f"refuses {1 - r.harmful_compliance:.0%} < {bounds.target_refusal:.0%}")
@@ -278,7 +279,9 @@ def report_json(report: EvalReport, with_answers: bool = False) -> str:
     return json.dumps(data, indent=2)
 
 
-def load_for_eval(location: str, *, gguf_file: str | None = None, dtype: str = "float32", device: str = "cpu"):
+def load_for_eval(
+    location: str, *, gguf_file: str | None = None, dtype: str = "float32", device: str = "cpu"
+) -> tuple[Any, Any]:
     """Model and tokenizer through stock transformers (the forge extra)."""
     try:
         from .forge import ForgeSettings, load_model

@@ -17,9 +17,9 @@ transformers is needed (``pip install weightlock[forge]``); apply never imports 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,8 +130,8 @@ def capture(model, tokenizer, ids, answer_lengths, settings: ForgeSettings, prog
     config = model.config.to_dict()
     spec = spec_for_config(config)
     shape = shape_from_config(config, spec)
-    captured: dict[int, object] = {}
-    where: dict[str, object] = {}
+    captured: dict[int, Any] = {}
+    where: dict[str, Any] = {}
 
     def hook_for(layer):
         def hook(module, args):
@@ -222,9 +222,7 @@ def split_pairs(n_pairs: int, settings: ForgeSettings) -> tuple[np.ndarray, np.n
     return np.sort(order[held:]), np.sort(order[:held])
 
 
-def forge_lock(
-    location: str, data: str | os.PathLike, settings: ForgeSettings | None = None, progress: bool = False
-) -> Lock:
+def forge_lock(location: str, data: str | Path, settings: ForgeSettings | None = None, progress: bool = False) -> Lock:
     """Forge a lock from the model at ``location`` and the pairs in ``data``."""
     settings = settings or ForgeSettings()
     load_pairs(data, settings.limit)  # refuse bad data before spending minutes loading a model
@@ -235,7 +233,7 @@ def forge_lock(
 def forge_from_model(
     model,
     tokenizer,
-    data: str | os.PathLike,
+    data: str | Path,
     settings: ForgeSettings | None = None,
     *,
     name: str | None = None,

@@ -20,6 +20,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.self_attn\.head_out$")
 # The SafetyLock README's suggested strength; a lock's default, overridable at apply.
 LEGACY_DEFAULT_ALPHA = 6.0
 
-_LLAMA3_8B = dict(
+_LLAMA3_8B: dict[str, Any] = dict(
     architecture="LlamaForCausalLM",
     model_type="llama",
     num_hidden_layers=32,
@@ -43,7 +44,7 @@ _LLAMA3_8B = dict(
     head_dim=128,
     hidden_size=4096,
 )
-_LLAMA3_70B = dict(
+_LLAMA3_70B: dict[str, Any] = dict(
     architecture="LlamaForCausalLM",
     model_type="llama",
     num_hidden_layers=80,
@@ -51,7 +52,7 @@ _LLAMA3_70B = dict(
     head_dim=128,
     hidden_size=8192,
 )
-_NEMO_12B = dict(
+_NEMO_12B: dict[str, Any] = dict(
     architecture="MistralForCausalLM",
     model_type="mistral",
     num_hidden_layers=40,
@@ -59,7 +60,7 @@ _NEMO_12B = dict(
     head_dim=128,
     hidden_size=5120,
 )
-_LARGE_123B = dict(
+_LARGE_123B: dict[str, Any] = dict(
     architecture="MistralForCausalLM",
     model_type="mistral",
     num_hidden_layers=88,

@@ -346,7 +346,7 @@ class TensorReader:
             if row0 + n < rows:
                 following = min(rows_per_block, rows - row0 - n) * row_bytes
                 os.posix_fadvise(self._fd, begin + n * row_bytes, following, os.POSIX_FADV_WILLNEED)
-            raw = np.frombuffer(self._read_into(begin, n * row_bytes), dtype=raw_dtype).reshape(n, cols)
+            raw: np.ndarray = np.frombuffer(self._read_into(begin, n * row_bytes), dtype=raw_dtype).reshape(n, cols)
             if column_ranges is not None:
                 raw = np.concatenate([raw[:, a:b] for a, b in column_ranges], axis=1)
             yield row0, to_float32(raw, entry.dtype)  # always a copy: the buffer is reused

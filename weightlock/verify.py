@@ -97,11 +97,11 @@ def verify_checkpoint(
     _check_stray_files(checkpoint, report)
     try:
         spec = spec_for_config(checkpoint.config)
-        shape = shape_from_config(checkpoint.config, spec)
+        shape: ModelShape | None = shape_from_config(checkpoint.config, spec)
     except WeightlockError as e:
         report.add("architecture", WARN, e.message + "; architecture checks skipped")
-        spec = shape = None
-    if spec is not None:
+        shape = None
+    if shape is not None:
         report.add(
             "architecture",
             PASS,
@@ -119,7 +119,8 @@ def verify_checkpoint(
 
 
 def _check_stray_files(checkpoint: Checkpoint, report: Report) -> None:
-    stray, other = [], []
+    stray: list[str] = []
+    other: list[str] = []
     for item in sorted(checkpoint.root.iterdir()):
         if item.name in checkpoint.headers or not is_alternative_weight_file(item.name):
             continue
@@ -330,8 +331,8 @@ def _check_finite(checkpoint: Checkpoint, report: Report, deep: bool) -> None:
     if deep:
         names = [n for n, e in checkpoint.tensors.items() if e.dtype in FLOAT_DTYPES]
     else:
-        record = checkpoint.provenance if isinstance(checkpoint.provenance, dict) else {}
-        written = record.get("tensors") if isinstance(record.get("tensors"), dict) else {}
+        # the record is schema-valid (open_checkpoint checked it) or absent
+        written = (checkpoint.provenance or {}).get("tensors") or {}
         names = [n for n in written.get("added", []) + written.get("replaced", []) if n in checkpoint.tensors]
     bad = []
     with TensorReaders() as readers:

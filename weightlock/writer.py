@@ -75,7 +75,7 @@ def write_failure(error: OSError, where: Path) -> OutputError:
     }
     return OutputError(
         f"writing under {where} failed: {error.strerror or error}",
-        hint=hints.get(error.errno, "check the destination and try again")
+        hint=hints.get(error.errno or 0, "check the destination and try again")
         + "; nothing was published and the partial output was removed",
     )
 
@@ -292,7 +292,7 @@ def recover_interrupted(out: Path) -> list[str]:
     Staging folders of dead processes are removed. A previous output moved aside by
     ``--force`` whose replacement never arrived is moved back, so nothing is lost.
     """
-    done = []
+    done: list[str] = []
     if not out.parent.is_dir():
         return done
     for item in _siblings_starting(out, f".{out.name}.{PARTIAL_MARK}-"):
