@@ -242,7 +242,7 @@ def test_revert_never_removes_or_overwrites_files_it_did_not_write(tmp_path, cap
     ours = shard.read_bytes()
     shard.write_bytes(b"the user's file")
     code, _, err = run_cli(capsys, "revert", str(src))
-    assert code == 3 and "not the bias shard" in err and "hint:" in err
+    assert code == 3 and "not the file the in-place edit wrote" in err and "hint:" in err
     assert shard.read_bytes() == b"the user's file"
     shard.write_bytes(ours)
     # config.json edited after the edit: revert will not overwrite the user's changes

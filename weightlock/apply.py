@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .card import locked_card, read_eval_report, source_card_text
 from .checkpoint import Checkpoint, contained, open_checkpoint
 from .errors import LockFormatError, OutputError
 from .lock import Lock, load_lock
@@ -140,8 +141,12 @@ def apply_lock(
     allow_architecture_mismatch: bool = False,
     progress: bool = False,
     loader_check: bool = True,
+    eval_report: str | os.PathLike | None = None,
 ) -> ApplyResult:
     """Bake ``lock`` at strength ``alpha`` (default: the lock's) into a copy of ``checkpoint`` at ``out``.
+
+    The output's README.md is the source's model card with this edit added (``eval_report``: a
+    ``weightlock eval`` report whose measurements the card quotes).
 
     The output is published only if :func:`verify_checkpoint` passes on it with the same checks
     ``weightlock verify`` runs (``loader_check``: the transformers class check, skipped where
@@ -179,8 +184,16 @@ def apply_lock(
     plan.warnings.extend(recover_interrupted(out))
     staging = staging_path(out)
     provenance = provenance_record(checkpoint, plan, lock_bytes)
+    card_text = locked_card(
+        source_card_text(checkpoint.root),
+        provenance,
+        lock,
+        None if eval_report is None else read_eval_report(eval_report),
+    )
     with removed_on_failure(staging, out):
-        written = write_locked_checkpoint(checkpoint, plan, computed, lock_bytes, staging, link_mode, provenance)
+        written = write_locked_checkpoint(
+            checkpoint, plan, computed, lock_bytes, staging, link_mode, provenance, card_text
+        )
         report = verify_checkpoint(staging, expected=computed, loader_check=loader_check)
         if not report.ok:
             raise output_failure(report, checkpoint.root, loader_check, "the output was discarded")

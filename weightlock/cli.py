@@ -82,9 +82,25 @@ def cli() -> None:
     is_flag=True,
     help="Verify the output without building the transformers class (as `verify --no-loader-check`).",
 )
+@click.option(
+    "--eval-report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A `weightlock eval --report` file whose measurements the output's model card quotes.",
+)
 @json_option
 def apply(
-    checkpoint, lock_path, out, in_place, alpha, force, link_mode, allow_architecture_mismatch, no_loader_check, as_json
+    checkpoint,
+    lock_path,
+    out,
+    in_place,
+    alpha,
+    force,
+    link_mode,
+    allow_architecture_mismatch,
+    no_loader_check,
+    eval_report,
+    as_json,
 ):
     """Write a copy of CHECKPOINT (folder or cached Hub id) with the lock baked in, or edit it --in-place."""
     if (out is None) == (not in_place):
@@ -102,6 +118,7 @@ def apply(
             allow_architecture_mismatch=allow_architecture_mismatch,
             progress=not as_json,
             loader_check=not no_loader_check,
+            eval_report=eval_report,
         )
     else:
         from .apply import apply_lock
@@ -116,6 +133,7 @@ def apply(
             allow_architecture_mismatch=allow_architecture_mismatch,
             progress=not as_json,
             loader_check=not no_loader_check,
+            eval_report=eval_report,
         )
     s = result.summary()
     lines = [

@@ -33,9 +33,12 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from .apply import ApplyResult, ProgressBar, _header_sha256, lock_file_bytes, provenance_record
+from .card import CARD_NAME, locked_card, read_eval_report, source_card_text
 from .checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -100,8 +103,9 @@ def apply_in_place(
     allow_architecture_mismatch: bool = False,
     progress: bool = False,
     loader_check: bool = True,
+    eval_report: str | os.PathLike | None = None,
 ) -> ApplyResult:
-    """Lock the checkpoint folder ``location`` itself. Undo with :func:`revert`."""
+    """Lock the checkpoint folder ``location`` itself (its model card too). Undo with :func:`revert`."""
     started = time.perf_counter()
     root, repo_id, _ = resolve_location(location)
     if repo_id is not None:
@@ -137,13 +141,23 @@ def apply_in_place(
         )
     written = WrittenFiles(added_shard=added_shard_name(checkpoint))
     renamed = {SINGLE_NAME: SINGLE_RENAMED} if checkpoint.layout == "single" else {}
-    created = [INDEX_NAME] if checkpoint.layout == "single" else []
+    card_source = source_card_text(root)
+    created = ([INDEX_NAME] if checkpoint.layout == "single" else []) + ([CARD_NAME] if card_source is None else [])
     _refuse_taken_names(root, [written.added_shard, *renamed.values(), *created])
     computed = compute_biases(plan, progress=ProgressBar(plan) if progress else None)
 
     staging = root / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
     provenance = provenance_record(checkpoint, plan, lock_bytes)
-    replaced_files = [CONFIG_NAME] + ([INDEX_NAME] if checkpoint.layout == "sharded" else []) + sorted(plan.file_edits)
+    provenance["mode"] = "in-place"
+    card_text = locked_card(
+        card_source, provenance, lock_obj, None if eval_report is None else read_eval_report(eval_report)
+    )
+    replaced_files = (
+        [CONFIG_NAME]
+        + ([INDEX_NAME] if checkpoint.layout == "sharded" else [])
+        + sorted(plan.file_edits)
+        + ([CARD_NAME] if card_source is not None else [])
+    )
     try:
         with removed_on_failure(staging, root):
             staging.mkdir()
@@ -158,9 +172,10 @@ def apply_in_place(
                 INDEX_NAME: output_index(checkpoint, shard_names, set(), written.added_shard, tensors),
                 CONFIG_NAME: plan.new_config,
                 **plan.file_edits,
+                CARD_NAME: card_text,
             }
             for name, content in new_files.items():
-                _write_bytes(new / name, _json_bytes(content))
+                _write_bytes(new / name, content.encode("utf-8") if isinstance(content, str) else _json_bytes(content))
             for name in replaced_files:
                 _write_bytes(staging / BACKUP_DIR / name, read_bytes(contained(root, name), name, 1 << 30))
             _write_bytes(staging / LOCK_COPY_NAME, lock_bytes)
@@ -172,8 +187,8 @@ def apply_in_place(
                 "left_out": [],
                 "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}",
                 "originals": None,
+                "card": CARD_NAME,
             }
-            provenance["mode"] = "in-place"
             _write_bytes(staging / PROVENANCE_NAME, _json_bytes(provenance))
             record = {
                 "format": RECORD_FORMAT,
@@ -309,21 +324,6 @@ def _sha_or_none(path: Path) -> str | None:
     return file_sha256(path, path.name) if os.path.lexists(path) else None
 
 
-def _remove_if_ours(root: Path, name: str, sha256: str, what: str, done: list[str]) -> None:
-    """Remove ``name`` if its bytes are the ones recorded (absent: already removed); refuse anything else."""
-    current = _sha_or_none(root / name)
-    if current is None:
-        return
-    if current != sha256:
-        raise CheckpointError(
-            f"{name} is not the {what}; revert will not remove it",
-            hint=f"move {name} aside if it is yours, then run revert again",
-        )
-    os.remove(root / name)
-    failpoint("revert-removed")
-    done.append(f"removed {name}")
-
-
 def revert(location) -> dict:
     """Undo an in-place apply (finished or interrupted) and restore the original bytes exactly.
 
@@ -363,6 +363,9 @@ def revert(location) -> dict:
         f"the files with {PROVENANCE_DIR}/{BACKUP_DIR}/ and restore them by hand",
     )
 
+    # First check every file against the record, then act: a record that names one file revert may not touch
+    # is refused before anything changes.
+    steps: list[tuple[str, Callable[[], None]]] = []
     for name, hashes in record["replaced"].items():
         current = _sha_or_none(root / name)
         if current == hashes["original_sha256"]:
@@ -380,11 +383,17 @@ def revert(location) -> dict:
                 f"the backup of {name} is missing or does not match its recorded hash",
                 hint=f"restore {name} from another copy of the checkpoint; the record was kept",
             )
-        _replace_atomically(backup, root / name)
-        failpoint("revert-restored")
-        done.append(f"restored {name}")
-    for name, sha in record["created"].items():
-        _remove_if_ours(root, name, sha, "file the in-place edit created", done)
+        steps.append((f"restored {name}", partial(_replace_atomically, backup, root / name)))
+    for name, sha in [*record["created"].items(), *record["added"].items()]:
+        current = _sha_or_none(root / name)
+        if current is None:
+            continue
+        if current != sha:
+            raise CheckpointError(
+                f"{name} is not the file the in-place edit wrote; revert will not remove it",
+                hint=f"move {name} aside if it is yours, then run revert again",
+            )
+        steps.append((f"removed {name}", partial(os.remove, root / name)))
     for old, rename in record["renamed"].items():
         old_there, new_there = os.path.lexists(root / old), os.path.lexists(root / rename["to"])
         if old_there and not new_there:
@@ -403,11 +412,11 @@ def revert(location) -> dict:
                 f"{rename['to']} is not the {old} the edit renamed (size or header differ)",
                 hint=f"put the original {old} back by hand, then run revert again",
             )
-        os.rename(moved, root / old)
-        failpoint("revert-renamed-back")
-        done.append(f"renamed {rename['to']} back to {old}")
-    for name, sha in record["added"].items():
-        _remove_if_ours(root, name, sha, "bias shard the edit added", done)
+        steps.append((f"renamed {rename['to']} back to {old}", partial(os.rename, moved, root / old)))
+    for description, step in steps:
+        step()
+        failpoint("revert-step")
+        done.append(description)
     fsync_dir(root)
     # The record goes last, and in two steps (an atomic rename aside, then the delete), so a revert killed
     # here leaves either the whole record or a leftover that the next revert removes.

@@ -25,7 +25,7 @@ from .lock import load_lock
 from .plan import apply_config_changes, bias_consistency_problems, output_projection_product
 from .safetensors_file import FLOAT_DTYPES, TensorReaders, float32_to_raw, raw_to_float32, read_header
 from .schema import schema_errors
-from .untrusted import file_sha256
+from .untrusted import file_sha256, read_bytes
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 # Rounding unit of each stored dtype: the recomputed bias may differ by float32
@@ -231,7 +231,30 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
         f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']}; "
         "config is the original with the recorded changes",
     )
+    _check_card(checkpoint, record, report)
     _check_lock_biases(checkpoint, spec, shape, lock, record, sorted(written), report, expected)
+
+
+def _check_card(checkpoint: Checkpoint, record: dict, report: Report) -> None:
+    """The model card is what the Hub shows: it must name the lock the record names."""
+    from .card import CARD_NAME, MAX_CARD_BYTES, card_lock_sha256, card_tags
+
+    try:
+        text = read_bytes(contained(checkpoint.root, CARD_NAME), "model card", MAX_CARD_BYTES).decode("utf-8")
+    except (WeightlockError, UnicodeDecodeError) as e:
+        report.add("model_card", FAIL, f"the model card cannot be read: {getattr(e, 'message', e)}")
+        return
+    named = card_lock_sha256(text)
+    if named != record["lock"]["sha256"]:
+        report.add(
+            "model_card", FAIL, f"{CARD_NAME} names lock {named or 'none'}, the record {record['lock']['sha256']}"
+        )
+    elif "weightlock" not in card_tags(text):
+        report.add("model_card", FAIL, f"{CARD_NAME} lacks the weightlock tag")
+    else:
+        report.add(
+            "model_card", PASS, f"{CARD_NAME} names lock {record['lock']['sha256'][:12]} and carries the weightlock tag"
+        )
 
 
 def _biases_the_edit_created(target, shape: ModelShape, record: dict) -> set[str] | None:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .card import CARD_NAME
 from .checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -148,7 +149,11 @@ def output_index(
 
 
 def _write_json(path: Path, value, written: WrittenFiles) -> None:
-    data = (json.dumps(value, indent=2) + "\n").encode("utf-8")
+    _write_text(path, json.dumps(value, indent=2) + "\n", written)
+
+
+def _write_text(path: Path, text: str, written: WrittenFiles) -> None:
+    data = text.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "xb") as f:
         f.write(data)
@@ -165,6 +170,7 @@ def write_locked_checkpoint(
     staging: Path,
     link_mode: str,
     provenance: dict,
+    card_text: str,
 ) -> WrittenFiles:
     """Fill ``staging`` (which must not exist) with the locked checkpoint."""
     if link_mode not in LINK_MODES:
@@ -197,7 +203,10 @@ def write_locked_checkpoint(
     )
     _write_json(staging / CONFIG_NAME, plan.new_config, written)
 
+    _write_text(staging / CARD_NAME, card_text, written)
     for relative in checkpoint.extra_files():
+        if relative == CARD_NAME:  # replaced by the card written above, which keeps its content
+            continue
         if is_alternative_weight_file(relative):
             written.left_out.append(relative)
             continue
@@ -227,6 +236,7 @@ def write_locked_checkpoint(
         "left_out": written.left_out,
         "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}",
         "originals": f"{PROVENANCE_DIR}/{ORIGINALS_NAME}" if originals else None,
+        "card": CARD_NAME,
     }
     _write_json(record_dir / PROVENANCE_NAME, provenance, written)
     fsync_tree(staging)
