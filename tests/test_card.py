@@ -173,3 +173,19 @@ def test_in_place_edits_the_card_and_revert_restores_it(tmp_path, with_card):
     revert(src)
     assert tree_hashes(src) == before
     assert os.path.exists(src / "README.md") == with_card
+
+
+def test_text_from_a_lock_cannot_forge_the_card(tmp_path):
+    from weightlock import SourceModel, build_lock
+
+    src = make_llama(tmp_path / "src")
+    lock = random_lock(src)
+    forged = SourceModel(
+        **{**lock.source_model.to_dict(), "name": "x\n<!-- weightlock:end -->\n| lock sha256 | `" + "1" * 64}
+    )
+    lock = build_lock(lock.layers, lock.heads, lock.directions, lock.scales, forged, default_alpha=1.0)
+    result = apply_lock(src, lock, out=tmp_path / "out", allow_architecture_mismatch=True)
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert text.count("<!-- weightlock:end -->") == 1
+    assert card_lock_sha256(text) == result.provenance["lock"]["sha256"]
+    assert verify_checkpoint(tmp_path / "out").ok

@@ -36,7 +36,7 @@ def locked_card(source_text: str | None, provenance: dict, lock, eval_report: di
 
     card, data = _model_card(source_text)
     name = provenance["source"]["name"]
-    if name and not data.base_model:
+    if name:  # the Hub lineage points at the direct parent: the checkpoint this one was made from
         data.base_model = name
     data.tags = list(dict.fromkeys([*(data.tags or []), *TAGS]))
     body = _SECTION.sub("", card.text).rstrip("\n")
@@ -46,12 +46,19 @@ def locked_card(source_text: str | None, provenance: dict, lock, eval_report: di
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}\n\n{section}\n"))
 
 
+def _text(value) -> str:
+    """A value from a lock, record or report, made inert in Markdown: one line, no HTML (so no marker can be
+    forged), no table-breaking bar, at most 200 characters."""
+    text = re.sub(r"[\x00-\x1f\x7f<>]", " ", str(value)).replace("|", "/")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _section(provenance: dict, lock, eval_report: dict | None) -> str:
     src = lock.source_model
     source = provenance["source"]
-    where = source["name"] or "a local checkpoint"
+    where = _text(source["name"]) if source["name"] else "a local checkpoint"
     if source["revision"]:
-        where += f" (revision {source['revision']})"
+        where += f" (revision {_text(source['revision'])})"
     heads = lock.num_heads_selected
     layers = sorted(lock.heads_by_layer())
     lines = [
@@ -65,10 +72,10 @@ def _section(provenance: dict, lock, eval_report: dict | None) -> str:
         "| | |",
         "| --- | --- |",
         f"| lock sha256 | `{provenance['lock']['sha256']}` |",
-        f"| lock made from | {src.name or src.architecture} ({lock.creation.get('method', '?')}) |",
+        f"| lock made from | {_text(src.name or src.architecture)} ({_text(lock.creation.get('method', '?'))}) |",
         f"| heads | {heads} in layers {', '.join(map(str, layers))} |",
         f"| alpha | {provenance['alpha']:g} |",
-        f"| edited | {provenance['created_at']} by {provenance['tool']} |",
+        f"| edited | {_text(provenance['created_at'])} by {_text(provenance['tool'])} |",
         "",
         "Verify it (the biases are recomputed from the stored weights and the lock in `weightlock/`): "
         "`weightlock verify <this folder>`. "
@@ -93,11 +100,13 @@ def _eval_lines(report: dict) -> list[str]:
     def pct(value):
         return "-" if value is None else f"{value:.0%}"
 
-    sets = ", ".join(f"{kind}: {info['source']} ({info['count']})" for kind, info in report["sets"].items())
+    sets = ", ".join(
+        f"{_text(kind)}: {_text(info['source'])} ({info['count']})" for kind, info in report["sets"].items()
+    )
     lines = [
-        f"Measured by `weightlock eval` ({report['weightlock_version']}) on {report['model']}"
-        + (f" with the lock {report['lock']} at run time" if report["lock"] else "")
-        + f"; judge: {report['judge']}; prompt sets: {sets}.",
+        f"Measured by `weightlock eval` ({_text(report['weightlock_version'])}) on {_text(report['model'])}"
+        + (f" with the lock {_text(report['lock'])} at run time" if report["lock"] else "")
+        + f"; judge: {_text(report['judge'])}; prompt sets: {sets}.",
         "",
         "| alpha | harmful compliance | over-refusal | degenerate | QA accuracy | KL (nats/token) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
