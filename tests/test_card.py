@@ -32,7 +32,7 @@ def test_the_source_card_is_kept_and_extended(tmp_path):
     assert card.data.license == "apache-2.0" and card.data.language == "en"
     assert card.data.tags == ["tiny", "weightlock", "safety-lock"]
     assert card.data.base_model is None, "a local folder has no Hub id to name"
-    assert "A tiny test model." in card.text
+    assert "A tiny test model." in card.text and text.splitlines().count("---") == 2
     assert card_lock_sha256(text) == result.provenance["lock"]["sha256"]
     assert "| alpha | 2.5 |" in text and "--alpha -2.5" in text
     assert "Behaviour was not measured" in text
@@ -44,8 +44,10 @@ def test_the_source_card_is_kept_and_extended(tmp_path):
 def test_a_source_without_a_card_gets_one(tmp_path):
     src = make_llama(tmp_path / "src", extra_files=False)
     apply_lock(src, random_lock(src), out=tmp_path / "out")
-    card = strict_card((tmp_path / "out" / "README.md").read_text())
+    text = (tmp_path / "out" / "README.md").read_text()
+    card = strict_card(text)
     assert card.data.tags == ["weightlock", "safety-lock"] and "Safety lock (weightlock)" in card.text
+    assert text.splitlines().count("---") == 2 and card.text.lstrip().startswith("# ")
 
 
 def test_a_hub_source_is_named_as_base_model_with_its_revision(tmp_path, monkeypatch):
@@ -58,8 +60,10 @@ def test_a_hub_source_is_named_as_base_model_with_its_revision(tmp_path, monkeyp
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     apply_lock("org/tiny", random_lock(src), out=tmp_path / "out")
-    card = strict_card((tmp_path / "out" / "README.md").read_text())
+    text = (tmp_path / "out" / "README.md").read_text()
+    card = strict_card(text)
     assert card.data.base_model == "org/tiny" and f"revision {commit}" in card.text
+    assert "tiny test model" in card.text and text.splitlines().count("---") == 2, "a card without metadata"
 
 
 def test_locking_again_replaces_the_section(tmp_path):

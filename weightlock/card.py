@@ -25,7 +25,9 @@ def _model_card(text: str | None):
     from huggingface_hub import ModelCard, ModelCardData
 
     if text is None:
-        return ModelCard("---\n---\n"), ModelCardData()
+        return ModelCard("---\n\n---\n"), ModelCardData()
+    if not text.lstrip().startswith("---"):  # no metadata block: say so, rather than have the library warn
+        text = "---\n\n---\n" + text
     card = ModelCard(text, ignore_metadata_errors=True)
     return card, card.data
 
