@@ -162,6 +162,11 @@ def run_cli(capsys, *args):
     return code, captured.out, captured.err
 
 
+def apply_cli(capsys, src, lock, out, *extra):
+    """`weightlock apply SRC --lock LOCK --out OUT [extra]` through run_cli."""
+    return run_cli(capsys, "apply", str(src), "--lock", str(lock), "--out", str(out), *extra)
+
+
 def rewrite_safetensors(path: Path, edit, metadata=None) -> None:
     """Rewrite a safetensors file through ``edit(list[TensorData]) -> list[TensorData]``."""
     from weightlock.safetensors_file import TensorData, TensorReader, read_header, write_safetensors

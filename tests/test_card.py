@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from conftest import make_llama, random_lock, run_cli, tree_hashes
+from conftest import apply_cli, make_llama, random_lock, tree_hashes
 from huggingface_hub import ModelCard
 
 from weightlock import apply_in_place, apply_lock, revert, save_lock, verify_checkpoint
@@ -134,14 +134,11 @@ def test_an_eval_report_is_quoted_and_a_bad_one_refused(tmp_path, capsys):
     src = make_llama(tmp_path / "src")
     save_lock(random_lock(src), tmp_path / "l.wlock")
     report = _eval_report(tmp_path / "eval.json")
-    code, _, err = run_cli(
+    code, _, err = apply_cli(
         capsys,
-        "apply",
-        str(src),
-        "--lock",
-        str(tmp_path / "l.wlock"),
-        "--out",
-        str(tmp_path / "out"),
+        src,
+        tmp_path / "l.wlock",
+        tmp_path / "out",
         "--eval-report",
         str(report),
     )
@@ -150,14 +147,11 @@ def test_an_eval_report_is_quoted_and_a_bad_one_refused(tmp_path, capsys):
     assert "| 1 | 35% | 68% | 1% | 50% | 0.1100 |" in text and "advbench.csv (40)" in text
     assert "not measured" not in text
     report.write_text('{"results": "many"}')
-    code, _, err = run_cli(
+    code, _, err = apply_cli(
         capsys,
-        "apply",
-        str(src),
-        "--lock",
-        str(tmp_path / "l.wlock"),
-        "--out",
-        str(tmp_path / "out2"),
+        src,
+        tmp_path / "l.wlock",
+        tmp_path / "out2",
         "--eval-report",
         str(report),
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_llama, make_model, random_lock, rewrite_safetensors, run_cli
+from conftest import apply_cli, make_llama, make_model, random_lock, rewrite_safetensors, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -140,7 +140,7 @@ def test_shards_the_library_refuses_fail_apply_and_verify(tmp_path, capsys, setu
     index["weight_map"].update({name: "model-extra.safetensors" for name in header if name != "__metadata__"})
     index["weight_map"].setdefault("a", "model-extra.safetensors")
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    code, _, err = run_cli(capsys, "apply", str(src), "--lock", str(lock), "--out", str(tmp_path / "out"))
+    code, _, err = apply_cli(capsys, src, lock, tmp_path / "out")
     refused_cleanly(code, err)
     assert not verify_checkpoint(src).ok
 
@@ -222,16 +222,7 @@ def test_widths_from_config_must_match_the_tensors(tmp_path, capsys, lie):
         config = json.loads((folder / "config.json").read_text())
         config.update(lie)
         (folder / "config.json").write_text(json.dumps(config))
-    code, _, err = run_cli(
-        capsys,
-        "apply",
-        str(src),
-        "--lock",
-        str(tmp_path / "l.wlock"),
-        "--out",
-        str(tmp_path / "out"),
-        "--allow-architecture-mismatch",
-    )
+    code, _, err = apply_cli(capsys, src, tmp_path / "l.wlock", tmp_path / "out", "--allow-architecture-mismatch")
     refused_cleanly(code, err)  # the MLP width too: the output would fail verify's loader check
     assert not (tmp_path / "out").exists()
     assert not verify_checkpoint(tmp_path / "good").ok
@@ -423,17 +414,7 @@ def test_a_device_file_in_the_source_is_not_copied(tmp_path, capsys):
         os.mknod(src / "extra.bin", stat.S_IFCHR | 0o644, os.makedev(1, 5))  # what /dev/zero is
     except PermissionError:
         pytest.skip("creating a device node needs CAP_MKNOD, which this machine does not grant")
-    code, _, err = run_cli(
-        capsys,
-        "apply",
-        str(src),
-        "--lock",
-        str(tmp_path / "l.wlock"),
-        "--out",
-        str(tmp_path / "out"),
-        "--link-mode",
-        "copy",
-    )
+    code, _, err = apply_cli(capsys, src, tmp_path / "l.wlock", tmp_path / "out", "--link-mode", "copy")
     refused_cleanly(code, err)
     assert "device" in err and not (tmp_path / "out").exists()
 
@@ -479,9 +460,7 @@ def test_text_from_files_cannot_forge_output_lines(tmp_path, capsys):
     config = json.loads((src / "config.json").read_text())
     config["model_type"] = "evil\n[ok  ] everything verified\x1b[2J\u2028"
     (src / "config.json").write_text(json.dumps(config))
-    code, out, err = run_cli(
-        capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "out")
-    )
+    code, out, err = apply_cli(capsys, src, tmp_path / "l.wlock", tmp_path / "out")
     refused_cleanly(code, err)
     assert "\x1b" not in err and "\u2028" not in err and "\n[ok" not in err and "[ok  ] everything" in err
     code, out, _ = run_cli(capsys, "verify", str(src))
@@ -550,9 +529,7 @@ def test_broken_link_in_a_hub_snapshot_is_an_input_error(tmp_path, capsys):
     cache, commit = _hub_cache(tmp_path, src)
     snapshot = cache / "models--org--tiny" / "snapshots" / commit
     os.remove(os.path.realpath(snapshot / "README.md"))
-    code, _, err = run_cli(
-        capsys, "apply", str(snapshot), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "out")
-    )
+    code, _, err = apply_cli(capsys, snapshot, tmp_path / "l.wlock", tmp_path / "out")
     refused_cleanly(code, err, codes=(3,))
     assert "README.md" in err and "does not exist" in err
 

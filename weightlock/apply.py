@@ -100,7 +100,7 @@ def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes)
             "layout": checkpoint.layout,
             # Header hashes identify each source shard without reading its data.
             "shards": {
-                shard: {"size": h.file_size, "header_sha256": _header_sha256(h.path, h.data_start)}
+                shard: {"size": h.file_size, "header_sha256": h.header_sha256()}
                 for shard, h in checkpoint.headers.items()
             },
         },
@@ -123,11 +123,6 @@ def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes)
         "original_index": checkpoint.index,
         "parent": checkpoint.provenance,
     }
-
-
-def _header_sha256(path: Path, length: int) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(length)).hexdigest()
 
 
 def apply_lock(

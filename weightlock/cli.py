@@ -34,12 +34,17 @@ def printable(text) -> str:
     )
 
 
+def _echo_lines(lines: str | list[str]) -> None:
+    """Text output, each line made printable on its own (a string is one line)."""
+    click.echo("\n".join(printable(line) for line in ([lines] if isinstance(lines, str) else lines)))
+
+
 def _emit(as_json: bool, data: dict, lines: str | list[str]) -> None:
-    """One JSON document, or text: each line made printable on its own (a string is one line)."""
+    """One JSON document, or the text lines."""
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
-        click.echo("\n".join(printable(line) for line in ([lines] if isinstance(lines, str) else lines)))
+        _echo_lines(lines)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
@@ -175,7 +180,7 @@ def verify(checkpoint, deep, no_loader_check, engine, as_json):
             lines.append(f"[{marks[check.status]}] {check.name}: {check.message}")
             lines += [f"         {detail}" for detail in check.details]
         lines.append("verified: all checks hold" if report.ok else "NOT verified: see FAIL lines above")
-        _emit(False, {}, lines)
+        _echo_lines(lines)
     if not report.ok:
         sys.exit(VERIFY_FAILED_EXIT)
 
@@ -465,7 +470,7 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
     if opts["as_json"]:
         click.echo(report_json(report))
     else:
-        _emit(False, {}, text.split("\n"))
+        _echo_lines(text.split("\n"))
     return report
 
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from .apply import ApplyResult, ProgressBar, _header_sha256, lock_file_bytes, provenance_record
+from .apply import ApplyResult, ProgressBar, lock_file_bytes, provenance_record
 from .card import CARD_NAME, locked_card, read_eval_report, source_card_text
 from .checkpoint import (
     CONFIG_NAME,
@@ -198,7 +198,7 @@ def apply_in_place(
                     old: {
                         "to": to,
                         "size": checkpoint.headers[old].file_size,
-                        "header_sha256": _header_sha256(root / old, checkpoint.headers[old].data_start),
+                        "header_sha256": checkpoint.headers[old].header_sha256(),
                     }
                     for old, to in renamed.items()
                 },
@@ -407,7 +407,7 @@ def revert(location) -> dict:
             )
         moved = root / rename["to"]
         header = read_header(moved)
-        if header.file_size != rename["size"] or _header_sha256(moved, header.data_start) != rename["header_sha256"]:
+        if header.file_size != rename["size"] or header.header_sha256() != rename["header_sha256"]:
             raise CheckpointError(
                 f"{rename['to']} is not the {old} the edit renamed (size or header differ)",
                 hint=f"put the original {old} back by hand, then run revert again",

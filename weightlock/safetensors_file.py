@@ -104,6 +104,13 @@ class SafetensorsHeader:
     def data_start(self) -> int:
         return 8 + self.header_size
 
+    def header_sha256(self) -> str:
+        """sha256 of the length prefix and header: identifies a shard without reading its data."""
+        import hashlib
+
+        with os.fdopen(open_regular(self.path, "safetensors file"), "rb") as f:
+            return hashlib.sha256(f.read(self.data_start)).hexdigest()
+
 
 def _reject_duplicate_keys(pairs):
     seen = {}
