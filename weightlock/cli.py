@@ -61,7 +61,9 @@ def cli() -> None:
 @click.option(
     "--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Lock file (.wlock)."
 )
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Output folder, or .gguf file for a GGUF input (must not exist)."
+)
 @click.option(
     "--in-place", is_flag=True, help="Edit CHECKPOINT itself (no second copy); undo with `weightlock revert`."
 )
@@ -107,14 +109,22 @@ def apply(
     eval_report,
     as_json,
 ):
-    """Write a copy of CHECKPOINT (folder or cached Hub id) with the lock baked in, or edit it --in-place."""
+    """Write a copy of CHECKPOINT (folder, cached Hub id or .gguf file) with the lock baked in, or edit a folder
+    --in-place."""
     if (out is None) == (not in_place):
         raise InvalidInputError(
             "give exactly one of --out and --in-place",
             hint="--out DIR writes a new folder; --in-place edits CHECKPOINT itself",
         )
     if in_place:
+        from .gguf_format.file import is_gguf_path
         from .inplace import apply_in_place
+
+        if is_gguf_path(checkpoint):
+            raise InvalidInputError(
+                "--in-place edits safetensors folders; a GGUF file is locked into a new file",
+                hint="pass --out NAME-locked.gguf",
+            )
 
         result = apply_in_place(
             checkpoint,
@@ -141,6 +151,17 @@ def apply(
             eval_report=eval_report,
         )
     s = result.summary()
+    if s.get("format") == "gguf":
+        lines = [
+            f"locked {len(s['locked_layers'])} layers at alpha {s['alpha']:g} -> {', '.join(s['files'])}",
+            f"  llama.cpp architecture {s['architecture']}: added {s['tensors_added']} attn_output.bias tensors, "
+            f"replaced {s['tensors_replaced']}",
+            f"  read {s['bytes_read_weights']:,} bytes of attn_output weights, wrote {s['bytes_written']:,} bytes, "
+            f"{s['seconds']:.2f}s",
+        ]
+        lines += [f"  warning: {warning}" for warning in s["warnings"]]
+        _emit(as_json, {"ok": True, **s}, lines)
+        return
     lines = [
         f"locked {len(s['locked_layers'])} layers at alpha {s['alpha']:g} -> {s['out']}",
         f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config sets "
@@ -161,9 +182,10 @@ def apply(
 @click.option("--no-loader-check", is_flag=True, help="Skip building the transformers class on the meta device.")
 @click.option(
     "--engine",
-    type=click.Choice(["vllm"]),
+    type=click.Choice(["vllm", "llama-cpp"]),
     default=None,
-    help="Also load the tensor names into this engine's own model class (vllm: needs vLLM installed).",
+    help="Also load the checkpoint in this engine: vllm (a folder: the tensor names into vLLM's own model class) "
+    "or llama-cpp (a GGUF file: loaded by llama.cpp). Needs the engine installed.",
 )
 @json_option
 def verify(checkpoint, deep, no_loader_check, engine, as_json):
@@ -212,11 +234,17 @@ def revert(checkpoint, as_json):
 )
 @json_option
 def inspect_command(target, heatmap, as_json):
-    """Describe a lock file or a checkpoint folder (or cached Hub id)."""
+    """Describe a lock file, a checkpoint folder (or cached Hub id), or a GGUF file."""
     from .describe import describe_checkpoint, describe_lock
 
     path = Path(target)
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf_format.file import open_gguf
+        from .gguf_format.verify import describe_gguf
+
+        data = describe_gguf(open_gguf(path))
+        lines = _gguf_lines(data)
+    elif path.is_file():
         from .lock import load_lock
         from .plot import check_can_draw, lock_heatmap
 
@@ -266,6 +294,35 @@ def inspect_command(target, heatmap, as_json):
             + (f"; redeclared from {locked['redeclared_from']}" if locked["redeclared_from"] else "")
         )
     _emit(as_json, data, lines)
+
+
+def _gguf_lines(data: dict) -> list[str]:
+    shape = data["shape"]
+    lines = [
+        f"GGUF {data['path']} ({len(data['files'])} file(s), {data['bytes']:,} bytes, GGUF v{data['gguf_version']})",
+        f"  llama.cpp architecture: {data['architecture']}"
+        + (f" ({data['model_name']})" if data["model_name"] else "")
+        + f"; attention-output bias: {data['llama_cpp_output_bias'] or 'unknown architecture'}",
+    ]
+    if shape:
+        lines.append(
+            f"  {shape['layers']} layers x {shape['heads']} heads of {shape['head_dim']} ({shape['kv_heads']} KV), "
+            f"hidden {shape['hidden_size']}; attn_output stored as {data['attn_output_types']}"
+        )
+    elif data.get("problem"):
+        lines.append(f"  not lockable: {data['problem']}")
+    locked = data["locked"]
+    lines.append(
+        f"  {data['tensors']} tensors, {data['attn_output_biases']} attn_output.bias; locked: "
+        + (
+            "no"
+            if locked is None
+            else f"yes, alpha {locked['alpha']}, lock {locked['lock_sha256'][:16]}..., layers "
+            f"{sorted(int(k) for k in locked['locked_layers'])}, {locked['tensors_added']} biases added, "
+            f"{locked['tensors_replaced']} changed, {locked['edits']} edit(s) recorded"
+        )
+    )
+    return lines
 
 
 @cli.command()

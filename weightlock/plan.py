@@ -10,7 +10,7 @@ so memory stays bounded at any model size.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -280,17 +280,28 @@ def head_column_ranges(displacement: np.ndarray, head_dim: int) -> list[tuple[in
 
 
 def output_projection_product(
-    reader: TensorReader, weight: TensorEntry, displacement: np.ndarray, head_dim: int
+    row_blocks: Callable[[list[tuple[int, int]]], Iterator[tuple[int, np.ndarray]]],
+    rows: int,
+    displacement: np.ndarray,
+    head_dim: int,
 ) -> np.ndarray:
-    """``W_o @ d`` in float32, reading W_o in row blocks and only the touched heads' columns."""
+    """``W_o @ d`` in float32 over ``rows`` output rows. ``row_blocks(column_ranges)`` yields
+    ``(first_row, float32 block)`` of W_o restricted to those input columns, side by side: each
+    checkpoint format reads (and dequantizes) its own, the arithmetic is this one."""
     ranges = head_column_ranges(displacement, head_dim)
-    result = np.zeros(weight.shape[0], dtype=np.float32)
+    result = np.zeros(rows, dtype=np.float32)
     if not ranges:
         return result
     d = np.concatenate([displacement[a:b] for a, b in ranges])
-    for row0, block in reader.row_blocks(weight, ranges):
+    for row0, block in row_blocks(ranges):
         result[row0 : row0 + block.shape[0]] = block @ d
     return result
+
+
+def safetensors_product(reader: TensorReader, weight: TensorEntry, displacement: np.ndarray, head_dim: int):
+    return output_projection_product(
+        lambda ranges: reader.row_blocks(weight, ranges), weight.shape[0], displacement, head_dim
+    )
 
 
 def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None) -> list[ComputedBias]:
@@ -311,7 +322,7 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
                     following = locked_weights[position + 1]
                     reader[following].prefetch(following)
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values += output_projection_product(
+                    values += safetensors_product(
                         reader[planned.weight], planned.weight, plan.displacements[planned.layer], plan.shape.head_dim
                     )
                 if progress is not None:

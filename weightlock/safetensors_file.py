@@ -289,9 +289,9 @@ class TensorReader:
     the bytes asked for, overlap I/O with compute, and keep memory at one block.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, what: str = "safetensors file"):
         self.path = path
-        self._fd = open_regular(path, "safetensors file")
+        self._fd = open_regular(path, what)
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._buffer = bytearray()
 

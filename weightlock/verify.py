@@ -22,7 +22,7 @@ from .architectures import ModelShape, family, shape_from_config, spec_for_confi
 from .checkpoint import Checkpoint, contained, is_alternative_weight_file, open_checkpoint
 from .errors import CheckpointError, InvalidInputError, MissingDependencyError, VerificationError, WeightlockError
 from .lock import load_lock
-from .plan import apply_config_changes, bias_consistency_problems, output_projection_product
+from .plan import apply_config_changes, bias_consistency_problems, safetensors_product
 from .safetensors_file import FLOAT_DTYPES, TensorReaders, float32_to_raw, raw_to_float32, read_header
 from .schema import schema_errors
 from .untrusted import file_sha256, read_bytes
@@ -80,6 +80,12 @@ def verify_checkpoint(
     ``deep``: also scan every floating-point tensor for NaN/Inf (reads the whole model).
     ``engine``: "vllm" also loads the tensor names into vLLM's own model class (needs vLLM installed).
     """
+    from .gguf_format.file import is_gguf_path
+
+    if is_gguf_path(path):
+        from .gguf_format.verify import verify_gguf
+
+        return verify_gguf(path, engine=engine)
     if engine is not None and engine not in ENGINES:
         raise InvalidInputError(f"unknown engine {engine!r}", hint=f"choose one of: {', '.join(ENGINES)}")
     report = Report(str(path))
@@ -332,7 +338,7 @@ def _bias_mismatches(checkpoint, spec, shape, names, originals, displacements, e
                     )
                     continue
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values += output_projection_product(reader[weight], weight, displacements[layer], shape.head_dim)
+                    values += safetensors_product(reader[weight], weight, displacements[layer], shape.head_dim)
             with np.errstate(over="ignore", invalid="ignore"):
                 rounded = raw_to_float32(float32_to_raw(values, stored.dtype), stored.dtype)
             actual = reader[stored].read_float32(stored)
