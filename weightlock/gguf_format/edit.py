@@ -44,12 +44,12 @@ from .file import (
     SPLIT_NAME,
     SPLIT_TENSORS_KEY,
     STRING,
+    ArrayValue,
     GGUFFile,
     GGUFModel,
     GGUFTensor,
     GGUFTensorReader,
     can_dequantize,
-    gguf_package,
     open_gguf,
 )
 
@@ -96,9 +96,17 @@ class GGUFEditPlan:
         return sum(b.weight.nbytes for b in self.biases)
 
 
-def _metadata_int(model: GGUFModel, key: str, *, required: bool = True) -> int | None:
-    from .file import ArrayValue
+def _metadata_int(model: GGUFModel, key: str) -> int:
+    value = _optional_metadata_int(model, key)
+    if value is None:
+        raise CheckpointError(
+            f"{model.path.name} lacks the metadata key {key}",
+            hint="the file is incomplete; convert the model again with llama.cpp",
+        )
+    return value
 
+
+def _optional_metadata_int(model: GGUFModel, key: str) -> int | None:
     value = model.value(key)
     if isinstance(value, ArrayValue):  # per-layer values (e.g. head_count_kv): one value for all layers only
         values = value.values
@@ -109,11 +117,6 @@ def _metadata_int(model: GGUFModel, key: str, *, required: bool = True) -> int |
             )
         value = int(values[0])
     if value is None:
-        if required:
-            raise CheckpointError(
-                f"{model.path.name} lacks the metadata key {key}",
-                hint="the file is incomplete; convert the model again with llama.cpp",
-            )
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31:
         raise CheckpointError(f"{model.path.name}: {key} is {value!r}, not a positive count")
@@ -126,15 +129,13 @@ def gguf_shape(model: GGUFModel, architecture: GGUFArchitecture) -> ModelShape:
     layers = _metadata_int(model, key("block_count"))
     heads = _metadata_int(model, key("attention.head_count"))
     hidden = _metadata_int(model, key("embedding_length"))
-    kv_heads = _metadata_int(model, key("attention.head_count_kv"), required=False) or heads
+    kv_heads = _optional_metadata_int(model, key("attention.head_count_kv")) or heads
     head_dim = (
-        _metadata_int(model, key("attention.value_length"), required=False)
-        or _metadata_int(model, key("attention.key_length"), required=False)
-        or hidden // heads  # type: ignore[operator]
+        _optional_metadata_int(model, key("attention.value_length"))
+        or _optional_metadata_int(model, key("attention.key_length"))
+        or hidden // heads
     )
-    return ModelShape(
-        f"gguf:{architecture.name}", architecture.name, layers, heads, kv_heads, head_dim, hidden  # type: ignore[arg-type]
-    )
+    return ModelShape(f"gguf:{architecture.name}", architecture.name, layers, heads, kv_heads, head_dim, hidden)
 
 
 def plan_gguf_edit(
@@ -161,7 +162,9 @@ def plan_gguf_edit(
     with np.errstate(over="ignore", invalid="ignore"):
         displacements = lock.displacements(alpha, shape.num_heads)
     if not all(np.all(np.isfinite(d)) for d in displacements.values()):
-        raise UnsupportedError(f"alpha {alpha} overflows float32 in the lock's displacements", hint="use a smaller alpha")
+        raise UnsupportedError(
+            f"alpha {alpha} overflows float32 in the lock's displacements", hint="use a smaller alpha"
+        )
 
     tensors = model.tensors
     biases = []
@@ -266,7 +269,9 @@ def edit_record(plan: GGUFEditPlan, lock_bytes: bytes) -> dict:
         "source": {
             "name": plan.model.path.name,
             # header hashes identify each source file without reading its data
-            "files": [{"name": f.path.name, "size": f.size, "header_sha256": f.header_sha256} for f in plan.model.files],
+            "files": [
+                {"name": f.path.name, "size": f.size, "header_sha256": f.header_sha256} for f in plan.model.files
+            ],
         },
         "lock": {"sha256": hashlib.sha256(lock_bytes).hexdigest(), "manifest": plan.lock.manifest()},
         "alpha": plan.alpha,
@@ -359,14 +364,14 @@ def write_gguf_file(
     """One output file: the source's metadata and tensors carried over, ``extra_metadata`` (encoded
     key/values) appended, ``new_tensors`` (name, dims, type, bytes) appended after the last tensor,
     ``rewritten`` tensors' bytes replaced in place (same size). Returns the bytes written."""
-    carried = []
+    carried: list[bytes | tuple[int, int]] = []  # re-encoded, or a byte span of the source to copy
     for entry in source.metadata.values():
         if entry.key in OUR_KEYS:
             continue  # a previous edit's record: it becomes the new record's parent
         if entry.key == SPLIT_TENSORS_KEY and tensor_total is not None:
-            carried.append(("new", _kv_scalar(entry.key, entry.value_type, tensor_total)))
+            carried.append(_kv_scalar(entry.key, entry.value_type, tensor_total))
         else:
-            carried.append(("span", (entry.start, entry.end)))
+            carried.append((entry.start, entry.end))
     infos = []
     offset = source.data_size
     layout = []
@@ -378,9 +383,16 @@ def write_gguf_file(
     try:
         with open(destination, "xb") as out:
             out.write(MAGIC)
-            out.write(struct.pack("<IQQ", source.version, len(source.tensors) + len(new_tensors), len(carried) + len(extra_metadata)))
-            for kind, value in carried:
-                out.write(value if kind == "new" else os.pread(fd_in, value[1] - value[0], value[0]))
+            out.write(
+                struct.pack(
+                    "<IQQ", source.version, len(source.tensors) + len(new_tensors), len(carried) + len(extra_metadata)
+                )
+            )
+            for value in carried:
+                if isinstance(value, bytes):
+                    out.write(value)
+                else:
+                    out.write(os.pread(fd_in, value[1] - value[0], value[0]))
             for encoded in extra_metadata:
                 out.write(encoded)
             # the source's tensor infos, verbatim (their offsets do not change), then the new ones
@@ -432,7 +444,7 @@ def write_locked_gguf(
     plan: GGUFEditPlan, computed: list[GGUFComputedBias], lock_bytes: bytes, record: dict, staging: Path, names
 ) -> int:
     by_file: dict[int, dict[str, bytes]] = {}
-    new_tensors = []
+    new_tensors: list[tuple[str, tuple[int, ...], int, bytes]] = []
     for item in computed:
         if item.planned.base is None:
             new_tensors.append((item.planned.name, (plan.shape.hidden_size,), item.planned.type_id, item.raw))
@@ -489,7 +501,8 @@ def _check_output(source: GGUFModel, outputs: list[Path], force: bool) -> None:
     for path in outputs:
         if path.resolve() in sources:
             raise OutputError(
-                f"the output {path} is a file of the source", hint="choose a new --out; weightlock never modifies its input"
+                f"the output {path} is a file of the source",
+                hint="choose a new --out; weightlock never modifies its input",
             )
         if path.is_dir():
             raise OutputError(f"the output {path} is a folder", hint="pass a file name ending in .gguf as --out")

@@ -310,7 +310,17 @@ def _parse(view: mmap.mmap, path: Path, size: int, file_index: int, gguf) -> GGU
         )
     header_sha256 = hashlib.sha256(view[:tensor_infos_end]).hexdigest()
     return GGUFFile(
-        path, size, version, alignment, metadata, tensors, kv_end, tensor_infos_end, data_start, data_size, header_sha256
+        path,
+        size,
+        version,
+        alignment,
+        metadata,
+        tensors,
+        kv_end,
+        tensor_infos_end,
+        data_start,
+        data_size,
+        header_sha256,
     )
 
 
@@ -435,6 +445,9 @@ class GGUFTensorReader(TensorReader):
     def __init__(self, gguf_file: GGUFFile):
         super().__init__(gguf_file.path, "GGUF file")
         self.file = gguf_file
+
+    def __enter__(self) -> GGUFTensorReader:
+        return self
 
     def matrix_row_blocks(
         self, tensor: GGUFTensor, column_ranges: list[tuple[int, int]] | None = None

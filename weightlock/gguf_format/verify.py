@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ..untrusted import check_schema, parse_json
 from ..verify import DTYPE_EPS, FAIL, PASS, SKIP, WARN, Report
 from .architectures import BIAS_EXISTING, GGUF_ARCHITECTURES, OUTPUT_BIAS, OUTPUT_WEIGHT, gguf_architecture
 from .edit import BIAS_TYPES, F16, F32, LOCK_KEY, RECORD_KEY, GGUFComputedBias, gguf_shape, weight_product
-from .file import ARRAY, STRING, GGUFModel, GGUFTensorReader, open_gguf
+from .file import STRING, ArrayValue, GGUFModel, GGUFTensorReader, open_gguf
 
 MAX_RECORD_BYTES = 64 << 20
 MAX_LOCK_BYTES = 1 << 30
@@ -50,14 +49,14 @@ def read_record(model: GGUFModel) -> dict | None:
 def record_lock(model: GGUFModel, record: dict) -> Lock:
     """The lock the record names, from the file's own copy of its bytes (hash checked)."""
     entry = model.metadata.get(LOCK_KEY)
-    if entry is None or entry.value_type != ARRAY:
-        raise LockFormatError(f"{model.path.name} has a weightlock record but no {LOCK_KEY} bytes")
+    if entry is None or not isinstance(entry.value, ArrayValue) or entry.value.item_type != 0:
+        raise LockFormatError(f"{model.path.name} has a weightlock record but no {LOCK_KEY} array of bytes")
     f = model.files[0]
     # the array's bytes: after key, type (u32), item type (u32) and count (u64)
     key_bytes = 8 + len(LOCK_KEY.encode())
     start, end = entry.start + key_bytes + 4 + 4 + 8, entry.end
-    if end - start > MAX_LOCK_BYTES or entry.value.item_type != 0:  # type: ignore[union-attr]
-        raise LockFormatError(f"{model.path.name}: {LOCK_KEY} is not an array of bytes")
+    if end - start > MAX_LOCK_BYTES:
+        raise LockFormatError(f"{model.path.name}: {LOCK_KEY} is larger than any lock")
     with open(f.path, "rb") as handle:
         handle.seek(start)
         data = handle.read(end - start)
@@ -133,7 +132,9 @@ def _check_bias_tensors(model, shape, architecture, biases, report) -> None:
                 continue
             layers_with_bias.add(int(layer))
             if tensor.dims != (shape.hidden_size,) or tensor.type_id not in BIAS_TYPES:
-                problems.append(f"{name}: {tensor.type_name} {list(tensor.dims)}, expected F32/F16 [{shape.hidden_size}]")
+                problems.append(
+                    f"{name}: {tensor.type_name} {list(tensor.dims)}, expected F32/F16 [{shape.hidden_size}]"
+                )
                 continue
             if tensor.file_index not in readers:
                 readers[tensor.file_index] = GGUFTensorReader(model.files[tensor.file_index])
@@ -149,7 +150,9 @@ def _check_bias_tensors(model, shape, architecture, biases, report) -> None:
     if problems:
         report.add("bias tensors", FAIL, f"{len(problems)} attention-output bias problem(s)", problems)
     else:
-        report.add("bias tensors", PASS, f"{len(biases)} attn_output.bias tensor(s): F32/F16, [{shape.hidden_size}], finite")
+        report.add(
+            "bias tensors", PASS, f"{len(biases)} attn_output.bias tensor(s): F32/F16, [{shape.hidden_size}], finite"
+        )
 
 
 def _check_record(model, shape, architecture, biases, report, expected) -> None:
@@ -168,7 +171,11 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
         report.add("provenance", FAIL, f"the recorded lock cannot be used: {e.message}")
         return
     if record["architecture"] != architecture.name:
-        report.add("provenance", FAIL, f"the record names architecture {record['architecture']!r}, the file is {architecture.name}")
+        report.add(
+            "provenance",
+            FAIL,
+            f"the record names architecture {record['architecture']!r}, the file is {architecture.name}",
+        )
         return
     heads = lock.heads_by_layer()
     if record["locked_layers"] != {str(layer): h for layer, h in heads.items()}:
@@ -177,7 +184,12 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
     locked = {OUTPUT_BIAS.format(layer=layer) for layer in heads}
     listed = set(record["tensors"]["added"]) | set(record["tensors"]["replaced"])
     if listed != locked or set(record["tensors"]["added"]) & set(record["tensors"]["replaced"]):
-        report.add("provenance", FAIL, "the record's added and replaced biases are not the lock's layers", sorted(listed ^ locked))
+        report.add(
+            "provenance",
+            FAIL,
+            "the record's added and replaced biases are not the lock's layers",
+            sorted(listed ^ locked),
+        )
         return
     absent = sorted(locked - set(biases))
     if absent:
@@ -191,7 +203,9 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
         "locked_layers": record["locked_layers"],
         "created_at": record["created_at"],
     }
-    report.add("provenance", PASS, f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']} (embedded lock matches)")
+    report.add(
+        "provenance", PASS, f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']} (embedded lock matches)"
+    )
     expected_raw = {c.planned.name: c.raw for c in expected} if expected is not None else None
     displacements = lock.displacements(float(record["alpha"]), shape.num_heads)
     mismatches = []
@@ -321,5 +335,3 @@ def describe_gguf(model: GGUFModel) -> dict:
             "edits": depth,
         }
     return info
-
-
