@@ -12,6 +12,8 @@ Skipped without llama.cpp unless WEIGHTLOCK_REQUIRE_LLAMA_CPP=1 (CI sets it).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -186,4 +188,27 @@ def test_real_smollm2_q4_1_locked_with_a_lock_forged_from_it(tmp_path, tokenizer
     before = llama_cpp.generate(gguf, ids, 24)
     after = llama_cpp.generate(out, ids, 24)
     assert sum(a != b for a, b in zip(before, after, strict=True)) >= 2, (before, after)
-    print({p: (tokenizer.decode(b), tokenizer.decode(a)) for p, b, a in zip(prompts, before, after, strict=True)})
+
+    # tune on the GGUF with llama.cpp generating (each alpha baked into a temporary GGUF)
+    code, text, err = run_cli(
+        capsys,
+        "tune",
+        str(gguf),
+        "--lock",
+        str(lock_path),
+        "--alphas",
+        "0,6",
+        "--engine",
+        "llama-cpp",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--json",
+    )
+    assert code in (0, 1), err  # 1: no alpha met tune's bounds on these four prompts
+    report = json.loads(text)
+    print({r["alpha"]: {k: r[k] for k in ("harmful_compliance", "over_refusal", "kl")} for r in report["results"]})
+    by_alpha = {r["alpha"]: r for r in report["results"]}
+    assert by_alpha[0.0]["kl"] < 1e-6 < by_alpha[6.0]["kl"]
+    assert not list(gguf.parent.glob(".weightlock-eval-*"))

@@ -446,11 +446,11 @@ def eval_options(command):
         click.option("--judge-model", default=None, help="A chat model that judges refusals instead of phrases."),
         click.option(
             "--engine",
-            type=click.Choice(["transformers", "vllm"]),
+            type=click.Choice(["transformers", "vllm", "llama-cpp"]),
             default="transformers",
             show_default=True,
-            help="Who generates the answers; vllm bakes each alpha into a "
-            "temporary checkpoint and serves it (KL stays on transformers).",
+            help="Who generates the answers; vllm (a folder) and llama-cpp (a .gguf MODEL) bake each alpha "
+            "into a temporary checkpoint and serve it (KL stays on transformers).",
         ),
         click.option("--device", default="cpu", show_default=True),
         click.option(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -35,7 +36,7 @@ from .schema import schema_errors
 class EvalSettings:
     max_new_tokens: int = 48
     batch_size: int | None = None  # None: 128 on a GPU, 16 on the CPU (see default_batch_size)
-    engine: str = "transformers"  # or "vllm": answers from vLLM (each alpha baked), KL from transformers
+    engine: str = "transformers"  # or "vllm" / "llama-cpp": answers from it (each alpha baked), KL from transformers
     template: str = "chat"  # "chat" (the tokenizer's template) or "plain"
     system_prompt: str | None = None
     kl_max_tokens: int = 128  # tokens of each KL passage used
@@ -333,6 +334,9 @@ def evaluate_model(
         alphas = [None]
     else:
         alphas = list(alphas) if alphas else [lock.default_alpha]
+    shown_name = model
+    if gguf_file is None and Path(model).suffix.lower() == ".gguf":  # MODEL.gguf: transformers takes folder + name
+        model, gguf_file = str(Path(model).parent), Path(model).name
     generator = None
     if settings.engine == "vllm":
         if gguf_file:
@@ -344,8 +348,16 @@ def evaluate_model(
         from .vllm_generate import VllmGenerator
 
         generator = VllmGenerator(open_checkpoint(model).root, dtype=dtype)
+    elif settings.engine == "llama-cpp":
+        from .gguf_format.llama_cpp import LlamaCppGenerator
+
+        if gguf_file is None:
+            raise InvalidInputError(
+                "--engine llama-cpp runs GGUF files", hint="pass MODEL.gguf (or a folder with --gguf-file NAME.gguf)"
+            )
+        generator = LlamaCppGenerator(Path(model) / gguf_file)
     elif settings.engine != "transformers":
-        raise InvalidInputError(f"unknown engine {settings.engine!r}", hint="use transformers or vllm")
+        raise InvalidInputError(f"unknown engine {settings.engine!r}", hint="use transformers, vllm or llama-cpp")
     loaded, tokenizer = load_for_eval(model, gguf_file=gguf_file, dtype=dtype, device=device)
     judge_name = "refusal phrases (weightlock.judge.REFUSAL_PHRASES)"
     judge = None
@@ -366,7 +378,7 @@ def evaluate_model(
         if generator is not None:
             generator.close()
     return EvalReport(
-        model=model,
+        model=shown_name,
         lock=lock_name,
         sets={k: {"source": s.name, "count": len(s.items)} for k, s in sets.items()},
         settings=asdict(settings),
