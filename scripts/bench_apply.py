@@ -16,6 +16,14 @@ Contenders:
 
     python scripts/bench_apply.py --preset 8b --layers 8
     python scripts/bench_apply.py --preset 70b-attention --layers 80   # ~23 GB on disk
+
+With --gguf TYPE (Q4_K or Q8_0), the checkpoint is one GGUF file of the preset's widths (every weight
+Q4_K-sized, attn_output of TYPE with valid quantized data, the rest a repeated byte pattern) and the
+contenders are:
+  cp          coreutils cp of the file (the floor: a GGUF edit must copy the file)
+  apply       weightlock apply FILE.gguf --out OUT.gguf (verify before publishing included)
+
+    python scripts/bench_apply.py --preset 8b --gguf Q4_K
 """
 
 from __future__ import annotations
@@ -154,8 +162,111 @@ def make_lock(folder: Path, p: dict, out: Path, legacy: Path | None) -> None:
     save_lock(lock, out)
 
 
+def write_gguf_checkpoint(path: Path, p: dict, out_type: str) -> int:
+    """One GGUF file of the preset's widths, written by the gguf package's writer (header) and by hand (data)."""
+    import gguf
+
+    path.parent.mkdir(parents=True)
+    q4k = gguf.GGMLQuantizationType.Q4_K
+    attn_type = gguf.GGMLQuantizationType[out_type]
+    h, hd = p["hidden"], p["head_dim"]
+    shapes = {name: shape for name, shape in tensor_shapes(p).items()}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "lm_head.weight": "output.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    parts = {
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(p["layers"])
+    writer.add_head_count(p["heads"])
+    writer.add_head_count_kv(p["kv_heads"])
+    writer.add_embedding_length(h)
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
+    writer.add_feed_forward_length(p["intermediate"])
+    # one valid attn_output tensor, reused for every layer (its data must dequantize to finite values)
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.02, size=(h, p["heads"] * hd)).astype(np.float32)
+    if attn_type == q4k:  # the gguf package cannot quantize K-quants: random codes, sane fp16 scales
+        block, size = gguf.GGML_QUANT_SIZES[q4k]
+        attn = rng.integers(0, 256, size=(h, p["heads"] * hd // block, size), dtype=np.uint8)
+        attn[:, :, 0:4] = np.frombuffer(np.array([0.002, 0.001], dtype=np.float16).tobytes(), dtype=np.uint8)
+        attn_bytes = attn.tobytes()
+    else:
+        attn_bytes = gguf.quants.quantize(weight, attn_type).tobytes()
+    layout = []
+    for name, shape in shapes.items():
+        if name.startswith("model.layers."):
+            pieces = name.split(".")  # model.layers.N[.self_attn|.mlp].MODULE.weight
+            gguf_name = f"blk.{pieces[2]}.{parts[pieces[-2]]}.weight"
+        else:
+            gguf_name = names[name]
+        qtype = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else (attn_type if "attn_output" in gguf_name else q4k)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        nbytes = int(np.prod(shape)) // block * size
+        byte_shape = (*shape[:-1], shape[-1] // block * size)
+        writer.add_tensor_info(
+            gguf_name,
+            byte_shape if qtype != gguf.GGMLQuantizationType.F32 else shape,
+            np.dtype(np.uint8) if qtype != gguf.GGMLQuantizationType.F32 else np.dtype(np.float32),
+            nbytes,
+            raw_dtype=qtype if qtype != gguf.GGMLQuantizationType.F32 else None,
+        )
+        layout.append((gguf_name, nbytes))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    out = writer.fout[0]
+    pattern = np.random.default_rng(1).integers(0, 256, PATTERN_BYTES, dtype=np.uint8).tobytes()
+    writer.write_padding(out, out.tell())
+    for gguf_name, nbytes in layout:
+        if gguf_name.endswith("attn_output.weight"):
+            out.write(attn_bytes)
+        elif gguf_name.endswith("norm.weight"):
+            out.write(np.ones(nbytes // 4, dtype=np.float32).tobytes())
+        else:
+            remaining = nbytes
+            while remaining:
+                chunk = pattern[: min(remaining, len(pattern))]
+                out.write(chunk)
+                remaining -= len(chunk)
+        writer.write_padding(out, nbytes)
+    writer.close()
+    os.sync()
+    return path.stat().st_size
+
+
+def make_gguf_lock(path: Path, p: dict, out: Path) -> None:
+    from weightlock import build_lock, save_lock
+    from weightlock.lock import SourceModel
+
+    source = SourceModel("LlamaForCausalLM", "llama", p["layers"], p["heads"], p["head_dim"], p["hidden"])
+    rng = np.random.default_rng(1)
+    pairs = rng.choice(p["layers"] * p["heads"], size=min(24, p["layers"] * p["heads"]), replace=False)
+    lock = build_lock(
+        pairs // p["heads"],
+        pairs % p["heads"],
+        rng.normal(size=(len(pairs), p["head_dim"])),
+        rng.uniform(0.1, 1, len(pairs)),
+        source,
+        default_alpha=6.0,
+    )
+    save_lock(lock, out)
+
+
 def evict(folder: Path) -> None:
-    for path in folder.rglob("*"):
+    for path in [folder] if folder.is_file() else folder.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -192,6 +303,13 @@ if mode == "cold-read":
 elif mode in ("apply", "apply-copy", "apply-noload"):
     apply_lock(src, lock, out=out, link_mode="copy" if mode == "apply-copy" else "auto",
                loader_check=mode != "apply-noload")
+elif mode == "cp":
+    import subprocess
+    subprocess.run(["cp", src, out], check=True)
+    os.sync()
+elif mode == "gguf-apply":
+    apply_lock(src, lock, out=out)
+    os.sync()
 elif mode == "baseline":
     lk = load_lock(lock)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
@@ -209,6 +327,8 @@ print(json.dumps({"seconds": seconds, "io": {k: after[k] - before[k] for k in af
 
 
 def run_child(mode: str, src: Path, lock: Path, out: Path) -> dict:
+    if out.is_file():
+        out.unlink()
     shutil.rmtree(out, ignore_errors=True)
     evict(src)
     proc = subprocess.Popen(
@@ -223,7 +343,10 @@ def run_child(mode: str, src: Path, lock: Path, out: Path) -> dict:
     if proc.returncode != 0:
         return {"mode": mode, "error": f"exit {proc.returncode}"}
     result = json.loads(output.strip().splitlines()[-1])
-    out_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
+    if out.is_file():
+        out_bytes = out.stat().st_size
+    else:
+        out_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
     return {
         "mode": mode,
         "seconds": result["seconds"],
@@ -251,7 +374,10 @@ def main() -> None:
     parser.add_argument("--no-copy", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
+    parser.add_argument("--gguf", choices=["Q4_K", "Q8_0"], default=None, help="bench a GGUF file instead")
     args = parser.parse_args()
+    if args.gguf:
+        return bench_gguf(args)
 
     p = dict(PRESETS[args.preset])
     if args.layers:
@@ -303,6 +429,39 @@ def main() -> None:
                     "o_proj_bytes_needed": o_bytes,
                     "results": results,
                 },
+                indent=2,
+            )
+        )
+    if not args.keep:
+        shutil.rmtree(args.work, ignore_errors=True)
+
+
+def bench_gguf(args) -> None:
+    p = dict(PRESETS[args.preset], complete=True)
+    if args.layers:
+        p["layers"] = args.layers
+    shutil.rmtree(args.work, ignore_errors=True)
+    src, lock, out = args.work / "src" / "model.gguf", args.work / "lock.wlock", args.work / "out.gguf"
+    t = time.perf_counter()
+    total = write_gguf_checkpoint(src, p, args.gguf)
+    print(
+        f"wrote {args.preset} ({p['layers']} layers) GGUF, attn_output {args.gguf}: {total / 2**30:.2f} GiB "
+        f"in {time.perf_counter() - t:.0f}s",
+        flush=True,
+    )
+    make_gguf_lock(src, p, lock)
+    results = [run_child(mode, src, lock, out) for mode in ("cp", "gguf-apply", "cp", "gguf-apply")]
+    floor = min(r["seconds"] for r in results if r["mode"] == "cp")
+    print(f"\n{'contender':<11} {'wall s':>8} {'x cp':>6} {'read MiB':>10} {'written MiB':>12} {'peak RSS MiB':>13}")
+    for r in results:
+        print(
+            f"{r['mode']:<11} {r['seconds']:>8.2f} {r['seconds'] / floor:>6.2f} {r['read_bytes'] / 2**20:>10.1f} "
+            f"{r['write_bytes'] / 2**20:>12.1f} {r['peak_rss_bytes'] / 2**20:>13.1f}"
+        )
+    if args.json_out:
+        args.json_out.write_text(
+            json.dumps(
+                {"preset": args.preset, "gguf": args.gguf, "params": p, "file_bytes": total, "results": results},
                 indent=2,
             )
         )

@@ -474,7 +474,8 @@ class GGUFTensorReader(TensorReader):
             parts = []
             for first_block, stop_block, skip, width in spans:
                 chunk = raw[:, first_block * type_size : stop_block * type_size]
-                values = gguf.quants.dequantize(np.ascontiguousarray(chunk), qtype).reshape(n, -1)
+                # as one row: the gguf package dequantizes 16 rows per numpy call, and blocks are independent
+                values = gguf.quants.dequantize(np.ascontiguousarray(chunk).reshape(1, -1), qtype).reshape(n, -1)
                 parts.append(values[:, skip : skip + width])
             block = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
             yield row0, np.ascontiguousarray(block, dtype=np.float32)
