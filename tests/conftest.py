@@ -94,11 +94,16 @@ def make_llama(folder: Path, *, head_dim=None, attention_bias=False, **kwargs) -
 
 def random_lock(folder: Path, *, n_heads=5, seed=1, default_alpha=3.0):
     """A valid lock for the checkpoint in ``folder`` with random heads, directions and scales."""
-    from weightlock import build_lock, open_checkpoint
+    from weightlock import open_checkpoint
     from weightlock.lock import source_model_from_config
 
-    config = open_checkpoint(folder).config
-    source = source_model_from_config(config)
+    return random_lock_for(source_model_from_config(open_checkpoint(folder).config), n_heads, seed, default_alpha)
+
+
+def random_lock_for(source, n_heads=5, seed=1, default_alpha=3.0):
+    """A valid random lock for a model of ``source``'s shape (a weightlock.lock.SourceModel)."""
+    from weightlock import build_lock
+
     rng = np.random.default_rng(seed)
     pairs = rng.choice(source.num_hidden_layers * source.num_attention_heads, size=n_heads, replace=False)
     return build_lock(

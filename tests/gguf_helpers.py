@@ -70,16 +70,14 @@ def write_gguf(
         writer.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
         if bias:
             writer.add_tensor(f"blk.{layer}.attn_output.bias", rng.normal(0, 0.1, size=hidden).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 
 def lock_for_gguf(path: Path, *, n_heads=3, seed=1, model_type="llama", default_alpha=3.0):
     """A random lock that fits the GGUF model at ``path``."""
-    from weightlock import build_lock
+    from conftest import random_lock_for
+
     from weightlock.gguf_format.architectures import gguf_architecture
     from weightlock.gguf_format.edit import gguf_shape
     from weightlock.gguf_format.file import open_gguf
@@ -90,16 +88,15 @@ def lock_for_gguf(path: Path, *, n_heads=3, seed=1, model_type="llama", default_
     source = SourceModel(
         "LlamaForCausalLM", model_type, shape.num_layers, shape.num_heads, shape.head_dim, shape.hidden_size
     )
-    rng = np.random.default_rng(seed)
-    pairs = rng.choice(shape.num_layers * shape.num_heads, size=n_heads, replace=False)
-    return build_lock(
-        pairs // shape.num_heads,
-        pairs % shape.num_heads,
-        rng.normal(size=(n_heads, shape.head_dim)),
-        rng.uniform(0.5, 2.0, size=n_heads),
-        source,
-        default_alpha=default_alpha,
-    )
+    return random_lock_for(source, n_heads, seed, default_alpha)
+
+
+def finish(writer) -> None:
+    """Write out a gguf.GGUFWriter whose keys and tensors were all added."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def convert(folder: Path, out: Path, *extra: str) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_cli
-from gguf_helpers import lock_for_gguf, write_gguf
+from gguf_helpers import finish, lock_for_gguf, write_gguf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -94,10 +94,7 @@ def _random_quantized_gguf(path: Path, type_name: str, seed: int) -> Path:
     if size > 2 and type_name not in ("F32", "F16", "BF16"):
         raw[:, ::size] = rng.integers(0, 60, size=raw[:, ::size].shape)  # keep fp16 scales modest (mostly)
     writer.add_tensor("blk.0.attn_output.weight", raw, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 
@@ -333,10 +330,7 @@ def test_unsupported_quant_type_and_refused_outputs(tmp_path, capsys):
     writer.add_uint32("llama.attention.key_length", 8)
     for layer in range(2):
         writer.add_tensor(f"blk.{layer}.attn_output.weight", np.ones((32, 32), dtype=np.int8))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     code, _, err = run_cli(
         capsys, "apply", str(tmp_path / "i8.gguf"), "--lock", lock, "--out", str(tmp_path / "o.gguf")
     )
@@ -374,10 +368,7 @@ def test_split_set_problems_are_refused(tmp_path):
             writer.add_tensor("blk.0.attn_norm.weight", np.ones(32, dtype=np.float32))
         else:
             writer.add_tensor("blk.0.attn_output.weight", np.eye(32, dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        finish(writer)
     model = open_gguf(names[0])
     assert model.split_count == 2 and model.tensors["blk.0.attn_output.weight"].file_index == 1
     lock = lock_for_gguf(names[0], n_heads=2)

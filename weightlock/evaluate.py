@@ -337,7 +337,7 @@ def evaluate_model(
     shown_name = model
     if gguf_file is None and Path(model).suffix.lower() == ".gguf":  # MODEL.gguf: transformers takes folder + name
         model, gguf_file = str(Path(model).parent), Path(model).name
-    generator = None
+    generator: Any = None  # a VllmGenerator or LlamaCppGenerator: answers from that engine
     if settings.engine == "vllm":
         if gguf_file:
             raise InvalidInputError(

@@ -91,29 +91,16 @@ def apply_config_changes(old: dict, changes: dict) -> dict:
 def plan_edit(
     checkpoint: Checkpoint, lock: Lock, alpha: float, *, allow_architecture_mismatch: bool = False
 ) -> EditPlan:
-    if not np.isfinite(alpha):
-        raise IncompatibleLockError(
-            f"alpha must be a finite number, got {alpha}",
-            hint="pass --alpha as a plain number such as 4 (negative takes a lock off)",
-        )
     config = checkpoint.config
     spec = spec_for_config(config)
     shape = shape_from_config(config, spec)
-    lock.check_compatible(shape)
-    warnings = []
+    warnings: list[str] = []
+    mismatch = None
     if lock.source_model.architecture != shape.architecture:
-        message = f"the lock was made from a {lock.source_model.architecture}, the checkpoint is a {shape.architecture}"
-        if not allow_architecture_mismatch:
-            raise IncompatibleLockError(
-                message, hint="if the two really share activation geometry, pass --allow-architecture-mismatch"
-            )
-        warnings.append(message)
-    with np.errstate(over="ignore", invalid="ignore"):
-        displacements = lock.displacements(alpha, shape.num_heads)
-    if not all(np.all(np.isfinite(d)) for d in displacements.values()):
-        raise UnsupportedError(
-            f"alpha {alpha} overflows float32 in the lock's displacements", hint="use a smaller alpha"
+        mismatch = (
+            f"the lock was made from a {lock.source_model.architecture}, the checkpoint is a {shape.architecture}"
         )
+    displacements = checked_displacements(lock, alpha, shape, mismatch, allow_architecture_mismatch, warnings)
 
     if spec.redeclare is not None:
         target = family(spec.redeclare.family)
@@ -172,6 +159,32 @@ def plan_edit(
         _tokenizer_edits(checkpoint, spec),
         warnings,
     )
+
+
+def checked_displacements(
+    lock: Lock, alpha: float, shape: ModelShape, mismatch: str | None, allow_mismatch: bool, warnings: list[str]
+) -> dict[int, np.ndarray]:
+    """The refusals every format makes before an edit (alpha not finite, another shape, another architecture
+    unless allowed, displacements overflowing float32), then the lock's per-layer displacements."""
+    if not np.isfinite(alpha):
+        raise IncompatibleLockError(
+            f"alpha must be a finite number, got {alpha}",
+            hint="pass --alpha as a plain number such as 4 (negative takes a lock off)",
+        )
+    lock.check_compatible(shape)
+    if mismatch is not None:
+        if not allow_mismatch:
+            raise IncompatibleLockError(
+                mismatch, hint="if the two really share activation geometry, pass --allow-architecture-mismatch"
+            )
+        warnings.append(mismatch)
+    with np.errstate(over="ignore", invalid="ignore"):
+        displacements = lock.displacements(alpha, shape.num_heads)
+    if not all(np.all(np.isfinite(d)) for d in displacements.values()):
+        raise UnsupportedError(
+            f"alpha {alpha} overflows float32 in the lock's displacements", hint="use a smaller alpha"
+        )
+    return displacements
 
 
 def bias_consistency_problems(

@@ -223,14 +223,7 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
     if absent:
         report.add("provenance", FAIL, "bias tensors the lock or the record implies are missing", absent)
         return
-    report.locked = {
-        "alpha": record["alpha"],
-        "lock_sha256": record["lock"]["sha256"],
-        "source_model": lock.source_model.to_dict(),
-        "heads": lock.num_heads_selected,
-        "locked_layers": record["locked_layers"],
-        "created_at": record["created_at"],
-    }
+    report.locked = locked_summary(record, lock)
     report.add(
         "provenance",
         PASS,
@@ -513,18 +506,33 @@ def _patterns(patterns):
     return lambda name: regex.search(name) is not None
 
 
+def locked_summary(record: dict, lock) -> dict:
+    """The report's ``locked`` entry, from a record (folder or GGUF) whose lock was checked."""
+    return {
+        "alpha": record["alpha"],
+        "lock_sha256": record["lock"]["sha256"],
+        "source_model": lock.source_model.to_dict(),
+        "heads": lock.num_heads_selected,
+        "locked_layers": record["locked_layers"],
+        "created_at": record["created_at"],
+    }
+
+
 def output_failure(report: Report, source, loader_check: bool, done: str) -> WeightlockError:
     """The error for an output that failed verification. When the source fails the same checks the input is at
     fault (exit 3: apply refuses what verify would refuse); otherwise it is a bug or a disk fault (exit 6)."""
+    return failure_against_source(report, verify_checkpoint(source, loader_check=loader_check), source, done)
+
+
+def failure_against_source(report: Report, source_report: Report, source, done: str) -> WeightlockError:
     failed = {c.name for c in report.checks if c.status == FAIL}
-    source_report = verify_checkpoint(source, loader_check=loader_check)
     if failed & {c.name for c in source_report.checks if c.status == FAIL}:
         return CheckpointError(
             f"the source fails verify's own checks, so {done}: " + "; ".join(source_report.failures()),
-            hint=f"run `weightlock verify {source}` for details; repair or download the checkpoint again",
+            hint=f"run `weightlock verify {source}` for details; repair or download it again",
         )
     return VerificationError(
-        f"the written checkpoint failed verification and {done}: " + "; ".join(report.failures()),
+        f"the written output failed verification and {done}: " + "; ".join(report.failures()),
         hint="this is a bug in weightlock or a fault in the disk; please report it",
     )
 

@@ -13,23 +13,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .scratch import ScratchBeside
 from .vllm_check import import_vllm
 
 CPU_KV_CACHE_BYTES = 256 << 20  # vLLM's CPU default claims most of the machine's memory for the cache
 
 
-class VllmGenerator:
+class VllmGenerator(ScratchBeside):
     def __init__(self, folder: str | os.PathLike, *, dtype: str = "float32", max_model_len: int | None = None):
-        self._scratch: Path | None = None
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine starts in seconds
         import_vllm("eval --engine vllm", "use --engine transformers")
         self.folder = Path(folder)
         self.dtype, self.max_model_len = dtype, max_model_len
-        # Beside the model when possible: same filesystem, so baking hardlinks the shards instead of copying.
-        try:
-            self._scratch = Path(tempfile.mkdtemp(prefix=".weightlock-eval-", dir=self.folder.parent))
-        except OSError:
-            self._scratch = Path(tempfile.mkdtemp(prefix="weightlock-eval-"))
+        super().__init__(self.folder)
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, lock=None, alpha=None) -> list[list[int]]:
         """Greedy continuations (token ids) of each prompt, from the checkpoint with ``lock`` baked at ``alpha``."""
@@ -66,14 +62,6 @@ class VllmGenerator:
             return self.folder
         from .apply import apply_lock
 
-        out = Path(tempfile.mkdtemp(prefix="alpha-", dir=self._scratch)) / "checkpoint"
+        out = Path(tempfile.mkdtemp(prefix="alpha-", dir=self.scratch)) / "checkpoint"
         apply_lock(self.folder, lock, out=out, alpha=alpha)
         return out
-
-    def close(self) -> None:
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-
-    def __del__(self):
-        self.close()

@@ -33,9 +33,9 @@ import numpy as np
 
 from .. import __version__
 from ..architectures import ModelShape
-from ..errors import CheckpointError, IncompatibleLockError, OutputError, UnsupportedError
+from ..errors import CheckpointError, OutputError, UnsupportedError
 from ..lock import Lock
-from ..plan import output_projection_product
+from ..plan import checked_displacements, output_projection_product
 from ..writer import failpoint, fsync_dir, publish, recover_interrupted, removed_on_failure, staging_path
 from .architectures import BIAS_EXISTING, OUTPUT_BIAS, OUTPUT_WEIGHT, GGUFArchitecture, gguf_architecture
 from .file import (
@@ -143,28 +143,16 @@ def plan_gguf_edit(
 ) -> GGUFEditPlan:
     from .verify import read_record
 
-    if not np.isfinite(alpha):
-        raise IncompatibleLockError(f"alpha must be a finite number, got {alpha}", hint="pass --alpha as a number")
     architecture = gguf_architecture(model.value("general.architecture"))
     shape = gguf_shape(model, architecture)
-    lock.check_compatible(shape)
-    warnings = []
+    warnings: list[str] = []
+    mismatch = None
     if lock.source_model.model_type not in architecture.model_types:
-        message = (
+        mismatch = (
             f"the lock was made from a {lock.source_model.model_type} model ({lock.source_model.architecture}), "
             f"the GGUF file is llama.cpp architecture {architecture.name}"
         )
-        if not allow_architecture_mismatch:
-            raise IncompatibleLockError(
-                message, hint="if the two really share activation geometry, pass --allow-architecture-mismatch"
-            )
-        warnings.append(message)
-    with np.errstate(over="ignore", invalid="ignore"):
-        displacements = lock.displacements(alpha, shape.num_heads)
-    if not all(np.all(np.isfinite(d)) for d in displacements.values()):
-        raise UnsupportedError(
-            f"alpha {alpha} overflows float32 in the lock's displacements", hint="use a smaller alpha"
-        )
+    displacements = checked_displacements(lock, alpha, shape, mismatch, allow_architecture_mismatch, warnings)
 
     tensors = model.tensors
     biases = []

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, MissingDependencyError
+from ..scratch import ScratchBeside
 
 INSTALL_HINT = "bash scripts/install_llama_cpp.sh (compiles llama-cpp-python 0.3.36, about 5 minutes)"
 LOG_LINES = 12
@@ -86,7 +87,7 @@ def quantize(source: str | os.PathLike, destination: str | os.PathLike, file_typ
     shutil.rmtree(work, ignore_errors=True)
 
 
-class LlamaCppGenerator:
+class LlamaCppGenerator(ScratchBeside):
     """``eval --engine llama-cpp``: each alpha baked into a temporary GGUF beside the model, then served
     by llama.cpp, which is what a GGUF user deploys. Prompts arrive as token ids (the caller's tokenizer
     and template), answers leave as token ids."""
@@ -95,31 +96,19 @@ class LlamaCppGenerator:
         if not available():
             raise LlamaCppUnavailable("--engine llama-cpp needs llama-cpp-python", hint=INSTALL_HINT)
         self.path = Path(gguf_path)
-        try:
-            self._scratch: Path | None = Path(tempfile.mkdtemp(prefix=".weightlock-eval-", dir=self.path.parent))
-        except OSError:
-            self._scratch = Path(tempfile.mkdtemp(prefix="weightlock-eval-"))
+        super().__init__(self.path)
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, lock=None, alpha=None) -> list[list[int]]:
         from ..apply import apply_lock
 
         if lock is None or alpha is None:
             return generate(self.path, prompt_ids, max_new_tokens)
-        assert self._scratch is not None
-        baked = self._scratch / f"alpha-{alpha:g}.gguf"
+        baked = self.scratch / f"alpha-{alpha:g}.gguf"
         apply_lock(self.path, lock, out=baked, alpha=alpha, force=True)
         try:
             return generate(baked, prompt_ids, max_new_tokens)
         finally:
             baked.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-
-    def __del__(self):
-        self.close()
 
 
 def _worker(work: Path) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, InvalidInputError, LockFormatError, VerificationError, WeightlockError
+from ..errors import CheckpointError, InvalidInputError, LockFormatError, WeightlockError
 from ..lock import Lock, load_lock
 from ..untrusted import check_schema, parse_json
-from ..verify import DTYPE_EPS, FAIL, PASS, SKIP, WARN, Report
+from ..verify import DTYPE_EPS, FAIL, PASS, SKIP, WARN, Report, failure_against_source, locked_summary
 from .architectures import BIAS_EXISTING, GGUF_ARCHITECTURES, OUTPUT_BIAS, OUTPUT_WEIGHT, gguf_architecture
 from .edit import BIAS_TYPES, F16, F32, LOCK_KEY, RECORD_KEY, GGUFComputedBias, gguf_shape, weight_product
 from .file import STRING, ArrayValue, GGUFModel, GGUFTensorReader, open_gguf
@@ -195,14 +195,7 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
     if absent:
         report.add("provenance", FAIL, "bias tensors the lock implies are missing", absent)
         return
-    report.locked = {
-        "alpha": record["alpha"],
-        "lock_sha256": record["lock"]["sha256"],
-        "source_model": lock.source_model.to_dict(),
-        "heads": lock.num_heads_selected,
-        "locked_layers": record["locked_layers"],
-        "created_at": record["created_at"],
-    }
+    report.locked = locked_summary(record, lock)
     report.add(
         "provenance", PASS, f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']} (embedded lock matches)"
     )
@@ -268,17 +261,7 @@ def _check_llama_cpp_loads(model: GGUFModel, report: Report) -> None:
 
 def output_failure_gguf(report: Report, source: GGUFModel, done: str) -> WeightlockError:
     """As for folders: the input's fault (exit 3) when the source fails the same checks, else a bug (6)."""
-    failed = {c.name for c in report.checks if c.status == FAIL}
-    source_report = verify_gguf(source.path)
-    if failed & {c.name for c in source_report.checks if c.status == FAIL}:
-        return CheckpointError(
-            f"the source fails verify's own checks, so {done}: " + "; ".join(source_report.failures()),
-            hint=f"run `weightlock verify {source.path}` for details; repair or download the file again",
-        )
-    return VerificationError(
-        f"the written GGUF failed verification and {done}: " + "; ".join(report.failures()),
-        hint="this is a bug in weightlock or a fault in the disk; please report it",
-    )
+    return failure_against_source(report, verify_gguf(source.path), source.path, done)
 
 
 def describe_gguf(model: GGUFModel) -> dict:
