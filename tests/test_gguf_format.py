@@ -426,3 +426,25 @@ def test_sigkill_at_every_step_leaves_no_partial_output_and_the_source_untouched
         assert step < 50
     assert step >= 3 and verify_checkpoint(out).ok
     assert [p.name for p in out.parent.iterdir()] == ["locked.gguf"]
+
+
+@pytest.mark.parametrize(
+    "name, values, problem",
+    [
+        ("blk.7.attn_output.bias", np.zeros(32, dtype=np.float32), "not a bias of a layer"),
+        ("blk.0.attn_output.bias", np.full(32, np.nan, dtype=np.float32), "NaN or Inf"),
+        ("blk.0.attn_output.bias", np.zeros(16, dtype=np.float32), "expected F32/F16 [32]"),
+    ],
+)
+def test_bad_bias_tensors_fail_verify(tmp_path, name, values, problem):
+    writer = gguf.GGUFWriter(str(tmp_path / "b.gguf"), "llama")
+    writer.add_block_count(2)
+    writer.add_head_count(4)
+    writer.add_embedding_length(32)
+    for layer in range(2):
+        writer.add_tensor(f"blk.{layer}.attn_output.weight", np.eye(32, dtype=np.float32))
+    writer.add_tensor(name, values)
+    finish(writer)
+    report = verify_checkpoint(tmp_path / "b.gguf")
+    failed = [c for c in report.checks if c.status == "fail"]
+    assert [c.name for c in failed] == ["bias tensors"] and problem in " ".join(failed[0].details), failed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .architectures import BIAS_EXISTING, GGUF_ARCHITECTURES, OUTPUT_BIAS, OUTPU
 from .edit import BIAS_TYPES, F16, F32, LOCK_KEY, RECORD_KEY, GGUFComputedBias, gguf_shape, weight_product
 from .file import STRING, ArrayValue, GGUFModel, GGUFTensorReader, open_gguf
 
+BIAS_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.attn_output\.bias", re.ASCII)
 MAX_RECORD_BYTES = 64 << 20
 MAX_LOCK_BYTES = 1 << 30
 ENGINES = ("llama-cpp",)
@@ -123,26 +125,24 @@ def verify_gguf(path, *, expected: list[GGUFComputedBias] | None = None, engine:
 def _check_bias_tensors(model, shape, architecture, biases, report) -> None:
     problems = []
     layers_with_bias = set()
-    with GGUFTensorReader(model.files[0]) as reader0:
-        readers = {0: reader0}
+    readers = [GGUFTensorReader(f) for f in model.files]
+    try:
         for name, tensor in sorted(biases.items()):
-            layer = name.split(".")[1]
-            if not layer.isdigit() or int(layer) >= shape.num_layers or name != OUTPUT_BIAS.format(layer=int(layer)):
+            match = BIAS_NAME.fullmatch(name)
+            if match is None or int(match.group(1)) >= shape.num_layers:
                 problems.append(f"{name}: not a bias of a layer of this {shape.num_layers}-layer model")
                 continue
-            layers_with_bias.add(int(layer))
+            layers_with_bias.add(int(match.group(1)))
             if tensor.dims != (shape.hidden_size,) or tensor.type_id not in BIAS_TYPES:
                 problems.append(
                     f"{name}: {tensor.type_name} {list(tensor.dims)}, expected F32/F16 [{shape.hidden_size}]"
                 )
                 continue
-            if tensor.file_index not in readers:
-                readers[tensor.file_index] = GGUFTensorReader(model.files[tensor.file_index])
             if not np.all(np.isfinite(readers[tensor.file_index].read_vector(tensor))):
                 problems.append(f"{name}: holds NaN or Inf")
-        for index, reader in readers.items():
-            if index:
-                reader.close()
+    finally:
+        for reader in readers:
+            reader.close()
     if architecture.bias == BIAS_EXISTING:
         missing = sorted(set(range(shape.num_layers)) - layers_with_bias)
         if missing:
