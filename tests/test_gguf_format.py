@@ -448,3 +448,38 @@ def test_bad_bias_tensors_fail_verify(tmp_path, name, values, problem):
     report = verify_checkpoint(tmp_path / "b.gguf")
     failed = [c for c in report.checks if c.status == "fail"]
     assert [c.name for c in failed] == ["bias tensors"] and problem in " ".join(failed[0].details), failed
+
+
+def test_eval_refuses_a_locked_gguf_that_transformers_would_load_unlocked(tmp_path, capsys):
+    """transformers' GGUF loader drops attn_output.bias for llama-like files: measuring a locked GGUF through it
+    would report the unlocked model, so eval refuses (exit 4) before loading anything."""
+    source = write_gguf(tmp_path / "src.gguf")
+    save_lock(lock_for_gguf(source), tmp_path / "lock.wlock")
+    apply_lock(source, tmp_path / "lock.wlock", out=tmp_path / "locked.gguf")
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "locked.gguf"), "--limit", "1")
+    assert code == 4 and "--engine llama-cpp" in err and "Traceback" not in err
+
+
+def test_ctrl_c_in_a_gguf_apply_leaves_nothing(tmp_path):
+    source = write_gguf(tmp_path / "src.gguf")
+    save_lock(lock_for_gguf(source), tmp_path / "lock.wlock")
+    out = tmp_path / "out" / "locked.gguf"
+    env = dict(os.environ, **{FAILPOINT_VARIABLE: "gguf-data-copied:INT"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "weightlock",
+            "apply",
+            str(source),
+            "--lock",
+            str(tmp_path / "lock.wlock"),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    assert list(out.parent.iterdir()) == []

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import InvalidInputError, MissingDependencyError
+from .errors import InvalidInputError, MissingDependencyError, UnsupportedError
 from .forge import render_prompt
 from .judge import answers_question, is_degenerate, is_refusal
 from .prompt_sets import PromptSet
@@ -280,6 +280,23 @@ def report_json(report: EvalReport, with_answers: bool = False) -> str:
     return json.dumps(data, indent=2)
 
 
+def _refuse_dropped_gguf_bias(path: Path) -> None:
+    """transformers' GGUF loader builds the class from the GGUF metadata, where an attention-output bias is
+    off for llama-like architectures, and silently drops ``attn_output.bias``: a locked GGUF would be
+    measured unlocked. Refuse that rather than report numbers for a model nobody serves."""
+    from .gguf_format.architectures import BIAS_OPTIONAL, GGUF_ARCHITECTURES
+    from .gguf_format.file import open_gguf
+
+    model = open_gguf(path)
+    row = next((r for r in GGUF_ARCHITECTURES if r.name == model.value("general.architecture")), None)
+    if row is not None and row.bias == BIAS_OPTIONAL and any(n.endswith(".attn_output.bias") for n in model.tensors):
+        raise UnsupportedError(
+            f"{path.name} holds attn_output.bias tensors (a lock), which transformers' GGUF loader drops: it "
+            "would be evaluated unlocked",
+            hint="evaluate it with --engine llama-cpp (what serves it), or evaluate the unlocked file with --lock",
+        )
+
+
 def load_for_eval(
     location: str, *, gguf_file: str | None = None, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[Any, Any]:
@@ -337,6 +354,8 @@ def evaluate_model(
     shown_name = model
     if gguf_file is None and Path(model).suffix.lower() == ".gguf":  # MODEL.gguf: transformers takes folder + name
         model, gguf_file = str(Path(model).parent), Path(model).name
+    if gguf_file is not None and settings.engine != "llama-cpp":
+        _refuse_dropped_gguf_bias(Path(model) / gguf_file)
     generator: Any = None  # a VllmGenerator or LlamaCppGenerator: answers from that engine
     if settings.engine == "vllm":
         if gguf_file:
