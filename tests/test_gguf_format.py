@@ -483,3 +483,21 @@ def test_ctrl_c_in_a_gguf_apply_leaves_nothing(tmp_path):
     )
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("out_type", ["F32", "Q8_0"])
+def test_verify_deep_finds_nan_in_any_tensor(tmp_path, out_type, capsys):
+    source = write_gguf(tmp_path / "src.gguf", out_type=out_type)
+    code, text, _ = run_cli(capsys, "verify", str(source), "--deep")
+    assert code == 0 and "every tensor (5) dequantizes to finite values" in text, text
+    model = open_gguf(source)
+    weight = model.tensors["blk.1.attn_output.weight"]
+    data = bytearray(source.read_bytes())
+    at = model.files[0].data_start + weight.offset
+    # F32: the first value; Q8_0: the first block's fp16 scale
+    nan = struct.pack("<f", float("nan")) if out_type == "F32" else np.array([np.nan], dtype=np.float16).tobytes()
+    data[at : at + len(nan)] = nan
+    source.write_bytes(bytes(data))
+    code, text, _ = run_cli(capsys, "verify", str(source), "--deep")
+    assert code == 1 and "NaN or Inf in 1 tensors" in text and "blk.1.attn_output.weight" in text, text
+    assert run_cli(capsys, "verify", str(source))[0] == 0  # without --deep, weights are not scanned

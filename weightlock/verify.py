@@ -85,7 +85,7 @@ def verify_checkpoint(
     if is_gguf_path(path):
         from .gguf_format.verify import verify_gguf
 
-        return verify_gguf(path, engine=engine)
+        return verify_gguf(path, engine=engine, deep=deep)
     if engine is not None and engine not in ENGINES:
         raise InvalidInputError(f"unknown engine {engine!r}", hint=f"choose one of: {', '.join(ENGINES)}")
     report = Report(str(path))

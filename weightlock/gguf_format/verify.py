@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -24,7 +26,7 @@ from ..untrusted import check_schema, parse_json
 from ..verify import DTYPE_EPS, FAIL, PASS, SKIP, WARN, Report, failure_against_source, locked_summary
 from .architectures import BIAS_EXISTING, GGUF_ARCHITECTURES, OUTPUT_BIAS, OUTPUT_WEIGHT, gguf_architecture
 from .edit import BIAS_TYPES, F16, F32, LOCK_KEY, RECORD_KEY, GGUFComputedBias, gguf_shape, weight_product
-from .file import STRING, ArrayValue, GGUFModel, GGUFTensorReader, open_gguf
+from .file import STRING, ArrayValue, GGUFModel, GGUFTensorReader, can_dequantize, open_gguf
 
 BIAS_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.attn_output\.bias", re.ASCII)
 MAX_RECORD_BYTES = 64 << 20
@@ -85,8 +87,11 @@ def _original(name: str, record: dict, width: int, type_id: int) -> np.ndarray |
     return np.frombuffer(raw, dtype=BIAS_TYPES[type_id]).astype(np.float32)
 
 
-def verify_gguf(path, *, expected: list[GGUFComputedBias] | None = None, engine: str | None = None) -> Report:
-    """Every check on a GGUF model (``path``: the file, or the first of a split set)."""
+def verify_gguf(
+    path, *, expected: list[GGUFComputedBias] | None = None, engine: str | None = None, deep: bool = False
+) -> Report:
+    """Every check on a GGUF model (``path``: the file, or the first of a split set). ``deep``: also dequantize
+    every tensor and scan it for NaN/Inf (reads the whole model, one row block at a time)."""
     if engine is not None and engine not in ENGINES:
         raise InvalidInputError(f"unknown engine {engine!r} for GGUF", hint=f"choose one of: {', '.join(ENGINES)}")
     report = Report(str(path))
@@ -117,6 +122,8 @@ def verify_gguf(path, *, expected: list[GGUFComputedBias] | None = None, engine:
     )
     _check_bias_tensors(model, shape, architecture, biases, report)
     _check_record(model, shape, architecture, biases, report, expected)
+    if deep:
+        _check_all_finite(model, report)
     if engine == "llama-cpp":
         _check_llama_cpp_loads(model, report)
     return report
@@ -243,6 +250,32 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
     else:
         how = "byte-identical to the computed values" if expected is not None else "recomputed from the stored weights"
         report.add("lock biases", PASS, f"{len(locked)} locked bias(es) {how}")
+
+
+def _check_all_finite(model: GGUFModel, report: Report) -> None:
+    bad, skipped, scanned = [], [], 0
+    readers = [GGUFTensorReader(f) for f in model.files]
+    try:
+        for tensor in model.tensors.values():
+            if not can_dequantize(tensor.type_id):
+                skipped.append(f"{tensor.name} ({tensor.type_name})")
+                continue
+            # any tensor as rows of its first (contiguous) dimension: one row block in memory at a time
+            rows = math.prod(tensor.dims[1:])
+            flat = dataclasses.replace(tensor, dims=(tensor.dims[0], rows))
+            with np.errstate(invalid="ignore", over="ignore"):
+                blocks = readers[tensor.file_index].matrix_row_blocks(flat)
+                if not all(np.all(np.isfinite(block)) for _, block in blocks):
+                    bad.append(tensor.name)
+            scanned += 1
+    finally:
+        for reader in readers:
+            reader.close()
+    if bad:
+        report.add("finite", FAIL, f"NaN or Inf in {len(bad)} tensors", bad)
+    else:
+        note = f"; {len(skipped)} integer tensor(s) not scanned" if skipped else ""
+        report.add("finite", PASS, f"every tensor ({scanned}) dequantizes to finite values{note}")
 
 
 def _check_llama_cpp_loads(model: GGUFModel, report: Report) -> None:
