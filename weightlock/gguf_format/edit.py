@@ -51,6 +51,7 @@ from .file import (
     GGUFTensorReader,
     can_dequantize,
     open_gguf,
+    tensor_readers,
 )
 
 RECORD_KEY = "weightlock.edit"
@@ -216,8 +217,7 @@ def encode_bias(values: np.ndarray, type_id: int) -> bytes:
 
 
 def compute_gguf_biases(plan: GGUFEditPlan, progress=None) -> list[GGUFComputedBias]:
-    readers = [GGUFTensorReader(f) for f in plan.model.files]
-    try:
+    with tensor_readers(plan.model) as readers:
         out = []
         for planned in plan.biases:
             values = np.zeros(plan.shape.hidden_size, dtype=np.float32)
@@ -242,9 +242,6 @@ def compute_gguf_biases(plan: GGUFEditPlan, progress=None) -> list[GGUFComputedB
                 )
             out.append(GGUFComputedBias(planned, values, raw))
         return out
-    finally:
-        for reader in readers:
-            reader.close()
 
 
 def edit_record(plan: GGUFEditPlan, lock_bytes: bytes) -> dict:

@@ -20,6 +20,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,3 +492,15 @@ class GGUFTensorReader(TensorReader):
 
     def read_raw(self, tensor: GGUFTensor) -> bytes:
         return bytes(self._read_into(self.file.data_start + tensor.offset, tensor.nbytes))
+
+
+@contextmanager
+def tensor_readers(model: GGUFModel) -> Iterator[list[GGUFTensorReader]]:
+    """One reader per file of ``model`` (index by ``GGUFTensor.file_index``), all closed on leaving."""
+    readers: list[GGUFTensorReader] = []
+    try:
+        readers.extend(GGUFTensorReader(f) for f in model.files)
+        yield readers
+    finally:
+        for reader in readers:
+            reader.close()

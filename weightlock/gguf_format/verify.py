@@ -26,7 +26,7 @@ from ..untrusted import check_schema, parse_json
 from ..verify import DTYPE_EPS, FAIL, PASS, SKIP, WARN, Report, failure_against_source, locked_summary
 from .architectures import BIAS_EXISTING, GGUF_ARCHITECTURES, OUTPUT_BIAS, OUTPUT_WEIGHT, gguf_architecture
 from .edit import BIAS_TYPES, F16, F32, LOCK_KEY, RECORD_KEY, GGUFComputedBias, gguf_shape, weight_product
-from .file import STRING, ArrayValue, GGUFModel, GGUFTensorReader, can_dequantize, open_gguf
+from .file import STRING, ArrayValue, GGUFModel, can_dequantize, open_gguf, tensor_readers
 
 BIAS_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.attn_output\.bias", re.ASCII)
 MAX_RECORD_BYTES = 64 << 20
@@ -132,8 +132,7 @@ def verify_gguf(
 def _check_bias_tensors(model, shape, architecture, biases, report) -> None:
     problems = []
     layers_with_bias = set()
-    readers = [GGUFTensorReader(f) for f in model.files]
-    try:
+    with tensor_readers(model) as readers:
         for name, tensor in sorted(biases.items()):
             match = BIAS_NAME.fullmatch(name)
             if match is None or int(match.group(1)) >= shape.num_layers:
@@ -147,9 +146,6 @@ def _check_bias_tensors(model, shape, architecture, biases, report) -> None:
                 continue
             if not np.all(np.isfinite(readers[tensor.file_index].read_vector(tensor))):
                 problems.append(f"{name}: holds NaN or Inf")
-    finally:
-        for reader in readers:
-            reader.close()
     if architecture.bias == BIAS_EXISTING:
         missing = sorted(set(range(shape.num_layers)) - layers_with_bias)
         if missing:
@@ -210,8 +206,7 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
     displacements = lock.displacements(float(record["alpha"]), shape.num_heads)
     mismatches = []
     tensors = model.tensors
-    readers = [GGUFTensorReader(f) for f in model.files]
-    try:
+    with tensor_readers(model) as readers:
         for name in sorted(locked, key=lambda n: int(n.split(".")[1])):
             layer = int(name.split(".")[1])
             stored = tensors[name]
@@ -242,9 +237,6 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
                     mismatches.append(f"{name}: differs from the recorded edit by up to {worst:.3g}")
             except WeightlockError as e:
                 mismatches.append(f"{name}: {e.message}")
-    finally:
-        for reader in readers:
-            reader.close()
     if mismatches:
         report.add("lock biases", FAIL, f"{len(mismatches)} bias(es) are not what the record implies", mismatches)
     else:
@@ -254,8 +246,7 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
 
 def _check_all_finite(model: GGUFModel, report: Report) -> None:
     bad, skipped, scanned = [], [], 0
-    readers = [GGUFTensorReader(f) for f in model.files]
-    try:
+    with tensor_readers(model) as readers:
         for tensor in model.tensors.values():
             if not can_dequantize(tensor.type_id):
                 skipped.append(f"{tensor.name} ({tensor.type_name})")
@@ -268,9 +259,6 @@ def _check_all_finite(model: GGUFModel, report: Report) -> None:
                 if not all(np.all(np.isfinite(block)) for _, block in blocks):
                     bad.append(tensor.name)
             scanned += 1
-    finally:
-        for reader in readers:
-            reader.close()
     if bad:
         report.add("finite", FAIL, f"NaN or Inf in {len(bad)} tensors", bad)
     else:
