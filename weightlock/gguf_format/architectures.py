@@ -6,9 +6,9 @@ Read from llama.cpp's model graphs (``src/models/*.cpp`` of the version llama-cp
 requires it already carries it (the lock is *added* to it); one whose graph has no such
 tensor refuses a file that holds it ("wrong number of tensors"), so it is refused here.
 
-``proven``: the equivalence test against stock transformers runs on llama.cpp for this
-row (tests/test_gguf.py); other supported rows follow the same graph code but are not
-claimed in the README until a test proves them.
+Which rows the equivalence test against stock transformers proves on llama.cpp itself
+(tests/test_gguf_llama_cpp.py) is the README's GGUF table; the other supported rows follow
+the same graph code but are not claimed there until a test proves them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ class GGUFArchitecture:
     # converter writes e.g. Mistral and SmolLM2 as "llama")
     model_types: tuple[str, ...] = ()
     refuse: str | None = None
-    proven: bool = False
 
     def key(self, suffix: str) -> str:
         return f"{self.name}.{suffix}"
@@ -41,12 +40,12 @@ class GGUFArchitecture:
 _NO_BIAS = "llama.cpp's {} graph has no attn_output.bias, so it would refuse the locked file"
 
 GGUF_ARCHITECTURES: tuple[GGUFArchitecture, ...] = (
-    GGUFArchitecture("llama", BIAS_OPTIONAL, ("llama", "mistral"), proven=True),
-    GGUFArchitecture("granite", BIAS_OPTIONAL, ("granite",), proven=True),
+    GGUFArchitecture("llama", BIAS_OPTIONAL, ("llama", "mistral")),
+    GGUFArchitecture("granite", BIAS_OPTIONAL, ("granite",)),
     GGUFArchitecture("mistral3", BIAS_OPTIONAL, ("mistral3", "mistral", "ministral")),
     GGUFArchitecture("deci", BIAS_OPTIONAL, ("deci", "nemotron-nas")),
-    GGUFArchitecture("phi2", BIAS_EXISTING, ("phi",), proven=True),
-    GGUFArchitecture("starcoder2", BIAS_EXISTING, ("starcoder2",), proven=True),
+    GGUFArchitecture("phi2", BIAS_EXISTING, ("phi",)),
+    GGUFArchitecture("starcoder2", BIAS_EXISTING, ("starcoder2",)),
     GGUFArchitecture("gptneox", BIAS_EXISTING, ("gpt_neox",)),
     *(
         GGUFArchitecture(name, None, refuse=_NO_BIAS.format(name))

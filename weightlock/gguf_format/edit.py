@@ -41,6 +41,7 @@ from .architectures import BIAS_EXISTING, OUTPUT_BIAS, OUTPUT_WEIGHT, GGUFArchit
 from .file import (
     ARRAY,
     MAGIC,
+    SCALAR_FORMATS,
     SPLIT_NAME,
     SPLIT_TENSORS_KEY,
     STRING,
@@ -204,6 +205,7 @@ class GGUFComputedBias:
     planned: GGUFPlannedBias
     values: np.ndarray  # float32 before rounding
     raw: bytes  # in the planned type
+    original: bytes | None = None  # the replaced bias's stored bytes (recorded for undo); None: created
 
 
 def weight_product(reader: GGUFTensorReader, weight: GGUFTensor, displacement: np.ndarray, head_dim: int):
@@ -221,8 +223,10 @@ def compute_gguf_biases(plan: GGUFEditPlan, progress=None) -> list[GGUFComputedB
         out = []
         for planned in plan.biases:
             values = np.zeros(plan.shape.hidden_size, dtype=np.float32)
-            if planned.base is not None:
-                values += readers[planned.base.file_index].read_vector(planned.base)
+            original = None
+            if planned.base is not None:  # F32 or F16 (plan_gguf_edit refuses other types)
+                original = readers[planned.base.file_index].read_raw(planned.base)
+                values += np.frombuffer(original, dtype=BIAS_TYPES[planned.type_id])
             with np.errstate(over="ignore", invalid="ignore"):
                 values += weight_product(
                     readers[planned.weight.file_index],
@@ -240,11 +244,11 @@ def compute_gguf_biases(plan: GGUFEditPlan, progress=None) -> list[GGUFComputedB
                     "NaN or Inf, or alpha is too large for it",
                     hint="check the file, or use a smaller alpha",
                 )
-            out.append(GGUFComputedBias(planned, values, raw))
+            out.append(GGUFComputedBias(planned, values, raw, original))
         return out
 
 
-def edit_record(plan: GGUFEditPlan, lock_bytes: bytes) -> dict:
+def edit_record(plan: GGUFEditPlan, computed: list[GGUFComputedBias], lock_bytes: bytes) -> dict:
     previous = plan.previous_record
     return {
         "format": RECORD_FORMAT,
@@ -266,21 +270,13 @@ def edit_record(plan: GGUFEditPlan, lock_bytes: bytes) -> dict:
             "added": plan.added,
             # the original bytes of each bias the edit changed, so the edit can be recomputed and undone
             "replaced": {
-                b.name: {
-                    "type": b.base.type_id,
-                    "data": base64.b64encode(_raw_of(plan.model, b.base)).decode("ascii"),
-                }
-                for b in plan.biases
-                if b.base is not None
+                c.planned.name: {"type": c.planned.type_id, "data": base64.b64encode(c.original).decode("ascii")}
+                for c in computed
+                if c.original is not None
             },
         },
         "parent": previous,
     }
-
-
-def _raw_of(model: GGUFModel, tensor: GGUFTensor) -> bytes:
-    with GGUFTensorReader(model.files[tensor.file_index]) as reader:
-        return reader.read_raw(tensor)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -300,8 +296,6 @@ def _kv_bytes(key: str, value: bytes) -> bytes:
 
 
 def _kv_scalar(key: str, value_type: int, value: int) -> bytes:
-    from .file import SCALAR_FORMATS
-
     return _string(key) + struct.pack("<I" + SCALAR_FORMATS[value_type], value_type, value)
 
 
@@ -524,7 +518,7 @@ def apply_lock_gguf(
         allow_architecture_mismatch=allow_architecture_mismatch,
     )
     computed = compute_gguf_biases(plan, progress(plan) if progress is not None else None)
-    record = edit_record(plan, lock_bytes)
+    record = edit_record(plan, computed, lock_bytes)
     try:
         outputs[0].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -14,6 +14,7 @@ tensor names are unique across the set, as llama.cpp requires.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -424,6 +425,7 @@ def open_gguf(location: str | os.PathLike) -> GGUFModel:
     return GGUFModel(files)
 
 
+@functools.cache
 def can_dequantize(type_id: int) -> bool:
     gguf = gguf_package()
     qtype = gguf.GGMLQuantizationType(type_id)
