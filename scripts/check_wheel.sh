@@ -58,5 +58,5 @@ for name in ("lock", "report", "provenance", "eval", "config", "index", "in-plac
 print("wheel OK: default prompts", sets, "schemas", len(schemas))
 PY
 tar -tzf "$WORK"/dist/weightlock-*.tar.gz > "$WORK/sdist.txt"
-grep -q "schemas/gguf-edit.schema.json" "$WORK/sdist.txt" && grep -q "weightlock/gguf_format/edit.py" "$WORK/sdist.txt" && grep -q "default_prompts/harmful.txt" "$WORK/sdist.txt"
+grep -q "schemas/gguf-edit.schema.json" "$WORK/sdist.txt" && grep -q "weightlock/gguf_format/edit.py" "$WORK/sdist.txt" && grep -q "default_prompts/harmful.txt" "$WORK/sdist.txt" && grep -q "default_prompts/forge_benign.txt" "$WORK/sdist.txt"
 echo "sdist OK"

@@ -17,6 +17,7 @@ from weightlock.forge import ForgeSettings, forge_from_model, forge_lock
 from weightlock.pairs import load_pairs
 
 PLANTED_LAYER, PLANTED_HEAD, HEAD_DIM, HEADS = 1, 2, 8, 4
+PUBLISHED = dict(selection="accuracy", position="answer")  # SafetyLock's method: these tests are about the probes
 WORDS = 20
 
 
@@ -142,7 +143,9 @@ def planted_pairs(path: Path, n=24):
 def test_forge_recovers_the_planted_head_and_direction(tmp_path):
     planted = planted_model(tmp_path / "m")
     data = planted_pairs(tmp_path / "pairs.jsonl")
-    lock = forge_lock(str(tmp_path / "m"), data, ForgeSettings(heads=1, last_tokens=3, template="plain", batch_size=5))
+    lock = forge_lock(
+        str(tmp_path / "m"), data, ForgeSettings(heads=1, last_tokens=3, template="plain", batch_size=5, **PUBLISHED)
+    )
     assert lock.heads_by_layer() == {PLANTED_LAYER: [PLANTED_HEAD]}
     assert float(np.dot(lock.directions[0], planted)) > 0.99
     accuracy = np.array(lock.creation["details"]["probe_accuracy"])
@@ -159,7 +162,7 @@ def test_forge_is_deterministic_and_padding_side_does_not_matter(tmp_path):
     planted_model(tmp_path / "right", padding_side="right")
     planted_model(tmp_path / "left", padding_side="left")
     data = planted_pairs(tmp_path / "pairs.jsonl")
-    settings = ForgeSettings(heads=3, last_tokens=3, template="plain", batch_size=7)
+    settings = ForgeSettings(heads=3, last_tokens=3, template="plain", batch_size=7, **PUBLISHED)
     a, b = forge_lock(str(tmp_path / "right"), data, settings), forge_lock(str(tmp_path / "left"), data, settings)
     again = forge_lock(str(tmp_path / "right"), data, settings)
     assert a.heads_by_layer() == b.heads_by_layer() == again.heads_by_layer()
@@ -173,7 +176,7 @@ def test_forged_lock_applies_and_matches_hooks(tmp_path):
     lock = forge_lock(
         str(tmp_path / "m"),
         planted_pairs(tmp_path / "p.jsonl"),
-        ForgeSettings(heads=4, last_tokens=3, template="plain"),
+        ForgeSettings(heads=4, last_tokens=3, template="plain", **PUBLISHED),
     )
     apply_lock(tmp_path / "m", lock, out=tmp_path / "locked", alpha=2.0)
     assert verify_checkpoint(tmp_path / "locked").ok
@@ -192,7 +195,7 @@ def test_forge_on_real_smollm2_on_cpu_and_apply(tmp_path):
     from weightlock.forge import load_model
 
     gguf = smollm2_gguf()
-    settings = ForgeSettings(heads=8, last_tokens=5, batch_size=4, limit=12, gguf_file=gguf.name)
+    settings = ForgeSettings(heads=8, last_tokens=5, batch_size=4, limit=12, gguf_file=gguf.name, **PUBLISHED)
     model, tokenizer = load_model(str(gguf.parent), settings)
     lock = forge_from_model(
         model,
@@ -236,6 +239,10 @@ def test_forge_cli_and_heatmap(tmp_path, capsys):
         "--heads",
         "2",
         "--plain-template",
+        "--select",
+        "accuracy",
+        "--position",
+        "answer",
         "--last-tokens",
         "3",
         "--out",
@@ -280,7 +287,7 @@ def test_apply_path_needs_neither_transformers_nor_torch(tmp_path):
     lock = forge_lock(
         str(tmp_path / "m"),
         planted_pairs(tmp_path / "p.jsonl"),
-        ForgeSettings(heads=2, last_tokens=3, template="plain"),
+        ForgeSettings(heads=2, last_tokens=3, template="plain", **PUBLISHED),
     )
     from weightlock import save_lock
 

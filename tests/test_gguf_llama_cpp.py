@@ -160,6 +160,10 @@ def test_real_smollm2_q4_1_locked_with_a_lock_forged_from_it(tmp_path, tokenizer
         str(lock_path),
         "--heads",
         "12",
+        "--select",  # the published method: the effect measurement is proven elsewhere, this test is about GGUF
+        "accuracy",
+        "--position",
+        "answer",
         "--limit",
         "24",
         "--batch-size",

@@ -26,7 +26,7 @@ def test_miniature_chain_smoke(tmp_path):
         import miniature
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    results = miniature.run(tmp_path, miniature.SMOKE, miniature.SMOKE_LOCKS)
+    results = miniature.run(tmp_path, miniature.SMOKE, miniature.SMOKE_LOCKS, miniature.SMOKE_COMPARISON)
 
     for stage in ("base", "aligned", "attacked-strong", "baked"):
         assert (tmp_path / stage / "model.safetensors").is_file() or stage == "baked"
@@ -42,3 +42,18 @@ def test_miniature_chain_smoke(tmp_path):
     assert sweep["kl"] > 0
     assert "| attacked-strong | aligned-harm-8 | 2 |" in (tmp_path / "table.md").read_text()
     assert json.loads((tmp_path / "timings.json").read_text())["total"] > 0
+
+    # stage 7 (issue 16): every method's curve starts at the same unlocked model, then the compare alphas
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(comparison["curves"]) == set(miniature.SMOKE_COMPARISON)
+    for curve in comparison["curves"].values():
+        assert [r["alpha"] for r in curve["sweep"]] == [0.0] + miniature.SMOKE["compare_alphas"]
+        assert curve["sweep"][0] == comparison["unlocked"]
+    assert set(results["comparison"]["summary"]) == set(miniature.SMOKE_COMPARISON)
+    assert "Fewest harmful prompts answered" in (tmp_path / "comparison.md").read_text()
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    from weightlock import load_lock
+
+    combined = load_lock(tmp_path / "locks" / "aligned-harm-2-prompt-effect.wlock").creation["details"]
+    assert combined["position"] == "prompt" and combined["selection"]["method"] == "effect"
+    assert len(combined["selection"]["candidates"]) == 4

@@ -9,8 +9,15 @@
 3. A logistic probe per (layer, head) is trained on the pairs of a training split and
    scored on held-out pairs (the split is by pair: tokens of one pair never straddle it).
    All heads train at once as one batched tensor problem.
-4. The K heads with the best held-out accuracy are kept; each gets the unit direction
-   mean(safe) - mean(unsafe) and, as scale, the std of all activations along it.
+4. The K heads with the best held-out accuracy are kept (``selection="accuracy"``, SafetyLock's way), or
+   the K best of the probes' shortlist by measured effect per unit of cost (``"effect"``,
+   ``"effect-greedy"``: ``selection.py``). Each gets the unit direction mean(safe) - mean(unsafe) and, as
+   scale, the std of all activations along it.
+
+``position="prompt"`` takes the activations at the last tokens of the *prompt* instead (where a model
+decides whether to refuse); there a pair's two texts are the same, so the contrast is between the pairs'
+prompts (the side a lock pushes towards) and benign prompts (``default_prompts/forge_benign.txt`` or the
+user's), each split by prompt as pairs are.
 
 transformers is needed (``pip install weightlock[forge]``); apply never imports this.
 """
@@ -50,6 +57,20 @@ class ForgeSettings:
     probe_lr: float = 0.05
     probe_l2: float = 1e-3
     limit: int | None = None  # use only the first N pairs
+    # The defaults won issue 16's comparison (README, "Which heads?"); "accuracy" + "answer" is SafetyLock's way.
+    selection: str = "effect"  # "accuracy", "effect" or "effect-greedy" (selection.py)
+    position: str = "prompt"  # "answer": last tokens of each answer; "prompt": last tokens of each prompt
+    benign_prompts: str | None = None  # forge's benign prompts; None: default_prompts/forge_benign.txt
+    shortlist: int = 64  # effect selection: candidates = this many best heads by probe accuracy
+    effect_alpha: float = 1.0  # strength each candidate is measured at
+    effect_pairs: int = 16  # held-out pairs whose answers measure the effect
+    effect_benign: int = 16  # benign prompts whose answers measure the cost (KL)
+    effect_answer_tokens: int = 8  # answer tokens scored per pair text
+    greedy_pool: int = 8  # effect-greedy: candidates tried per step
+
+
+SELECTIONS = ("accuracy", "effect", "effect-greedy")
+POSITIONS = ("answer", "prompt")
 
 
 def _transformers():
@@ -122,6 +143,16 @@ def encode(tokenizer, pairs: list[Pair], settings: ForgeSettings):
             labels.append(label)
             pair_index.append(i)
     return ids, answer_lengths, np.array(labels), np.array(pair_index)
+
+
+def encode_prompts(tokenizer, pairs: list[Pair], benign: list[str], settings: ForgeSettings):
+    """Prompt-position texts: each pair's prompt (label 1, the side a lock pushes towards) and each benign
+    prompt (label 0); every position of a prompt may be sampled. Groups: pair i is i, benign j is n + j."""
+    texts = [prompt_text(tokenizer, pair, settings) for pair in pairs]
+    texts += [render_prompt(tokenizer, (("user", p),), settings.template, settings.system_prompt) for p in benign]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    labels = np.array([1] * len(pairs) + [0] * len(benign))
+    return ids, [len(i) for i in ids], labels, np.arange(len(texts))
 
 
 def capture(model, tokenizer, ids, answer_lengths, settings: ForgeSettings, progress: bool = False):
@@ -222,10 +253,91 @@ def split_pairs(n_pairs: int, settings: ForgeSettings) -> tuple[np.ndarray, np.n
     return np.sort(order[held:]), np.sort(order[:held])
 
 
+def _benign_prompts(settings: ForgeSettings):
+    """forge's benign prompts (a PromptSet with the sha256 of its text), read before any model is loaded."""
+    import hashlib
+
+    from .prompt_sets import load_prompt_set
+
+    prompts = load_prompt_set("forge-benign", settings.benign_prompts)
+    if len(prompts.items) < 4:
+        raise InvalidInputError(
+            f"the benign prompts {prompts.name} hold {len(prompts.items)} prompts; forge needs at least 4",
+            hint="pass --benign-prompts with more prompts (16-64 is usual)",
+        )
+    digest = hashlib.sha256("\n".join(prompts.items).encode()).hexdigest()
+    return _BenignPrompts(prompts.name, prompts.items, digest)
+
+
+@dataclass(frozen=True)
+class _BenignPrompts:
+    name: str
+    items: list
+    sha256: str  # of the prompts joined by newlines, as read
+
+
+def _choose_by_effect(
+    model, tokenizer, pairs, held_pairs, benign, by_accuracy, accuracy, direction_and_scale, settings, progress
+) -> tuple[np.ndarray, dict]:
+    """Flat indices (layer * heads + head) of the heads effect selection keeps, and its record."""
+    from .selection import Candidate, EffectMeter, select_by_effect
+
+    num_heads = accuracy.shape[1]
+    shortlist = by_accuracy[: settings.shortlist]
+    candidates, kept_flat = [], []
+    for flat in shortlist:
+        layer, head = divmod(int(flat), num_heads)
+        direction, scale = direction_and_scale(layer, head)
+        if not np.any(direction):  # the two sides are identical there: nothing to add
+            continue
+        candidates.append(Candidate(layer, head, direction, scale, float(accuracy[layer, head])))
+        kept_flat.append(int(flat))
+    if len(candidates) < settings.heads:
+        raise InvalidInputError(
+            f"only {len(candidates)} of the {len(shortlist)} shortlisted heads see any difference between the "
+            f"two sides, fewer than --heads {settings.heads}",
+            hint="lower --heads, raise --shortlist, or use pairs whose two answers differ more",
+        )
+    measured_pairs = [pairs[int(i)] for i in held_pairs[: settings.effect_pairs]]
+    meter = EffectMeter(
+        model,
+        tokenizer,
+        [prompt_text(tokenizer, pair, settings) for pair in measured_pairs],
+        [pair.safe for pair in measured_pairs],
+        [pair.unsafe for pair in measured_pairs],
+        [
+            render_prompt(tokenizer, (("user", p),), settings.template, settings.system_prompt)
+            for p in benign[: settings.effect_benign]
+        ],
+        answer_tokens=settings.effect_answer_tokens,
+        batch_size=settings.batch_size,
+    )
+    picked, record = select_by_effect(
+        meter,
+        candidates,
+        settings.heads,
+        num_heads=num_heads,
+        alpha=settings.effect_alpha,
+        greedy=settings.selection == "effect-greedy",
+        pool=settings.greedy_pool,
+        progress=progress,
+    )
+    record.update(
+        shortlist=len(candidates),
+        measured_on={
+            "heldout_pairs": held_pairs[: settings.effect_pairs].tolist(),
+            "benign_prompts": min(settings.effect_benign, len(benign)),
+            "answer_tokens": settings.effect_answer_tokens,
+        },
+    )
+    return np.array([kept_flat[i] for i in picked]), record
+
+
 def forge_lock(location: str, data: str | Path, settings: ForgeSettings | None = None, progress: bool = False) -> Lock:
     """Forge a lock from the model at ``location`` and the pairs in ``data``."""
     settings = settings or ForgeSettings()
     load_pairs(data, settings.limit)  # refuse bad data before spending minutes loading a model
+    _benign_prompts(settings)
     model, tokenizer = load_model(location, settings)
     return forge_from_model(model, tokenizer, data, settings, name=str(location), progress=progress)
 
@@ -243,37 +355,77 @@ def forge_from_model(
     settings = settings or ForgeSettings()
     if settings.template not in ("chat", "plain"):
         raise InvalidInputError(f"unknown template {settings.template!r}", hint="use 'chat' or 'plain'")
+    if settings.selection not in SELECTIONS:
+        raise InvalidInputError(f"unknown selection {settings.selection!r}", hint="use " + ", ".join(SELECTIONS))
+    if settings.position not in POSITIONS:
+        raise InvalidInputError(f"unknown position {settings.position!r}", hint="use 'answer' or 'prompt'")
     pairs, data_sha256 = load_pairs(data, settings.limit)
+    benign = _benign_prompts(settings)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     config = model.config.to_dict()
     spec = spec_for_config(config)
     shape = shape_from_config(config, spec)
-    if not 1 <= settings.heads <= shape.num_layers * shape.num_heads:
+    total = shape.num_layers * shape.num_heads
+    if not 1 <= settings.heads <= total:
+        raise InvalidInputError(f"--heads must lie in 1..{total}", hint="24 or 48 heads are the usual choices")
+    effect_based = settings.selection != "accuracy"
+    if effect_based and not settings.heads <= settings.shortlist:
         raise InvalidInputError(
-            f"--heads must lie in 1..{shape.num_layers * shape.num_heads}", hint="24 or 48 heads are the usual choices"
+            f"--heads {settings.heads} is more than the --shortlist {settings.shortlist} it is chosen from",
+            hint="raise --shortlist (96-128 is usual on a GPU) or lower --heads",
         )
-    ids, answer_lengths, labels, pair_of_text = encode(tokenizer, pairs, settings)
+    if settings.position == "answer":
+        ids, answer_lengths, labels, group_of_text = encode(tokenizer, pairs, settings)
+        group_of_text = np.asarray(group_of_text)
+    else:
+        ids, answer_lengths, labels, group_of_text = encode_prompts(tokenizer, pairs, benign.items, settings)
     acts, owner = capture(model, tokenizer, ids, answer_lengths, settings, progress)
-    sample_label, sample_pair = labels[owner], pair_of_text[owner]
+    sample_label, sample_group = labels[owner], group_of_text[owner]
     train_pairs, held_pairs = split_pairs(len(pairs), settings)
-    train, held = np.isin(sample_pair, train_pairs), np.isin(sample_pair, held_pairs)
+    train_groups, held_groups = train_pairs, held_pairs
+    if settings.position == "prompt":
+        train_benign, held_benign = split_pairs(len(benign.items), settings)
+        train_groups = np.concatenate([train_pairs, len(pairs) + train_benign])
+        held_groups = np.concatenate([held_pairs, len(pairs) + held_benign])
+    train, held = np.isin(sample_group, train_groups), np.isin(sample_group, held_groups)
     groups = acts.reshape(acts.shape[0], -1, shape.head_dim)
     # A dispatched model (device_map) leaves settings.device at its default; the probes still belong on a GPU.
     probe_device = settings.device if not settings.device_map else _probe_device_for_dispatched()
     accuracy = train_probes(
         groups[train], sample_label[train], groups[held], sample_label[held], settings, probe_device
     ).reshape(shape.num_layers, shape.num_heads)
-    chosen = np.argsort(-accuracy.reshape(-1), kind="stable")[: settings.heads]
-    layers, heads = chosen // shape.num_heads, chosen % shape.num_heads
+    by_accuracy = np.argsort(-accuracy.reshape(-1), kind="stable")
     safe, unsafe = sample_label == 1, sample_label == 0
-    directions, scales = [], []
-    for layer, head in zip(layers, heads, strict=True):
+
+    def direction_and_scale(layer: int, head: int) -> tuple[np.ndarray, float]:
         x = acts[:, layer, head, :].astype(np.float64)
         direction = x[safe].mean(0) - x[unsafe].mean(0)
         direction /= np.linalg.norm(direction) or 1.0
+        return direction, float(np.std(x @ direction))
+
+    selection: dict[str, Any] = {"method": "accuracy"}
+    if not effect_based:
+        chosen = by_accuracy[: settings.heads]
+    else:
+        chosen, selection = _choose_by_effect(
+            model,
+            tokenizer,
+            pairs,
+            held_pairs,
+            benign.items,
+            by_accuracy,
+            accuracy,
+            direction_and_scale,
+            settings,
+            progress,
+        )
+    layers, heads = chosen // shape.num_heads, chosen % shape.num_heads
+    directions, scales = [], []
+    for layer, head in zip(layers, heads, strict=True):
+        direction, scale = direction_and_scale(int(layer), int(head))
         directions.append(direction)
-        scales.append(float(np.std(x @ direction)))
+        scales.append(scale)
     details = {
         "model": name,
         "data_file": Path(data).name,
@@ -282,7 +434,17 @@ def forge_from_model(
         "last_tokens": settings.last_tokens,
         "heads": settings.heads,
         "seed": settings.seed,
-        "split": {"by": "pair", "train_pairs": train_pairs.tolist(), "heldout_pairs": held_pairs.tolist()},
+        "position": settings.position,
+        "selection": selection,
+        "split": {"by": "pair", "train_pairs": train_pairs.tolist(), "heldout_pairs": held_pairs.tolist()}
+        | (
+            {"train_benign": train_benign.tolist(), "heldout_benign": held_benign.tolist()}
+            if settings.position == "prompt"
+            else {}
+        ),
+        "benign_prompts": None
+        if settings.position == "answer" and not effect_based
+        else {"source": benign.name, "sha256": benign.sha256, "count": len(benign.items)},
         "samples": {"train": int(train.sum()), "heldout": int(held.sum())},
         "template": settings.template,
         "system_prompt": settings.system_prompt,

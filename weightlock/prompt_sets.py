@@ -20,8 +20,14 @@ from pathlib import Path
 from .errors import InvalidInputError
 from .untrusted import json_depth_ok, read_bytes
 
-DEFAULTS = {"harmful": "harmful.txt", "benign": "benign_risky.txt", "kl": "kl_text.txt", "qa": "utility_qa.jsonl"}
-CSV_LABEL_KEPT = {"harmful": "unsafe", "benign": "safe"}
+DEFAULTS = {
+    "harmful": "harmful.txt",
+    "benign": "benign_risky.txt",
+    "kl": "kl_text.txt",
+    "qa": "utility_qa.jsonl",
+    "forge-benign": "forge_benign.txt",  # forge's own benign prompts, never an eval set
+}
+CSV_LABEL_KEPT = {"harmful": "unsafe", "benign": "safe", "forge-benign": "safe"}
 PROMPT_KEYS = ("prompt", "question", "goal", "text", "instruction")
 
 

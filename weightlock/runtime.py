@@ -17,13 +17,21 @@ from .lock import Lock
 @contextmanager
 def lock_hooks(model, lock: Lock, alpha: float | None = None):
     """Within the block, ``model`` runs with ``lock`` added to its o_proj inputs."""
-    import torch
-
     config = model.config.to_dict()
-    spec = spec_for_config(config)
-    shape = shape_from_config(config, spec)
+    shape = shape_from_config(config, spec_for_config(config))
     lock.check_compatible(shape)
     displacements = lock.displacements(lock.default_alpha if alpha is None else alpha, shape.num_heads)
+    with displacement_hooks(model, displacements):
+        yield model
+
+
+@contextmanager
+def displacement_hooks(model, displacements: dict):
+    """Within the block, ``model`` runs with ``displacements[layer]`` (a vector as wide as the o_proj input)
+    added to each listed layer's o_proj input. forge's effect measurement runs single heads through this."""
+    import torch
+
+    spec = spec_for_config(model.config.to_dict())
     handles = []
 
     def make_hook(vector):
@@ -43,7 +51,7 @@ def lock_hooks(model, lock: Lock, alpha: float | None = None):
     try:
         for layer, displacement in displacements.items():
             module = model.get_submodule(spec.output_module(layer))
-            handles.append(module.register_forward_pre_hook(make_hook(torch.from_numpy(displacement))))
+            handles.append(module.register_forward_pre_hook(make_hook(torch.as_tensor(displacement))))
         yield model
     finally:
         for handle in handles:
