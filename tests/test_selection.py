@@ -226,6 +226,9 @@ def test_forge_refuses_bad_selection_settings(tmp_path, capsys):
         (dict(position="middle"), "unknown position"),
         (dict(position="prompt", benign_prompts=str(tmp_path / "few.txt")), "forge needs at least 4"),
         (dict(benign_prompts=str(tmp_path / "missing.txt")), "cannot read the forge-benign prompt file"),
+        (dict(selection="effect", effect_alpha=0.0), "--effect-alpha must be a positive number"),
+        (dict(selection="effect", effect_alpha=float("nan")), "--effect-alpha must be a positive number"),
+        (dict(effect_pairs=0), "--effect-pairs must be at least 1"),
     ]
     for overrides, words in cases:
         base = dict(last_tokens=3, template="plain", selection="accuracy", position="answer")

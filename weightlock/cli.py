@@ -435,6 +435,8 @@ def forge(
     as_json,
 ):
     """Make a lock from base MODEL (folder or cached Hub id) and safety preference pairs."""
+    import numpy as np
+
     from .forge import ForgeSettings, forge_lock
     from .lock import save_lock
 
@@ -463,17 +465,7 @@ def forge(
         effect_benign=effect_benign,
         greedy_pool=greedy_pool,
     )
-    for name, value, low in (
-        ("--shortlist", shortlist, 1),
-        ("--effect-pairs", effect_pairs, 1),
-        ("--effect-benign", effect_benign, 1),
-        ("--greedy-pool", greedy_pool, 1),
-    ):
-        if value < low:
-            raise InvalidInputError(f"{name} must be at least {low}, got {value}", hint=f"e.g. {name} 16")
     lock = forge_lock(model, data, settings, progress=not as_json)
-    import numpy as np
-
     digest = save_lock(lock, out)
     details = lock.creation["details"]
     accuracy = np.asarray(details["probe_accuracy"])

@@ -333,9 +333,36 @@ def _choose_by_effect(
     return np.array([kept_flat[i] for i in picked]), record
 
 
+def check_settings(settings: ForgeSettings) -> None:
+    """Refuse settings that cannot work, before any model is loaded."""
+    import math
+
+    if settings.template not in ("chat", "plain"):
+        raise InvalidInputError(f"unknown template {settings.template!r}", hint="use 'chat' or 'plain'")
+    if settings.selection not in SELECTIONS:
+        raise InvalidInputError(f"unknown selection {settings.selection!r}", hint="use " + ", ".join(SELECTIONS))
+    if settings.position not in POSITIONS:
+        raise InvalidInputError(f"unknown position {settings.position!r}", hint="use 'answer' or 'prompt'")
+    for name, value in (
+        ("--shortlist", settings.shortlist),
+        ("--effect-pairs", settings.effect_pairs),
+        ("--effect-benign", settings.effect_benign),
+        ("--greedy-pool", settings.greedy_pool),
+        ("--effect-answer-tokens", settings.effect_answer_tokens),
+    ):
+        if not (isinstance(value, int) and value >= 1):
+            raise InvalidInputError(f"{name} must be at least 1, got {value}", hint=f"e.g. {name} 16")
+    if not (math.isfinite(settings.effect_alpha) and settings.effect_alpha > 0):
+        raise InvalidInputError(
+            f"--effect-alpha must be a positive number, got {settings.effect_alpha}",
+            hint="1 measures each head at the strength of a lock at alpha 1",
+        )
+
+
 def forge_lock(location: str, data: str | Path, settings: ForgeSettings | None = None, progress: bool = False) -> Lock:
     """Forge a lock from the model at ``location`` and the pairs in ``data``."""
     settings = settings or ForgeSettings()
+    check_settings(settings)
     load_pairs(data, settings.limit)  # refuse bad data before spending minutes loading a model
     _benign_prompts(settings)
     model, tokenizer = load_model(location, settings)
@@ -353,12 +380,7 @@ def forge_from_model(
 ) -> Lock:
     """Forge from a model and tokenizer already loaded (stock transformers classes)."""
     settings = settings or ForgeSettings()
-    if settings.template not in ("chat", "plain"):
-        raise InvalidInputError(f"unknown template {settings.template!r}", hint="use 'chat' or 'plain'")
-    if settings.selection not in SELECTIONS:
-        raise InvalidInputError(f"unknown selection {settings.selection!r}", hint="use " + ", ".join(SELECTIONS))
-    if settings.position not in POSITIONS:
-        raise InvalidInputError(f"unknown position {settings.position!r}", hint="use 'answer' or 'prompt'")
+    check_settings(settings)
     pairs, data_sha256 = load_pairs(data, settings.limit)
     benign = _benign_prompts(settings)
     if tokenizer.pad_token_id is None:

@@ -26,6 +26,7 @@ slow on a CPU (SmolLM2-135M: about 4 s per candidate), which is why the measurin
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,8 +87,6 @@ class EffectMeter:
         for prompt_ids, answer_ids in zip(*self._benign_answers(benign_prompts, benign_answer_tokens), strict=True):
             texts.append(_Text(prompt_ids + answer_ids, len(prompt_ids) - 1, len(answer_ids), -1, False))
         self.texts = texts
-        import inspect
-
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._base: dict[int, torch.Tensor] = {}
         self.base_margin, _ = self._run({})
