@@ -110,14 +110,7 @@ class Lock:
         The vector has num_heads * head_dim entries: ``alpha * scale * direction`` in
         each selected head's slice and zeros elsewhere.
         """
-        out: dict[int, np.ndarray] = {}
-        hd = self.head_dim
-        for layer, head, direction, scale in zip(
-            self.layers.tolist(), self.heads.tolist(), self.directions, self.scales, strict=True
-        ):
-            vector = out.setdefault(layer, np.zeros(num_heads * hd, dtype=np.float32))
-            vector[head * hd : (head + 1) * hd] += np.float32(alpha) * scale * direction
-        return out
+        return head_displacements(self.layers, self.heads, self.directions, self.scales, alpha, num_heads)
 
     def check_compatible(self, shape) -> None:
         """Refuse a model whose shape differs from the lock's source model."""
@@ -137,6 +130,19 @@ class Lock:
                 f"the lock was made for a model of another shape ({'; '.join(differences)})",
                 hint=f"use a lock forged from this model's base (the lock is from {src.name or src.architecture})",
             )
+
+
+def head_displacements(layers, heads, directions, scales, alpha: float, num_heads: int) -> dict[int, np.ndarray]:
+    """Per touched layer, ``alpha * scale * direction`` in each head's slice of a float32 o_proj-input vector
+    (zeros elsewhere). A lock's displacements, and forge's for the candidate heads it measures."""
+    out: dict[int, np.ndarray] = {}
+    for layer, head, direction, scale in zip(
+        np.asarray(layers).tolist(), np.asarray(heads).tolist(), directions, scales, strict=True
+    ):
+        hd = len(direction)
+        vector = out.setdefault(layer, np.zeros(num_heads * hd, dtype=np.float32))
+        vector[head * hd : (head + 1) * hd] += np.float32(alpha) * np.float32(scale) * np.asarray(direction, np.float32)
+    return out
 
 
 def build_lock(

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidInputError
+from .lock import head_displacements
 from .runtime import displacement_hooks
 
 KL_FLOOR = 1e-12  # nats/token; a head with no measurable cost still gets a finite score
@@ -172,12 +173,14 @@ class EffectMeter:
 
 
 def displacements_of(candidates: list[Candidate], alpha: float, num_heads: int) -> dict[int, np.ndarray]:
-    out: dict[int, np.ndarray] = {}
-    for c in candidates:
-        hd = c.direction.shape[0]
-        vector = out.setdefault(c.layer, np.zeros(num_heads * hd, dtype=np.float32))
-        vector[c.head * hd : (c.head + 1) * hd] += np.float32(alpha * c.scale) * c.direction.astype(np.float32)
-    return out
+    return head_displacements(
+        [c.layer for c in candidates],
+        [c.head for c in candidates],
+        [c.direction for c in candidates],
+        [c.scale for c in candidates],
+        alpha,
+        num_heads,
+    )
 
 
 def score(effect: float, kl: float) -> float:
