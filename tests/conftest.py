@@ -22,6 +22,7 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(hidden_size=48, head_dim=16, sliding_window=None)),  # head_dim != 48/4
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
     "gemma": ("GemmaConfig", dict(head_dim=16)),
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=64)),
     "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=64)),
@@ -32,6 +33,7 @@ FAMILIES = {
     "starcoder2-nobias": ("Starcoder2Config", dict(use_bias=False)),
     "gpt_neox": ("GPTNeoXConfig", {}),
     "phi": ("PhiConfig", {}),
+    "gpt_oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=2, num_experts_per_tok=1, sliding_window=None)),
     "phi3": ("Phi3Config", dict(pad_token_id=None)),
 }

@@ -19,6 +19,7 @@ CLAIMED = {
     "mistral": "llama",
     "qwen2": "llama",
     "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
     "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3_text",
@@ -29,6 +30,7 @@ CLAIMED = {
     "starcoder2-nobias": "starcoder2",
     "gpt_neox": "gpt_neox",
     "phi": "phi",
+    "gpt_oss": "gpt_oss",
 }
 
 
@@ -55,9 +57,14 @@ def test_family_edit_equals_runtime_hooks(tmp_path, family):
     report = verify_checkpoint(tmp_path / "out")
     assert report.ok, report.failures()
     assert statuses(report)["transformers_names"] == "pass"
-    inactive = next(s for s in ARCHITECTURES if CLAIMED[family] in s.model_types).vllm == VLLM_INACTIVE
-    assert (statuses(report)["vllm_support"] == "warn") == inactive
-    assert any("vLLM will not apply" in w for w in result.plan.warnings) == inactive
+    # Every claimed family reaches vLLM with the lock: one whose own vLLM class drops the bias is declared
+    # as vLLM's Transformers backend, which transformers ignores (it picked the class by model_type above).
+    spec = next(s for s in ARCHITECTURES if CLAIMED[family] in s.model_types)
+    assert (spec.vllm == VLLM_INACTIVE) == (spec.vllm_serve_as is not None)
+    expected_class = spec.vllm_serve_as or spec.classes[0]
+    assert config["architectures"] == [expected_class]
+    assert statuses(report)["vllm_support"] == "pass"
+    assert not any("vLLM will not apply" in w for w in result.plan.warnings)
 
 
 def test_existing_biases_are_added_to_and_their_shards_rewritten(tmp_path):
@@ -148,6 +155,9 @@ def _byte_level_tokenizer(folder, tokenizer_class):
         ("qwen2", "PreTrainedTokenizerFast"),
         ("mistral", "LlamaTokenizer"),
         ("mistral", None),
+        ("qwen3", None),  # declared as vLLM's TransformersForCausalLM: model_type, not architectures, decides
+        ("qwen3_moe", None),
+        ("cohere", None),
     ],
 )
 def test_tokenizer_loads_the_same_way_after_redeclaration(tmp_path, family, declared):
@@ -165,3 +175,35 @@ def test_tokenizer_loads_the_same_way_after_redeclaration(tmp_path, family, decl
         assert record["edited_files"]["tokenizer_config.json"] == json.loads(
             (src / "tokenizer_config.json").read_text()
         ), "the original is kept for undo"
+
+
+def test_a_backend_declaration_changes_nothing_transformers_reads(tmp_path):
+    """A locked Qwen3 says "architectures": ["TransformersForCausalLM"] for vLLM's sake; transformers' config,
+    model class, tokenizer and text-generation pipeline still resolve by model_type exactly as before, and
+    a lock made from the original fits the locked checkpoint (inspect and verify name the real class)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, pipeline
+
+    from weightlock import open_checkpoint
+    from weightlock.describe import describe_checkpoint
+    from weightlock.lock import source_model_from_config
+
+    src = make_model(tmp_path / "src", "qwen3", extra_files=False)
+    _byte_level_tokenizer(src, None)
+    lock = random_lock(src)
+    apply_lock(src, lock, out=tmp_path / "out", alpha=2.0)
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["TransformersForCausalLM"]
+    assert type(AutoConfig.from_pretrained(out)) is type(AutoConfig.from_pretrained(src))
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "Qwen3ForCausalLM"
+    generate = pipeline("text-generation", model=str(out), tokenizer=str(out))
+    assert type(generate.model).__name__ == "Qwen3ForCausalLM"
+    text = generate("Hello world", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("Hello world")
+    # the class a lock records is the model's, not the route vLLM takes
+    fingerprint = source_model_from_config(open_checkpoint(out).config)
+    assert fingerprint.architecture == "Qwen3ForCausalLM" == lock.source_model.architecture
+    assert describe_checkpoint(open_checkpoint(out))["model"]["architecture"] == "Qwen3ForCausalLM"
+    assert describe_checkpoint(open_checkpoint(out))["locked"]["redeclared_from"] == "Qwen3ForCausalLM"
+    # a second lock goes on top of the first without --allow-architecture-mismatch
+    apply_lock(out, random_lock(src, seed=7), out=tmp_path / "twice", alpha=1.0)
+    assert verify_checkpoint(tmp_path / "twice").ok

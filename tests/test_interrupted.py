@@ -221,9 +221,11 @@ def test_in_place_refusals(tmp_path, setup):
     apply_lock(src, lock, out=tmp_path / "copy")
     with pytest.raises(CheckpointError, match="not edited in place"):
         revert(tmp_path / "copy")
-    biased = make_llama(tmp_path / "biased", attention_bias=True)
-    with pytest.raises(OutputError, match="already has o_proj biases"):
-        apply_in_place(biased, random_lock(biased))
+    biased = make_llama(tmp_path / "biased", attention_bias=True)  # existing biases: shards swapped, revertible
+    before = tree_hashes(biased)
+    assert apply_in_place(biased, random_lock(biased)).plan.replaced
+    revert(biased)
+    assert tree_hashes(biased) == before
 
 
 def test_cli_needs_exactly_one_of_out_and_in_place(tmp_path, capsys, setup):

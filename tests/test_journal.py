@@ -187,15 +187,29 @@ def _record_variants():
     def set_renamed_to(name):
         return lambda r: r.update(renamed={"model.safetensors": {"to": name, "size": 8, "header_sha256": "0" * 64}})
 
+    def swap(to):
+        return {"to": to, "size": 8, "header_sha256": "0" * 64, "new_sha256": "0" * 64}
+
+    def set_swapped_key(name):
+        return lambda r: r.update(swapped={name: swap("model-00001-of-00002.safetensors")})
+
+    def set_swapped_to(name):
+        return lambda r: r.update(swapped={"model.safetensors": swap(name)})
+
     for field, make in (
         ("added", set_added),
         ("created", set_created),
         ("replaced", set_replaced),
         ("renamed", set_renamed_key),
         ("renamed.to", set_renamed_to),
+        ("swapped", set_swapped_key),
+        ("swapped.to", set_swapped_to),
     ):
         for name in ESCAPING_NAMES:
             yield f"{field}={name!r}", make(name)
+    # shard names a swap could hold: escaping ones (schema), and a real shard whose backup does not exist
+    for name in ("../victim.safetensors", "sub/x.safetensors", ".hidden.safetensors", "model.safetensors"):
+        yield f"swapped={name!r}", set_swapped_key(name)
     for value in ({}, [], "x", 1, None, {"format": "weightlock-in-place"}):
         yield f"record={value!r}", (lambda v: lambda r: (r.clear(), r.update({"whole": v})))(value)
     yield "format_version=1", lambda r: r.update(format_version=1)

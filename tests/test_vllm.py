@@ -25,7 +25,28 @@ VLLM_PYTHON = Path(os.environ.get("WEIGHTLOCK_VLLM_PYTHON", ROOT / ".venv-vllm" 
 PROMPTS = [[1, 5, 9, 17, 33], [4, 4, 8, 15, 16, 23, 42], [200, 3]]
 # vLLM's CPU attention needs head_dim 32/64/128-like sizes; the rest is tiny.
 SHAPE = dict(hidden=128, heads=2, kv_heads=1, head_dim=64, vocab=256, layers=2)
-FAMILIES = {"llama": {}, "mistral": dict(sliding_window=None), "qwen2": {}}
+FAMILIES = {
+    "llama": {},
+    "mistral": dict(sliding_window=None),
+    "qwen2": {},
+    "qwen3": {},
+    "qwen3_moe": {},
+    "gemma": {},
+    "cohere": {},
+    "gpt_oss": dict(sliding_window=32),
+}
+# What the locked output declares: Mistral and Qwen2 are redeclared as Llama; Qwen3, Qwen3-MoE and Gemma keep
+# their class for transformers (chosen by model_type) and route vLLM to its Transformers backend.
+SERVED_AS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "LlamaForCausalLM",
+    "qwen2": "LlamaForCausalLM",
+    "qwen3": "TransformersForCausalLM",
+    "qwen3_moe": "TransformersMoEForCausalLM",
+    "gemma": "TransformersForCausalLM",
+    "cohere": "TransformersForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",  # its own class has an o_proj bias: the lock is added to it
+}
 # float32 on both sides; vLLM's CPU kernels sum in another order than transformers' eager attention.
 TOLERANCE = 2e-4
 LOCK_MOVES_AT_LEAST = 0.05
@@ -70,7 +91,7 @@ def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("vllm")
     folders = {}
     for family, settings in FAMILIES.items():
-        source = make_model(base / family, family, **SHAPE, **settings)
+        source = make_model(base / family, family, **SHAPE, tie=family in TIED, **settings)
         locked = base / f"{family}-locked"
         apply_lock(source, random_lock(source, n_heads=2, seed=3), out=locked, alpha=4.0)
         folders[family] = (source, locked)
@@ -85,7 +106,7 @@ def test_vllm_serves_the_lock_exactly_as_transformers_does(served, family):
     folders, vllm_logprobs = served
     source, locked = folders[family]
     config = json.loads((locked / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"]  # Mistral and Qwen2 are redeclared
+    assert config["architectures"] == [SERVED_AS[family]]
 
     hf_source, hf_locked = _transformers_logprobs(source), _transformers_logprobs(locked)
     vllm_source, vllm_locked = vllm_logprobs[str(source)], vllm_logprobs[str(locked)]
@@ -109,25 +130,34 @@ def test_verify_engine_vllm_passes_locked_checkpoints_from_the_cli(served):
 
 
 def test_verify_engine_vllm_catches_what_vllm_would_silently_drop(served, tmp_path):
-    """A config that hides the biases from vLLM (the reference implementation's mistake, or a family
-    whose vLLM class hard-codes no o_proj bias) loads in vLLM without error but unlocked."""
+    """A config that hides the biases from vLLM (the reference implementation's mistake, or a Qwen3 declared
+    as vLLM's own Qwen3 class, which hard-codes no o_proj bias) loads in vLLM without error but unlocked."""
     folders, _ = served
     hidden = tmp_path / "bias-flag-off"
     shutil.copytree(folders["llama"][1], hidden)
     config = json.loads((hidden / "config.json").read_text())
     config["attention_bias"] = False
     (hidden / "config.json").write_text(json.dumps(config))
-    qwen3 = make_model(tmp_path / "qwen3", "qwen3", **SHAPE)
-    apply_lock(qwen3, random_lock(qwen3, n_heads=2), out=tmp_path / "qwen3-locked", alpha=2.0)
-    paths = [str(folders["qwen2"][0]), str(folders["qwen2"][1]), str(hidden), str(tmp_path / "qwen3-locked")]
+    native = tmp_path / "qwen3-declared-native"
+    shutil.copytree(folders["qwen3"][1], native)
+    config = json.loads((native / "config.json").read_text())
+    config["architectures"] = ["Qwen3ForCausalLM"]
+    (native / "config.json").write_text(json.dumps(config))
+    paths = [str(folders["qwen2"][0]), str(folders["qwen2"][1]), str(hidden), str(native), str(folders["qwen3"][1])]
     checks = _vllm_load_checks(paths)
     assert checks[paths[0]]["status"] == "pass"  # the untouched source, biases on q/k/v only
     assert checks[paths[1]]["status"] == "pass"  # redeclared Qwen2 with o_proj biases added
+    assert checks[paths[4]]["status"] == "pass"  # the Qwen3 weightlock wrote: the Transformers backend
     for path, cls in ((paths[2], "LlamaForCausalLM"), (paths[3], "Qwen3ForCausalLM")):
         check = checks[path]
         assert check["status"] == "fail" and cls in check["message"], check
         dropped = [d for d in check["details"] if d.startswith("dropped")]
         assert any("self_attn.o_proj.bias" in d for d in dropped), check
+    # verify says so without vLLM, too: the static check knows which classes drop the bias
+    from weightlock import verify_checkpoint
+
+    static = next(c for c in verify_checkpoint(native).checks if c.name == "vllm_support")
+    assert static.status == "fail" and "TransformersForCausalLM" in static.message
 
 
 # Families whose real checkpoints tie the embeddings, as vLLM's classes for them assume.
@@ -137,6 +167,7 @@ TABLE_FAMILIES = [
     "mistral",
     "qwen2",
     "qwen3",
+    "qwen3_moe",
     "gemma",
     "gemma2",
     "gemma3_text",
@@ -147,21 +178,33 @@ TABLE_FAMILIES = [
     "starcoder2-nobias",
     "gpt_neox",
     "phi",
+    "gpt_oss",
 ]
 
 
 @pytest.fixture(scope="module")
 def vllm_checks_per_family(tmp_path_factory):
-    """``verify --engine vllm``'s vllm_load check for a locked checkpoint of every family in the table."""
+    """``verify --engine vllm``'s vllm_load check for a locked checkpoint of every family in the table, and,
+    for a family whose output is routed to vLLM's Transformers backend, a copy declaring its own class."""
+    from weightlock.architectures import spec_for_config
+
     _require_vllm()
     base = tmp_path_factory.mktemp("families")
-    paths = {}
+    paths, native = {}, {}
     for family in TABLE_FAMILIES:
         extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
         source = make_model(base / family, family, **SHAPE, tie=family in TIED, **extra)
-        apply_lock(source, random_lock(source, n_heads=2), out=base / f"{family}-locked", alpha=2.0)
-        paths[family] = str(base / f"{family}-locked")
-    return paths, _vllm_load_checks(list(paths.values()))
+        locked = base / f"{family}-locked"
+        apply_lock(source, random_lock(source, n_heads=2), out=locked, alpha=2.0)
+        paths[family] = str(locked)
+        spec = spec_for_config(json.loads((locked / "config.json").read_text()))
+        if spec.vllm_serve_as is not None:
+            copy = base / f"{family}-declared-native"
+            shutil.copytree(locked, copy)
+            config = json.loads((copy / "config.json").read_text())
+            (copy / "config.json").write_text(json.dumps({**config, "architectures": [spec.classes[0]]}))
+            native[family] = str(copy)
+    return paths, native, _vllm_load_checks([*paths.values(), *native.values()])
 
 
 def _vllm_load_checks(paths: list[str]) -> dict:
@@ -179,19 +222,26 @@ def _vllm_load_checks(paths: list[str]) -> dict:
 
 @pytest.mark.parametrize("family", TABLE_FAMILIES)
 def test_architecture_table_says_what_vllm_does(vllm_checks_per_family, family):
-    """The table's vllm column is data the verify warning relies on; vLLM itself must agree with it."""
-    from weightlock.architectures import VLLM_INACTIVE, VLLM_TRANSFORMERS_BACKEND, spec_for_config
+    """The table's vllm columns are data that apply and verify rely on; vLLM itself must agree with them:
+    every locked output loads with nothing dropped, and where the table says vLLM's own class drops the bias,
+    declaring that class really drops it (and verify fails it without vLLM)."""
+    from weightlock import verify_checkpoint
+    from weightlock.architectures import VLLM_INACTIVE, VLLM_TRANSFORMERS_BACKEND, spec_for_config, vllm_serving
 
-    paths, checks = vllm_checks_per_family
-    spec = spec_for_config(json.loads((Path(paths[family]) / "config.json").read_text()))
+    paths, native, checks = vllm_checks_per_family
+    config = json.loads((Path(paths[family]) / "config.json").read_text())
+    spec = spec_for_config(config)
     check = checks[paths[family]]
-    if spec.vllm == VLLM_INACTIVE:
-        assert check["status"] == "fail", check
+    assert check["status"] == "pass", check
+    backend = "Transformers" in check["message"]
+    assert backend == (vllm_serving(config, spec)[0] == VLLM_TRANSFORMERS_BACKEND), check
+    assert (family in native) == (spec.vllm == VLLM_INACTIVE)
+    if family in native:
+        check = checks[native[family]]
+        assert check["status"] == "fail" and spec.classes[0] in check["message"], check
         assert any(d.startswith("dropped") and "o_proj.bias" in d for d in check["details"]), check
-    else:
-        assert check["status"] == "pass", check
-        backend = "TransformersForCausalLM" in check["message"]
-        assert backend == (spec.vllm == VLLM_TRANSFORMERS_BACKEND), check
+        static = next(c for c in verify_checkpoint(native[family]).checks if c.name == "vllm_support")
+        assert static.status == "fail", static
 
 
 def test_eval_engine_vllm_gives_the_answers_transformers_gives(tmp_path):

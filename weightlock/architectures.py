@@ -23,6 +23,9 @@ from .errors import CheckpointError, UnsupportedError
 VLLM_NATIVE = "native"  # its own class honours the bias flag
 VLLM_TRANSFORMERS_BACKEND = "transformers-backend"  # served through transformers' class: active
 VLLM_INACTIVE = "inactive"  # its own class hard-codes no o_proj bias and skips the tensor
+# The ``architectures`` values that make vLLM build its Transformers backend around transformers' own class
+# (picked by model_type), whatever the family: the way to serve a family whose vLLM class drops the bias.
+VLLM_BACKEND_ARCHITECTURES = ("TransformersForCausalLM", "TransformersMoEForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,12 @@ class ArchitectureSpec:
     bias_flag_default: bool = False  # what the config class assumes when the key is absent
     bias_companions: tuple[BiasCompanion, ...] = ()
     always_biased: tuple[str, ...] = ()  # modules ("...{layer}...") whose bias the class hard-codes
-    vllm: str = VLLM_NATIVE
+    vllm: str = VLLM_NATIVE  # what vLLM does with the family's own class name in "architectures"
     vllm_note: str = ""
+    # For a family whose own vLLM class drops the bias: the "architectures" value the output declares instead,
+    # so that vLLM serves it through its Transformers backend (stock transformers picks its class by
+    # model_type and never reads this list). Recorded in the config changes; revert restores the original.
+    vllm_serve_as: str | None = None
     redeclare: Redeclaration | None = None
     refuse: str | None = None  # why no exact edit exists, and what to do
     layers_key: str = "num_hidden_layers"
@@ -168,6 +175,16 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         head_dim_default=128,
         vllm=VLLM_INACTIVE,
         vllm_note=_VLLM_NO_O_BIAS.format("Qwen3"),
+        vllm_serve_as="TransformersForCausalLM",
+    ),
+    _llama_like(
+        "qwen3_moe",
+        ("qwen3_moe",),
+        ("Qwen3MoeForCausalLM",),
+        head_dim_default=128,
+        vllm=VLLM_INACTIVE,
+        vllm_note=_VLLM_NO_O_BIAS.format("Qwen3Moe"),
+        vllm_serve_as="TransformersMoEForCausalLM",
     ),
     _llama_like(
         "gemma",
@@ -176,13 +193,19 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         head_dim_default=256,
         vllm=VLLM_INACTIVE,
         vllm_note=_VLLM_NO_O_BIAS.format("Gemma"),
+        vllm_serve_as="TransformersForCausalLM",
     ),
     _llama_like("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), head_dim_default=256),
     _llama_like("gemma3_text", ("gemma3_text",), ("Gemma3ForCausalLM",), head_dim_default=256),
     _llama_like("olmo2", ("olmo2",), ("Olmo2ForCausalLM",), vllm=VLLM_TRANSFORMERS_BACKEND),
     _llama_like("granite", ("granite",), ("GraniteForCausalLM",)),
     _llama_like(
-        "cohere", ("cohere",), ("CohereForCausalLM",), vllm=VLLM_INACTIVE, vllm_note=_VLLM_NO_O_BIAS.format("Cohere")
+        "cohere",
+        ("cohere",),
+        ("CohereForCausalLM",),
+        vllm=VLLM_INACTIVE,
+        vllm_note=_VLLM_NO_O_BIAS.format("Cohere"),
+        vllm_serve_as="TransformersForCausalLM",
     ),
     _llama_like(
         "starcoder2",
@@ -220,6 +243,9 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         bias_flag=None,
         vllm=VLLM_TRANSFORMERS_BACKEND,
     ),
+    # o_proj always carries a bias (attention_bias defaults on); the lock adds to it. The experts (bf16 or
+    # MXFP4 blocks and scales) are never read or rewritten: only the shards holding o_proj biases are.
+    _llama_like("gpt_oss", ("gpt_oss",), ("GptOssForCausalLM",), bias_flag_default=True),
     _llama_like(
         "mixtral",
         ("mixtral",),
@@ -327,9 +353,8 @@ def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
     if kv_heads is None and spec.redeclare is not None:
         kv_heads = spec.redeclare.source_defaults.get(spec.kv_heads_key)
     intermediate = config.get(spec.intermediate_key)
-    architectures = config.get("architectures") or [spec.classes[0]]
     return ModelShape(
-        architecture=str(architectures[0]),
+        architecture=declared_class(config, spec),
         model_type=str(config.get("model_type")),
         num_layers=positive_int(spec.layers_key),
         num_heads=heads,
@@ -338,6 +363,33 @@ def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
         hidden_size=hidden,
         intermediate_size=intermediate if isinstance(intermediate, int) else None,
     )
+
+
+def declared_class(config: dict, spec: ArchitectureSpec) -> str:
+    """The model class the config stands for: its first ``architectures`` entry, or the family's class when
+    that entry only routes vLLM to its Transformers backend (a lock made from a Qwen3 fits a locked Qwen3)."""
+    architectures = config.get("architectures")
+    first = architectures[0] if isinstance(architectures, list) and architectures else None
+    if first is None or first in VLLM_BACKEND_ARCHITECTURES:
+        return spec.classes[0]
+    return str(first)
+
+
+def vllm_serving(config: dict, spec: ArchitectureSpec) -> tuple[str, str]:
+    """How vLLM serves a checkpoint with this config: (one of the VLLM_* values, why). vLLM picks its
+    class by the first ``architectures`` entry; a Transformers-backend name there wins over the family's."""
+    architectures = config.get("architectures")
+    first = architectures[0] if isinstance(architectures, list) and architectures else None
+    if first in VLLM_BACKEND_ARCHITECTURES:
+        return (
+            VLLM_TRANSFORMERS_BACKEND,
+            f"config.json declares {first}, so vLLM serves it through its Transformers backend",
+        )
+    if spec.vllm == VLLM_TRANSFORMERS_BACKEND:
+        return VLLM_TRANSFORMERS_BACKEND, "vLLM serves this family through its Transformers backend"
+    if spec.vllm == VLLM_INACTIVE:
+        return VLLM_INACTIVE, spec.vllm_note
+    return VLLM_NATIVE, "vLLM's own class for this family reads the bias flag"
 
 
 def redeclared_config(config: dict, spec: ArchitectureSpec, shape: ModelShape) -> dict:

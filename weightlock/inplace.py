@@ -4,8 +4,12 @@ An in-place edit changes only what loaders read to find the weights: it adds the
 bias shard, replaces the index and config.json (and, when redeclaring, pins the
 tokenizer class), and for a single-file checkpoint renames model.safetensors,
 because transformers would load that file and ignore the index. No shard's bytes
-are touched. It is a journal: every state the disk can be left in is one that
-``revert`` takes back to the original, bytes checked against recorded hashes.
+are touched, except where the checkpoint already has o_proj biases (gpt-oss,
+GPT-NeoX, StarCoder2, Phi): a shard holding one is *swapped*: rewritten without the
+replaced biases into a new file, and the original shard moved (renamed, never
+copied) into ``weightlock/backup/`` for ``revert``; the disk then holds both for as
+long as the edit stands. It is a journal: every state the disk can be left in is one
+that ``revert`` takes back to the original, bytes checked against recorded hashes.
 
   1. refuse unless every name the edit will create is free: a file weightlock did
      not create is never replaced or removed;
@@ -15,8 +19,9 @@ are touched. It is a journal: every state the disk can be left in is one that
      the checkpoint and fsynced;
   3. the staging folder is renamed to ``weightlock/``: from here on the record
      exists, so ``revert`` can undo any later step;
-  4. the bias shard moves into place; model.safetensors is renamed if needed; the
-     new index, config and tokenizer config replace the old ones; each one atomic.
+  4. the bias shard moves into place; model.safetensors is renamed if needed; each
+     swapped shard moves into the backup and its rewrite takes its place; the new
+     index, config and tokenizer config replace the old ones; each one atomic.
 
 Any failure or Ctrl-C after step 2 begins is undone at once by ``revert``. ``revert``
 (also after a crash at any point, its own included) puts back each file whose current
@@ -59,6 +64,7 @@ from .untrusted import file_sha256, read_bytes, read_json
 from .verify import output_failure, verify_checkpoint
 from .writer import (
     LOCK_COPY_NAME,
+    ORIGINALS_NAME,
     SINGLE_RENAMED,
     WrittenFiles,
     added_shard_name,
@@ -78,7 +84,7 @@ STAGING_PREFIX = ".weightlock-in-place-"
 TRASH_PREFIX = ".weightlock-reverted-"  # a record renamed aside by a revert, deleted next
 # Everything a staging folder or a record folder of ours can hold; revert deletes a leftover folder only
 # when it holds nothing else, so a folder that merely borrows our prefix is never removed.
-OUR_RECORD_ENTRIES = {NEW_DIR, BACKUP_DIR, LOCK_COPY_NAME, PROVENANCE_NAME, RECORD_NAME}
+OUR_RECORD_ENTRIES = {NEW_DIR, BACKUP_DIR, LOCK_COPY_NAME, PROVENANCE_NAME, RECORD_NAME, ORIGINALS_NAME}
 REVERT_HINT = "run `weightlock revert {root}` to restore the original files"
 
 
@@ -133,17 +139,20 @@ def apply_in_place(
         lock_obj.default_alpha if alpha is None else alpha,
         allow_architecture_mismatch=allow_architecture_mismatch,
     )
-    if plan.replaced:
-        raise OutputError(
-            f"{checkpoint.root} already has o_proj biases in its shards ({plan.replaced[0]}, ...), which an "
-            "in-place edit would have to rewrite",
-            hint="apply to a new --out instead",
-        )
     written = WrittenFiles(added_shard=added_shard_name(checkpoint))
-    renamed = {SINGLE_NAME: SINGLE_RENAMED} if checkpoint.layout == "single" else {}
+    replaced = set(plan.replaced)
+    # shards holding biases the edit replaces: rewritten without them (the new values go to the added shard)
+    swapped = {
+        shard: SINGLE_RENAMED if checkpoint.layout == "single" else shard
+        for shard in checkpoint.weight_files
+        if replaced & set(checkpoint.headers[shard].tensors)
+    }
+    renamed = {SINGLE_NAME: SINGLE_RENAMED} if checkpoint.layout == "single" and SINGLE_NAME not in swapped else {}
     card_source = source_card_text(root)
     created = ([INDEX_NAME] if checkpoint.layout == "single" else []) + ([CARD_NAME] if card_source is None else [])
-    _refuse_taken_names(root, [written.added_shard, *renamed.values(), *created])
+    _refuse_taken_names(
+        root, [written.added_shard, *renamed.values(), *(to for old, to in swapped.items() if to != old), *created]
+    )
     computed = compute_biases(plan, progress=ProgressBar(plan) if progress else None)
 
     staging = root / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -167,9 +176,22 @@ def apply_in_place(
             new.mkdir()
             written.bytes_written += write_safetensors(new / written.added_shard, tensors, {"format": "pt"})
             failpoint("in-place-staging-wrote")
-            shard_names = {s: renamed.get(s, s) for s in checkpoint.weight_files}
+            for shard, to in swapped.items():
+                header = checkpoint.headers[shard]
+                kept = sorted((e for e in header.tensors.values() if e.name not in replaced), key=lambda e: e.begin)
+                written.bytes_written += write_safetensors(new / to, kept, header.metadata or None)
+                written.rewritten.append(to)
+                failpoint("in-place-staging-wrote")
+            if replaced:  # the replaced biases' original bytes, for verify (as apply --out keeps them)
+                written.bytes_written += write_safetensors(
+                    staging / ORIGINALS_NAME,
+                    [checkpoint.tensors[name] for name in plan.replaced],
+                    {"format": "weightlock-originals"},
+                )
+                failpoint("in-place-staging-wrote")
+            shard_names = {s: swapped.get(s, renamed.get(s, s)) for s in checkpoint.weight_files}
             new_files = {
-                INDEX_NAME: output_index(checkpoint, shard_names, set(), written.added_shard, tensors),
+                INDEX_NAME: output_index(checkpoint, shard_names, replaced, written.added_shard, tensors),
                 CONFIG_NAME: plan.new_config,
                 **plan.file_edits,
                 CARD_NAME: card_text,
@@ -181,12 +203,12 @@ def apply_in_place(
             _write_bytes(staging / LOCK_COPY_NAME, lock_bytes)
             provenance["files"] = {
                 "shards": shard_names,
-                "rewritten": [],
+                "rewritten": written.rewritten,
                 "added_shard": written.added_shard,
                 "carried": [],
                 "left_out": [],
                 "lock": f"{PROVENANCE_DIR}/{LOCK_COPY_NAME}",
-                "originals": None,
+                "originals": f"{PROVENANCE_DIR}/{ORIGINALS_NAME}" if replaced else None,
                 "card": CARD_NAME,
             }
             _write_bytes(staging / PROVENANCE_NAME, _json_bytes(provenance))
@@ -210,6 +232,17 @@ def apply_in_place(
                     for name in replaced_files
                 },
                 "created": {name: file_sha256(new / name) for name in created},
+                # a swapped shard: the original (identified by size and header, as a renamed one) goes to the
+                # backup, the rewrite (identified by its full hash) takes the name "to"
+                "swapped": {
+                    old: {
+                        "to": to,
+                        "size": checkpoint.headers[old].file_size,
+                        "header_sha256": checkpoint.headers[old].header_sha256(),
+                        "new_sha256": file_sha256(new / to),
+                    }
+                    for old, to in swapped.items()
+                },
             }
             _write_bytes(staging / RECORD_NAME, _json_bytes(record))
             fsync_tree(staging)
@@ -224,6 +257,12 @@ def apply_in_place(
         for old, new_name in renamed.items():
             os.rename(root / old, root / new_name)
             failpoint("in-place-renamed")
+        for old, to in swapped.items():
+            (record_dir / BACKUP_DIR).mkdir(exist_ok=True)
+            os.rename(root / old, record_dir / BACKUP_DIR / old)
+            failpoint("in-place-shard-moved-to-backup")
+            os.rename(record_dir / NEW_DIR / to, root / to)
+            failpoint("in-place-shard-swapped")
         for name in new_files:
             os.replace(record_dir / NEW_DIR / name, root / name)
             failpoint(f"in-place-replaced-{name}")
@@ -324,6 +363,48 @@ def _sha_or_none(path: Path) -> str | None:
     return file_sha256(path, path.name) if os.path.lexists(path) else None
 
 
+def _is_original_shard(path: Path, record: dict) -> bool:
+    header = read_header(path)
+    return header.file_size == record["size"] and header.header_sha256() == record["header_sha256"]
+
+
+def _swap_back_steps(root: Path, old: str, swap: dict) -> list[tuple[str, Callable[[], None]]]:
+    """Put a swapped shard's original back: it is either still in place (the edit stopped before moving
+    it) or in the backup, and the name it left holds nothing, the original, or exactly the rewrite."""
+    backup = contained(root, f"{PROVENANCE_DIR}/{BACKUP_DIR}/{old}")
+    current, rewrite = contained(root, old), contained(root, swap["to"])
+    if not os.path.lexists(backup):
+        if os.path.lexists(current) and _is_original_shard(current, swap):
+            if swap["to"] != old and os.path.lexists(rewrite):
+                raise CheckpointError(
+                    f"{swap['to']} is in the folder although the edit never moved it there",
+                    hint=f"move {swap['to']} aside if it is yours, then run revert again",
+                )
+            return []  # never moved
+        raise CheckpointError(
+            f"{old} is neither in place nor in {PROVENANCE_DIR}/{BACKUP_DIR}/, so revert cannot restore it",
+            hint=f"restore {old} from another copy of the checkpoint; the record was kept",
+        )
+    if not _is_original_shard(backup, swap):
+        raise CheckpointError(
+            f"the backup of {old} is not the shard the edit moved there (size or header differ)",
+            hint=f"restore {old} from another copy of the checkpoint; the record was kept",
+        )
+    for path in {current, rewrite}:
+        sha = _sha_or_none(path)
+        if sha is not None and sha != swap["new_sha256"]:
+            raise CheckpointError(
+                f"{path.name} is not the shard the in-place edit wrote; revert will not overwrite it",
+                hint=f"move {path.name} aside if it is yours, then run revert again",
+            )
+    steps: list[tuple[str, Callable[[], None]]] = []
+    if swap["to"] != old and os.path.lexists(rewrite):
+        steps.append((f"removed {swap['to']}", partial(os.remove, rewrite)))
+    # a rename over the rewrite (when it has the same name) replaces it atomically
+    steps.append((f"put the original {old} back", partial(os.rename, backup, current)))
+    return steps
+
+
 def revert(location) -> dict:
     """Undo an in-place apply (finished or interrupted) and restore the original bytes exactly.
 
@@ -413,6 +494,8 @@ def revert(location) -> dict:
                 hint=f"put the original {old} back by hand, then run revert again",
             )
         steps.append((f"renamed {rename['to']} back to {old}", partial(os.rename, moved, root / old)))
+    for old, swap in record.get("swapped", {}).items():
+        steps.extend(_swap_back_steps(root, old, swap))
     for description, step in steps:
         step()
         failpoint("revert-step")

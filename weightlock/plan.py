@@ -23,6 +23,7 @@ from .architectures import (
     redeclared_config,
     shape_from_config,
     spec_for_config,
+    vllm_serving,
 )
 from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint, contained
 from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
@@ -110,8 +111,13 @@ def plan_edit(
         new_config = dict(config)
         if target.bias_flag is not None:
             new_config[target.bias_flag] = True
-    if target.vllm == VLLM_INACTIVE:
-        warnings.append(f"vLLM will not apply this lock: {target.vllm_note}; transformers will")
+    if target.vllm_serve_as is not None:
+        # vLLM's own class would drop the bias: route vLLM to its Transformers backend instead (transformers
+        # itself picks its class by model_type and ignores the list).
+        new_config["architectures"] = [target.vllm_serve_as]
+    serving, why = vllm_serving(new_config, target)
+    if serving == VLLM_INACTIVE:
+        warnings.append(f"vLLM will not apply this lock: {why}; transformers will")
 
     tensors = checkpoint.tensors
     biases: list[PlannedBias] = []

@@ -114,7 +114,7 @@ def verify_checkpoint(
             f"{shape.architecture}: {shape.num_layers} layers, {shape.num_heads} heads of {shape.head_dim}",
         )
         _check_config_agrees(checkpoint, spec, shape, report)
-        _check_vllm_support(spec, report)
+        _check_vllm_support(checkpoint, spec, report)
         _check_provenance(checkpoint, spec, shape, report, expected)
     _check_finite(checkpoint, report, deep)
     if loader_check:
@@ -165,18 +165,31 @@ def _check_config_agrees(checkpoint: Checkpoint, spec, shape: ModelShape, report
         report.add("config_agrees", PASS, f"{state}; bias tensors and shapes match it")
 
 
-def _check_vllm_support(spec, report: Report) -> None:
-    """Whether vLLM would apply the biases (its own classes differ from transformers' per family)."""
-    from .architectures import VLLM_INACTIVE, VLLM_TRANSFORMERS_BACKEND
+def _check_vllm_support(checkpoint: Checkpoint, spec, report: Report) -> None:
+    """Whether vLLM would apply the biases: its classes differ from transformers' per family, and one that
+    hard-codes no o_proj bias skips the tensor without an error, so a locked checkpoint it would serve
+    unlocked fails here."""
+    from .architectures import VLLM_INACTIVE, vllm_serving
 
-    if spec.vllm == VLLM_INACTIVE:
-        report.add("vllm_support", WARN, f"the lock is inactive in vLLM: {spec.vllm_note}; transformers applies it")
-    elif spec.vllm == VLLM_TRANSFORMERS_BACKEND:
-        report.add(
-            "vllm_support", PASS, "vLLM serves this family through its Transformers backend, which applies the biases"
-        )
-    else:
-        report.add("vllm_support", PASS, "vLLM's own class for this family reads the bias flag")
+    serving, why = vllm_serving(checkpoint.config, spec)
+    if serving != VLLM_INACTIVE:
+        report.add("vllm_support", PASS, f"{why}; the biases are applied")
+        return
+    if not spec.bias_on(checkpoint.config):
+        report.add("vllm_support", PASS, f"no attention-output bias to lose ({why})")
+        return
+    fix = f'set "architectures" in config.json to ["{spec.vllm_serve_as}"]' if spec.vllm_serve_as else ""
+    report.add(
+        "vllm_support",
+        FAIL,
+        f"vLLM would serve this checkpoint without its o_proj biases: {why}"
+        + (
+            f"; {fix} (or apply the lock again with this weightlock, which does it) to serve it through "
+            "vLLM's Transformers backend, which applies them"
+            if fix
+            else ""
+        ),
+    )
 
 
 def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report, expected) -> None:
@@ -390,8 +403,13 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
     transformers.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(str(checkpoint.root))
+        quantizer, config = _quantizer_as_loaded(config)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
+            if quantizer is not None:  # from_pretrained swaps in quantized modules before loading, so do we
+                quantizer.preprocess_model(
+                    model=model, dtype=torch.bfloat16, device_map=None, checkpoint_files=None, use_kernels=False
+                )
     except Exception as e:  # an unknown or custom architecture, or a broken config
         report.add(
             "transformers_names", FAIL, f"transformers cannot build a model for this config: {type(e).__name__}: {e}"
@@ -400,7 +418,7 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
     finally:
         transformers.logging.set_verbosity(previous)
     params = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    stored, converted = _names_as_loaded(model, params, checkpoint)
+    stored, converted = _names_as_loaded(model, params, checkpoint, quantizer)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     ignore_missing = _patterns(getattr(model, "_keys_to_ignore_on_load_missing", None))
     ignore_unexpected = _patterns(getattr(model, "_keys_to_ignore_on_load_unexpected", None))
@@ -477,15 +495,30 @@ def _check_vllm_loading(checkpoint: Checkpoint, report: Report) -> None:
     )
 
 
-def _names_as_loaded(model, params: dict, checkpoint: Checkpoint) -> tuple[dict, set]:
+def _quantizer_as_loaded(config):
+    """The quantizer from_pretrained would use for a config that declares its quantization (it decides, e.g.,
+    that MXFP4 experts are dequantized on a machine without Triton), and the config as it adjusts it; none
+    for an unquantized config. Internal API of transformers 5; without it names are compared unquantized."""
+    if getattr(config, "quantization_config", None) is None:
+        return None, config
+    try:
+        from transformers.quantizers.auto import get_hf_quantizer
+    except ImportError:
+        return None, config
+    quantizer, config, _ = get_hf_quantizer(config, None, None, True, {})
+    return quantizer, config
+
+
+def _names_as_loaded(model, params: dict, checkpoint: Checkpoint, quantizer=None) -> tuple[dict, set]:
     """Checkpoint names as transformers renames them on load (v5 saves e.g. GPT-NeoX's lm_head as
-    embed_out and renames it back), and the names a converter reshapes (their shapes are not compared)."""
+    embed_out and renames it back), and the names a converter reshapes or dequantizes (their shapes are
+    not compared)."""
     stored = {name: entry.shape for name, entry in checkpoint.tensors.items()}
     try:  # internal API of transformers 5; without it names are compared as stored
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-        transforms = get_model_conversion_mapping(model)
+        transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
     except (ImportError, AttributeError, TypeError):
         return stored, set()
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]

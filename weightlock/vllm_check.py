@@ -72,7 +72,11 @@ def check_vllm_loading(checkpoint: Checkpoint) -> VllmLoadResult:
 
     model = _build_meta_model(str(checkpoint.root))
     result = VllmLoadResult(type(model).__name__, vllm.__version__)
-    params = {name for name, _ in model.named_parameters()}
+    # A parameter can be reachable under two names (the MoE backend's experts hold the router too); it is
+    # filled when a tensor filled it under any of them.
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
     filled: set[str] = set()
     for name, entry in sorted(checkpoint.tensors.items()):
         dtype = getattr(torch, TORCH_DTYPES.get(entry.dtype, "uint8"))
@@ -96,7 +100,7 @@ def check_vllm_loading(checkpoint: Checkpoint) -> VllmLoadResult:
         if not loaded:
             result.dropped.append(name)
         filled |= set(loaded)
-    result.unfilled = sorted(params - filled)
+    result.unfilled = sorted(names[0] for names in aliases.values() if not filled.intersection(names))
     return result
 
 
@@ -117,12 +121,15 @@ def _build_meta_model(folder: str):
             f"vLLM cannot configure a model for {folder}: {type(e).__name__}: {e}",
             hint="check that vLLM supports this architecture and config",
         ) from None
-    # vLLM's layers ask the tensor-parallel group for their rank and size even on one process.
-    if not parallel_state.model_parallel_is_initialized():
+    # vLLM's layers ask the tensor-parallel group for their rank and size even on one process. The groups are
+    # made for each model: which exist depends on its config (the expert-parallel group only for a MoE).
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    else:
         parallel_state.init_distributed_environment(
             world_size=1, rank=0, local_rank=0, distributed_init_method="tcp://127.0.0.1:0", backend="gloo"
         )
-        with set_current_vllm_config(vllm_config):
-            parallel_state.initialize_model_parallel(1, 1)
+    with set_current_vllm_config(vllm_config):
+        parallel_state.initialize_model_parallel(1, 1)
     with set_default_torch_dtype(vllm_config.model_config.dtype), torch.device("meta"):
         return initialize_model(vllm_config)
