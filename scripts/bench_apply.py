@@ -14,6 +14,10 @@ Contenders:
   apply-copy  weightlock apply --link-mode copy (every byte copied)
   baseline    transformers: from_pretrained, set o_proj biases, save_pretrained
               (the reference procedure; only for presets that are complete models)
+  cp-tree     cp -r of the whole folder, then sync: the floor for --preset phi4, a Phi-3-layout checkpoint
+              whose every shard holds a fused weight the edit splits (so every shard is rewritten)
+
+    python scripts/bench_apply.py --preset phi4 --layers 8
 
     python scripts/bench_apply.py --preset 8b --layers 8
     python scripts/bench_apply.py --preset 70b-attention --layers 80   # ~23 GB on disk
@@ -47,6 +51,19 @@ PRESETS = {
     "8b": dict(
         hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256, layers=32, complete=True
     ),
+    # Phi-4 widths, Phi-3 layout (fused qkv_proj and gate_up_proj): apply redeclares it as Llama, every shard
+    # holding a fused weight is rewritten with it split; the floor is then a copy of the whole folder (cp-tree).
+    "phi4": dict(
+        hidden=5120,
+        heads=40,
+        kv_heads=10,
+        head_dim=128,
+        intermediate=17920,
+        vocab=100352,
+        layers=40,
+        complete=True,
+        fused=True,
+    ),
     # Llama-3.1-70B widths; attention tensors only (what apply needs), baseline not applicable.
     "70b-attention": dict(
         hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672, vocab=128256, layers=80, complete=False
@@ -63,19 +80,29 @@ def tensor_shapes(p: dict) -> dict[str, tuple[int, ...]]:
         shapes["model.embed_tokens.weight"] = (p["vocab"], h)
     for layer in range(p["layers"]):
         a = f"model.layers.{layer}"
-        shapes.update(
-            {
-                f"{a}.self_attn.q_proj.weight": (p["heads"] * hd, h),
-                f"{a}.self_attn.k_proj.weight": (p["kv_heads"] * hd, h),
-                f"{a}.self_attn.v_proj.weight": (p["kv_heads"] * hd, h),
-                f"{a}.self_attn.o_proj.weight": (h, p["heads"] * hd),
-            }
-        )
-        if p["complete"]:
+        if p.get("fused"):
+            shapes[f"{a}.self_attn.qkv_proj.weight"] = ((p["heads"] + 2 * p["kv_heads"]) * hd, h)
+        else:
             shapes.update(
                 {
+                    f"{a}.self_attn.q_proj.weight": (p["heads"] * hd, h),
+                    f"{a}.self_attn.k_proj.weight": (p["kv_heads"] * hd, h),
+                    f"{a}.self_attn.v_proj.weight": (p["kv_heads"] * hd, h),
+                }
+            )
+        shapes[f"{a}.self_attn.o_proj.weight"] = (h, p["heads"] * hd)
+        if p["complete"]:
+            mlp_in = (
+                {f"{a}.mlp.gate_up_proj.weight": (2 * p["intermediate"], h)}
+                if p.get("fused")
+                else {
                     f"{a}.mlp.gate_proj.weight": (p["intermediate"], h),
                     f"{a}.mlp.up_proj.weight": (p["intermediate"], h),
+                }
+            )
+            shapes.update(
+                {
+                    **mlp_in,
                     f"{a}.mlp.down_proj.weight": (h, p["intermediate"]),
                     f"{a}.input_layernorm.weight": (h,),
                     f"{a}.post_attention_layernorm.weight": (h,),
@@ -115,8 +142,8 @@ def write_checkpoint(folder: Path, p: dict) -> int:
                 remaining -= len(chunk)
         total += offset
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Phi3ForCausalLM" if p.get("fused") else "LlamaForCausalLM"],
+        "model_type": "phi3" if p.get("fused") else "llama",
         "hidden_size": p["hidden"],
         "intermediate_size": p["intermediate"],
         "num_hidden_layers": p["layers"],
@@ -303,9 +330,9 @@ if mode == "cold-read":
 elif mode in ("apply", "apply-copy", "apply-noload"):
     apply_lock(src, lock, out=out, link_mode="copy" if mode == "apply-copy" else "auto",
                loader_check=mode != "apply-noload")
-elif mode == "cp":
+elif mode in ("cp", "cp-tree"):
     import subprocess
-    subprocess.run(["cp", src, out], check=True)
+    subprocess.run(["cp", "-r", src, out], check=True)
     os.sync()
 elif mode == "gguf-apply":
     apply_lock(src, lock, out=out)
@@ -396,8 +423,9 @@ def main() -> None:
     )
     make_lock(src, p, lock, args.legacy_lock)
 
-    modes = ["cold-read", "apply", "apply-noload"] + ([] if args.no_copy else ["apply-copy"])
-    if p["complete"] and not args.no_baseline:
+    modes = ["cold-read"] + (["cp-tree"] if p.get("fused") else []) + ["apply", "apply-noload"]
+    modes += [] if args.no_copy or p.get("fused") else ["apply-copy"]
+    if p["complete"] and not p.get("fused") and not args.no_baseline:  # transformers cannot lock a Phi-3
         modes.append("baseline")
     results = [run_child(mode, src, lock, out) for mode in modes]
     floor = results[0]["seconds"]

@@ -34,7 +34,7 @@ FAMILIES = {
     "gpt_neox": ("GPTNeoXConfig", {}),
     "phi": ("PhiConfig", {}),
     "gpt_oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=2, num_experts_per_tok=1, sliding_window=None)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     "phi3": ("Phi3Config", dict(pad_token_id=None)),
 }
 

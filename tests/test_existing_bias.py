@@ -1,4 +1,5 @@
 """Checkpoints whose o_proj already has a bias (gpt-oss, GPT-NeoX, StarCoder2, Phi): the lock is added to it.
+(The in-place crash test also covers Mixtral, whose shards are swapped for its stacked experts.)
 
 gpt-oss's experts may be stored as MXFP4 blocks and scales: they are never read or rewritten, and stock
 transformers (which dequantizes them on a CPU) loads the output with the lock active. ``--in-place`` works for
@@ -146,11 +147,18 @@ def test_in_place_gpt_oss_mxfp4_and_revert(tmp_path):
     assert tree_hashes(src) == before
 
 
-@pytest.mark.parametrize("layout", ["single", "sharded"])
-def test_a_crash_at_every_step_of_an_in_place_swap_is_undone_by_revert(tmp_path, layout):
+@pytest.mark.parametrize(
+    "family,shard_kb",
+    [
+        ("starcoder2", None),  # single file: model.safetensors swapped for model-00001-of-00002
+        ("starcoder2", 40),
+        ("mixtral", 100),  # experts stacked across shards; 3 of its 12 shards end up empty and only move away
+    ],
+)
+def test_a_crash_at_every_step_of_an_in_place_swap_is_undone_by_revert(tmp_path, family, shard_kb):
     """Kill the in-place apply at its N-th failpoint for every N it reaches; revert then restores the exact
     original bytes (and apply succeeds afterwards)."""
-    src = make_model(tmp_path / "src", "starcoder2", shard_kb=40 if layout == "sharded" else None)
+    src = make_model(tmp_path / "src", family, shard_kb=shard_kb)
     lock_path = tmp_path / "l.wlock"
     from weightlock import save_lock
 

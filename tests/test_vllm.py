@@ -34,6 +34,8 @@ FAMILIES = {
     "gemma": {},
     "cohere": {},
     "gpt_oss": dict(sliding_window=32),
+    "phi3": {},
+    "mixtral": {},
 }
 # What the locked output declares: Mistral and Qwen2 are redeclared as Llama; Qwen3, Qwen3-MoE and Gemma keep
 # their class for transformers (chosen by model_type) and route vLLM to its Transformers backend.
@@ -46,6 +48,8 @@ SERVED_AS = {
     "gemma": "TransformersForCausalLM",
     "cohere": "TransformersForCausalLM",
     "gpt_oss": "GptOssForCausalLM",  # its own class has an o_proj bias: the lock is added to it
+    "phi3": "LlamaForCausalLM",  # fused weights split
+    "mixtral": "TransformersMoEForCausalLM",  # redeclared as GraniteMoe, whose own vLLM class drops the bias
 }
 # float32 on both sides; vLLM's CPU kernels sum in another order than transformers' eager attention.
 TOLERANCE = 2e-4
@@ -179,6 +183,8 @@ TABLE_FAMILIES = [
     "gpt_neox",
     "phi",
     "gpt_oss",
+    "phi3",
+    "mixtral",
 ]
 
 

@@ -119,6 +119,8 @@ def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes)
             "added": [b.name for b in plan.biases if b.base is None],
             "replaced": plan.replaced,
             "locked": [b.name for b in plan.biases if b.weight is not None],
+            **({"split": plan.split_record} if plan.splits else {}),
+            **({"merged": plan.merge_record} if plan.merges else {}),
         },
         "original_config": checkpoint.config,
         "original_index": checkpoint.index,

@@ -37,6 +37,25 @@ class BiasCompanion:
 
 
 @dataclass(frozen=True)
+class FusedSplit:
+    """A fused weight the target class stores as separate tensors: its row blocks, in order. A block of rows
+    is a contiguous byte range, so the parts are copied, never computed."""
+
+    fused: str  # e.g. "model.layers.{layer}.self_attn.qkv_proj" (its ".weight")
+    parts: tuple[tuple[str, str], ...]  # (module, ModelShape.width() key of its rows), in row order
+
+
+@dataclass(frozen=True)
+class TensorMerge:
+    """A target tensor whose bytes are source tensors' bytes one after another: for each expert in turn
+    (``{expert}`` in the names; the experts are the leading dimension) the sources in order, or, without
+    ``{expert}``, the one source renamed. Copied, never computed."""
+
+    target: str  # e.g. "model.layers.{layer}.block_sparse_moe.input_linear.weight"
+    sources: tuple[str, ...]  # e.g. ("...experts.{expert}.w1.weight", "...experts.{expert}.w3.weight")
+
+
+@dataclass(frozen=True)
 class Redeclaration:
     """Rewrite a config for an equivalent class that can hold the bias."""
 
@@ -52,6 +71,19 @@ class Redeclaration:
     # the tokenizer class the source model type resolves to, pinned in tokenizer_config.json
     # when it names none (AutoTokenizer would otherwise pick by the new model_type)
     tokenizer_class: str | None = None
+    # fused weights split into the target's separate tensors
+    splits: tuple[FusedSplit, ...] = ()
+    # separate tensors the target stores stacked (per-expert weights), and the config key counting the experts
+    merges: tuple[TensorMerge, ...] = ()
+    experts_key: str = "num_local_experts"
+    # the target key holding the attention scale, written as head_dim ** -0.5 (the source's implicit scale)
+    attention_scale_key: str | None = None
+    # target settings written with the values that make the target compute what the source does
+    neutral_settings: dict = field(default_factory=dict)
+    # the source class rotates only part of each head, or switches RoPE tables in ways the target does not
+    # (Phi-3's LongRoPE resets the cache when a generation crosses original_max_position_embeddings): only a
+    # plain RoPE over the whole head is exact
+    plain_rope_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +169,53 @@ _MISTRAL_SOURCE_DEFAULTS = {
     "tie_word_embeddings": False,
     "rms_norm_eps": 1e-6,
 }
+_PHI3_SOURCE_DEFAULTS = {
+    "vocab_size": 32064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "eos_token_id": 32000,
+    "pad_token_id": 32000,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+}
+_PHI3_SPLITS = (
+    FusedSplit(
+        "model.layers.{layer}.self_attn.qkv_proj",
+        (
+            ("model.layers.{layer}.self_attn.q_proj", "heads"),
+            ("model.layers.{layer}.self_attn.k_proj", "kv_heads"),
+            ("model.layers.{layer}.self_attn.v_proj", "kv_heads"),
+        ),
+    ),
+    # Phi3MLP: gate, up = gate_up_proj(x).chunk(2): the gate is the first half
+    FusedSplit(
+        "model.layers.{layer}.mlp.gate_up_proj",
+        (("model.layers.{layer}.mlp.gate_proj", "intermediate"), ("model.layers.{layer}.mlp.up_proj", "intermediate")),
+    ),
+)
+_MIXTRAL_SOURCE_DEFAULTS = {
+    "intermediate_size": 14336,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096 * 32,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6,
+    "sliding_window": None,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "tie_word_embeddings": False,
+}
+_MIXTRAL_MOE = "model.layers.{layer}.block_sparse_moe"
+_MIXTRAL_MERGES = (
+    # GraniteMoe's experts: gate, up = input_linear[e](x).chunk(2) (Mixtral's w1 then w3); output_linear[e] is w2
+    TensorMerge(
+        f"{_MIXTRAL_MOE}.input_linear.weight",
+        (f"{_MIXTRAL_MOE}.experts.{{expert}}.w1.weight", f"{_MIXTRAL_MOE}.experts.{{expert}}.w3.weight"),
+    ),
+    TensorMerge(f"{_MIXTRAL_MOE}.output_linear.weight", (f"{_MIXTRAL_MOE}.experts.{{expert}}.w2.weight",)),
+    TensorMerge(f"{_MIXTRAL_MOE}.router.layer.weight", (f"{_MIXTRAL_MOE}.gate.weight",)),
+)
 _VLLM_NO_O_BIAS = "vLLM's own {} class hard-codes no o_proj bias and silently skips the tensor"
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
@@ -246,22 +325,45 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     # o_proj always carries a bias (attention_bias defaults on); the lock adds to it. The experts (bf16 or
     # MXFP4 blocks and scales) are never read or rewritten: only the shards holding o_proj biases are.
     _llama_like("gpt_oss", ("gpt_oss",), ("GptOssForCausalLM",), bias_flag_default=True),
+    # GraniteMoe computes Mixtral's model exactly once its multipliers are neutral (embedding, residual and
+    # logits 1.0, attention scale head_dim ** -0.5): its router takes the softmax of the top-k logits, which is
+    # Mixtral's softmax renormalised over the top k. vLLM's own GraniteMoe class has no o_proj bias.
+    _llama_like(
+        "granitemoe",
+        ("granitemoe",),
+        ("GraniteMoeForCausalLM",),
+        vllm=VLLM_INACTIVE,
+        vllm_note=_VLLM_NO_O_BIAS.format("GraniteMoe"),
+        vllm_serve_as="TransformersMoEForCausalLM",
+    ),
     _llama_like(
         "mixtral",
         ("mixtral",),
         ("MixtralForCausalLM",),
-        refuse=(
-            "MixtralForCausalLM hard-codes bias=False on o_proj in transformers and vLLM, and no class with an "
-            "attention bias computes the same mixture-of-experts model"
+        redeclare=Redeclaration(
+            "granitemoe",
+            _MIXTRAL_SOURCE_DEFAULTS,
+            drop_keys=("sliding_window", "router_jitter_noise"),
+            merges=_MIXTRAL_MERGES,
+            attention_scale_key="attention_multiplier",
+            neutral_settings={"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0},
         ),
     ),
+    # Phi-3 / Phi-4: Llama's computation with fused q/k/v and gate/up weights and no attention bias at all.
     _llama_like(
         "phi3",
         ("phi3",),
         ("Phi3ForCausalLM",),
-        refuse=(
-            "Phi3ForCausalLM hard-codes bias=False on o_proj; the equivalent Llama layout needs its fused "
-            "qkv_proj and gate_up_proj split, which weightlock does not do"
+        bias_companions=(),
+        redeclare=Redeclaration(
+            "llama",
+            _PHI3_SOURCE_DEFAULTS,
+            # auto_map points transformers at Phi-3's remote code; vLLM applies a Llama config's window everywhere
+            drop_keys=("sliding_window", "auto_map"),
+            # transformers lists phi3 among the types whose hub tokenizer class it overrides: TokenizersBackend
+            tokenizer_class="TokenizersBackend",
+            splits=_PHI3_SPLITS,
+            plain_rope_only=True,
         ),
     ),
 )
@@ -415,6 +517,14 @@ def redeclared_config(config: dict, spec: ArchitectureSpec, shape: ModelShape) -
             "would change results on contexts longer than the window",
             hint=RUNTIME_HINT,
         )
+    if rule.plain_rope_only:
+        difference = _rope_difference(effective)
+        if difference:
+            raise UnsupportedError(
+                f"{shape.architecture} {difference}, which {target.classes[0]} does not reproduce exactly; "
+                "redeclaring it would change results",
+                hint=RUNTIME_HINT,
+            )
     new = {key: value for key, value in effective.items() if key not in rule.drop_keys}
     new.update(
         model_type=target.model_types[0],
@@ -422,5 +532,27 @@ def redeclared_config(config: dict, spec: ArchitectureSpec, shape: ModelShape) -
         head_dim=shape.head_dim,
         num_key_value_heads=shape.num_kv_heads,
     )
+    new.update(rule.neutral_settings)
+    if rule.attention_scale_key:
+        new[rule.attention_scale_key] = shape.head_dim**-0.5
     new[target.bias_flag] = True
     return new
+
+
+def _rope_difference(config: dict) -> str | None:
+    """What in a config's RoPE settings goes beyond a plain RoPE over the whole head, or None."""
+    parameters = config.get("rope_parameters")
+    if not isinstance(parameters, dict):
+        parameters = {}
+    factor = parameters.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if factor not in (None, 1, 1.0):
+        return f"rotates only part of each head (partial_rotary_factor {factor})"
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = config.get(key)
+        if isinstance(scaling, dict):
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in (None, "default"):
+                return f"uses {kind!r} RoPE scaling ({key})"
+        elif scaling is not None:
+            return f"has a {key} that is not an object"
+    return None

@@ -5,8 +5,9 @@ bias shard, replaces the index and config.json (and, when redeclaring, pins the
 tokenizer class), and for a single-file checkpoint renames model.safetensors,
 because transformers would load that file and ignore the index. No shard's bytes
 are touched, except where the checkpoint already has o_proj biases (gpt-oss,
-GPT-NeoX, StarCoder2, Phi): a shard holding one is *swapped*: rewritten without the
-replaced biases into a new file, and the original shard moved (renamed, never
+GPT-NeoX, StarCoder2, Phi) or fused weights the output class stores split (Phi-3):
+a shard holding one is *swapped*: rewritten (without the replaced biases, with the
+fused weights split) into a new file, and the original shard moved (renamed, never
 copied) into ``weightlock/backup/`` for ``revert``; the disk then holds both for as
 long as the edit stands. It is a journal: every state the disk can be left in is one
 that ``revert`` takes back to the original, bytes checked against recorded hashes.
@@ -141,17 +142,27 @@ def apply_in_place(
     )
     written = WrittenFiles(added_shard=added_shard_name(checkpoint))
     replaced = set(plan.replaced)
-    # shards holding biases the edit replaces: rewritten without them (the new values go to the added shard)
-    swapped = {
-        shard: SINGLE_RENAMED if checkpoint.layout == "single" else shard
+    # shards holding biases the edit replaces (the new values go to the added shard) or fused weights it
+    # splits: swapped for their rewrite
+    # (to None: every tensor of the shard went into stacked tensors stored elsewhere; it is only moved away)
+    swapped: dict[str, str | None] = {
+        shard: (SINGLE_RENAMED if checkpoint.layout == "single" else shard)
+        if plan.output_entries(checkpoint.headers[shard].tensors.values())
+        else None
         for shard in checkpoint.weight_files
-        if replaced & set(checkpoint.headers[shard].tensors)
+        if plan.changes_shard(checkpoint.headers[shard].tensors.values())
     }
     renamed = {SINGLE_NAME: SINGLE_RENAMED} if checkpoint.layout == "single" and SINGLE_NAME not in swapped else {}
     card_source = source_card_text(root)
     created = ([INDEX_NAME] if checkpoint.layout == "single" else []) + ([CARD_NAME] if card_source is None else [])
     _refuse_taken_names(
-        root, [written.added_shard, *renamed.values(), *(to for old, to in swapped.items() if to != old), *created]
+        root,
+        [
+            written.added_shard,
+            *renamed.values(),
+            *(to for old, to in swapped.items() if to not in (old, None)),
+            *created,
+        ],
     )
     computed = compute_biases(plan, progress=ProgressBar(plan) if progress else None)
 
@@ -177,9 +188,11 @@ def apply_in_place(
             written.bytes_written += write_safetensors(new / written.added_shard, tensors, {"format": "pt"})
             failpoint("in-place-staging-wrote")
             for shard, to in swapped.items():
+                if to is None:
+                    continue
                 header = checkpoint.headers[shard]
-                kept = sorted((e for e in header.tensors.values() if e.name not in replaced), key=lambda e: e.begin)
-                written.bytes_written += write_safetensors(new / to, kept, header.metadata or None)
+                entries = plan.output_entries(header.tensors.values())
+                written.bytes_written += write_safetensors(new / to, entries, header.metadata or None)
                 written.rewritten.append(to)
                 failpoint("in-place-staging-wrote")
             if replaced:  # the replaced biases' original bytes, for verify (as apply --out keeps them)
@@ -189,9 +202,13 @@ def apply_in_place(
                     {"format": "weightlock-originals"},
                 )
                 failpoint("in-place-staging-wrote")
-            shard_names = {s: swapped.get(s, renamed.get(s, s)) for s in checkpoint.weight_files}
+            shard_names: dict[str, str] = {}
+            for shard in checkpoint.weight_files:
+                name = swapped[shard] if shard in swapped else renamed.get(shard, shard)
+                if name is not None:  # an emptied shard has no output name
+                    shard_names[shard] = name
             new_files = {
-                INDEX_NAME: output_index(checkpoint, shard_names, replaced, written.added_shard, tensors),
+                INDEX_NAME: output_index(checkpoint, shard_names, plan, written.added_shard, tensors),
                 CONFIG_NAME: plan.new_config,
                 **plan.file_edits,
                 CARD_NAME: card_text,
@@ -239,7 +256,7 @@ def apply_in_place(
                         "to": to,
                         "size": checkpoint.headers[old].file_size,
                         "header_sha256": checkpoint.headers[old].header_sha256(),
-                        "new_sha256": file_sha256(new / to),
+                        "new_sha256": None if to is None else file_sha256(new / to),
                     }
                     for old, to in swapped.items()
                 },
@@ -261,8 +278,9 @@ def apply_in_place(
             (record_dir / BACKUP_DIR).mkdir(exist_ok=True)
             os.rename(root / old, record_dir / BACKUP_DIR / old)
             failpoint("in-place-shard-moved-to-backup")
-            os.rename(record_dir / NEW_DIR / to, root / to)
-            failpoint("in-place-shard-swapped")
+            if to is not None:
+                os.rename(record_dir / NEW_DIR / to, root / to)
+                failpoint("in-place-shard-swapped")
         for name in new_files:
             os.replace(record_dir / NEW_DIR / name, root / name)
             failpoint(f"in-place-replaced-{name}")
@@ -372,10 +390,11 @@ def _swap_back_steps(root: Path, old: str, swap: dict) -> list[tuple[str, Callab
     """Put a swapped shard's original back: it is either still in place (the edit stopped before moving
     it) or in the backup, and the name it left holds nothing, the original, or exactly the rewrite."""
     backup = contained(root, f"{PROVENANCE_DIR}/{BACKUP_DIR}/{old}")
-    current, rewrite = contained(root, old), contained(root, swap["to"])
+    current = contained(root, old)
+    rewrite = current if swap["to"] is None else contained(root, swap["to"])
     if not os.path.lexists(backup):
         if os.path.lexists(current) and _is_original_shard(current, swap):
-            if swap["to"] != old and os.path.lexists(rewrite):
+            if swap["to"] not in (old, None) and os.path.lexists(rewrite):
                 raise CheckpointError(
                     f"{swap['to']} is in the folder although the edit never moved it there",
                     hint=f"move {swap['to']} aside if it is yours, then run revert again",
@@ -392,13 +411,13 @@ def _swap_back_steps(root: Path, old: str, swap: dict) -> list[tuple[str, Callab
         )
     for path in {current, rewrite}:
         sha = _sha_or_none(path)
-        if sha is not None and sha != swap["new_sha256"]:
+        if sha is not None and sha != swap["new_sha256"]:  # (None: nothing was put under the name)
             raise CheckpointError(
                 f"{path.name} is not the shard the in-place edit wrote; revert will not overwrite it",
                 hint=f"move {path.name} aside if it is yours, then run revert again",
             )
     steps: list[tuple[str, Callable[[], None]]] = []
-    if swap["to"] != old and os.path.lexists(rewrite):
+    if swap["to"] not in (old, None) and os.path.lexists(rewrite):
         steps.append((f"removed {swap['to']}", partial(os.remove, rewrite)))
     # a rename over the rewrite (when it has the same name) replaces it atomically
     steps.append((f"put the original {old} back", partial(os.rename, backup, current)))

@@ -28,7 +28,15 @@ from .architectures import (
 from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint, contained
 from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
 from .lock import Lock
-from .safetensors_file import FLOAT_DTYPES, TensorEntry, TensorReader, TensorReaders, float32_to_raw, raw_to_float32
+from .safetensors_file import (
+    FLOAT_DTYPES,
+    ConcatenatedTensor,
+    TensorEntry,
+    TensorReader,
+    TensorReaders,
+    float32_to_raw,
+    raw_to_float32,
+)
 from .untrusted import read_json
 
 
@@ -60,11 +68,43 @@ class EditPlan:
     # carried JSON files rewritten for the output (relative path -> content), e.g. a pinned tokenizer class
     file_edits: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # fused tensors the output stores split (name -> its parts: byte ranges of the fused tensor's rows)
+    splits: dict[str, list[TensorEntry]] = field(default_factory=dict)
+    # tensors the output stores stacked or renamed (target name -> the stored tensors it concatenates)
+    merges: dict[str, ConcatenatedTensor] = field(default_factory=dict)
 
     @property
     def replaced(self) -> list[str]:
         """Existing tensors the output replaces (they must leave their shards)."""
         return [b.name for b in self.biases if b.base is not None]
+
+    @property
+    def split_record(self) -> dict[str, list[str]]:
+        return {name: [part.name for part in parts] for name, parts in self.splits.items()}
+
+    @property
+    def merge_record(self) -> dict[str, list[str]]:
+        return {name: [piece.name for piece in merged.pieces] for name, merged in self.merges.items()}
+
+    def output_entries(self, entries) -> list[TensorEntry | ConcatenatedTensor]:
+        """A shard's entries as the output stores them: replaced tensors left out, fused ones split, and a
+        stacked tensor in place of its first piece (its other pieces left out, wherever they are stored)."""
+        replaced = set(self.replaced)
+        first_piece = {merged.pieces[0].name: merged for merged in self.merges.values()}
+        pieces = {piece.name for merged in self.merges.values() for piece in merged.pieces}
+        out: list[TensorEntry | ConcatenatedTensor] = []
+        for entry in sorted(entries, key=lambda e: e.begin):
+            if entry.name in first_piece:
+                out.append(first_piece[entry.name])
+            elif entry.name not in replaced and entry.name not in pieces:
+                out.extend(self.splits.get(entry.name, [entry]))
+        return out
+
+    def changes_shard(self, entries) -> bool:
+        """Whether a shard holding these entries must be rewritten for the output."""
+        changed = set(self.replaced) | set(self.splits)
+        changed |= {piece.name for merged in self.merges.values() for piece in merged.pieces}
+        return any(e.name in changed for e in entries)
 
     @property
     def weight_bytes_to_read(self) -> int:
@@ -119,11 +159,17 @@ def plan_edit(
     if serving == VLLM_INACTIVE:
         warnings.append(f"vLLM will not apply this lock: {why}; transformers will")
 
-    tensors = checkpoint.tensors
+    splits = _planned_splits(checkpoint.tensors, spec, shape)
+    merges = _planned_merges(checkpoint.tensors, spec, shape, config)
+    # the tensors as the output will name them: what the target's checks below look at
+    consumed = set(splits) | {piece.name for merged in merges.values() for piece in merged.pieces}
+    tensors: dict = {n: e for n, e in checkpoint.tensors.items() if n not in consumed}
+    tensors.update({part.name: part for parts in splits.values() for part in parts})
+    tensors.update(merges)
     biases: list[PlannedBias] = []
     for layer in range(shape.num_layers):
         weight = _output_weight(checkpoint, spec, shape, layer)
-        problems = bias_consistency_problems(tensors, spec, shape, config, layers=[layer])
+        problems = bias_consistency_problems(checkpoint.tensors, spec, shape, config, layers=[layer])
         if problems:
             raise CheckpointError(problems[0], hint="the config and the tensors disagree; restore the checkpoint")
         locked = weight if layer in displacements else None
@@ -164,7 +210,96 @@ def plan_edit(
         dict(config),
         _tokenizer_edits(checkpoint, spec),
         warnings,
+        splits,
+        merges,
     )
+
+
+def _planned_merges(tensors, spec: ArchitectureSpec, shape: ModelShape, config: dict) -> dict[str, ConcatenatedTensor]:
+    """Each tensor the redeclaration stacks (or renames), as the stored tensors it concatenates, checked:
+    every piece present, one dtype, and per expert the same shapes with a common row width."""
+    rule = spec.redeclare
+    if rule is None or not rule.merges:
+        return {}
+    experts = config.get(rule.experts_key, rule.source_defaults.get(rule.experts_key))
+    if not isinstance(experts, int) or isinstance(experts, bool) or not 0 < experts <= 4096:
+        raise CheckpointError(
+            f"config.json: {rule.experts_key} must be a positive integer (at most 4096), found {experts!r}",
+            hint="the config is damaged; restore it from the original",
+        )
+    out: dict[str, ConcatenatedTensor] = {}
+    for layer in range(shape.num_layers):
+        for merge in rule.merges:
+            per_expert = "{expert}" in "".join(merge.sources)
+            names = [
+                source.format(layer=layer, expert=expert)
+                for expert in (range(experts) if per_expert else [None])
+                for source in merge.sources
+            ]
+            missing = [name for name in names if name not in tensors]
+            if missing:
+                raise CheckpointError(
+                    f"the checkpoint has no {missing[0]} (config.json says {experts} experts)",
+                    hint="the checkpoint is incomplete or its config is wrong; fetch all shards or restore it",
+                )
+            pieces = tuple(tensors[name] for name in names)
+            target = merge.target.format(layer=layer)
+            first = pieces[: len(merge.sources)]
+            if (
+                len({piece.dtype for piece in pieces}) != 1
+                or any(len(piece.shape) != 2 for piece in pieces)
+                or len({piece.shape[1] for piece in pieces}) != 1
+                or any(piece.shape != first[i % len(first)].shape for i, piece in enumerate(pieces))
+            ):
+                raise CheckpointError(
+                    f"the tensors that make {target} differ in dtype or shape ({names[0]}: "
+                    f"{pieces[0].dtype} {list(pieces[0].shape)}, ...)",
+                    hint="the checkpoint is damaged; restore it from the original",
+                )
+            rows = sum(piece.shape[0] for piece in first)
+            target_shape = (experts, rows, pieces[0].shape[1]) if per_expert else pieces[0].shape
+            out[target] = ConcatenatedTensor(target, pieces[0].dtype, target_shape, pieces)
+    return out
+
+
+def _planned_splits(tensors, spec: ArchitectureSpec, shape: ModelShape) -> dict[str, list[TensorEntry]]:
+    """Each fused weight the redeclaration splits, as its parts: consecutive row blocks, each a byte range of
+    the fused tensor (rows are contiguous in a row-major tensor), checked against the config's widths."""
+    rules = spec.redeclare.splits if spec.redeclare else ()
+    out: dict[str, list[TensorEntry]] = {}
+    for layer in range(shape.num_layers) if rules else ():
+        for rule in rules:
+            name = f"{rule.fused.format(layer=layer)}.weight"
+            fused = tensors.get(name)
+            if fused is None:
+                raise CheckpointError(
+                    f"the checkpoint has no {name}", hint="the checkpoint is incomplete; fetch all its shards"
+                )
+            widths = [shape.width(width_from) for _, width_from in rule.parts]
+            if len(fused.shape) != 2 or fused.shape[0] != sum(widths) or fused.shape[1] != shape.hidden_size:
+                raise CheckpointError(
+                    f"{name} has shape {list(fused.shape)}, but config.json implies "
+                    f"{[sum(widths), shape.hidden_size]} ({' + '.join(map(str, widths))} rows)",
+                    hint="the config and the tensors disagree; restore the checkpoint",
+                )
+            row_bytes = fused.nbytes // fused.shape[0]
+            parts, first_row = [], 0
+            for (module, _), rows in zip(rule.parts, widths, strict=True):
+                begin = fused.begin + first_row * row_bytes
+                part_name = f"{module.format(layer=layer)}.weight"
+                if part_name in tensors:
+                    raise CheckpointError(
+                        f"the checkpoint holds both {name} and {part_name}",
+                        hint="the checkpoint mixes two layouts; restore it from the original",
+                    )
+                parts.append(
+                    TensorEntry(
+                        part_name, fused.dtype, (rows, fused.shape[1]), fused.path, begin, begin + rows * row_bytes
+                    )
+                )
+                first_row += rows
+            out[name] = parts
+    return out
 
 
 def checked_displacements(

@@ -404,7 +404,30 @@ class TensorData:
     data: bytes
 
 
-TensorSource = TensorData | TensorEntry  # a TensorEntry is copied from its file
+@dataclass(frozen=True)
+class ConcatenatedTensor:
+    """A tensor to write whose bytes are other stored tensors' bytes, one after another (e.g. per-expert
+    weights stacked into one 3-D tensor): copied piece by piece, never held in memory."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: tuple[TensorEntry, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(piece.nbytes for piece in self.pieces)
+
+    @property
+    def path(self) -> Path:  # where it is written beside: the shard of its first piece
+        return self.pieces[0].path
+
+    @property
+    def begin(self) -> int:
+        return self.pieces[0].begin
+
+
+TensorSource = TensorData | TensorEntry | ConcatenatedTensor  # entries and pieces are copied from their files
 
 
 def encode_header(
@@ -446,21 +469,22 @@ def write_safetensors(path: Path, tensors: Iterable[TensorSource], metadata: dic
                     out.write(t.data)
                     written += len(t.data)
                     continue
-                src = sources.get(t.path)
-                if src is None:
-                    src = sources[t.path] = open(t.path, "rb")
-                src.seek(t.begin)
-                remaining = t.nbytes
-                while remaining:
-                    chunk = src.read(min(COPY_CHUNK_BYTES, remaining))
-                    if not chunk:
-                        raise CheckpointError(
-                            f"{t.path.name} ended while copying {t.name}",
-                            hint="the file changed or is damaged; restore it from the original",
-                        )
-                    out.write(chunk)
-                    remaining -= len(chunk)
-                    written += len(chunk)
+                for piece in t.pieces if isinstance(t, ConcatenatedTensor) else (t,):
+                    src = sources.get(piece.path)
+                    if src is None:
+                        src = sources[piece.path] = open(piece.path, "rb")
+                    src.seek(piece.begin)
+                    remaining = piece.nbytes
+                    while remaining:
+                        chunk = src.read(min(COPY_CHUNK_BYTES, remaining))
+                        if not chunk:
+                            raise CheckpointError(
+                                f"{piece.path.name} ended while copying {piece.name}",
+                                hint="the file changed or is damaged; restore it from the original",
+                            )
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                        written += len(chunk)
             out.flush()
             os.fsync(out.fileno())
     finally:

@@ -134,13 +134,13 @@ def bias_tensors(computed: list[ComputedBias]) -> list[TensorData]:
 def output_index(
     checkpoint: Checkpoint,
     shard_names: dict[str, str],
-    replaced: set[str],
+    plan: EditPlan,
     added_shard: str,
     new_tensors: list[TensorData],
 ) -> dict:
-    """The output's safetensors index: kept tensors under their (possibly renamed) shards, new ones
-    in the added shard, and the ``metadata`` key transformers requires."""
-    kept = {name: entry for name, entry in checkpoint.tensors.items() if name not in replaced}
+    """The output's safetensors index: kept tensors (split ones as their parts) under their (possibly
+    renamed) shards, new ones in the added shard, and the ``metadata`` key transformers requires."""
+    kept = {entry.name: entry for entry in plan.output_entries(checkpoint.tensors.values())}
     weight_map = {name: shard_names[entry.path.name] for name, entry in kept.items()}
     weight_map.update({t.name: added_shard for t in new_tensors})
     metadata = dict((checkpoint.index or {}).get("metadata") or {})
@@ -177,28 +177,29 @@ def write_locked_checkpoint(
         raise OutputError(f"unknown link mode {link_mode!r}", hint=f"choose one of {', '.join(LINK_MODES)}")
     staging.mkdir()
     written = WrittenFiles(added_shard=added_shard_name(checkpoint))
-    replaced = set(plan.replaced)
 
     failpoint("staging-created")
     for shard in checkpoint.weight_files:
         out_name = SINGLE_RENAMED if shard == SINGLE_NAME and checkpoint.layout == "single" else shard
-        written.shards[shard] = out_name
-        entries = sorted(checkpoint.headers[shard].tensors.values(), key=lambda e: e.begin)
-        kept = [e for e in entries if e.name not in replaced]
-        if len(kept) == len(entries):
+        entries = checkpoint.headers[shard].tensors.values()
+        if not plan.changes_shard(entries):
             link_or_copy(checkpoint.root / shard, staging / out_name, link_mode, written)
-        else:
+        else:  # streaming: replaced tensors left out, fused ones split, stacked ones gathered
+            kept = plan.output_entries(entries)
+            if not kept:  # all its tensors went into stacked tensors stored in other shards
+                continue
             written.bytes_written += write_safetensors(
                 staging / out_name, kept, checkpoint.headers[shard].metadata or None
             )
             written.rewritten.append(out_name)
+        written.shards[shard] = out_name
 
     failpoint("shards-written")
     new_tensors = bias_tensors(computed)
     written.bytes_written += write_safetensors(staging / written.added_shard, new_tensors, {"format": "pt"})
     _write_json(
         staging / INDEX_NAME,
-        output_index(checkpoint, written.shards, replaced, written.added_shard, new_tensors),
+        output_index(checkpoint, written.shards, plan, written.added_shard, new_tensors),
         written,
     )
     _write_json(staging / CONFIG_NAME, plan.new_config, written)
