@@ -350,3 +350,18 @@ def test_mixtral_is_redeclared_as_granitemoe_with_its_experts_stacked_byte_for_b
     assert verify_checkpoint(src).ok
     revert(src)
     assert tree_hashes(src) == before
+
+
+@pytest.mark.parametrize("family,key,count", [("phi3", "tensors_split", 6), ("mixtral", "tensors_stacked", 9)])
+def test_apply_reports_what_it_split_or_stacked(tmp_path, capsys, family, key, count):
+    src = make_model(tmp_path / "src", family)
+    save_lock(random_lock(src), tmp_path / "l.wlock")
+    code, out, err = run_cli(
+        capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "out"), "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)[key] == count
+    code, out, _ = run_cli(
+        capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "out2")
+    )
+    assert code == 0 and ("split 6 fused weights" if family == "phi3" else "stacked 9 tensors") in out

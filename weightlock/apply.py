@@ -58,6 +58,8 @@ class ApplyResult:
             "tensors_replaced": len(self.plan.replaced),
             "config_changes": self.plan.config_changes,
             "redeclared": self.plan.spec is not self.plan.target,
+            "tensors_split": len(self.plan.splits),  # fused weights stored as their parts
+            "tensors_stacked": len(self.plan.merges),  # tensors gathered from stored pieces
             "added_shard": self.written.added_shard,
             "shards_linked": self.written.linked,
             "files_copied": self.written.copied,

@@ -4,13 +4,17 @@ An entry says where a layer's attention-output projection lives, how the config
 names the shape (and what the config class assumes when a key is absent), which
 config flag switches the output bias on and which other biases that flag brings
 into existence (they must be written as explicit zeros, or a loader initialises
-them at random), which biases the class always has, and how vLLM treats it.
+them at random), which biases the class always has, and how vLLM treats it (and,
+where vLLM's own class drops the bias, the ``architectures`` value that routes vLLM
+to its Transformers backend instead).
 
 A family whose class cannot hold an o_proj bias but whose computation an equivalent
 class reproduces exactly is *redeclared*: its config is rewritten for that class
-(``Redeclaration``). A family with no exact equivalent is *refused* with the reason.
-Adding a family means adding a row here, plus its equivalence test; no other module
-branches on the family. Facts were read from transformers 5.23 and vLLM 0.33.
+(``Redeclaration``), and tensors the two classes store differently are split
+(``FusedSplit``) or stacked (``TensorMerge``) as byte copies. A family with no exact
+equivalent, or a config the equivalent does not reproduce, is *refused* with the
+reason. Adding a family means adding a row here, plus its equivalence test; no other
+module branches on the family. Facts were read from transformers 5.23 and vLLM 0.32.
 """
 
 from __future__ import annotations

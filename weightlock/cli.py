@@ -167,7 +167,9 @@ def apply(
         f"  added {s['tensors_added']} tensors, replaced {s['tensors_replaced']}, config sets "
         f"{s['config_changes']['set']}"
         + (f", removes {s['config_changes']['removed']}" if s["config_changes"]["removed"] else "")
-        + (" (redeclared)" if s["redeclared"] else ""),
+        + (" (redeclared)" if s["redeclared"] else "")
+        + (f"; split {s['tensors_split']} fused weights" if s["tensors_split"] else "")
+        + (f"; stacked {s['tensors_stacked']} tensors from their pieces" if s["tensors_stacked"] else ""),
         f"  read {s['bytes_read_weights']:,} bytes of o_proj weights, wrote {s['bytes_written']:,} bytes, "
         f"{s['shards_linked']} files hardlinked, {s['files_copied']} copied, {s['seconds']:.2f}s",
     ]
