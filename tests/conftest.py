@@ -159,8 +159,19 @@ def tiny_llama(tmp_path):
 
 def run_cli(capsys, *args):
     """Run the real CLI entry point in-process; returns (exit code, stdout, stderr)."""
+    import logging
+    import sys
+
     from weightlock.cli import main
 
+    # transformers' own handler keeps the stderr of the test that first imported it, which capsys has closed
+    # since: point it at this test's (setStream would flush the closed one)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        handler = getattr(transformers_logging, "_default_handler", None)
+        if isinstance(handler, logging.StreamHandler):
+            handler.stream = sys.stderr
     code = 0
     try:
         main(list(args))

@@ -365,3 +365,93 @@ def test_apply_reports_what_it_split_or_stacked(tmp_path, capsys, family, key, c
         capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "out2")
     )
     assert code == 0 and ("split 6 fused weights" if family == "phi3" else "stacked 9 tensors") in out
+
+
+def _rewrite_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _drop_or_change_tensor(folder, name, change):
+    """Rewrite the single shard with ``name`` dropped (``change`` returns None) or replaced."""
+    from conftest import rewrite_safetensors
+
+    def edit(tensors):
+        out = []
+        for t in tensors:
+            if t.name == name:
+                replacement = change(t)
+                if replacement is not None:
+                    out.append(replacement)
+            else:
+                out.append(t)
+        return out
+
+    rewrite_safetensors(folder / "model.safetensors", edit)
+
+
+def _as(tensor, dtype, shape, data):
+    return type(tensor)(tensor.name, dtype, shape, data)
+
+
+QKV = "model.layers.1.self_attn.qkv_proj.weight"
+W3 = "model.layers.2.block_sparse_moe.experts.3.w3.weight"
+
+
+@pytest.mark.parametrize(
+    "family,edit,words",
+    [
+        # the number of experts: every wrong type and size the config could carry
+        *[
+            ("mixtral", lambda f, v=value: _rewrite_config(f, num_local_experts=v), "num_local_experts")
+            for value in (0, -1, "4", True, 4.0, None, [4], 10**9)
+        ],
+        ("mixtral", lambda f: _rewrite_config(f, num_local_experts=5), "no model.layers.0.block_sparse_moe.experts.4"),
+        ("mixtral", lambda f: _drop_or_change_tensor(f, W3, lambda t: None), "no " + W3),
+        (
+            "mixtral",  # one expert's piece in another dtype: the stacked tensor would be garbage
+            lambda f: _drop_or_change_tensor(f, W3, lambda t: _as(t, "F16", t.shape, t.data[: len(t.data) // 2])),
+            "differ in dtype or shape",
+        ),
+        (
+            "mixtral",  # one expert wider than the others
+            lambda f: _drop_or_change_tensor(
+                f, W3, lambda t: _as(t, t.dtype, (t.shape[0] + 1, t.shape[1]), t.data + t.data[: t.shape[1] * 4])
+            ),
+            "differ in dtype or shape",
+        ),
+        ("phi3", lambda f: _drop_or_change_tensor(f, QKV, lambda t: None), "no " + QKV),
+        (
+            "phi3",  # fused rows that do not add up to q + k + v for the config's heads
+            lambda f: _drop_or_change_tensor(
+                f, QKV, lambda t: _as(t, t.dtype, (t.shape[0] - 16, t.shape[1]), t.data[: -16 * t.shape[1] * 4])
+            ),
+            "implies",
+        ),
+        (
+            "phi3",  # the split's names already taken: two layouts in one checkpoint
+            lambda f: _add_tensor(f, "model.layers.1.self_attn.q_proj.weight"),
+            "both",
+        ),
+    ],
+)
+def test_hostile_split_and_stack_inputs_are_refused_before_anything_is_written(tmp_path, capsys, family, edit, words):
+    src = make_model(tmp_path / "src", family)
+    lock = random_lock(src)
+    save_lock(lock, tmp_path / "l.wlock")
+    edit(src)
+    code, _, err = run_cli(
+        capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "out")
+    )
+    assert code in (3, 4) and words in err and "hint:" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "weightlock-partial" in p.name]
+
+
+def _add_tensor(folder, name):
+    from conftest import rewrite_safetensors
+
+    from weightlock.safetensors_file import TensorData
+
+    rewrite_safetensors(folder / "model.safetensors", lambda ts: [*ts, TensorData(name, "F32", (2, 2), bytes(16))])
