@@ -152,6 +152,13 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     return out
 
 
+def stored_bytes(entry) -> bytes:
+    """A stored tensor's bytes, read straight from its file (a weightlock TensorEntry)."""
+    with open(entry.path, "rb") as f:
+        f.seek(entry.begin)
+        return f.read(entry.nbytes)
+
+
 @pytest.fixture
 def tiny_llama(tmp_path):
     return make_llama(tmp_path / "src")

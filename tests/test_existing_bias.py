@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import logits, make_model, random_lock, tree_hashes
+from conftest import logits, make_model, random_lock, stored_bytes, tree_hashes
 
 from weightlock import apply_in_place, apply_lock, revert, verify_checkpoint
 
@@ -76,16 +76,7 @@ def _entries(folder: Path):
 
 
 def _expert_bytes(folder: Path) -> dict[str, bytes]:
-    from weightlock import open_checkpoint
-
-    checkpoint = open_checkpoint(folder)
-    out = {}
-    for name, entry in checkpoint.tensors.items():
-        if ".mlp.experts." in name:
-            with open(entry.path, "rb") as f:
-                f.seek(entry.begin)
-                out[name] = f.read(entry.nbytes)
-    return out
+    return {name: stored_bytes(entry) for name, entry in _entries(folder).items() if ".mlp.experts." in name}
 
 
 @pytest.mark.parametrize("sharded", [False, True])

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import logits, make_model, random_lock, run_cli
+from conftest import logits, make_model, random_lock, run_cli, stored_bytes
 
 from weightlock import SourceModel, apply_lock, build_lock, save_lock, verify_checkpoint
 from weightlock.architectures import ARCHITECTURES, VLLM_INACTIVE
@@ -282,13 +282,8 @@ def test_phi4_is_redeclared_as_llama_with_its_fused_weights_split_byte_for_byte(
     record = json.loads((out / "weightlock" / "provenance.json").read_text())["tensors"]["split"]
     assert len(record) == 2 * 3 and record == result.plan.split_record
 
-    def tensor_bytes(entry):
-        with open(entry.path, "rb") as f:
-            f.seek(entry.begin)
-            return f.read(entry.nbytes)
-
     for fused, parts in record.items():
-        assert b"".join(tensor_bytes(output[p]) for p in parts) == tensor_bytes(source[fused])
+        assert b"".join(stored_bytes(output[p]) for p in parts) == stored_bytes(source[fused])
     assert verify_checkpoint(out).ok
 
 
@@ -327,13 +322,8 @@ def test_mixtral_is_redeclared_as_granitemoe_with_its_experts_stacked_byte_for_b
     record = json.loads((out / "weightlock" / "provenance.json").read_text())["tensors"]["merged"]
     assert record == result.plan.merge_record and len(record) == 3 * 3
 
-    def tensor_bytes(entry):
-        with open(entry.path, "rb") as f:
-            f.seek(entry.begin)
-            return f.read(entry.nbytes)
-
     for target, pieces in record.items():
-        assert tensor_bytes(output[target]) == b"".join(tensor_bytes(source[p]) for p in pieces)
+        assert stored_bytes(output[target]) == b"".join(stored_bytes(source[p]) for p in pieces)
     assert output["model.layers.0.block_sparse_moe.input_linear.weight"].shape == (4, 256, 64)
     emptied = {e.path.name for e in source.values()} - set(result.written.shards)
     assert emptied and not any((out / name).exists() for name in emptied if name not in result.written.shards.values())
