@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import logits, make_model, random_lock, run_cli, stored_bytes
+from conftest import logits, make_model, random_lock, random_lock_for, run_cli, stored_bytes
 
 from weightlock import SourceModel, apply_lock, build_lock, save_lock, verify_checkpoint
 from weightlock.architectures import ARCHITECTURES, VLLM_INACTIVE
@@ -445,3 +445,31 @@ def _add_tensor(folder, name):
     from weightlock.safetensors_file import TensorData
 
     rewrite_safetensors(folder / "model.safetensors", lambda ts: [*ts, TensorData(name, "F32", (2, 2), bytes(16))])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phi3", "mistral"])
+def test_a_lock_from_the_original_class_goes_on_a_redeclared_output_without_the_mismatch_flag(tmp_path, family):
+    """The output of a redeclaration is another class (GraniteMoe, Llama), but its record says what it was made
+    from: a second lock made from the original model applies as to the original, and an unrelated one is still
+    refused."""
+    from weightlock.errors import IncompatibleLockError
+    from weightlock.lock import SourceModel
+
+    src = make_model(tmp_path / "src", family)
+    lock = random_lock(src)
+    apply_lock(src, lock, out=tmp_path / "once", alpha=1.0)
+    second = random_lock(src, seed=9)
+    assert (
+        second.source_model.architecture
+        != json.loads((tmp_path / "once" / "config.json").read_text())["architectures"][0]
+    )
+    apply_lock(tmp_path / "once", second, out=tmp_path / "twice", alpha=1.0)
+    assert verify_checkpoint(tmp_path / "twice").ok
+    reference = logits(src, lock=lock, alpha=1.0)
+    assert (logits(tmp_path / "once") - reference).abs().max().item() < 1e-4
+    s = second.source_model
+    other = random_lock_for(
+        SourceModel("OtherForCausalLM", "other", s.num_hidden_layers, s.num_attention_heads, s.head_dim, s.hidden_size)
+    )
+    with pytest.raises(IncompatibleLockError, match="OtherForCausalLM"):
+        apply_lock(tmp_path / "once", other, out=tmp_path / "other")

@@ -137,7 +137,8 @@ def plan_edit(
     shape = shape_from_config(config, spec)
     warnings: list[str] = []
     mismatch = None
-    if lock.source_model.architecture != shape.architecture:
+    # a checkpoint weightlock redeclared (a Mixtral now a GraniteMoe) is still the model its record says it was
+    if lock.source_model.architecture not in {shape.architecture, *recorded_classes(checkpoint.provenance)}:
         mismatch = (
             f"the lock was made from a {lock.source_model.architecture}, the checkpoint is a {shape.architecture}"
         )
@@ -300,6 +301,24 @@ def _planned_splits(tensors, spec: ArchitectureSpec, shape: ModelShape) -> dict[
                 first_row += rows
             out[name] = parts
     return out
+
+
+MAX_RECORD_DEPTH = 64  # edits on edits; JSON nesting is bounded when the record is read, this bounds the walk
+
+
+def recorded_classes(record) -> set[str]:
+    """The model classes earlier weightlock edits recorded as their source's (``original_config``), walking the
+    ``parent`` chain. The record is schema-checked when the checkpoint is opened; its values are still checked."""
+    classes: set[str] = set()
+    for _ in range(MAX_RECORD_DEPTH):
+        if not isinstance(record, dict):
+            break
+        original = record.get("original_config")
+        architectures = original.get("architectures") if isinstance(original, dict) else None
+        if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+            classes.add(architectures[0])
+        record = record.get("parent")
+    return classes
 
 
 def checked_displacements(
