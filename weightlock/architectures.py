@@ -471,11 +471,16 @@ def shape_from_config(config: dict, spec: ArchitectureSpec) -> ModelShape:
     )
 
 
+def _first_architecture(config: dict):
+    """The first ``architectures`` entry (what vLLM picks its class by), or None."""
+    architectures = config.get("architectures")
+    return architectures[0] if isinstance(architectures, list) and architectures else None
+
+
 def declared_class(config: dict, spec: ArchitectureSpec) -> str:
     """The model class the config stands for: its first ``architectures`` entry, or the family's class when
     that entry only routes vLLM to its Transformers backend (a lock made from a Qwen3 fits a locked Qwen3)."""
-    architectures = config.get("architectures")
-    first = architectures[0] if isinstance(architectures, list) and architectures else None
+    first = _first_architecture(config)
     if first is None or first in VLLM_BACKEND_ARCHITECTURES:
         return spec.classes[0]
     return str(first)
@@ -484,8 +489,7 @@ def declared_class(config: dict, spec: ArchitectureSpec) -> str:
 def vllm_serving(config: dict, spec: ArchitectureSpec) -> tuple[str, str]:
     """How vLLM serves a checkpoint with this config: (one of the VLLM_* values, why). vLLM picks its
     class by the first ``architectures`` entry; a Transformers-backend name there wins over the family's."""
-    architectures = config.get("architectures")
-    first = architectures[0] if isinstance(architectures, list) and architectures else None
+    first = _first_architecture(config)
     if first in VLLM_BACKEND_ARCHITECTURES:
         return (
             VLLM_TRANSFORMERS_BACKEND,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -86,25 +87,32 @@ class EditPlan:
     def merge_record(self) -> dict[str, list[str]]:
         return {name: [piece.name for piece in merged.pieces] for name, merged in self.merges.items()}
 
+    @cached_property
+    def _stacked_at_first_piece(self) -> dict[str, ConcatenatedTensor]:
+        return {merged.pieces[0].name: merged for merged in self.merges.values()}
+
+    @cached_property
+    def _left_out(self) -> set[str]:
+        """Stored tensors the output does not hold under their own name: replaced, split or stacked."""
+        pieces = {piece.name for merged in self.merges.values() for piece in merged.pieces}
+        return set(self.replaced) | set(self.splits) | pieces
+
     def output_entries(self, entries) -> list[TensorEntry | ConcatenatedTensor]:
         """A shard's entries as the output stores them: replaced tensors left out, fused ones split, and a
         stacked tensor in place of its first piece (its other pieces left out, wherever they are stored)."""
-        replaced = set(self.replaced)
-        first_piece = {merged.pieces[0].name: merged for merged in self.merges.values()}
-        pieces = {piece.name for merged in self.merges.values() for piece in merged.pieces}
         out: list[TensorEntry | ConcatenatedTensor] = []
         for entry in sorted(entries, key=lambda e: e.begin):
-            if entry.name in first_piece:
-                out.append(first_piece[entry.name])
-            elif entry.name not in replaced and entry.name not in pieces:
-                out.extend(self.splits.get(entry.name, [entry]))
+            if entry.name in self._stacked_at_first_piece:
+                out.append(self._stacked_at_first_piece[entry.name])
+            elif entry.name in self.splits:
+                out.extend(self.splits[entry.name])
+            elif entry.name not in self._left_out:
+                out.append(entry)
         return out
 
     def changes_shard(self, entries) -> bool:
         """Whether a shard holding these entries must be rewritten for the output."""
-        changed = set(self.replaced) | set(self.splits)
-        changed |= {piece.name for merged in self.merges.values() for piece in merged.pieces}
-        return any(e.name in changed for e in entries)
+        return any(e.name in self._left_out for e in entries)
 
     @property
     def weight_bytes_to_read(self) -> int:
