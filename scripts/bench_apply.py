@@ -20,6 +20,7 @@ Contenders:
     python scripts/bench_apply.py --preset phi4 --layers 8
 
     python scripts/bench_apply.py --preset 8b --layers 8
+    python scripts/bench_apply.py --preset 8b --quantized awq   # AWQ int4 GEMM, 8B widths (~5.7 GB)
     python scripts/bench_apply.py --preset 70b-attention --layers 80   # ~23 GB on disk
 
 With --gguf TYPE (Q4_K or Q8_0), the checkpoint is one GGUF file of the preset's widths (every weight
@@ -114,32 +115,69 @@ def tensor_shapes(p: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoint(folder: Path, p: dict) -> int:
-    """Sharded bf16 safetensors filled from a repeated buffer of valid small bf16 values."""
-    folder.mkdir(parents=True)
-    values = (np.random.default_rng(0).normal(0, 0.02, PATTERN_BYTES // 2)).astype(np.float32)
-    pattern = (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
+AWQ_GROUP = 128
+
+
+def stored_tensors(p: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of every stored tensor: bf16, or with --quantized awq every decoder linear layer in
+    AWQ's GEMM layout (qweight [in, out/8] and qzeros [in/128, out/8] int32, scales [in/128, out] fp16) and the
+    rest fp16, as AutoAWQ writes a Llama."""
+    out = []
     for name, shape in tensor_shapes(p).items():
-        nbytes = int(np.prod(shape)) * 2
+        if p.get("quantized") != "awq":
+            out.append((name, "BF16", shape))
+        elif name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            module, (rows, cols) = name.removesuffix(".weight"), shape
+            out += [
+                (f"{module}.qweight", "I32", (cols, rows // 8)),
+                (f"{module}.qzeros", "I32", (cols // AWQ_GROUP, rows // 8)),
+                (f"{module}.scales", "F16", (cols // AWQ_GROUP, rows)),
+            ]
+        else:
+            out.append((name, "F16", shape))
+    return out
+
+
+def patterns() -> dict[str, bytes]:
+    """A repeated buffer per dtype: small normal bf16/fp16 values, fp16 AWQ scales in [0.001, 0.01], and
+    random int4 codes and zero points (any 32 bits are 8 valid codes)."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(0, 0.02, PATTERN_BYTES // 2).astype(np.float32)
+    return {
+        "BF16": (values.view(np.uint32) >> 16).astype(np.uint16).tobytes(),
+        "F16": values.astype(np.float16).tobytes(),
+        "scales": rng.uniform(0.001, 0.01, PATTERN_BYTES // 2).astype(np.float16).tobytes(),
+        "I32": rng.integers(0, 256, PATTERN_BYTES, dtype=np.uint8).tobytes(),
+    }
+
+
+def write_checkpoint(folder: Path, p: dict) -> int:
+    """Sharded safetensors filled from repeated buffers of valid values (see ``stored_tensors``)."""
+    folder.mkdir(parents=True)
+    fill = patterns()
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, dtype, shape in stored_tensors(p):
+        nbytes = int(np.prod(shape)) * (4 if dtype == "I32" else 2)
         if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
-        shards[-1].append((name, shape))
+        shards[-1].append((name, dtype, shape))
         size += nbytes
     weight_map, total = {}, 0
     for i, tensors in enumerate(shards):
         shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = encode_header((name, "BF16", shape) for name, shape in tensors)
-        weight_map.update({name: shard for name, _ in tensors})
+        header, offset = encode_header(tensors)
+        weight_map.update({name: shard for name, _, _ in tensors})
         with open(folder / shard, "wb") as f:
             f.write(header)
-            remaining = offset
-            while remaining:
-                chunk = pattern[: min(remaining, len(pattern))]
-                f.write(chunk)
-                remaining -= len(chunk)
+            for name, dtype, shape in tensors:
+                pattern = fill["scales" if name.endswith(".scales") else dtype]
+                remaining = int(np.prod(shape)) * (4 if dtype == "I32" else 2)
+                while remaining:
+                    chunk = pattern[: min(remaining, len(pattern))]
+                    f.write(chunk)
+                    remaining -= len(chunk)
         total += offset
     config = {
         "architectures": ["Phi3ForCausalLM" if p.get("fused") else "LlamaForCausalLM"],
@@ -158,6 +196,15 @@ def write_checkpoint(folder: Path, p: dict) -> int:
         "tie_word_embeddings": False,
         "dtype": "bfloat16",
     }
+    if p.get("quantized") == "awq":
+        config["dtype"] = "float16"
+        config["quantization_config"] = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": AWQ_GROUP,
+            "zero_point": True,
+            "version": "gemm",
+        }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
@@ -320,13 +367,14 @@ if mode == "cold-read":
     ck, lk = open_checkpoint(src), load_lock(lock)
     buf = bytearray(32 << 20)
     for layer in sorted(lk.heads_by_layer()):
-        e = ck.tensors[f"model.layers.{layer}.self_attn.o_proj.weight"]
-        with open(e.path, "rb", buffering=0) as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # exact reads, no readahead
-            pos = e.begin
-            while pos < e.end:
-                view = memoryview(buf)[:min(len(buf), e.end - pos)]
-                pos += os.preadv(f.fileno(), [view], pos)
+        module = f"model.layers.{layer}.self_attn.o_proj."  # the weight, or all its quantized tensors
+        for e in [e for name, e in ck.tensors.items() if name.startswith(module)]:
+            with open(e.path, "rb", buffering=0) as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # exact reads, no readahead
+                pos = e.begin
+                while pos < e.end:
+                    view = memoryview(buf)[:min(len(buf), e.end - pos)]
+                    pos += os.preadv(f.fileno(), [view], pos)
 elif mode in ("apply", "apply-copy", "apply-noload"):
     apply_lock(src, lock, out=out, link_mode="copy" if mode == "apply-copy" else "auto",
                loader_check=mode != "apply-noload")
@@ -405,6 +453,9 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
     parser.add_argument("--gguf", choices=["Q4_K", "Q8_0"], default=None, help="bench a GGUF file instead")
+    parser.add_argument(
+        "--quantized", choices=["awq"], default=None, help="store the decoder's linear layers as AWQ int4"
+    )
     args = parser.parse_args()
     if args.gguf:
         return bench_gguf(args)
@@ -412,6 +463,9 @@ def main() -> None:
     p = dict(PRESETS[args.preset])
     if args.layers:
         p["layers"] = args.layers
+    if args.quantized:
+        p["quantized"] = args.quantized
+        args.no_baseline = True  # transformers loads AWQ only through gptqmodel
     shutil.rmtree(args.work, ignore_errors=True)
     src, lock, out = args.work / "src", args.work / "lock.wlock", args.work / "out"
     t = time.perf_counter()
@@ -446,6 +500,12 @@ def main() -> None:
 
     layers = sorted(load_lock(lock).heads_by_layer())
     o_bytes = len(layers) * p["hidden"] * p["heads"] * p["head_dim"] * 2
+    if p.get("quantized"):  # int4 codes, plus int32 zero points and fp16 scales per 128 inputs
+        o_bytes = len(layers) * sum(
+            int(np.prod(shape)) * (4 if dtype == "I32" else 2)
+            for name, dtype, shape in stored_tensors(dict(p, layers=1))
+            if ".o_proj." in name
+        )
     print(
         f"\ncheckpoint {total / 2**30:.2f} GiB; lock touches {len(layers)} layers = "
         f"{o_bytes / 2**20:.1f} MiB of o_proj weights"

@@ -287,6 +287,7 @@ def inspect_command(target, heatmap, as_json):
             f"  layout: {data['layout']}, {data['tensors']} tensors, dtypes {data['dtypes']}",
         ]
         lines += [f"    {s['file']}: {s['bytes']:,} bytes, {s['tensors']} tensors" for s in data["shards"]]
+        lines += _quantization_lines(data["quantization"])
         locked = data["locked"]
         lines.append(
             "  locked: no"
@@ -300,6 +301,22 @@ def inspect_command(target, heatmap, as_json):
 
 
 SHOWN_SCORED_HEADS = 12
+
+
+def _quantization_lines(quantization: dict | None) -> list[str]:
+    if quantization is None:
+        return []
+    if not quantization["readable"]:
+        return [f"  quantization: {quantization['method']}, not read by weightlock: {quantization['reason']}"]
+    stored = ", ".join(f"{n} x {how}" for how, n in quantization["output_projections"].items())
+    lines = [f"  quantization: {quantization['method']}; o_proj weights: {stored}"]
+    if quantization["bias_dtypes"]:
+        lines.append(f"    o_proj biases stored unquantized as {', '.join(quantization['bias_dtypes'])}")
+    if "format" in quantization:
+        lines.append(f"    layout: {quantization['packing']}")
+        lines.append(f"    a bias on these layers is applied by: {', '.join(quantization['bias_applied_by'])}")
+        lines += [f"    not shown for {loader}: {why}" for loader, why in quantization["not_shown"].items()]
+    return lines
 
 
 def _selection_lines(selection: dict | None) -> list[str]:

@@ -8,6 +8,8 @@ from .architectures import shape_from_config, spec_for_config
 from .checkpoint import Checkpoint
 from .errors import WeightlockError
 from .lock import Lock
+from .plan import stored_linear
+from .quantized import quantization_of
 
 
 def describe_lock(lock: Lock) -> dict:
@@ -99,6 +101,7 @@ def _is_finite(value) -> bool:
 
 
 def describe_checkpoint(checkpoint: Checkpoint) -> dict:
+    spec = shape = None
     try:
         spec = spec_for_config(checkpoint.config)
         shape = shape_from_config(checkpoint.config, spec)
@@ -113,6 +116,7 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
             "supported": False,
             "reason": e.message,
         }
+    quantization = _quantization(checkpoint, spec, shape) if "num_layers" in shape_info else None
     dtypes: dict[str, int] = {}
     for entry in checkpoint.tensors.values():
         dtypes[entry.dtype] = dtypes.get(entry.dtype, 0) + 1
@@ -141,8 +145,45 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
         ],
         "tensors": len(checkpoint.tensors),
         "dtypes": dtypes,
+        "quantization": quantization,
         "locked": locked,
     }
+
+
+def _quantization(checkpoint: Checkpoint, spec, shape) -> dict | None:
+    """How the o_proj weights a lock reads are stored, and how the biases beside them are written."""
+    config = checkpoint.config
+    if config.get("quantization_config") is None:
+        return None
+    method = (
+        config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
+    )
+    try:
+        settings = quantization_of(config)
+    except WeightlockError as e:
+        return {"method": method, "readable": False, "reason": e.message}
+    storage: dict[str, int] = {}
+    bias_dtypes: set[str] = set()
+    for layer in range(shape.num_layers):
+        try:
+            weight = stored_linear(checkpoint.tensors, config, spec.output_module(layer))
+        except WeightlockError as e:
+            return {"method": method, "readable": False, "reason": e.message}
+        if weight is None:
+            continue
+        storage[weight.dtype] = storage.get(weight.dtype, 0) + 1
+        bias = checkpoint.tensors.get(spec.output_bias(layer))
+        if bias is not None:
+            bias_dtypes.add(bias.dtype)
+    out = {"method": method, "readable": True, "output_projections": storage, "bias_dtypes": sorted(bias_dtypes)}
+    if settings is not None:
+        out.update(
+            format=settings.format.name,
+            packing=settings.format.packing,
+            bias_applied_by=list(settings.format.bias_honoured_by),
+            not_shown=dict(settings.format.unproven),
+        )
+    return out
 
 
 def _redeclared_from(record: dict) -> str | None:

@@ -29,8 +29,8 @@ from .architectures import (
 from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint, contained
 from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
 from .lock import Lock
+from .quantized import QuantizedLinear, bias_dtype, quantization_of, quantized_linear, stored_quantized
 from .safetensors_file import (
-    FLOAT_DTYPES,
     ConcatenatedTensor,
     TensorEntry,
     TensorReader,
@@ -50,7 +50,7 @@ class PlannedBias:
     width: int
     layer: int
     # the o_proj weight whose product with the layer's displacement is added (None: no lock here)
-    weight: TensorEntry | None = None
+    weight: TensorEntry | QuantizedLinear | None = None
     # the existing bias this one replaces and adds to (None: created, starting from zeros)
     base: TensorEntry | None = None
 
@@ -176,8 +176,10 @@ def plan_edit(
     tensors.update({part.name: part for parts in splits.values() for part in parts})
     tensors.update(merges)
     biases: list[PlannedBias] = []
+    quantized_layers = 0
     for layer in range(shape.num_layers):
         weight = _output_weight(checkpoint, spec, shape, layer)
+        quantized_layers += isinstance(weight, QuantizedLinear)
         problems = bias_consistency_problems(checkpoint.tensors, spec, shape, config, layers=[layer])
         if problems:
             raise CheckpointError(problems[0], hint="the config and the tensors disagree; restore the checkpoint")
@@ -188,12 +190,12 @@ def plan_edit(
             if locked is not None:
                 biases.append(PlannedBias(out_bias, base.dtype, shape.hidden_size, layer, locked, base))
         else:
-            biases.append(PlannedBias(out_bias, weight.dtype, shape.hidden_size, layer, locked))
+            biases.append(PlannedBias(out_bias, _bias_dtype(config, weight), shape.hidden_size, layer, locked))
         for companion in target.bias_companions:
             module = target.module(companion.module, layer)
             if f"{module}.bias" in tensors:
                 continue
-            companion_weight = tensors.get(f"{module}.weight")
+            companion_weight = stored_linear(tensors, config, module)
             if companion_weight is None:
                 raise CheckpointError(
                     f"{module}.weight is missing from the checkpoint",
@@ -206,7 +208,9 @@ def plan_edit(
                     f"implies {width} output features, the width its new bias would get",
                     hint="the config and the tensors disagree; restore the checkpoint",
                 )
-            biases.append(PlannedBias(f"{module}.bias", companion_weight.dtype, width, layer))
+            biases.append(PlannedBias(f"{module}.bias", _bias_dtype(config, companion_weight), width, layer))
+    if quantized_layers or any(isinstance(_stored(tensors, config, b), QuantizedLinear) for b in biases):
+        _check_quantized_edit(spec, splits, merges)
     return EditPlan(
         spec,
         target,
@@ -384,18 +388,19 @@ def bias_consistency_problems(
                 problems.append(f"{module}.bias has shape {list(entry.shape)}, expected [{width}]")
             # The width a bias gets comes from config.json; it must also be the width of the weight the bias
             # sits beside (a config claiming 1 KV head over k/v weights built for 2 would get biases too narrow).
-            module_weight = tensors.get(f"{module}.weight")
+            module_weight = _linear_or_problem(tensors, config, module, problems)
             if (
                 width is not None
                 and module_weight is not None
                 and (len(module_weight.shape) != 2 or module_weight.shape[0] != width)
             ):
                 problems.append(
-                    f"{module}.weight has shape {list(module_weight.shape)}, but config.json implies "
+                    f"{module_weight.name} has shape {list(module_weight.shape)}, but config.json implies "
                     f"{width} output features"
                 )
-        weight = tensors.get(spec.output_weight(layer))
-        if weight is None:
+        known = len(problems)
+        weight = _linear_or_problem(tensors, config, spec.output_module(layer), problems)
+        if weight is None and len(problems) == known:
             problems.append(f"{spec.output_weight(layer)} is missing")
         elif weight.shape != (shape.hidden_size, shape.attention_width):
             problems.append(
@@ -403,6 +408,14 @@ def bias_consistency_problems(
                 f"{[shape.hidden_size, shape.attention_width]}"
             )
     return problems
+
+
+def _linear_or_problem(tensors, config, module: str, problems: list[str]):
+    try:
+        return stored_linear(tensors, config, module)
+    except (CheckpointError, UnsupportedError) as e:
+        problems.append(e.message)
+        return None
 
 
 def _tokenizer_edits(checkpoint: Checkpoint, spec: ArchitectureSpec) -> dict[str, dict]:
@@ -417,9 +430,11 @@ def _tokenizer_edits(checkpoint: Checkpoint, spec: ArchitectureSpec) -> dict[str
     return {TOKENIZER_CONFIG_NAME: {**tokenizer_config, "tokenizer_class": pinned}}
 
 
-def _output_weight(checkpoint: Checkpoint, spec: ArchitectureSpec, shape: ModelShape, layer: int) -> TensorEntry:
+def _output_weight(
+    checkpoint: Checkpoint, spec: ArchitectureSpec, shape: ModelShape, layer: int
+) -> TensorEntry | QuantizedLinear:
     name = spec.output_weight(layer)
-    entry = checkpoint.tensors.get(name)
+    entry = stored_linear(checkpoint.tensors, checkpoint.config, spec.output_module(layer))
     if entry is None:
         raise CheckpointError(
             f"the checkpoint has no {name}",
@@ -428,15 +443,56 @@ def _output_weight(checkpoint: Checkpoint, spec: ArchitectureSpec, shape: ModelS
     expected = (shape.hidden_size, shape.attention_width)
     if entry.shape != expected:
         raise CheckpointError(
-            f"{name} has shape {list(entry.shape)} but config.json implies {list(expected)}",
+            f"{entry.name} has shape {list(entry.shape)} but config.json implies {list(expected)}",
             hint="the config and the tensors disagree; restore the checkpoint",
         )
-    if entry.dtype not in FLOAT_DTYPES:
-        raise UnsupportedError(
-            f"{name} is stored as {entry.dtype}",
-            hint="weightlock edits F32, F16 and BF16 checkpoints; quantize after locking",
-        )
     return entry
+
+
+# Families whose quantized checkpoints are proven served with the bias (tests/test_quantized.py): vLLM's own
+# Llama class takes an o_proj bias through every quantized linear method it has on CPU.
+QUANTIZED_FAMILIES = ("llama", "mistral")
+
+
+def _check_quantized_edit(spec: ArchitectureSpec, splits, merges) -> None:
+    if spec.family not in QUANTIZED_FAMILIES or splits or merges:
+        raise UnsupportedError(
+            f"quantized {spec.family} checkpoints are not proven to be served with the lock "
+            f"(proven: {', '.join(QUANTIZED_FAMILIES)})",
+            hint="lock the unquantized model and quantize after, or see README 'Quantized checkpoints'",
+        )
+
+
+def stored_linear(tensors: dict, config: dict, module: str) -> TensorEntry | QuantizedLinear | None:
+    """How a linear layer is stored: a float ``.weight``, a quantized layer (read through
+    weightlock.quantized), or None when absent. A layer stored one way that the quantization_config says
+    loaders treat the other way is refused: they would fail to load it or load it wrongly."""
+    settings = quantization_of(config)
+    weight = tensors.get(f"{module}.weight")
+    says = settings.quantizes(module) if settings is not None else None
+    if stored_quantized(tensors, module):
+        layer = quantized_linear(tensors, module, settings)
+        if says is False:
+            raise CheckpointError(
+                f"{module} is stored quantized but quantization_config leaves it unquantized "
+                "(ignore / modules_to_not_convert)",
+                hint="loaders would build it unquantized and not load its tensors; restore the checkpoint",
+            )
+        return layer
+    if weight is not None and says is True:
+        raise CheckpointError(
+            f"{module}.weight is stored as {weight.dtype} but quantization_config has loaders quantize it",
+            hint="loaders would look for its quantized tensors; restore the checkpoint",
+        )
+    return weight
+
+
+def _stored(tensors: dict, config: dict, planned: PlannedBias):
+    return stored_linear(tensors, config, planned.name.removesuffix(".bias"))
+
+
+def _bias_dtype(config: dict, weight: TensorEntry | QuantizedLinear) -> str:
+    return bias_dtype(config, weight) if isinstance(weight, QuantizedLinear) else weight.dtype
 
 
 @dataclass
@@ -485,6 +541,26 @@ def safetensors_product(reader: TensorReader, weight: TensorEntry, displacement:
     )
 
 
+def weight_product(
+    readers: TensorReaders, weight: TensorEntry | QuantizedLinear, displacement: np.ndarray, head_dim: int
+) -> np.ndarray:
+    """``W_o @ d`` for a float or a quantized o_proj weight."""
+    if isinstance(weight, QuantizedLinear):
+        return weight.product(readers, displacement, head_dim)
+    return safetensors_product(readers[weight], weight, displacement, head_dim)
+
+
+def _prefetch(readers: TensorReaders, weight: TensorEntry | QuantizedLinear) -> None:
+    """Start reading the next layer's weight in the background; a transposed quantized weight is read only in
+    the touched heads' rows, so prefetching it whole would read what is never used."""
+    if isinstance(weight, QuantizedLinear):
+        if not weight.settings.format.transposed:
+            for entry in weight.entries:
+                readers[entry].prefetch(entry)
+    else:
+        readers[weight].prefetch(weight)
+
+
 def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None) -> list[ComputedBias]:
     """Every planned bias's values. Reads only the weights and biases the plan names.
 
@@ -500,11 +576,10 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
             if planned.weight is not None:
                 position = locked_weights.index(planned.weight)
                 if position + 1 < len(locked_weights):  # overlap the next layer's read with this one
-                    following = locked_weights[position + 1]
-                    reader[following].prefetch(following)
+                    _prefetch(reader, locked_weights[position + 1])
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values += safetensors_product(
-                        reader[planned.weight], planned.weight, plan.displacements[planned.layer], plan.shape.head_dim
+                    values += weight_product(
+                        reader, planned.weight, plan.displacements[planned.layer], plan.shape.head_dim
                     )
                 if progress is not None:
                     progress(planned.weight.nbytes)

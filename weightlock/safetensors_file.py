@@ -65,6 +65,7 @@ RAW_NUMPY = {
     "I16": np.int16,
     "I8": np.int8,
     "U8": np.uint8,
+    "F8_E4M3": np.uint8,  # raw bytes; weightlock.quantized decodes them
     "BOOL": np.bool_,
     "U16": np.uint16,
     "U32": np.uint32,
@@ -362,8 +363,26 @@ class TensorReader:
         # held by each would multiply peak memory by the number of shards touched.
         self._buffer = bytearray()
 
+    def release_buffer(self) -> None:
+        """Drop the reused read buffer (one stays per open shard otherwise; see row_blocks)."""
+        self._buffer = bytearray()
+
     def read_bytes(self, entry: TensorEntry) -> bytes:
         return bytes(self._read_into(entry.begin, entry.nbytes))
+
+    def read_rows(self, entry: TensorEntry, row0: int = 0, rows: int | None = None) -> np.ndarray:
+        """Rows ``[row0, row0 + rows)`` of a tensor (all of them by default) as a copy in its raw numpy dtype
+        (packed integers, FP8 bytes), shaped as stored. Quantized formats decode them themselves."""
+        shape = entry.shape if entry.shape else (1,)
+        row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[entry.dtype]
+        rows = shape[0] - row0 if rows is None else rows
+        if not 0 <= row0 <= row0 + rows <= shape[0]:
+            raise CheckpointError(
+                f"rows {row0}..{row0 + rows} are outside {entry.name} {list(entry.shape)}",
+                hint="the checkpoint's tensors disagree with its quantization settings",
+            )
+        view = self._read_into(entry.begin + row0 * row_bytes, rows * row_bytes)
+        return np.frombuffer(view, dtype=RAW_NUMPY[entry.dtype]).reshape(rows, *shape[1:]).copy()
 
     def read_float32(self, entry: TensorEntry) -> np.ndarray:
         """A whole (small) tensor as float32, e.g. a bias vector."""

@@ -9,7 +9,9 @@ silently drop the biases or leave some uninitialised.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import re
@@ -22,7 +24,8 @@ from .architectures import ModelShape, family, shape_from_config, spec_for_confi
 from .checkpoint import Checkpoint, contained, is_alternative_weight_file, open_checkpoint
 from .errors import CheckpointError, InvalidInputError, MissingDependencyError, VerificationError, WeightlockError
 from .lock import load_lock
-from .plan import apply_config_changes, bias_consistency_problems, safetensors_product
+from .plan import apply_config_changes, bias_consistency_problems, stored_linear, weight_product
+from .quantized import QuantizedLinear, quantization_of, quantized_linear
 from .safetensors_file import FLOAT_DTYPES, TensorReaders, float32_to_raw, raw_to_float32, read_header
 from .schema import schema_errors
 from .untrusted import file_sha256, read_bytes
@@ -115,6 +118,7 @@ def verify_checkpoint(
         )
         _check_config_agrees(checkpoint, spec, shape, report)
         _check_vllm_support(checkpoint, spec, report)
+        _check_quantized_loaders(checkpoint, spec, shape, report)
         _check_provenance(checkpoint, spec, shape, report, expected)
     _check_finite(checkpoint, report, deep)
     if loader_check:
@@ -190,6 +194,40 @@ def _check_vllm_support(checkpoint: Checkpoint, spec, report: Report) -> None:
             else ""
         ),
     )
+
+
+def _check_quantized_loaders(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report) -> None:
+    """Which loaders are shown (tests/test_quantized.py) to apply a bias on the checkpoint's quantized o_proj
+    layers, and which are not: a loader not shown may load the layer without its bias."""
+    try:
+        settings = quantization_of(checkpoint.config)
+    except WeightlockError as e:
+        report.add("quantization", WARN, f"weightlock cannot read this quantization: {e.message}")
+        return
+    if settings is None:
+        return
+    quantized = 0
+    for layer in range(shape.num_layers):
+        try:
+            quantized += isinstance(
+                stored_linear(checkpoint.tensors, checkpoint.config, spec.output_module(layer)), QuantizedLinear
+            )
+        except WeightlockError:
+            pass  # config_agrees reports it
+    fmt = settings.format
+    where = f"o_proj of {quantized}/{shape.num_layers} layers stored {settings.describe()}"
+    if not spec.bias_on(checkpoint.config) or quantized == 0:
+        report.add("quantization", PASS, f"{where}; no bias on them to lose")
+        return
+    proven = f"{where}; a bias on them is applied by {' and '.join(fmt.bias_honoured_by)} (shown by weightlock's tests)"
+    if fmt.unproven:
+        report.add(
+            "quantization",
+            WARN,
+            proven + "; not shown for " + "; ".join(f"{loader} ({why})" for loader, why in fmt.unproven.items()),
+        )
+    else:
+        report.add("quantization", PASS, proven)
 
 
 def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report, expected) -> None:
@@ -336,7 +374,7 @@ def _bias_mismatches(checkpoint, spec, shape, names, originals, displacements, e
                 values += reader[original].read_float32(original)
             layer = layer_of.get(name)
             if layer is not None and layer in displacements:
-                weight = checkpoint.tensors.get(spec.output_weight(layer))
+                weight = stored_linear(checkpoint.tensors, checkpoint.config, spec.output_module(layer))
                 if weight is None or weight.shape != (stored.shape[0], shape.attention_width):
                     mismatches.append(
                         f"{name}: no o_proj weight of shape {[stored.shape[0], shape.attention_width]}"
@@ -344,7 +382,7 @@ def _bias_mismatches(checkpoint, spec, shape, names, originals, displacements, e
                     )
                     continue
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values += safetensors_product(reader[weight], weight, displacements[layer], shape.head_dim)
+                    values += weight_product(reader, weight, displacements[layer], shape.head_dim)
             with np.errstate(over="ignore", invalid="ignore"):
                 rounded = raw_to_float32(float32_to_raw(values, stored.dtype), stored.dtype)
             actual = reader[stored].read_float32(stored)
@@ -403,13 +441,25 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
     transformers.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(str(checkpoint.root))
-        quantizer, config = _quantizer_as_loaded(config)
+        unloadable = None
+        try:
+            quantizer, config = _quantizer_as_loaded(config)
+        except ImportError as e:
+            # a format weightlock reads that transformers cannot load here (AWQ and GPTQ need gptqmodel,
+            # compressed-tensors its library): the names are checked with the layers unquantized
+            unloadable = _known_quantization(checkpoint)
+            if unloadable is None:
+                raise
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            del config.quantization_config
+            quantizer = None
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
             if quantizer is not None:  # from_pretrained swaps in quantized modules before loading, so do we
-                quantizer.preprocess_model(
-                    model=model, dtype=torch.bfloat16, device_map=None, checkpoint_files=None, use_kernels=False
-                )
+                with contextlib.redirect_stderr(io.StringIO()):  # compressed-tensors draws progress bars
+                    quantizer.preprocess_model(
+                        model=model, dtype=torch.bfloat16, device_map=None, checkpoint_files=None, use_kernels=False
+                    )
     except Exception as e:  # an unknown or custom architecture, or a broken config
         report.add(
             "transformers_names", FAIL, f"transformers cannot build a model for this config: {type(e).__name__}: {e}"
@@ -419,6 +469,8 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
         transformers.logging.set_verbosity(previous)
     params = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     stored, converted = _names_as_loaded(model, params, checkpoint, quantizer)
+    if unloadable is not None:
+        stored = _quantized_as_unquantized(stored, checkpoint, unloadable)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     ignore_missing = _patterns(getattr(model, "_keys_to_ignore_on_load_missing", None))
     ignore_unexpected = _patterns(getattr(model, "_keys_to_ignore_on_load_unexpected", None))
@@ -460,10 +512,14 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
             ignored,
         )
     else:
+        quantized = ""
+        if unloadable is not None:
+            quantized = f", its {unloadable.format.name} layers as their unquantized shapes (here: {why})"
         report.add(
             "transformers_names",
             PASS,
-            f"the tensor names and shapes are exactly those {cls} (transformers {transformers.__version__}) loads",
+            f"the tensor names and shapes are exactly those {cls} (transformers {transformers.__version__}) "
+            f"loads{quantized}",
         )
 
 
@@ -493,6 +549,30 @@ def _check_vllm_loading(checkpoint: Checkpoint, report: Report) -> None:
         f"dropped, {len(result.rejected)} rejected, {len(result.unfilled)} unfilled)",
         details,
     )
+
+
+def _known_quantization(checkpoint: Checkpoint):
+    """The quantization settings of a checkpoint in a format weightlock reads; None otherwise."""
+    try:
+        return quantization_of(checkpoint.config)
+    except WeightlockError:
+        return None
+
+
+def _quantized_as_unquantized(stored: dict, checkpoint: Checkpoint, settings) -> dict:
+    """Stored names with each quantized layer's tensors replaced by the ``.weight`` of its logical shape."""
+    fmt = settings.format
+    out = dict(stored)
+    for name in [n for n in stored if n.endswith(f".{fmt.marker}")]:
+        module = name.removesuffix(f".{fmt.marker}")
+        try:
+            layer = quantized_linear(checkpoint.tensors, module, settings)
+        except WeightlockError:
+            continue  # left as stored: reported as unexpected
+        for suffix in fmt.tensors + fmt.optional:
+            out.pop(f"{module}.{suffix}", None)
+        out[f"{module}.weight"] = layer.shape
+    return out
 
 
 def _quantizer_as_loaded(config):

@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
-from .errors import MissingDependencyError, UnsupportedError
+from .errors import MissingDependencyError, UnsupportedError, WeightlockError
+from .quantized import quantization_of
 
 # vLLM's Transformers backend builds some small modules (norms) off the meta device, and copying a
 # meta tensor into them fails; those are retried with zeros up to this many elements.
@@ -97,11 +98,39 @@ def check_vllm_loading(checkpoint: Checkpoint) -> VllmLoadResult:
                 "it filled, so dropped tensors cannot be detected",
                 hint="leave out --engine vllm for this architecture",
             )
-        if not loaded:
+        if not loaded and not _unused_by_design(checkpoint, name):
             result.dropped.append(name)
         filled |= set(loaded)
-    result.unfilled = sorted(names[0] for names in aliases.values() if not filled.intersection(names))
+    result.unfilled = sorted(
+        names[0] for names in aliases.values() if not filled.intersection(names) and not _defaulted(names[0])
+    )
     return result
+
+
+# Attention KV-cache quantization scales: vLLM's attention layer creates them under a quantization config
+# (compressed-tensors) and sets them to 1.0 (zero points to 0) when the checkpoint stores none, as
+# BaseKVCacheMethod.process_weights_after_loading does; they are not weights a checkpoint must hold.
+KV_CACHE_DEFAULTS = frozenset(
+    ("k_scale", "v_scale", "q_scale", "prob_scale", "k_zero_point", "v_zero_point", "q_zero_point")
+)
+
+
+def _unused_by_design(checkpoint: Checkpoint, name: str) -> bool:
+    """GPTQ checkpoints store ``g_idx`` for every layer; without act-order vLLM has no parameter for it (each
+    row's group is row // group_size; weightlock's dequantizer refuses a g_idx that says otherwise), so
+    skipping it loses nothing."""
+    if not name.endswith(".g_idx"):
+        return False
+    try:
+        settings = quantization_of(checkpoint.config)
+    except WeightlockError:
+        return False
+    return settings is not None and settings.format.name == "gptq" and not settings.act_order
+
+
+def _defaulted(name: str) -> bool:
+    module, _, leaf = name.rpartition(".")
+    return module.endswith(".attn") and leaf in KV_CACHE_DEFAULTS
 
 
 def _build_meta_model(folder: str):

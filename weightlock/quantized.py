@@ -1,0 +1,754 @@
+"""Quantized o_proj weights: which formats weightlock reads, how each stores a linear layer, and reading
+the columns of the heads a lock touches back as float32.
+
+The edit never quantizes anything: the bias is written unquantized (quantized linear layers in vLLM and
+transformers take a float bias), so only reading ``W_o`` changes. Formats are data (``QUANT_FORMATS``):
+tensor names, packing, and which loaders are proven (tests/test_quantized.py) to add a bias on such a layer.
+``quantization_of`` reads a config's ``quantization_config`` and refuses, with the reason, every variant no
+loader here can be shown to serve with the bias.
+
+Why hand-written dequantizers: the reference implementations (vLLM's kernels and ``quant_utils``, the
+compressed-tensors library, transformers' ``Fp8Dequantize``) take torch tensors of a whole weight in memory.
+weightlock reads only the rows holding the touched heads' columns, block by block, so memory stays flat at
+any size. Each dequantizer here is tested against those references (tests/test_quantized.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CheckpointError, UnsupportedError
+from .safetensors_file import BLOCK_TARGET_BYTES, FLOAT_DTYPES, TensorEntry, TensorReaders, to_float32
+
+CONFIG_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+MAX_PATTERNS = 4096  # ignore / modules_to_not_convert entries read from a config
+MAX_PATTERN_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How one quantization format stores a linear layer ``module``: ``module.<suffix>`` tensors."""
+
+    name: str
+    quant_method: str  # quantization_config.quant_method
+    marker: str  # the suffix whose presence says a module is stored this way
+    tensors: tuple[str, ...]  # suffixes every such module stores (marker first)
+    optional: tuple[str, ...]  # suffixes it may store
+    packing: str  # what the bytes are, for inspect and the README
+    # loaders shown (tests/test_quantized.py) to load such a layer with its bias and add it
+    bias_honoured_by: tuple[str, ...]
+    # loaders that cannot be shown here, and why (verify reports these)
+    unproven: dict[str, str] = field(default_factory=dict)
+    # W stored transposed ([in, out]): a head's columns are contiguous rows, read alone (nothing to prefetch)
+    transposed: bool = False
+
+
+QUANT_FORMATS = {
+    "awq": QuantFormat(
+        "awq",
+        "awq",
+        "qweight",
+        ("qweight", "qzeros", "scales"),
+        (),
+        "int4 GEMM: qweight [in, out/8] int32 (8 nibbles in AWQ order 0,2,4,6,1,3,5,7), qzeros [groups, out/8], "
+        "scales [groups, out]; w = (q - z) * s",
+        ("vllm",),
+        {"transformers": "transformers loads AWQ only through gptqmodel, which does not build here"},
+        transposed=True,
+    ),
+    "gptq": QuantFormat(
+        "gptq",
+        "gptq",
+        "qweight",
+        ("qweight", "qzeros", "scales"),
+        ("g_idx",),
+        "int4: qweight [in/8, out] int32 (8 nibbles along the input), qzeros [groups, out/8] (v1: stored z - 1), "
+        "scales [groups, out], g_idx [in] (act-order); symmetric: w = (q - 8) * s",
+        ("vllm",),
+        {"transformers": "transformers loads GPTQ only through gptqmodel, which does not build here"},
+        transposed=True,
+    ),
+    "compressed-tensors/pack-quantized": QuantFormat(
+        "compressed-tensors/pack-quantized",
+        "compressed-tensors",
+        "weight_packed",
+        ("weight_packed", "weight_scale", "weight_shape"),
+        (),
+        "int4: weight_packed [out, in/8] int32 (8 nibbles along the input, offset by 8), weight_scale "
+        "[out, groups], weight_shape; symmetric: w = (q - 8) * s",
+        ("vllm", "transformers"),  # transformers through the compressed-tensors library
+    ),
+    "compressed-tensors/float-quantized": QuantFormat(
+        "compressed-tensors/float-quantized",
+        "compressed-tensors",
+        "weight_scale",
+        ("weight", "weight_scale"),
+        (),
+        "FP8 e4m3 weight [out, in] with weight_scale per tensor [1], per channel [out, 1] or per block "
+        "[out/bm, in/bn]; w = fp8(q) * s",
+        ("transformers",),  # through the compressed-tensors library
+        {"vllm": "vLLM's CPU build runs FP8 weights only with AMX (Sapphire Rapids), which this machine lacks"},
+    ),
+    "fp8": QuantFormat(
+        "fp8",
+        "fp8",
+        "weight_scale_inv",
+        ("weight", "weight_scale_inv"),
+        (),
+        "FP8 e4m3 weight [out, in] with weight_scale_inv per tensor [], per channel [out, 1] or per "
+        "[block_m, block_n] block; w = fp8(q) * s",
+        ("transformers",),
+        {"vllm": "vLLM's CPU build runs FP8 weights only with AMX (Sapphire Rapids), which this machine lacks"},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """A checked ``quantization_config``: the format and the numbers its dequantizer needs."""
+
+    format: QuantFormat
+    bits: int = 4
+    group_size: int = -1  # -1: one group over the whole input
+    symmetric: bool = True
+    act_order: bool = False  # GPTQ desc_act: groups follow g_idx
+    block: tuple[int, int] | None = None  # FP8 weight_block_size / block_structure
+    strategy: str | None = None  # compressed-tensors FP8 scales: "tensor", "channel" or "block"
+    not_converted: tuple[str, ...] = ()  # substrings (AWQ, FP8) of module names left unquantized
+    ignore: tuple[str, ...] = ()  # compressed-tensors: exact names or "re:" patterns
+    targets: tuple[str, ...] = ("Linear",)  # compressed-tensors
+
+    def quantizes(self, module: str) -> bool | None:
+        """Whether a loader treats ``module`` (a linear layer) as quantized by this config; None: the config
+        does not say (GPTQ: vLLM decides by the stored dtypes)."""
+        if self.format.quant_method in ("awq", "fp8"):
+            return not any(entry in module for entry in self.not_converted)
+        if self.format.quant_method == "compressed-tensors":
+            return _matches_any(module, self.targets) and not _matches_any(module, self.ignore)
+        return None
+
+    def describe(self) -> str:
+        if self.bits == 8:
+            if self.block:
+                scales = f"{self.block[0]}x{self.block[1]} blocks"
+            else:
+                scales = f"per {self.strategy}" if self.strategy else "per tensor or channel"
+            return f"{self.format.name} e4m3, scales {scales}"
+        group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
+        sym = "symmetric" if self.symmetric else "with zero points"
+        return f"{self.format.name} int{self.bits}, {group}, {sym}" + (", act-order" if self.act_order else "")
+
+
+def _matches_any(module: str, patterns: tuple[str, ...]) -> bool:
+    for pattern in patterns:
+        if pattern == "Linear":
+            return True
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], module):
+                return True
+        elif pattern == module:
+            return True
+    return False
+
+
+def _refuse(what: str, why: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"quantization_config {what}: {why}",
+        hint="weightlock locks AWQ (GEMM, int4), GPTQ (int4, symmetric, no act-order), compressed-tensors "
+        "(int4 pack-quantized and FP8 float-quantized, weight-only) and FP8 (e4m3) checkpoints; lock the "
+        "unquantized model and quantize after, or see README 'Quantized checkpoints'",
+    )
+
+
+def _int(config: dict, keys: tuple[str, ...], default=None) -> int:
+    for key in keys:
+        if key in config:
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CheckpointError(
+                    f"quantization_config.{key} is {value!r}, not an integer",
+                    hint="config.json is damaged; restore it from the original",
+                )
+            return value
+    if default is None:
+        raise CheckpointError(
+            f"quantization_config has no {keys[0]}", hint="config.json is damaged; restore it from the original"
+        )
+    return default
+
+
+def _bool(config: dict, key: str, default: bool) -> bool:
+    value = config.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise CheckpointError(
+            f"quantization_config.{key} is {value!r}, not true or false",
+            hint="config.json is damaged; restore it from the original",
+        )
+    return value
+
+
+def _names(config: dict, key: str) -> tuple[str, ...]:
+    value = config.get(key)
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_PATTERNS
+        or not all(isinstance(v, str) and 0 < len(v) <= MAX_PATTERN_CHARS for v in value)
+    ):
+        raise CheckpointError(
+            f"quantization_config.{key} must be a list of at most {MAX_PATTERNS} module names",
+            hint="config.json is damaged; restore it from the original",
+        )
+    for v in value:
+        if v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as e:
+                raise CheckpointError(
+                    f"quantization_config.{key} holds an invalid pattern {v[:80]!r}: {e}",
+                    hint="config.json is damaged; restore it from the original",
+                ) from None
+    return tuple(value)
+
+
+def _group_size(value: int, what: str) -> int:
+    if value == -1 or 2 <= value <= 1 << 20:
+        return value
+    raise CheckpointError(
+        f"quantization_config {what} group_size {value} is neither -1 nor a size",
+        hint="config.json is damaged; restore it from the original",
+    )
+
+
+def quantization_of(config: dict) -> QuantSettings | None:
+    """The checked quantization settings a config declares, for the formats weightlock reads; None when it
+    declares none or a method weightlock does not read (its o_proj must then be stored unquantized)."""
+    quant = config.get("quantization_config")
+    if quant is None:
+        return None
+    if not isinstance(quant, dict):
+        raise CheckpointError(
+            "config.json quantization_config is not an object", hint="config.json is damaged; restore it"
+        )
+    method = quant.get("quant_method")
+    method = method.lower() if isinstance(method, str) else method
+    if method == "awq":
+        return _awq_settings(quant)
+    if method == "gptq":
+        return _gptq_settings(quant)
+    if method == "compressed-tensors":
+        return _compressed_tensors_settings(quant)
+    if method == "fp8":
+        return _fp8_settings(quant)
+    return None
+
+
+def _awq_settings(quant: dict) -> QuantSettings:
+    bits = _int(quant, ("bits", "w_bit"))
+    group = _group_size(_int(quant, ("group_size", "q_group_size")), "awq")
+    version = quant.get("version", "gemm")
+    if not isinstance(version, str) or version.lower() != "gemm":
+        raise _refuse(f"version {version!r}", "only the GEMM packing is read (GEMV and others pack differently)")
+    if bits != 4:
+        raise _refuse(f"bits {bits}", "vLLM's CPU build serves 4-bit AWQ only, so no other width is proven")
+    if not _bool(quant, "zero_point", True):
+        raise _refuse("zero_point false", "vLLM serves AWQ with zero points only")
+    return QuantSettings(
+        QUANT_FORMATS["awq"], bits, group, symmetric=False, not_converted=_names(quant, "modules_to_not_convert")
+    )
+
+
+def _gptq_settings(quant: dict) -> QuantSettings:
+    bits = _int(quant, ("bits",))
+    group = _group_size(_int(quant, ("group_size",)), "gptq")
+    sym = _bool(quant, "sym", True)
+    act_order = _bool(quant, "desc_act", False) and group != -1
+    checkpoint_format = quant.get("checkpoint_format", "gptq")
+    if checkpoint_format not in ("gptq", None):
+        raise _refuse(f"checkpoint_format {checkpoint_format!r}", "only the v1 'gptq' layout is read")
+    if quant.get("dynamic"):
+        raise _refuse("dynamic", "per-module overrides are not read")
+    if bits != 4:
+        raise _refuse(f"bits {bits}", "vLLM's CPU build serves 4-bit GPTQ only, so no other width is proven")
+    if not sym:
+        raise _refuse("sym false", "vLLM 0.32 refuses asymmetric GPTQ and transformers needs gptqmodel")
+    if act_order:
+        raise _refuse("desc_act true", "vLLM 0.32 refuses GPTQ act-order and transformers needs gptqmodel")
+    return QuantSettings(QUANT_FORMATS["gptq"], bits, group, symmetric=True)
+
+
+def _compressed_tensors_settings(quant: dict) -> QuantSettings:
+    groups = quant.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise _refuse("config_groups", "exactly one quantization group is read")
+    (group,) = groups.values()
+    if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+        raise CheckpointError(
+            "quantization_config.config_groups holds a group without weights settings",
+            hint="config.json is damaged; restore it from the original",
+        )
+    weights = group["weights"]
+    form = group.get("format") or quant.get("format")
+    bits = _int(weights, ("num_bits",))
+    kind = weights.get("type")
+    if form == "pack-quantized" and (kind, bits) == ("int", 4):
+        fmt = QUANT_FORMATS["compressed-tensors/pack-quantized"]
+    elif form == "float-quantized" and (kind, bits) == ("float", 8):
+        fmt = QUANT_FORMATS["compressed-tensors/float-quantized"]
+    else:
+        raise _refuse(
+            f"format {form!r} with {kind!r} {bits}-bit weights",
+            "only pack-quantized int4 (proven in vLLM and transformers) and float-quantized FP8 (proven in "
+            "transformers) are read",
+        )
+    if group.get("input_activations") is not None:
+        raise _refuse(
+            "input_activations",
+            "only weight-only quantization is read: where activations are quantized, a displacement added to the "
+            "o_proj input at run time is quantized with it, so no bias reproduces the lock exactly",
+        )
+    if not _bool(weights, "symmetric", True):
+        raise _refuse("symmetric false", "zero points are not proven in any loader here")
+    if weights.get("actorder") not in (None, False):
+        raise _refuse("actorder", "activation ordering (weight_g_idx) is not read")
+    strategy = weights.get("strategy")
+    block = None
+    if strategy == "group" and fmt.marker == "weight_packed":
+        size = _group_size(_int(weights, ("group_size",)), "compressed-tensors")
+    elif strategy == "channel" or (strategy == "tensor" and fmt.marker == "weight_scale"):
+        size = -1
+    elif strategy == "block" and fmt.marker == "weight_scale":
+        size, block = -1, _block(weights.get("block_structure"), "block_structure")
+    else:
+        raise _refuse(f"strategy {strategy!r}", "only group or channel int4 and tensor, channel or block FP8 are read")
+    return QuantSettings(
+        fmt,
+        bits,
+        size,
+        symmetric=True,
+        block=block,
+        strategy=strategy if fmt.marker == "weight_scale" else None,
+        ignore=_names(quant, "ignore"),
+        targets=_names(group, "targets") or ("Linear",),
+    )
+
+
+def _block(value, key: str) -> tuple[int, int]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 1 << 20 for b in value)
+    ):
+        raise CheckpointError(
+            f"quantization_config {key} is {value!r}, not two block sizes",
+            hint="config.json is damaged; restore it from the original",
+        )
+    return value[0], value[1]
+
+
+def _fp8_settings(quant: dict) -> QuantSettings:
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise _refuse(f"fmt {fmt!r}", "only e4m3 weights are read")
+    if quant.get("activation_scheme", "dynamic") != "dynamic":
+        raise _refuse("activation_scheme", "only dynamic activation scales are read")
+    block = quant.get("weight_block_size")
+    return QuantSettings(
+        QUANT_FORMATS["fp8"],
+        8,
+        block=None if block is None else _block(block, "weight_block_size"),
+        not_converted=_names(quant, "modules_to_not_convert"),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# One quantized linear layer
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """A linear layer stored quantized: its logical (out, in) shape and the tensors that hold it."""
+
+    module: str
+    settings: QuantSettings
+    shape: tuple[int, int]
+    parts: dict[str, TensorEntry]
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.settings.format.marker}"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.parts.values())
+
+    @property
+    def dtype(self) -> str:
+        return self.settings.describe()
+
+    @property
+    def entries(self) -> list[TensorEntry]:
+        return list(self.parts.values())
+
+    def product(self, readers: TensorReaders, displacement: np.ndarray, head_dim: int) -> np.ndarray:
+        """``W @ displacement`` in float32, reading only the columns of the heads it touches."""
+        return quantized_product(self, readers, displacement, head_dim)
+
+
+def stored_quantized(tensors: dict, module: str) -> bool:
+    """Whether ``module`` is stored in some quantized layout (any format's marker beside it)."""
+    return any(f"{module}.{f.marker}" in tensors for f in QUANT_FORMATS.values()) or (
+        f"{module}.weight" in tensors and tensors[f"{module}.weight"].dtype not in FLOAT_DTYPES
+    )
+
+
+def quantized_linear(tensors: dict, module: str, settings: QuantSettings | None) -> QuantizedLinear:
+    """The quantized layer ``module`` as ``settings`` says it is stored, its tensors checked against each other."""
+    if settings is None:
+        found = next((f.marker for f in QUANT_FORMATS.values() if f"{module}.{f.marker}" in tensors), None)
+        dtype = tensors[f"{module}.weight"].dtype if f"{module}.weight" in tensors else None
+        raise UnsupportedError(
+            f"{module} is stored quantized ({found or dtype}) under a quantization_config weightlock does not read",
+            hint="weightlock locks AWQ, GPTQ, compressed-tensors pack-quantized and FP8 checkpoints; lock the "
+            "unquantized model and quantize after",
+        )
+    fmt = settings.format
+    parts = {}
+    for suffix in fmt.tensors + fmt.optional:
+        entry = tensors.get(f"{module}.{suffix}")
+        if entry is None and suffix in fmt.tensors:
+            raise CheckpointError(
+                f"{module}.{suffix} is missing, which the {fmt.name} format stores for every quantized layer",
+                hint="the checkpoint is incomplete or not in the format its quantization_config names",
+            )
+        if entry is not None:
+            parts[suffix] = entry
+    shape = _SHAPES[fmt.name](module, settings, parts)
+    return QuantizedLinear(module, settings, shape, parts)
+
+
+def _bad(module: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{module}: {what}", hint="the checkpoint's tensors disagree with its quantization_config; restore it"
+    )
+
+
+def _expect(module: str, entry: TensorEntry, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> None:
+    if entry.dtype not in dtypes or entry.shape != shape:
+        raise _bad(module, f"{entry.name} is {entry.dtype} {list(entry.shape)}, expected {dtypes[0]} {list(shape)}")
+
+
+def _groups(module: str, settings: QuantSettings, inputs: int) -> int:
+    if settings.group_size == -1:
+        return 1
+    if inputs % settings.group_size:
+        raise _bad(module, f"{inputs} inputs are not a whole number of groups of {settings.group_size}")
+    return inputs // settings.group_size
+
+
+def _awq_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, int]:
+    qweight = parts["qweight"]
+    if qweight.dtype != "I32" or len(qweight.shape) != 2:
+        raise _bad(module, f"qweight is {qweight.dtype} {list(qweight.shape)}, expected a 2-D I32 tensor")
+    inputs, outputs = qweight.shape[0], qweight.shape[1] * 8
+    groups = _groups(module, settings, inputs)
+    _expect(module, parts["qzeros"], ("I32",), (groups, outputs // 8))
+    _expect(module, parts["scales"], FLOAT_DTYPES, (groups, outputs))
+    return outputs, inputs
+
+
+def _gptq_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, int]:
+    qweight = parts["qweight"]
+    if qweight.dtype != "I32" or len(qweight.shape) != 2:
+        raise _bad(module, f"qweight is {qweight.dtype} {list(qweight.shape)}, expected a 2-D I32 tensor")
+    inputs, outputs = qweight.shape[0] * 8, qweight.shape[1]
+    if outputs % 8:
+        raise _bad(module, f"{outputs} outputs do not pack into qzeros")
+    groups = math.ceil(inputs / settings.group_size) if settings.act_order else _groups(module, settings, inputs)
+    _expect(module, parts["qzeros"], ("I32",), (groups, outputs // 8))
+    _expect(module, parts["scales"], FLOAT_DTYPES, (groups, outputs))
+    if "g_idx" in parts:
+        _expect(module, parts["g_idx"], ("I32",), (inputs,))
+    elif settings.act_order:
+        raise _bad(module, "desc_act is true but g_idx is missing")
+    return outputs, inputs
+
+
+def _compressed_tensors_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, int]:
+    packed = parts["weight_packed"]
+    if packed.dtype != "I32" or len(packed.shape) != 2:
+        raise _bad(module, f"weight_packed is {packed.dtype} {list(packed.shape)}, expected a 2-D I32 tensor")
+    outputs, inputs = packed.shape[0], packed.shape[1] * 8
+    _expect(module, parts["weight_scale"], FLOAT_DTYPES, (outputs, _groups(module, settings, inputs)))
+    _expect(module, parts["weight_shape"], ("I64", "I32"), (2,))
+    return outputs, inputs
+
+
+def _fp8_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, int]:
+    scale_name = settings.format.tensors[1]
+    weight, scale = parts["weight"], parts[scale_name]
+    if weight.dtype != "F8_E4M3" or len(weight.shape) != 2:
+        raise _bad(module, f"weight is {weight.dtype} {list(weight.shape)}, expected 2-D F8_E4M3")
+    outputs, inputs = weight.shape
+    if scale.dtype not in FLOAT_DTYPES:
+        raise _bad(module, f"{scale_name} is {scale.dtype}, expected a float")
+    try:
+        grid = _fp8_grid(scale.shape, outputs, inputs)
+    except CheckpointError as e:
+        raise _bad(module, e.message) from None
+    allowed = {"tensor": [(1, 1)], "channel": [(outputs, 1)]}.get(settings.strategy or "", [grid])
+    if settings.block is not None:
+        allowed = [(outputs // settings.block[0], inputs // settings.block[1])]
+        if settings.strategy is None:  # transformers reads the grid from the scale's shape; one scale is a grid too
+            allowed.append((1, 1))
+        if outputs % settings.block[0] or inputs % settings.block[1]:
+            raise _bad(module, f"[{outputs}, {inputs}] is not a whole number of {list(settings.block)} blocks")
+    if grid not in allowed:
+        raise _bad(module, f"{scale_name} {list(scale.shape)} does not match the {settings.describe()} scales")
+    return outputs, inputs
+
+
+def _fp8_grid(scale_shape: tuple[int, ...], outputs: int, inputs: int) -> tuple[int, int]:
+    """The (rows, columns) grid of FP8 scales as transformers reads it: [] and [1] one scale; 2-D [r, c]
+    blocks of outputs/r x inputs/c (per channel: [out, 1]). A grid that does not divide the weight exactly,
+    or a 1-D per-channel vector (transformers would read it as one scale), is refused."""
+    if scale_shape in ((), (1,)):
+        return 1, 1
+    if len(scale_shape) != 2 or 0 in scale_shape or outputs % scale_shape[0] or inputs % scale_shape[1]:
+        raise CheckpointError(
+            f"FP8 weight_scale_inv of shape {list(scale_shape)} does not tile a [{outputs}, {inputs}] weight",
+            hint="the checkpoint's scales disagree with its weights; restore it",
+        )
+    return scale_shape[0], scale_shape[1]
+
+
+_SHAPES = {
+    "awq": _awq_shape,
+    "gptq": _gptq_shape,
+    "compressed-tensors/pack-quantized": _compressed_tensors_shape,
+    "compressed-tensors/float-quantized": _fp8_shape,
+    "fp8": _fp8_shape,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Dequantization (only the touched heads' columns)
+
+_NIBBLE_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
+# AWQ packs the 8 columns of each int32 in the order 0,2,4,6,1,3,5,7: nibble i holds column AWQ_ORDER[i]
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_AWQ_UNDO = np.argsort(AWQ_ORDER)
+
+
+def _e4m3_table() -> np.ndarray:
+    """float32 value of each FP8 e4m3fn byte (bias 7, no infinities, S.1111.111 NaN)."""
+    byte = np.arange(256)
+    exponent, mantissa = (byte >> 3) & 0xF, byte & 7
+    value = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    value[(exponent == 15) & (mantissa == 7)] = np.nan
+    return np.where(byte & 0x80, -value, value).astype(np.float32)
+
+
+E4M3_VALUES = _e4m3_table()
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """int32 [..., n] -> uint8 [..., n, 8]: nibble i (bits 4i..4i+3) of each word at index i."""
+    words = packed.view(np.uint32)[..., None]
+    return ((words >> _NIBBLE_SHIFTS) & 0xF).astype(np.uint8)
+
+
+def awq_unpack(packed: np.ndarray) -> np.ndarray:
+    """AWQ int32 [rows, n] -> uint8 [rows, 8n] in column order."""
+    nibbles = unpack_nibbles(packed)[..., _AWQ_UNDO]
+    return nibbles.reshape(packed.shape[0], -1)
+
+
+def gptq_unpack_rows(packed: np.ndarray) -> np.ndarray:
+    """GPTQ int32 [rows/8, n] -> uint8 [rows, n]: nibble i of word r holds row 8r + i."""
+    nibbles = unpack_nibbles(packed)  # [rows/8, n, 8]
+    return nibbles.transpose(0, 2, 1).reshape(-1, packed.shape[1])
+
+
+def sequential_unpack_columns(packed: np.ndarray) -> np.ndarray:
+    """int32 [rows, n] -> uint8 [rows, 8n]: nibble i of word c holds column 8c + i (GPTQ qzeros,
+    compressed-tensors weight_packed)."""
+    return unpack_nibbles(packed).reshape(packed.shape[0], -1)
+
+
+def _input_chunks(ranges, outputs: int, multiple: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) input rows, within the column ranges, a block's worth at a time (a multiple of ``multiple``)."""
+    step = max(multiple, (BLOCK_TARGET_BYTES // max(16 * outputs, 1)) // multiple * multiple)
+    for a, b in ranges:
+        for start in range(a, b, step):
+            yield start, min(b, start + step)
+
+
+# Each format yields ``(first_row, first_column, block)``: float32 blocks of W restricted to the column ranges
+# (columns numbered as the ranges' columns side by side), a bounded number of bytes at a time, together
+# covering it once. AWQ and GPTQ store W transposed, so their blocks are column slabs of every row; the
+# others' are row slabs of the touched columns.
+Blocks = Iterator[tuple[int, int, np.ndarray]]
+
+
+def _awq_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Blocks:
+    outputs, inputs = layer.shape
+    qweight, qzeros, scales = layer.parts["qweight"], layer.parts["qzeros"], layer.parts["scales"]
+    group = inputs if layer.settings.group_size == -1 else layer.settings.group_size
+    column = 0
+    for start, stop in _input_chunks(ranges, outputs, 1):
+        q = awq_unpack(readers[qweight].read_rows(qweight, start, stop - start))
+        first, last = start // group, (stop - 1) // group + 1
+        z = awq_unpack(readers[qzeros].read_rows(qzeros, first, last - first))
+        s = to_float32(readers[scales].read_rows(scales, first, last - first), scales.dtype)
+        rows = np.arange(start, stop) // group - first
+        yield 0, column, ((q.astype(np.float32) - z[rows]) * s[rows]).T
+        column += stop - start
+
+
+def _gptq_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Blocks:
+    outputs, inputs = layer.shape
+    settings = layer.settings
+    qweight, qzeros, scales = layer.parts["qweight"], layer.parts["qzeros"], layer.parts["scales"]
+    group = inputs if settings.group_size == -1 else settings.group_size
+    _check_packed_ranges(layer, ranges)
+    g_idx = layer.parts.get("g_idx")
+    every_group = None
+    # act-order: any row may use any group, and groups are few (inputs / group rows): all read once
+    if g_idx is not None and settings.act_order:
+        every_group = (
+            readers[qzeros].read_rows(qzeros),
+            to_float32(readers[scales].read_rows(scales), scales.dtype),
+        )
+    column = 0
+    for start, stop in _input_chunks(ranges, outputs, 8):
+        q = gptq_unpack_rows(readers[qweight].read_rows(qweight, start // 8, (stop - start) // 8))
+        if every_group is not None:
+            assert g_idx is not None
+            packed_zeros, s = every_group
+            index = readers[g_idx].read_rows(g_idx, start, stop - start).astype(np.int64)
+            if index.min(initial=0) < 0 or index.max(initial=0) >= s.shape[0]:
+                raise _bad(layer.module, "g_idx names a group beyond the stored scales")
+        else:
+            if g_idx is not None:  # without act-order vLLM never reads g_idx, gptqmodel would: they must agree
+                stored = readers[g_idx].read_rows(g_idx, start, stop - start)
+                if not np.array_equal(stored, np.arange(start, stop) // group):
+                    raise _bad(layer.module, "g_idx reorders the groups but desc_act is false; loaders disagree")
+            first, last = start // group, (stop - 1) // group + 1
+            index = np.arange(start, stop) // group - first
+            packed_zeros = readers[qzeros].read_rows(qzeros, first, last - first)
+            s = to_float32(readers[scales].read_rows(scales, first, last - first), scales.dtype)
+        if settings.symmetric:  # vLLM subtracts 8 and never reads qzeros (v1 checkpoints store 7 there)
+            w = (q.astype(np.float32) - 8) * s[index]
+        else:  # v1 stores z - 1
+            z = sequential_unpack_columns(packed_zeros).astype(np.float32) + 1
+            w = (q.astype(np.float32) - z[index]) * s[index]
+        yield 0, column, w.T
+        column += stop - start
+
+
+def _check_packed_ranges(layer: QuantizedLinear, ranges) -> None:
+    if any(a % 8 or b % 8 for a, b in ranges):
+        raise UnsupportedError(
+            f"{layer.name}: the heads' columns do not start on the format's 8-column packing",
+            hint="weightlock reads packed int4 o_proj weights whose head_dim is a multiple of 8",
+        )
+
+
+def _output_rows(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    step = max(1, BLOCK_TARGET_BYTES // max(row_bytes, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _compressed_tensors_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Blocks:
+    packed, scales, stored_shape = (layer.parts[k] for k in ("weight_packed", "weight_scale", "weight_shape"))
+    declared = readers[stored_shape].read_rows(stored_shape).tolist()
+    if declared != list(layer.shape):
+        raise _bad(layer.module, f"weight_shape says {declared}, the packed weight holds {list(layer.shape)}")
+    _check_packed_ranges(layer, ranges)
+    group = layer.shape[1] if layer.settings.group_size == -1 else layer.settings.group_size
+    columns = np.concatenate([np.arange(a, b) for a, b in ranges]) // group
+    for start, stop in _output_rows(layer.shape[0], packed.shape[1] * 4 * 3):
+        words = readers[packed].read_rows(packed, start, stop - start)
+        words = np.concatenate([words[:, a // 8 : b // 8] for a, b in ranges], axis=1)
+        q = sequential_unpack_columns(words).astype(np.float32) - 8
+        s = to_float32(readers[scales].read_rows(scales, start, stop - start), scales.dtype)
+        yield start, 0, q * s[:, columns]
+
+
+def _fp8_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Blocks:
+    weight, scale_entry = layer.parts["weight"], layer.parts[layer.settings.format.tensors[1]]
+    outputs, inputs = layer.shape
+    grid_rows, grid_cols = _fp8_grid(scale_entry.shape, outputs, inputs)
+    grid = to_float32(readers[scale_entry].read_rows(scale_entry), scale_entry.dtype).reshape(grid_rows, grid_cols)
+    block_rows, block_cols = outputs // grid_rows, inputs // grid_cols
+    columns = np.concatenate([np.arange(a, b) for a, b in ranges]) // block_cols
+    for start, stop in _output_rows(outputs, inputs * 5):
+        raw = readers[weight].read_rows(weight, start, stop - start)
+        raw = np.concatenate([raw[:, a:b] for a, b in ranges], axis=1)
+        yield start, 0, E4M3_VALUES[raw] * grid[np.arange(start, stop) // block_rows][:, columns]
+
+
+_BLOCKS = {
+    "awq": _awq_blocks,
+    "gptq": _gptq_blocks,
+    "compressed-tensors/pack-quantized": _compressed_tensors_blocks,
+    "compressed-tensors/float-quantized": _fp8_blocks,
+    "fp8": _fp8_blocks,
+}
+
+
+def _blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Blocks:
+    try:
+        yield from _BLOCKS[layer.settings.format.name](layer, readers, ranges)
+    finally:
+        # one reader stays open per shard while a lock's layers are read; a buffer held by each would
+        # multiply peak memory by the number of shards touched
+        for entry in layer.entries:
+            readers[entry].release_buffer()
+
+
+def quantized_product(layer: QuantizedLinear, readers: TensorReaders, displacement: np.ndarray, head_dim: int):
+    """``W @ displacement`` in float32, dequantizing only the columns of the heads it touches."""
+    from .plan import head_column_ranges  # the same head ranges as the float path
+
+    ranges = head_column_ranges(displacement, head_dim)
+    result = np.zeros(layer.shape[0], dtype=np.float32)
+    if not ranges:
+        return result
+    d = np.concatenate([displacement[a:b] for a, b in ranges])
+    for row, column, block in _blocks(layer, readers, ranges):
+        result[row : row + block.shape[0]] += block @ d[column : column + block.shape[1]]
+    return result
+
+
+def dequantize(layer: QuantizedLinear, readers: TensorReaders, columns: tuple[int, int] | None = None) -> np.ndarray:
+    """W (or the columns ``[start, stop)`` of it) as float32 [out, in]: for tests and small models."""
+    start, stop = columns if columns is not None else (0, layer.shape[1])
+    out = np.zeros((layer.shape[0], stop - start), dtype=np.float32)
+    for row, column, block in _blocks(layer, readers, [(start, stop)]):
+        out[row : row + block.shape[0], column : column + block.shape[1]] = block
+    return out
+
+
+def bias_dtype(config: dict, layer: QuantizedLinear) -> str:
+    """The dtype a bias beside a quantized layer is written in: the model's activation dtype (config
+    ``torch_dtype`` / ``dtype``), which both vLLM and transformers build the bias parameter in; without one,
+    the dtype of the layer's float scales."""
+    for key in ("torch_dtype", "dtype"):
+        value = config.get(key)
+        if isinstance(value, str) and value in CONFIG_DTYPES:
+            return CONFIG_DTYPES[value]
+    for entry in layer.entries:
+        if entry.dtype in ("F16", "BF16"):
+            return entry.dtype
+    return "BF16"
