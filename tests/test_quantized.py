@@ -467,6 +467,13 @@ def test_hostile_quantized_tensors_are_refused_before_anything_is_written(here_m
     assert "model.layers.1.self_attn.o_proj" in err and "hint:" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert tree_hashes(folder) == before
+    # verify reports the same damage as a failed check (it does not raise)
+    report = verify_checkpoint(folder, loader_check=False)
+    assert not report.ok and any(
+        "model.layers.1.self_attn.o_proj" in json.dumps(c.details) + c.message
+        for c in report.checks
+        if c.status == "fail"
+    )
 
 
 def test_config_and_tensors_disagreeing_on_what_is_quantized_are_refused(here_made, tmp_path, capsys):
@@ -554,10 +561,16 @@ def test_gptq_group_index_reordered_without_act_order_is_refused(vllm_made, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_quantized_families_not_proven_are_refused(tmp_path, capsys):
-    source = make_model(tmp_path / "qwen3", "qwen3", **FP8_SHAPE)
-    folder = write_fp8(source, tmp_path / "qwen3-fp8", "block")
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_quantized_families_not_proven_are_refused(tmp_path, capsys, family):
+    """Qwen3 (served through vLLM's Transformers backend) and Phi-3 (whose fused weights the edit would split)
+    are not proven quantized: refused with the reason before anything is read or written."""
+    source = make_model(
+        tmp_path / family, family, head_dim=64, **{k: v for k, v in FP8_SHAPE.items() if k != "head_dim"}
+    )
+    folder = write_fp8(source, tmp_path / f"{family}-fp8", "block")
     lock = tmp_path / "lock.wlock"
     save_lock(random_lock(source, n_heads=2), lock)
     code, _, err = run_cli(capsys, "apply", str(folder), "--lock", str(lock), "--out", str(tmp_path / "out"))
-    assert code == 4 and "quantized qwen3 checkpoints are not proven" in err, err
+    assert code == 4 and f"quantized {family} checkpoints are not proven" in err, err
+    assert not (tmp_path / "out").exists()

@@ -151,6 +151,8 @@ def plan_edit(
             f"the lock was made from a {lock.source_model.architecture}, the checkpoint is a {shape.architecture}"
         )
     displacements = checked_displacements(lock, alpha, shape, mismatch, allow_architecture_mismatch, warnings)
+    if _quantized_attention(checkpoint.tensors, spec, shape):
+        _check_quantized_edit(spec)
 
     if spec.redeclare is not None:
         target = family(spec.redeclare.family)
@@ -176,10 +178,8 @@ def plan_edit(
     tensors.update({part.name: part for parts in splits.values() for part in parts})
     tensors.update(merges)
     biases: list[PlannedBias] = []
-    quantized_layers = 0
     for layer in range(shape.num_layers):
         weight = _output_weight(checkpoint, spec, shape, layer)
-        quantized_layers += isinstance(weight, QuantizedLinear)
         problems = bias_consistency_problems(checkpoint.tensors, spec, shape, config, layers=[layer])
         if problems:
             raise CheckpointError(problems[0], hint="the config and the tensors disagree; restore the checkpoint")
@@ -209,8 +209,6 @@ def plan_edit(
                     hint="the config and the tensors disagree; restore the checkpoint",
                 )
             biases.append(PlannedBias(f"{module}.bias", _bias_dtype(config, companion_weight), width, layer))
-    if quantized_layers or any(isinstance(_stored(tensors, config, b), QuantizedLinear) for b in biases):
-        _check_quantized_edit(spec, splits, merges)
     return EditPlan(
         spec,
         target,
@@ -400,8 +398,9 @@ def bias_consistency_problems(
                 )
         known = len(problems)
         weight = _linear_or_problem(tensors, config, spec.output_module(layer), problems)
-        if weight is None and len(problems) == known:
-            problems.append(f"{spec.output_weight(layer)} is missing")
+        if weight is None:
+            if len(problems) == known:  # not already reported as unreadable
+                problems.append(f"{spec.output_weight(layer)} is missing")
         elif weight.shape != (shape.hidden_size, shape.attention_width):
             problems.append(
                 f"{weight.name} has shape {list(weight.shape)}, config implies "
@@ -454,8 +453,20 @@ def _output_weight(
 QUANTIZED_FAMILIES = ("llama", "mistral")
 
 
-def _check_quantized_edit(spec: ArchitectureSpec, splits, merges) -> None:
-    if spec.family not in QUANTIZED_FAMILIES or splits or merges:
+def _quantized_attention(tensors: dict, spec: ArchitectureSpec, shape: ModelShape) -> bool:
+    """Whether any attention module stores a quantized linear layer (MXFP4 experts beside a bf16 attention,
+    as in gpt-oss, do not count: the edit never reads them)."""
+    attention = {spec.attention_module.format(layer=layer) for layer in range(shape.num_layers)}
+    for name in tensors:
+        module = name.rpartition(".")[0]
+        if module.rpartition(".")[0] in attention and stored_quantized(tensors, module):
+            return True
+    return False
+
+
+def _check_quantized_edit(spec: ArchitectureSpec) -> None:
+    rule = spec.redeclare
+    if spec.family not in QUANTIZED_FAMILIES or (rule is not None and (rule.splits or rule.merges)):
         raise UnsupportedError(
             f"quantized {spec.family} checkpoints are not proven to be served with the lock "
             f"(proven: {', '.join(QUANTIZED_FAMILIES)})",
@@ -485,10 +496,6 @@ def stored_linear(tensors: dict, config: dict, module: str) -> TensorEntry | Qua
             hint="loaders would look for its quantized tensors; restore the checkpoint",
         )
     return weight
-
-
-def _stored(tensors: dict, config: dict, planned: PlannedBias):
-    return stored_linear(tensors, config, planned.name.removesuffix(".bias"))
 
 
 def _bias_dtype(config: dict, weight: TensorEntry | QuantizedLinear) -> str:
