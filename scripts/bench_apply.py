@@ -20,7 +20,8 @@ Contenders:
     python scripts/bench_apply.py --preset phi4 --layers 8
 
     python scripts/bench_apply.py --preset 8b --layers 8
-    python scripts/bench_apply.py --preset 8b --quantized awq   # AWQ int4 GEMM, 8B widths (~5.7 GB)
+    python scripts/bench_apply.py --preset 8b --quantized awq   # AWQ int4 GEMM, 8B widths (5.3 GiB)
+    python scripts/bench_apply.py --preset 8b --quantized fp8 --layers 8   # FP8, 128x128 block scales
     python scripts/bench_apply.py --preset 70b-attention --layers 80   # ~23 GB on disk
 
 With --gguf TYPE (Q4_K or Q8_0), the checkpoint is one GGUF file of the preset's widths (every weight
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weightlock.safetensors_file import encode_header
+from weightlock.safetensors_file import DTYPE_SIZES, encode_header
 
 PRESETS = {
     # Llama-3.1-8B widths; a complete model, so the transformers baseline can run on it.
@@ -121,20 +122,24 @@ AWQ_GROUP = 128
 def stored_tensors(p: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype, shape) of every stored tensor: bf16, or with --quantized awq every decoder linear layer in
     AWQ's GEMM layout (qweight [in, out/8] and qzeros [in/128, out/8] int32, scales [in/128, out] fp16) and the
-    rest fp16, as AutoAWQ writes a Llama."""
+    rest fp16, as AutoAWQ writes a Llama; with --quantized fp8 every decoder linear layer FP8 e4m3 with float32
+    weight_scale_inv per 128x128 block, the rest bf16."""
     out = []
+    quantized = p.get("quantized")
     for name, shape in tensor_shapes(p).items():
-        if p.get("quantized") != "awq":
-            out.append((name, "BF16", shape))
-        elif name.startswith("model.layers.") and name.endswith("_proj.weight"):
+        linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
+        if quantized is None or not linear:
+            out.append((name, "F16" if quantized == "awq" else "BF16", shape))
+        elif quantized == "awq":
             module, (rows, cols) = name.removesuffix(".weight"), shape
             out += [
                 (f"{module}.qweight", "I32", (cols, rows // 8)),
                 (f"{module}.qzeros", "I32", (cols // AWQ_GROUP, rows // 8)),
                 (f"{module}.scales", "F16", (cols // AWQ_GROUP, rows)),
             ]
-        else:
-            out.append((name, "F16", shape))
+        else:  # fp8: transformers' fine-grained layout, 128x128 blocks
+            rows, cols = shape
+            out += [(name, "F8_E4M3", shape), (f"{name}_scale_inv", "F32", (rows // 128, cols // 128))]
     return out
 
 
@@ -148,6 +153,11 @@ def patterns() -> dict[str, bytes]:
         "F16": values.astype(np.float16).tobytes(),
         "scales": rng.uniform(0.001, 0.01, PATTERN_BYTES // 2).astype(np.float16).tobytes(),
         "I32": rng.integers(0, 256, PATTERN_BYTES, dtype=np.uint8).tobytes(),
+        # e4m3 codes below 0x70 (magnitudes under 1.0; 0x7F, the NaN, never), either sign
+        "F8_E4M3": (rng.integers(0, 0x70, PATTERN_BYTES) | (rng.integers(0, 2, PATTERN_BYTES) << 7))
+        .astype(np.uint8)
+        .tobytes(),
+        "F32": rng.uniform(0.001, 0.01, PATTERN_BYTES // 4).astype(np.float32).tobytes(),
     }
 
 
@@ -158,7 +168,7 @@ def write_checkpoint(folder: Path, p: dict) -> int:
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, dtype, shape in stored_tensors(p):
-        nbytes = int(np.prod(shape)) * (4 if dtype == "I32" else 2)
+        nbytes = int(np.prod(shape)) * DTYPE_SIZES[dtype]
         if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -173,7 +183,7 @@ def write_checkpoint(folder: Path, p: dict) -> int:
             f.write(header)
             for name, dtype, shape in tensors:
                 pattern = fill["scales" if name.endswith(".scales") else dtype]
-                remaining = int(np.prod(shape)) * (4 if dtype == "I32" else 2)
+                remaining = int(np.prod(shape)) * DTYPE_SIZES[dtype]
                 while remaining:
                     chunk = pattern[: min(remaining, len(pattern))]
                     f.write(chunk)
@@ -196,6 +206,13 @@ def write_checkpoint(folder: Path, p: dict) -> int:
         "tie_word_embeddings": False,
         "dtype": "bfloat16",
     }
+    if p.get("quantized") == "fp8":
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
     if p.get("quantized") == "awq":
         config["dtype"] = "float16"
         config["quantization_config"] = {
@@ -454,7 +471,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
     parser.add_argument("--gguf", choices=["Q4_K", "Q8_0"], default=None, help="bench a GGUF file instead")
     parser.add_argument(
-        "--quantized", choices=["awq"], default=None, help="store the decoder's linear layers as AWQ int4"
+        "--quantized",
+        choices=["awq", "fp8"],
+        default=None,
+        help="store the decoder's linear layers as AWQ int4 or FP8 (128x128 blocks)",
     )
     args = parser.parse_args()
     if args.gguf:
@@ -465,7 +485,7 @@ def main() -> None:
         p["layers"] = args.layers
     if args.quantized:
         p["quantized"] = args.quantized
-        args.no_baseline = True  # transformers loads AWQ only through gptqmodel
+        args.no_baseline = True  # the baseline would have to dequantize the whole model
     shutil.rmtree(args.work, ignore_errors=True)
     src, lock, out = args.work / "src", args.work / "lock.wlock", args.work / "out"
     t = time.perf_counter()
@@ -500,9 +520,9 @@ def main() -> None:
 
     layers = sorted(load_lock(lock).heads_by_layer())
     o_bytes = len(layers) * p["hidden"] * p["heads"] * p["head_dim"] * 2
-    if p.get("quantized"):  # int4 codes, plus int32 zero points and fp16 scales per 128 inputs
+    if p.get("quantized"):  # the quantized tensors of each locked o_proj (codes, zero points, scales)
         o_bytes = len(layers) * sum(
-            int(np.prod(shape)) * (4 if dtype == "I32" else 2)
+            int(np.prod(shape)) * DTYPE_SIZES[dtype]
             for name, dtype, shape in stored_tensors(dict(p, layers=1))
             if ".o_proj." in name
         )

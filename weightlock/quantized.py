@@ -524,7 +524,7 @@ def _fp8_grid(scale_shape: tuple[int, ...], outputs: int, inputs: int) -> tuple[
         return 1, 1
     if len(scale_shape) != 2 or 0 in scale_shape or outputs % scale_shape[0] or inputs % scale_shape[1]:
         raise CheckpointError(
-            f"FP8 weight_scale_inv of shape {list(scale_shape)} does not tile a [{outputs}, {inputs}] weight",
+            f"FP8 scales of shape {list(scale_shape)} do not tile a [{outputs}, {inputs}] weight",
             hint="the checkpoint's scales disagree with its weights; restore it",
         )
     return scale_shape[0], scale_shape[1]
@@ -584,9 +584,13 @@ def sequential_unpack_columns(packed: np.ndarray) -> np.ndarray:
     return unpack_nibbles(packed).reshape(packed.shape[0], -1)
 
 
+# Bytes of working memory per weight element dequantized: the codes, and float32 values, scales and their product.
+WORK_BYTES_PER_ELEMENT = 16
+
+
 def _input_chunks(ranges, outputs: int, multiple: int) -> Iterator[tuple[int, int]]:
     """[start, stop) input rows, within the column ranges, a block's worth at a time (a multiple of ``multiple``)."""
-    step = max(multiple, (BLOCK_TARGET_BYTES // max(16 * outputs, 1)) // multiple * multiple)
+    step = max(multiple, (BLOCK_TARGET_BYTES // max(WORK_BYTES_PER_ELEMENT * outputs, 1)) // multiple * multiple)
     for a, b in ranges:
         for start in range(a, b, step):
             yield start, min(b, start + step)
@@ -663,8 +667,8 @@ def _check_packed_ranges(layer: QuantizedLinear, ranges) -> None:
         )
 
 
-def _output_rows(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(1, BLOCK_TARGET_BYTES // max(row_bytes, 1))
+def _output_rows(rows: int, row_work_bytes: int) -> Iterator[tuple[int, int]]:
+    step = max(1, BLOCK_TARGET_BYTES // max(row_work_bytes, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
@@ -677,7 +681,7 @@ def _compressed_tensors_blocks(layer: QuantizedLinear, readers: TensorReaders, r
     _check_packed_ranges(layer, ranges)
     group = layer.shape[1] if layer.settings.group_size == -1 else layer.settings.group_size
     columns = np.concatenate([np.arange(a, b) for a, b in ranges]) // group
-    for start, stop in _output_rows(layer.shape[0], packed.shape[1] * 4 * 3):
+    for start, stop in _output_rows(layer.shape[0], layer.shape[1] * WORK_BYTES_PER_ELEMENT):
         words = readers[packed].read_rows(packed, start, stop - start)
         words = np.concatenate([words[:, a // 8 : b // 8] for a, b in ranges], axis=1)
         q = sequential_unpack_columns(words).astype(np.float32) - 8
@@ -692,7 +696,7 @@ def _fp8_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Block
     grid = to_float32(readers[scale_entry].read_rows(scale_entry), scale_entry.dtype).reshape(grid_rows, grid_cols)
     block_rows, block_cols = outputs // grid_rows, inputs // grid_cols
     columns = np.concatenate([np.arange(a, b) for a, b in ranges]) // block_cols
-    for start, stop in _output_rows(outputs, inputs * 5):
+    for start, stop in _output_rows(outputs, inputs * WORK_BYTES_PER_ELEMENT):
         raw = readers[weight].read_rows(weight, start, stop - start)
         raw = np.concatenate([raw[:, a:b] for a, b in ranges], axis=1)
         yield start, 0, E4M3_VALUES[raw] * grid[np.arange(start, stop) // block_rows][:, columns]
