@@ -150,6 +150,24 @@ def test_dequantizers_equal_the_reference_code(vllm_made, fmt, monkeypatch):
         np.testing.assert_array_equal(dequantize(layer, readers), whole)
 
 
+def test_bytes_to_read_are_the_bytes_read(vllm_made, here_made):
+    """What apply reports and its progress bar counts is what the dequantizers read: for AWQ and GPTQ (stored
+    transposed) only the touched heads' rows and their groups' scales (and AWQ's zeros), far less than the
+    tensors; for the others every tensor of the layer."""
+    folders = {fmt: vllm_made / fmt for fmt in REFERENCE_DTYPE} | here_made
+    rng = np.random.default_rng(3)
+    for name, folder in folders.items():
+        layer = _layer(folder, "model.layers.0.self_attn.o_proj", _settings_for(folder, name))
+        head_dim = 64
+        d = np.zeros(layer.shape[1], dtype=np.float32)
+        d[head_dim : 2 * head_dim] = rng.normal(size=head_dim)  # the second head only
+        with TensorReaders() as readers:
+            layer.product(readers, d, head_dim)
+            assert readers.bytes_read == layer.bytes_to_read(d, head_dim), name
+        if layer.settings.format.transposed:
+            assert layer.bytes_to_read(d, head_dim) < layer.nbytes / 1.5, name
+
+
 def _autoawq_packing_utils():
     """AutoAWQ's own awq/utils/packing_utils.py (pure torch), loaded by path: importing the package whole needs
     its CUDA kernels and an old transformers. scripts/setup.sh installs it without dependencies."""

@@ -116,7 +116,15 @@ class EditPlan:
 
     @property
     def weight_bytes_to_read(self) -> int:
-        return sum(b.weight.nbytes for b in self.biases if b.weight is not None)
+        return sum(self.bytes_to_read(b) for b in self.biases)
+
+    def bytes_to_read(self, planned: PlannedBias) -> int:
+        """The o_proj bytes computing ``planned`` reads."""
+        if planned.weight is None:
+            return 0
+        if isinstance(planned.weight, QuantizedLinear):
+            return planned.weight.bytes_to_read(self.displacements[planned.layer], self.shape.head_dim)
+        return planned.weight.nbytes
 
     @property
     def config_changes(self) -> dict:
@@ -589,7 +597,7 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
                         reader, planned.weight, plan.displacements[planned.layer], plan.shape.head_dim
                     )
                 if progress is not None:
-                    progress(planned.weight.nbytes)
+                    progress(plan.bytes_to_read(planned))
             if not np.all(np.isfinite(values)):
                 raise CheckpointError(
                     f"{planned.name} would not be finite: the layer's o_proj weights "

@@ -402,6 +402,34 @@ class QuantizedLinear:
         """``W @ displacement`` in float32, reading only the columns of the heads it touches."""
         return quantized_product(self, readers, displacement, head_dim)
 
+    def bytes_to_read(self, displacement: np.ndarray, head_dim: int) -> int:
+        """The bytes ``product`` reads: a transposed weight only the touched heads' rows (and their groups' zeros
+        and scales), any other all of its tensors."""
+        from .plan import head_column_ranges
+
+        if not self.settings.format.transposed:
+            return self.nbytes
+        ranges = head_column_ranges(displacement, head_dim)
+        if not ranges:
+            return 0
+        outputs, inputs = self.shape
+        group = inputs if self.settings.group_size == -1 else self.settings.group_size
+        qweight, qzeros, scales = self.parts["qweight"], self.parts["qzeros"], self.parts["scales"]
+        g_idx = self.parts.get("g_idx")
+        act_order = g_idx is not None and self.settings.act_order
+        gptq = self.settings.format.name == "gptq"
+        # symmetric GPTQ never reads its zeros; AWQ always has zero points
+        per_group = scales.nbytes // scales.shape[0] + (
+            0 if gptq and self.settings.symmetric else qzeros.nbytes // qzeros.shape[0]
+        )
+        total = per_group * scales.shape[0] if act_order else 0
+        for start, stop in _input_chunks(ranges, outputs, 8 if gptq else 1):
+            total += (stop - start) * qweight.nbytes // inputs  # the chunk's share of the packed codes
+            total += (stop - start) * 4 if g_idx is not None else 0
+            if not act_order:
+                total += ((stop - 1) // group + 1 - start // group) * per_group
+        return total
+
 
 def stored_quantized(tensors: dict, module: str) -> bool:
     """Whether ``module`` is stored in some quantized layout (any format's marker beside it)."""
@@ -629,7 +657,7 @@ def _gptq_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Bloc
     # act-order: any row may use any group, and groups are few (inputs / group rows): all read once
     if g_idx is not None and settings.act_order:
         every_group = (
-            readers[qzeros].read_rows(qzeros),
+            None if settings.symmetric else readers[qzeros].read_rows(qzeros),
             to_float32(readers[scales].read_rows(scales), scales.dtype),
         )
     column = 0
@@ -648,9 +676,9 @@ def _gptq_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Bloc
                     raise _bad(layer.module, "g_idx reorders the groups but desc_act is false; loaders disagree")
             first, last = start // group, (stop - 1) // group + 1
             index = np.arange(start, stop) // group - first
-            packed_zeros = readers[qzeros].read_rows(qzeros, first, last - first)
+            packed_zeros = None if settings.symmetric else readers[qzeros].read_rows(qzeros, first, last - first)
             s = to_float32(readers[scales].read_rows(scales, first, last - first), scales.dtype)
-        if settings.symmetric:  # vLLM subtracts 8 and never reads qzeros (v1 checkpoints store 7 there)
+        if packed_zeros is None:  # symmetric: vLLM subtracts 8 and never reads qzeros (v1 checkpoints store 7)
             w = (q.astype(np.float32) - 8) * s[index]
         else:  # v1 stores z - 1
             z = sequential_unpack_columns(packed_zeros).astype(np.float32) + 1

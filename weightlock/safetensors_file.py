@@ -295,6 +295,7 @@ class TensorReader:
         self._fd = open_regular(path, what)
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._buffer = bytearray()
+        self.bytes_read = 0  # tensor bytes read through this reader
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -308,6 +309,7 @@ class TensorReader:
         self.close()
 
     def _read_into(self, begin: int, nbytes: int) -> memoryview:
+        self.bytes_read += nbytes
         if len(self._buffer) < nbytes:
             self._buffer = bytearray(nbytes)
         view = memoryview(self._buffer)[:nbytes]
@@ -394,6 +396,11 @@ class TensorReaders:
 
     def __init__(self):
         self._open: dict[Path, TensorReader] = {}
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read through every reader so far."""
+        return sum(reader.bytes_read for reader in self._open.values())
 
     def __getitem__(self, entry: TensorEntry) -> TensorReader:
         if entry.path not in self._open:
