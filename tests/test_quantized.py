@@ -20,10 +20,11 @@ from conftest import INPUT_IDS, make_model, random_lock, run_cli, stored_bytes, 
 from quant_helpers import library_decompressed, rewrite, write_compressed_tensors, write_fp8
 from test_vllm import PROMPTS, SHAPE, _require_vllm, _run_vllm
 
-import weightlock.quantized as quantized
+import weightlock.dequantize as dequantizers
 from weightlock import apply_in_place, apply_lock, open_checkpoint, revert, verify_checkpoint
+from weightlock.dequantize import dequantize
 from weightlock.lock import save_lock
-from weightlock.quantized import QUANT_FORMATS, QuantSettings, dequantize, quantization_of, quantized_linear
+from weightlock.quantized import QUANT_FORMATS, QuantSettings, quantization_of, quantized_linear
 from weightlock.safetensors_file import TensorReaders, float32_to_raw
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -102,7 +103,7 @@ def test_e4m3_values_are_torchs():
     import torch
 
     expected = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-    np.testing.assert_array_equal(quantized.E4M3_VALUES, expected)
+    np.testing.assert_array_equal(dequantizers.E4M3_VALUES, expected)
 
 
 REFERENCE_DTYPE = {
@@ -142,7 +143,7 @@ def test_dequantizers_equal_the_reference_code(vllm_made, fmt, monkeypatch):
     # the same in blocks of a few rows: the products read row slabs, never the whole weight
     layer = _layer(folder, "model.layers.1.self_attn.o_proj", _settings_for(folder, fmt))
     whole = _dequantized(layer)
-    monkeypatch.setattr(quantized, "BLOCK_TARGET_BYTES", 2048)
+    monkeypatch.setattr(dequantizers, "BLOCK_TARGET_BYTES", 2048)
     d = np.zeros(layer.shape[1], dtype=np.float32)
     d[64:128] = np.random.default_rng(0).normal(size=64)
     with TensorReaders() as readers:
