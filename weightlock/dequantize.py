@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import UnsupportedError
 from .plan import head_column_ranges  # the same head ranges as the float path
-from .quantized import QuantizedLinear, _bad, _fp8_grid
+from .quantized import QuantizedLinear, fp8_scale_grid, layer_error
 from .safetensors_file import BLOCK_TARGET_BYTES, TensorReaders, to_float32
 
 _NIBBLE_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
@@ -116,12 +116,12 @@ def _gptq_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Bloc
             packed_zeros, s = every_group
             index = readers[g_idx].read_rows(g_idx, start, stop - start).astype(np.int64)
             if index.min(initial=0) < 0 or index.max(initial=0) >= s.shape[0]:
-                raise _bad(layer.module, "g_idx names a group beyond the stored scales")
+                raise layer_error(layer.module, "g_idx names a group beyond the stored scales")
         else:
             if g_idx is not None:  # without act-order vLLM never reads g_idx, gptqmodel would: they must agree
                 stored = readers[g_idx].read_rows(g_idx, start, stop - start)
                 if not np.array_equal(stored, np.arange(start, stop) // group):
-                    raise _bad(layer.module, "g_idx reorders the groups but desc_act is false; loaders disagree")
+                    raise layer_error(layer.module, "g_idx reorders the groups but desc_act is false; loaders disagree")
             first, last = start // group, (stop - 1) // group + 1
             index = np.arange(start, stop) // group - first
             packed_zeros = None if settings.symmetric else readers[qzeros].read_rows(qzeros, first, last - first)
@@ -153,7 +153,7 @@ def _compressed_tensors_blocks(layer: QuantizedLinear, readers: TensorReaders, r
     packed, scales, stored_shape = (layer.parts[k] for k in ("weight_packed", "weight_scale", "weight_shape"))
     declared = readers[stored_shape].read_rows(stored_shape).tolist()
     if declared != list(layer.shape):
-        raise _bad(layer.module, f"weight_shape says {declared}, the packed weight holds {list(layer.shape)}")
+        raise layer_error(layer.module, f"weight_shape says {declared}, the packed weight holds {list(layer.shape)}")
     _check_packed_ranges(layer, ranges)
     group = layer.shape[1] if layer.settings.group_size == -1 else layer.settings.group_size
     columns = np.concatenate([np.arange(a, b) for a, b in ranges]) // group
@@ -168,7 +168,7 @@ def _compressed_tensors_blocks(layer: QuantizedLinear, readers: TensorReaders, r
 def _fp8_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Blocks:
     weight, scale_entry = layer.parts["weight"], layer.parts[layer.settings.format.tensors[1]]
     outputs, inputs = layer.shape
-    grid_rows, grid_cols = _fp8_grid(scale_entry.shape, outputs, inputs)
+    grid_rows, grid_cols = fp8_scale_grid(scale_entry.shape, outputs, inputs)
     grid = to_float32(readers[scale_entry].read_rows(scale_entry), scale_entry.dtype).reshape(grid_rows, grid_cols)
     block_rows, block_cols = outputs // grid_rows, inputs // grid_cols
     columns = np.concatenate([np.arange(a, b) for a, b in ranges]) // block_cols
@@ -221,11 +221,11 @@ def dequantize(layer: QuantizedLinear, readers: TensorReaders, columns: tuple[in
 def bytes_read_by_product(layer: QuantizedLinear, displacement: np.ndarray, head_dim: int) -> int:
     """The bytes ``product`` reads: a transposed weight only the touched heads' rows (and their groups' zeros
     and scales), any other all of its tensors."""
-    if not layer.settings.format.transposed:
-        return layer.nbytes
     ranges = head_column_ranges(displacement, head_dim)
     if not ranges:
         return 0
+    if not layer.settings.format.transposed:
+        return layer.nbytes
     outputs, inputs = layer.shape
     group = inputs if layer.settings.group_size == -1 else layer.settings.group_size
     qweight, qzeros, scales = layer.parts["qweight"], layer.parts["qzeros"], layer.parts["scales"]

@@ -440,7 +440,8 @@ def quantized_linear(tensors: dict, module: str, settings: QuantSettings | None)
     return QuantizedLinear(module, settings, shape, parts)
 
 
-def _bad(module: str, what: str) -> CheckpointError:
+def layer_error(module: str, what: str) -> CheckpointError:
+    """A quantized layer whose tensors contradict each other or the config (also raised while dequantizing)."""
     return CheckpointError(
         f"{module}: {what}", hint="the checkpoint's tensors disagree with its quantization_config; restore it"
     )
@@ -448,21 +449,23 @@ def _bad(module: str, what: str) -> CheckpointError:
 
 def _expect(module: str, entry: TensorEntry, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> None:
     if entry.dtype not in dtypes or entry.shape != shape:
-        raise _bad(module, f"{entry.name} is {entry.dtype} {list(entry.shape)}, expected {dtypes[0]} {list(shape)}")
+        raise layer_error(
+            module, f"{entry.name} is {entry.dtype} {list(entry.shape)}, expected {dtypes[0]} {list(shape)}"
+        )
 
 
 def _groups(module: str, settings: QuantSettings, inputs: int) -> int:
     if settings.group_size == -1:
         return 1
     if inputs % settings.group_size:
-        raise _bad(module, f"{inputs} inputs are not a whole number of groups of {settings.group_size}")
+        raise layer_error(module, f"{inputs} inputs are not a whole number of groups of {settings.group_size}")
     return inputs // settings.group_size
 
 
 def _awq_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, int]:
     qweight = parts["qweight"]
     if qweight.dtype != "I32" or len(qweight.shape) != 2:
-        raise _bad(module, f"qweight is {qweight.dtype} {list(qweight.shape)}, expected a 2-D I32 tensor")
+        raise layer_error(module, f"qweight is {qweight.dtype} {list(qweight.shape)}, expected a 2-D I32 tensor")
     inputs, outputs = qweight.shape[0], qweight.shape[1] * 8
     groups = _groups(module, settings, inputs)
     _expect(module, parts["qzeros"], ("I32",), (groups, outputs // 8))
@@ -473,24 +476,24 @@ def _awq_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, 
 def _gptq_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, int]:
     qweight = parts["qweight"]
     if qweight.dtype != "I32" or len(qweight.shape) != 2:
-        raise _bad(module, f"qweight is {qweight.dtype} {list(qweight.shape)}, expected a 2-D I32 tensor")
+        raise layer_error(module, f"qweight is {qweight.dtype} {list(qweight.shape)}, expected a 2-D I32 tensor")
     inputs, outputs = qweight.shape[0] * 8, qweight.shape[1]
     if outputs % 8:
-        raise _bad(module, f"{outputs} outputs do not pack into qzeros")
+        raise layer_error(module, f"{outputs} outputs do not pack into qzeros")
     groups = math.ceil(inputs / settings.group_size) if settings.act_order else _groups(module, settings, inputs)
     _expect(module, parts["qzeros"], ("I32",), (groups, outputs // 8))
     _expect(module, parts["scales"], FLOAT_DTYPES, (groups, outputs))
     if "g_idx" in parts:
         _expect(module, parts["g_idx"], ("I32",), (inputs,))
     elif settings.act_order:
-        raise _bad(module, "desc_act is true but g_idx is missing")
+        raise layer_error(module, "desc_act is true but g_idx is missing")
     return outputs, inputs
 
 
 def _compressed_tensors_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, int]:
     packed = parts["weight_packed"]
     if packed.dtype != "I32" or len(packed.shape) != 2:
-        raise _bad(module, f"weight_packed is {packed.dtype} {list(packed.shape)}, expected a 2-D I32 tensor")
+        raise layer_error(module, f"weight_packed is {packed.dtype} {list(packed.shape)}, expected a 2-D I32 tensor")
     outputs, inputs = packed.shape[0], packed.shape[1] * 8
     _expect(module, parts["weight_scale"], FLOAT_DTYPES, (outputs, _groups(module, settings, inputs)))
     _expect(module, parts["weight_shape"], ("I64", "I32"), (2,))
@@ -501,27 +504,27 @@ def _fp8_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, 
     scale_name = settings.format.tensors[1]
     weight, scale = parts["weight"], parts[scale_name]
     if weight.dtype != "F8_E4M3" or len(weight.shape) != 2:
-        raise _bad(module, f"weight is {weight.dtype} {list(weight.shape)}, expected 2-D F8_E4M3")
+        raise layer_error(module, f"weight is {weight.dtype} {list(weight.shape)}, expected 2-D F8_E4M3")
     outputs, inputs = weight.shape
     if scale.dtype not in FLOAT_DTYPES:
-        raise _bad(module, f"{scale_name} is {scale.dtype}, expected a float")
+        raise layer_error(module, f"{scale_name} is {scale.dtype}, expected a float")
     try:
-        grid = _fp8_grid(scale.shape, outputs, inputs)
+        grid = fp8_scale_grid(scale.shape, outputs, inputs)
     except CheckpointError as e:
-        raise _bad(module, e.message) from None
+        raise layer_error(module, e.message) from None
     allowed = {"tensor": [(1, 1)], "channel": [(outputs, 1)]}.get(settings.strategy or "", [grid])
     if settings.block is not None:
         allowed = [(outputs // settings.block[0], inputs // settings.block[1])]
         if settings.strategy is None:  # transformers reads the grid from the scale's shape; one scale is a grid too
             allowed.append((1, 1))
         if outputs % settings.block[0] or inputs % settings.block[1]:
-            raise _bad(module, f"[{outputs}, {inputs}] is not a whole number of {list(settings.block)} blocks")
+            raise layer_error(module, f"[{outputs}, {inputs}] is not a whole number of {list(settings.block)} blocks")
     if grid not in allowed:
-        raise _bad(module, f"{scale_name} {list(scale.shape)} does not match the {settings.describe()} scales")
+        raise layer_error(module, f"{scale_name} {list(scale.shape)} does not match the {settings.describe()} scales")
     return outputs, inputs
 
 
-def _fp8_grid(scale_shape: tuple[int, ...], outputs: int, inputs: int) -> tuple[int, int]:
+def fp8_scale_grid(scale_shape: tuple[int, ...], outputs: int, inputs: int) -> tuple[int, int]:
     """The (rows, columns) grid of FP8 scales as transformers reads it: [] and [1] one scale; 2-D [r, c]
     blocks of outputs/r x inputs/c (per channel: [out, 1]). A grid that does not divide the weight exactly,
     or a 1-D per-channel vector (transformers would read it as one scale), is refused."""
