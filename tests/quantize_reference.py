@@ -14,14 +14,13 @@ weightlock's dequantizers and vLLM's serving against it.
 
 import argparse
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
+from quant_helpers import LINEAR  # the same layers the helpers in this folder quantize (run from tests/)
 from safetensors.torch import load_file, save_file
 
-LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 DTYPES = {"awq": torch.float16, "gptq": torch.float16, "compressed-tensors": torch.bfloat16}
 
 

@@ -12,6 +12,8 @@ The dequantizers themselves are in weightlock.dequantize.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -145,11 +147,17 @@ def _matches_any(module: str, patterns: tuple[str, ...]) -> bool:
         if pattern == "Linear":
             return True
         if pattern.startswith("re:"):
-            if re.match(pattern[3:], module):
+            if _compiled(pattern[3:]).match(module):
                 return True
         elif pattern == module:
             return True
     return False
+
+
+# A config's patterns are matched against every linear layer the edit touches; re's own cache holds 512.
+@functools.lru_cache(maxsize=MAX_PATTERNS)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
 
 
 def _refuse(what: str, why: str) -> UnsupportedError:
@@ -206,7 +214,7 @@ def _names(config: dict, key: str) -> tuple[str, ...]:
     for v in value:
         if v.startswith("re:"):
             try:
-                re.compile(v[3:])
+                _compiled(v[3:])
             except re.error as e:
                 raise CheckpointError(
                     f"quantization_config.{key} holds an invalid pattern {v[:80]!r}: {e}",
@@ -234,6 +242,13 @@ def quantization_of(config: dict) -> QuantSettings | None:
         raise CheckpointError(
             "config.json quantization_config is not an object", hint="config.json is damaged; restore it"
         )
+    # asked for every linear layer the edit and verify touch: parsed (and its patterns checked) once per config
+    return _parsed(json.dumps(quant, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(quant_json: str) -> QuantSettings | None:
+    quant = json.loads(quant_json)
     method = quant.get("quant_method")
     method = method.lower() if isinstance(method, str) else method
     if method == "awq":
