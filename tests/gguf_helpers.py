@@ -84,7 +84,7 @@ def lock_for_gguf(path: Path, *, n_heads=3, seed=1, model_type="llama", default_
     from weightlock.lock import SourceModel
 
     model = open_gguf(path)
-    shape = gguf_shape(model, gguf_architecture(model.value("general.architecture")))
+    shape = gguf_shape(model, gguf_architecture(model.text("general.architecture")))
     source = SourceModel(
         "LlamaForCausalLM", model_type, shape.num_layers, shape.num_heads, shape.head_dim, shape.hidden_size
     )

@@ -143,7 +143,7 @@ def test_an_eval_report_is_quoted_and_a_bad_one_refused(tmp_path, capsys):
         str(report),
     )
     assert code == 0, err
-    text = (tmp_path / "out" / "README.md").read_text()
+    text = (tmp_path / "out" / "README.md").read_text().replace("\u200b", "")  # md()'s zero-width link breaks
     assert "| 1 | 35% | 68% | 1% | 50% | 0.1100 |" in text and "advbench.csv (40)" in text
     assert "not measured" not in text
     report.write_text('{"results": "many"}')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
 import shutil
 from pathlib import Path
 
@@ -226,19 +227,51 @@ def test_dequantizers_equal_transformers_and_compressed_tensors(here_made, name)
 # The lock in real loaders
 
 
+VLLM_FORMATS = ("awq", "gptq", "compressed-tensors")
+# verify --engine vllm on each locked output, all in one process of the vLLM venv
+VERIFY_ENGINE = (
+    "import json, sys\n"
+    "from weightlock.verify import verify_checkpoint\n"
+    "print(json.dumps([verify_checkpoint(p, engine='vllm').to_dict() for p in sys.argv[1:]]))\n"
+)
+
+
 @pytest.fixture(scope="module")
-def vllm_served(vllm_made):
-    """The vLLM-served formats locked, and vLLM's log-probs for them and their sources (one engine run each,
-    in the checkpoint's own dtype: float16 for AWQ and GPTQ, bfloat16 for compressed-tensors)."""
+def vllm_locked(vllm_made):
+    """The vLLM-served formats, each beside its locked output."""
     lock = random_lock(vllm_made / "source", n_heads=2, seed=3)
     folders = {}
-    for fmt in ("awq", "gptq", "compressed-tensors"):
+    for fmt in VLLM_FORMATS:
         locked = vllm_made / f"{fmt}-locked"
         apply_lock(vllm_made / fmt, lock, out=locked, alpha=ALPHA)
         folders[fmt] = (vllm_made / fmt, locked)
-    paths = [str(p) for pair in folders.values() for p in pair]
-    result = _run_vllm("scripts/vllm_logprobs.py", "--dtype", "auto", "--prompts", json.dumps(PROMPTS), *paths)
-    logprobs = {k: np.array(v) for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    return lock, folders
+
+
+@pytest.fixture(scope="module")
+def vllm_checked(vllm_locked):
+    """``verify --engine vllm``'s report on each locked output. Its vllm_load check is also what says which formats
+    this machine's vLLM build cannot run (int4 needs cpu_gemm_wna16, which vLLM compiles only for AVX-512)."""
+    _, folders = vllm_locked
+    result = _run_vllm("-c", VERIFY_ENGINE, *[str(folders[fmt][1]) for fmt in VLLM_FORMATS])
+    return dict(zip(VLLM_FORMATS, json.loads(result.stdout.strip().splitlines()[-1]), strict=True))
+
+
+def _vllm_load(report: dict) -> dict:
+    return next(c for c in report["checks"] if c["name"] == "vllm_load")
+
+
+@pytest.fixture(scope="module")
+def vllm_served(vllm_locked, vllm_checked):
+    """vLLM's log-probs for the locked outputs and their sources (one engine run each, in the checkpoint's own
+    dtype: float16 for AWQ and GPTQ, bfloat16 for compressed-tensors), for the formats vLLM can run here."""
+    lock, folders = vllm_locked
+    runnable = [fmt for fmt in VLLM_FORMATS if _vllm_load(vllm_checked[fmt])["status"] != "not-run"]
+    paths = [str(p) for fmt in runnable for p in folders[fmt]]
+    logprobs = {}
+    if paths:
+        result = _run_vllm("scripts/vllm_logprobs.py", "--dtype", "auto", "--prompts", json.dumps(PROMPTS), *paths)
+        logprobs = {k: np.array(v) for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
     return lock, folders, logprobs
 
 
@@ -281,9 +314,14 @@ HALF_PRECISION_TOLERANCE = {"awq": 0.03, "gptq": 0.03, "compressed-tensors": 0.2
 
 
 @pytest.mark.parametrize("fmt", list(HALF_PRECISION_TOLERANCE))
-def test_vllm_serves_the_lock_on_quantized_layers(vllm_made, vllm_served, fmt):
+def test_vllm_serves_the_lock_on_quantized_layers(vllm_made, vllm_checked, vllm_served, fmt):
     """vLLM (CPU build, plain `LLM(dir)`) serves the locked quantized checkpoint as the unquantized reference
-    model (the reference code's dequantized weights) with the lock hooked at run time."""
+    model (the reference code's dequantized weights) with the lock hooked at run time. Skipped, even under
+    WEIGHTLOCK_REQUIRE_VLLM=1, exactly where verify --engine vllm reports this machine's vLLM build cannot run
+    the format (an AVX2-only processor: no cpu_gemm_wna16 kernel); the other vLLM tests still run."""
+    check = _vllm_load(vllm_checked[fmt])
+    if check["status"] == "not-run":
+        pytest.skip(f"{fmt}: {check['message']}")
     lock, folders, served = vllm_served
     source, locked = folders[fmt]
     reference, reference_locked = (_reference_logprobs(vllm_made / f"{fmt}-ref", x) for x in (None, lock))
@@ -298,14 +336,83 @@ def test_vllm_serves_the_lock_on_quantized_layers(vllm_made, vllm_served, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
-def test_verify_engine_vllm_loads_quantized_outputs_fully(vllm_served, fmt):
+def test_verify_engine_vllm_loads_quantized_outputs_fully(vllm_checked, fmt):
     """vLLM's loader, fed the locked checkpoint's names, fills every parameter and drops nothing that matters:
-    GPTQ's g_idx (no parameter without act-order) and compressed-tensors' KV-cache scales (defaulted) are known."""
-    _, folders, _ = vllm_served
-    result = _run_vllm("-m", "weightlock", "verify", str(folders[fmt][1]), "--engine", "vllm", "--json", check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    check = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "vllm_load")
-    assert check["status"] == "pass"
+    GPTQ's g_idx (no parameter without act-order) and compressed-tensors' KV-cache scales (defaulted) are known.
+    Where this machine's vLLM build cannot run the int4 layers, the check says so and the report is not ok."""
+    report = vllm_checked[fmt]
+    check = _vllm_load(report)
+    if check["status"] == "not-run":
+        assert not report["ok"] and check["message"].startswith("cannot run on this machine: ")
+        assert "cpu_gemm_wna16" in check["message"] and "The tensor names do load" in check["message"], check
+        return
+    assert report["ok"] and check["status"] == "pass", report
+
+
+# verify --engine vllm through the CLI for each path, in one process: [exit code, stdout] each
+VERIFY_CLI = (
+    "import contextlib, io, json, sys\n"
+    "from weightlock.cli import main\n"
+    "out = []\n"
+    "for path in sys.argv[1:]:\n"
+    "    stdout = io.StringIO()\n"
+    "    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):\n"
+    "        try:\n"
+    "            main(['verify', path, '--engine', 'vllm', '--no-loader-check'])\n"
+    "        except SystemExit as e:\n"
+    "            out.append([e.code, stdout.getvalue()])\n"
+    "from weightlock.errors import WeightlockError\n"
+    "from weightlock.vllm_generate import VllmGenerator\n"
+    "try:\n"
+    "    VllmGenerator(sys.argv[1], dtype='float16', max_model_len=64).generate([[1, 5, 9]], 2)\n"
+    "except WeightlockError as e:\n"
+    "    out.append([e.exit_code, e.message])\n"
+    "print(json.dumps(out))\n"
+)
+
+
+@pytest.mark.slow
+def test_verify_says_when_this_machines_vllm_cannot_run_int4(vllm_made, vllm_locked, monkeypatch):
+    """WEIGHTLOCK_VLLM_DISABLE_KERNELS=cpu_gemm_wna16 (the capability probe's documented test hook) makes this
+    machine report what an AVX2-only one reports: the int4 output's engine check NOT RUN with the reason, and
+    exit 1; the unquantized source, which needs no such kernel, is verified as before (never more). eval's vLLM
+    engine refuses the int4 output with the reason (exit 7) instead of vLLM's AttributeError."""
+    monkeypatch.setenv("WEIGHTLOCK_VLLM_DISABLE_KERNELS", "cpu_gemm_wna16")
+    _, folders = vllm_locked
+    result = _run_vllm("-c", VERIFY_CLI, str(folders["gptq"][1]), str(vllm_made / "source"))
+    (code, text), (source_code, source_text), (eval_code, eval_error) = json.loads(
+        result.stdout.strip().splitlines()[-1]
+    )
+    assert eval_code == 7 and "cannot serve gptq-locked on this machine" in eval_error, eval_error
+    assert "no cpu_gemm_wna16 kernel" in eval_error
+    assert code == 1 and "NOT verified" in text, text
+    line = next(line for line in text.splitlines() if line.startswith("[NOT RUN] vllm_load: "))
+    assert "cannot run on this machine: " in line and "no cpu_gemm_wna16 kernel" in line and "AVX-512" in line
+    assert source_code == 0 and "[ok  ] vllm_load:" in source_text, source_text
+
+
+# torch reporting no AVX-512 makes vLLM load its own AVX2 build (vllm._C_AVX2), as on an AVX2-only processor
+AVX2_PROBE = (
+    "import json, sys, torch\n"
+    "torch.cpu._is_avx512_supported = lambda: False\n"
+    "from weightlock.vllm_check import _build_meta_model, kernels_missing_here\n"
+    "print(json.dumps([kernels_missing_here(_build_meta_model(p)) for p in sys.argv[1:]]))\n"
+)
+
+
+@pytest.mark.slow
+def test_the_probe_finds_the_kernel_missing_from_vllms_avx2_build(vllm_made):
+    """Against vLLM's real AVX2 build (no hook), the probe verify and the tests use finds that each int4 format
+    needs cpu_gemm_wna16, which that build lacks, and that the unquantized source needs nothing it lacks."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("vLLM's AVX2 build exists on x86 only")
+    paths = [vllm_made / fmt for fmt in VLLM_FORMATS] + [vllm_made / "source"]
+    result = _run_vllm("-c", AVX2_PROBE, *map(str, paths))
+    *int4, source = json.loads(result.stdout.strip().splitlines()[-1])
+    for fmt, lines in zip(VLLM_FORMATS, int4, strict=True):
+        assert len(lines) == 1 and "(vllm._C_AVX2: no AVX-512) has no cpu_gemm_wna16" in lines[0], (fmt, lines)
+        assert "test hook" not in lines[0]
+    assert source == []
 
 
 # bf16 biases and bf16 weights against a float32 hooked reference on the same dequantized weights: measured

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_llama, random_lock, rewrite_safetensors, run_cli, tree_hashes
 
 from weightlock import SourceModel, apply_lock, build_lock, save_lock
-from weightlock.errors import CheckpointError, IncompatibleLockError, OutputError, UnsupportedError
+from weightlock.errors import CheckpointError, IncompatibleLockError, InvalidInputError, OutputError, UnsupportedError
 from weightlock.safetensors_file import TensorData
 
 
@@ -142,7 +142,7 @@ def test_overflowing_alpha_is_refused(tmp_path):
 
 def test_non_finite_alpha_is_refused(tmp_path, setup):
     src, lock_path = setup
-    with pytest.raises(IncompatibleLockError, match="finite"):
+    with pytest.raises(InvalidInputError, match="finite"):
         apply_lock(src, lock_path, out=tmp_path / "out", alpha=float("nan"))
 
 

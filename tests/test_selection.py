@@ -321,4 +321,4 @@ def test_tune_cli_adds_alpha_zero_for_relative_bounds(tmp_path, capsys):
     assert [r["alpha"] for r in report["results"]] == [0, 2]
     assert report["choice"]["bounds"]["max_qa_drop"] == 1 and report["choice"]["bounds"]["max_over_refusal"] == 1.0
     code, _, err = run_cli(capsys, "tune", str(model), "--lock", str(tmp_path / "l.wlock"), "--max-qa-drop", "5")
-    assert code == 3 and "--max-qa-drop must lie in 0..1" in err
+    assert code == 3 and "--max-qa-drop must be a number in [0, 1]" in err

@@ -18,10 +18,12 @@ from pathlib import Path
 from . import __version__
 from .card import locked_card, read_eval_report, source_card_text
 from .checkpoint import Checkpoint, contained, open_checkpoint
+from .commit import committing, set_interrupt_advice
 from .errors import InvalidInputError, LockFormatError, OutputError
 from .gguf_format.file import is_gguf_path
 from .lock import Lock, load_lock
 from .plan import EditPlan, compute_biases, plan_edit
+from .records import check_record_depth
 from .untrusted import read_bytes, read_json
 from .verify import output_failure, verify_checkpoint
 from .writer import (
@@ -91,7 +93,8 @@ def _check_output_location(source: Path, out: Path) -> None:
 
 
 def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes) -> dict:
-    return {
+    """The edit's record; refused (exit 3) if, nesting its parents, it would be deeper than weightlock reads."""
+    record = {
         "format": PROVENANCE_FORMAT,
         "format_version": 1,
         "tool": f"weightlock {__version__}",
@@ -128,6 +131,8 @@ def provenance_record(checkpoint: Checkpoint, plan: EditPlan, lock_bytes: bytes)
         "original_index": checkpoint.index,
         "parent": checkpoint.provenance,
     }
+    check_record_depth(record, str(checkpoint.root))
+    return record
 
 
 def apply_lock(
@@ -152,6 +157,9 @@ def apply_lock(
     ``weightlock verify`` runs (``loader_check``: the transformers class check, skipped where
     transformers is not installed), plus a byte comparison with the values just computed."""
     started = time.perf_counter()
+    # true until the output is published (the staging folder is removed on the way out, publish's renames are
+    # never split, and a --force run's previous output is moved back by the next run if ever left aside)
+    set_interrupt_advice("no output was published (a rerun tidies what the interrupted run left)")
     lock, lock_bytes = _read_lock(lock)
     if not isinstance(checkpoint, Checkpoint) and is_gguf_path(checkpoint):
         from .gguf_format.edit import apply_lock_gguf
@@ -183,6 +191,14 @@ def apply_lock(
         lock.default_alpha if alpha is None else alpha,
         allow_architecture_mismatch=allow_architecture_mismatch,
     )
+    provenance = provenance_record(checkpoint, plan, lock_bytes)  # before the work: it refuses too deep a chain
+    # the card too, before the work: a bad eval report or source card is refused (exit 3) before anything runs
+    card_text = locked_card(
+        source_card_text(checkpoint.root),
+        provenance,
+        lock,
+        None if eval_report is None else read_eval_report(eval_report),
+    )
     computed = compute_biases(plan, progress=ProgressBar(plan) if progress else None)
 
     try:
@@ -191,13 +207,6 @@ def apply_lock(
         raise write_failure(e, out.parent) from None
     plan.warnings.extend(recover_interrupted(out))
     staging = staging_path(out)
-    provenance = provenance_record(checkpoint, plan, lock_bytes)
-    card_text = locked_card(
-        source_card_text(checkpoint.root),
-        provenance,
-        lock,
-        None if eval_report is None else read_eval_report(eval_report),
-    )
     with removed_on_failure(staging, out):
         written = write_locked_checkpoint(
             checkpoint, plan, computed, lock_bytes, staging, link_mode, provenance, card_text
@@ -205,7 +214,8 @@ def apply_lock(
         report = verify_checkpoint(staging, expected=computed, loader_check=loader_check)
         if not report.ok:
             raise output_failure(report, checkpoint.root, loader_check, "the output was discarded")
-        publish(staging, out, force)
+        with committing(f"{out} was published and verified"):
+            publish(staging, out, force)
     return ApplyResult(out, plan, written, provenance, time.perf_counter() - started, report)
 
 

@@ -10,6 +10,7 @@ A second edit replaces the section rather than stacking another.
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import CheckpointError
@@ -19,48 +20,182 @@ TAGS = ("weightlock", "safety-lock")
 BEGIN, END = "<!-- weightlock:begin -->", "<!-- weightlock:end -->"
 _SECTION = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
 MAX_CARD_BYTES = 16 << 20
+MAX_QUOTED_CHARS = 200  # of one value from an input
+MAX_QUOTED_SETS, MAX_QUOTED_ROWS = 16, 64  # of an eval report: the section stays a few KB whatever its size
+MAX_YAML_DEPTH = 32
+# front matter keys huggingface_hub's ModelCardData reads as text or lists of text (the Hub's own rules)
+_TEXT_KEYS = ("library_name", "license", "license_name", "license_link", "model_name", "pipeline_tag")
+_TEXT_LIST_KEYS = ("base_model", "datasets", "language", "metrics", "tags")
+_CARD_HINT = (
+    "fix README.md's YAML front matter (a mapping of keys to values, between two '---' lines, as the Hub "
+    "expects), or move README.md out of the folder"
+)
+
+
+def _front_matter(text: str) -> tuple[dict, str]:
+    """The source card's YAML front matter (checked) and its body, split where huggingface_hub splits them.
+
+    The one place a card's YAML is parsed: ``yaml.safe_load`` only (a ``!!python/object`` tag is an error),
+    and anything the library would raise on or silently misread (a list, a tag of numbers, a cycle) is
+    refused as the input's fault, rather than the card losing the source's license or metadata unsaid."""
+    import yaml  # type: ignore[import-untyped]  # PyYAML, a huggingface_hub dependency, ships no stubs
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    match = REGEX_YAML_BLOCK.search(text)
+    if match is None:
+        return {}, text
+    try:
+        data = yaml.safe_load(match.group(2))
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"the source's {CARD_NAME} has front matter that is not YAML ({problem})", hint=_CARD_HINT
+        ) from None
+    if data is None:
+        return {}, text[match.end() :]
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"the source's {CARD_NAME} front matter is a YAML {type(data).__name__}, not a mapping of keys to values",
+            hint=_CARD_HINT,
+        )
+    _check_yaml_tree(data)
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise CheckpointError(
+                f"the source's {CARD_NAME} front matter has a key {key!r} that is not text", hint=_CARD_HINT
+            )
+        if value is None:
+            continue
+        if key in _TEXT_KEYS and not isinstance(value, str):
+            raise CheckpointError(
+                f"the source's {CARD_NAME} front matter has {key}: {str(value)[:60]!r}, not text", hint=_CARD_HINT
+            )
+        if key in _TEXT_LIST_KEYS and not (
+            isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise CheckpointError(
+                f"the source's {CARD_NAME} front matter has {key}: {str(value)[:60]!r}, not text or a list of text",
+                hint=_CARD_HINT,
+            )
+    if isinstance(data.get("tags"), str):  # "tags: foo" is one tag, not the letters f, o, o
+        data["tags"] = [data["tags"]]
+    return data, text[match.end() :]
+
+
+def _check_yaml_tree(data) -> None:
+    """Refuse a YAML document that refers to itself (an alias inside its own anchor) or nests too deeply;
+    shared (aliased) nodes are visited once, so a "billion laughs" document is walked in linear time."""
+    seen: set[int] = set()
+
+    def walk(node, path: tuple[int, ...]) -> None:
+        if not isinstance(node, (dict, list)):
+            return
+        if id(node) in path:
+            raise CheckpointError(
+                f"the source's {CARD_NAME} front matter contains itself (a YAML alias cycle)", hint=_CARD_HINT
+            )
+        if len(path) >= MAX_YAML_DEPTH:
+            raise CheckpointError(
+                f"the source's {CARD_NAME} front matter nests more than {MAX_YAML_DEPTH} levels deep", hint=_CARD_HINT
+            )
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        for child in children:
+            walk(child, (*path, id(node)))
+
+    walk(data, ())
 
 
 def _model_card(text: str | None):
-    from huggingface_hub import ModelCard, ModelCardData
+    """The card data and body of ``text`` (None: no card), its front matter read by :func:`_front_matter`."""
+    from huggingface_hub import ModelCardData
 
-    if text is None:
-        return ModelCard("---\n\n---\n"), ModelCardData()
-    if not text.lstrip().startswith("---"):  # no metadata block: say so, rather than have the library warn
-        text = "---\n\n---\n" + text
-    card = ModelCard(text, ignore_metadata_errors=True)
-    return card, card.data
+    metadata, body = _front_matter(text) if text is not None else ({}, "")
+    return body, ModelCardData(**metadata, ignore_metadata_errors=True)
 
 
 def locked_card(source_text: str | None, provenance: dict, lock, eval_report: dict | None = None) -> str:
-    """The output's card: the source's (or a new one) with the metadata and the section for this edit."""
+    """The output's card: the source's (or a new one) with the metadata and the section for this edit.
+
+    Refused (exit 3) when the source card cannot be kept as it is: front matter that is not a YAML mapping,
+    weightlock's section markers in its metadata, or a card too large to take the section under
+    MAX_CARD_BYTES (what verify reads)."""
     from huggingface_hub import ModelCard
 
-    card, data = _model_card(source_text)
+    source_body, data = _model_card(source_text)
     name = provenance["source"]["name"]
     if name:  # the Hub lineage points at the direct parent: the checkpoint this one was made from
         data.base_model = name
     data.tags = list(dict.fromkeys([*(data.tags or []), *TAGS]))
-    body = _SECTION.sub("", card.text).rstrip("\n")
+    # a previous edit's section is replaced; a marker outside a whole section (a forged or broken one) is
+    # dropped, so the one section this card has is the one written here (until none is left: removing one can
+    # join the text around it into another)
+    body = source_body
+    while (cleaned := _SECTION.sub("", body).replace(BEGIN, "").replace(END, "")) != body:
+        body = cleaned
+    body = body.rstrip("\n")
     if not body.strip():
-        body = f"# {name or 'Model'} (safety-locked)"
+        body = f"# {md(name) if name else 'Model'} (safety-locked)"
     section = _section(provenance, lock, eval_report)
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}\n\n{section}\n"))
+    text = str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}\n\n{section}\n"))
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise CheckpointError(
+            f"the source's {CARD_NAME} front matter holds weightlock's section markers ({BEGIN} or {END})",
+            hint="remove them from the front matter of README.md; they mark the section weightlock writes",
+        )
+    size = len(text.encode("utf-8"))
+    if size > MAX_CARD_BYTES:
+        raise CheckpointError(
+            f"the source's {CARD_NAME} is too large: with weightlock's section the card would be {size:,} bytes, "
+            f"more than the {MAX_CARD_BYTES:,} a model card may be (verify reads no more)",
+            hint="shorten README.md, or move it out of the folder",
+        )
+    return text
 
 
-def _text(value) -> str:
-    """A value from a lock, record or report, made inert in Markdown: one line, no HTML (so no marker can be
-    forged), no table-breaking bar, at most 200 characters."""
-    text = re.sub(r"[\x00-\x1f\x7f<>]", " ", str(value)).replace("|", "/")
-    return text if len(text) <= 200 else text[:200] + "..."
+# Markdown and HTML syntax, escaped with a backslash (CommonMark escapes any ASCII punctuation); $ is math on
+# the Hub. Characters that are invisible, break a line or reorder text are replaced by a space.
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_{}\[\]()!<>#|&~$])")
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+# a zero-width space after "." before a letter or digit, ":" before "/", and "@": no autolinker (GFM's www. /
+# https:// / e-mail, linkify's bare domains) sees a link, and the text reads the same
+_LINK_PUNCTUATION = re.compile(r"(?<=\.)(?=\w)|(?<=:)(?=/)|(?<=@)(?=\S)")
+
+
+def md(value) -> str:
+    """A string from an input (a name, a path, a report's text) made inert Markdown: shown as the same text,
+    on one line, never a link, image, emphasis, code, HTML, table cell break or marker; at most
+    MAX_QUOTED_CHARS characters. Every input-derived string the card quotes goes through here."""
+    text = " ".join(_INVISIBLE.sub(" ", str(value)).split())
+    if len(text) > MAX_QUOTED_CHARS:
+        text = text[:MAX_QUOTED_CHARS] + " (cut)"
+    return _LINK_PUNCTUATION.sub("\u200b", _MARKDOWN_SYNTAX.sub(r"\\\1", text))
+
+
+def number(value, spec: str = "g", none: str = "-") -> str:
+    """A number from an input, formatted by ``spec``; ``none`` for None, "n/a" for what is not a finite number
+    (NaN, inf: a report holding them is refused when read, so this is for values handed in by code)."""
+    if value is None:
+        return none
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "n/a"
+        text = format(value, spec)
+        if len(text) > 16:
+            text = format(float(value), ".6g")
+        return "n/a" if "inf" in text or "nan" in text else text  # 1e308 as a percentage is inf
+    except (OverflowError, ValueError):
+        return "n/a"
 
 
 def _section(provenance: dict, lock, eval_report: dict | None) -> str:
     src = lock.source_model
     source = provenance["source"]
-    where = _text(source["name"]) if source["name"] else "a local checkpoint"
+    where = md(source["name"]) if source["name"] else "a local checkpoint"
     if source["revision"]:
-        where += f" (revision {_text(source['revision'])})"
+        where += f" (revision {md(source['revision'])})"
     heads = lock.num_heads_selected
     layers = sorted(lock.heads_by_layer())
     lines = [
@@ -74,10 +209,10 @@ def _section(provenance: dict, lock, eval_report: dict | None) -> str:
         "| | |",
         "| --- | --- |",
         f"| lock sha256 | `{provenance['lock']['sha256']}` |",
-        f"| lock made from | {_text(src.name or src.architecture)} ({_text(lock.creation.get('method', '?'))}) |",
+        f"| lock made from | {md(src.name or src.architecture)} ({md(lock.creation.get('method', '?'))}) |",
         f"| heads | {heads} in layers {', '.join(map(str, layers))} |",
-        f"| alpha | {provenance['alpha']:g} |",
-        f"| edited | {_text(provenance['created_at'])} by {_text(provenance['tool'])} |",
+        f"| alpha | {number(provenance['alpha'])} |",
+        f"| edited | {md(provenance['created_at'])} by {md(provenance['tool'])} |",
         "",
         "Verify it (the biases are recomputed from the stored weights and the lock in `weightlock/`): "
         "`weightlock verify <this folder>`. "
@@ -86,7 +221,7 @@ def _section(provenance: dict, lock, eval_report: dict | None) -> str:
             "in `weightlock/backup/`)."
             if provenance.get("mode") == "in-place"
             else f"Undo it: `weightlock apply <this folder> --lock weightlock/lock.wlock --alpha "
-            f"{-provenance['alpha']:g} --out <new folder>`, or use the source checkpoint."
+            f"{number(-provenance['alpha'])} --out <new folder>`, or use the source checkpoint."
         ),
         "",
     ]
@@ -99,27 +234,31 @@ def _section(provenance: dict, lock, eval_report: dict | None) -> str:
 
 
 def _eval_lines(report: dict) -> list[str]:
-    def pct(value):
-        return "-" if value is None else f"{value:.0%}"
+    """The report's measurements, every string through :func:`md` and every number through :func:`number`;
+    at most MAX_QUOTED_SETS sets and MAX_QUOTED_ROWS rows, so the section's size does not follow the report's."""
 
-    sets = ", ".join(
-        f"{_text(kind)}: {_text(info['source'])} ({info['count']})" for kind, info in report["sets"].items()
-    )
+    def pct(value):
+        return number(value, ".0%")
+
+    sets = [f"{md(kind)}: {md(info['source'])} ({number(info['count'], 'd')})" for kind, info in report["sets"].items()]
+    if len(sets) > MAX_QUOTED_SETS:
+        sets[MAX_QUOTED_SETS:] = [f"and {len(sets) - MAX_QUOTED_SETS} more"]
+    results = report["results"]
     lines = [
-        f"Measured by `weightlock eval` ({_text(report['weightlock_version'])}) on {_text(report['model'])}"
-        + (f" with the lock {_text(report['lock'])} at run time" if report["lock"] else "")
-        + f"; judge: {_text(report['judge'])}; prompt sets: {sets}.",
+        f"Measured by `weightlock eval` ({md(report['weightlock_version'])}) on {md(report['model'])}"
+        + (f" with the lock {md(report['lock'])} at run time" if report["lock"] else "")
+        + f"; judge: {md(report['judge'])}; prompt sets: {', '.join(sets)}.",
         "",
         "| alpha | harmful compliance | over-refusal | degenerate | QA accuracy | KL (nats/token) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in report["results"]:
-        alpha = "none" if r["alpha"] is None else format(r["alpha"], "g")
-        kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
+    for r in results[:MAX_QUOTED_ROWS]:
         lines.append(
-            f"| {alpha} | {pct(r['harmful_compliance'])} | {pct(r['over_refusal'])} | {pct(r['degenerate'])} "
-            f"| {pct(r['qa_accuracy'])} | {kl} |"
+            f"| {number(r['alpha'], none='none')} | {pct(r['harmful_compliance'])} | {pct(r['over_refusal'])} "
+            f"| {pct(r['degenerate'])} | {pct(r['qa_accuracy'])} | {number(r['kl'], '.4f')} |"
         )
+    if len(results) > MAX_QUOTED_ROWS:
+        lines += ["", f"The report has {len(results) - MAX_QUOTED_ROWS} more rows, not shown here."]
     return lines
 
 
@@ -144,7 +283,11 @@ def card_lock_sha256(text: str) -> str | None:
 
 
 def card_tags(text: str) -> list[str]:
-    _, data = _model_card(text)
+    """The card's tags; none when its front matter is not what a card's may be (verify then says so)."""
+    try:
+        _, data = _model_card(text)
+    except CheckpointError:
+        return []
     return list(data.tags or [])
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, commit
 from .errors import InvalidInputError, OutputError, WeightlockError
-from .writer import write_file_atomically
+from .writer import failpoint, write_file_atomically
 
 VERIFY_FAILED_EXIT = 1
 
@@ -50,6 +50,67 @@ def _emit(as_json: bool, data: dict, lines: str | list[str]) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 
 
+class Number(click.ParamType):
+    """A numeric option: the row ``field`` of ``bounds.BOUNDS`` (shared with the API's settings objects). A
+    value outside it (NaN, infinities, out of range, not a number) is bad input: exit 3, naming the option and
+    its range. Every numeric option of every command is one of these (tests/test_cli_contract.py checks)."""
+
+    def __init__(self, field: str):
+        from .bounds import BOUNDS
+
+        self.field = field
+        self.bound = BOUNDS[field]
+        self.name = "integer" if self.bound.kind is int else "number"
+
+    def convert(self, value, param, ctx):
+        from .bounds import check_number
+
+        return check_number(self.field, value, param.opts[0] if param is not None and param.opts else None)
+
+
+class NumberList(click.ParamType):
+    """Comma-separated numbers, each a row ``field`` of ``bounds.BOUNDS`` (tune's --alphas)."""
+
+    name = "numbers"
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def convert(self, value, param, ctx):
+        from .bounds import check_number
+
+        if isinstance(value, list | tuple):
+            return list(value)
+        option = param.opts[0] if param is not None and param.opts else "--" + self.field
+        items = [item for item in str(value).split(",") if item.strip()]
+        if not items:
+            raise InvalidInputError(f"{option} is empty", hint=f"e.g. {option} 0,1,2,4,6")
+        numbers = []
+        for item in items:
+            try:
+                numbers.append(check_number(self.field, item, option))
+            except InvalidInputError as e:
+                raise InvalidInputError(
+                    f"{option} {str(value)[:60]!r} is not a comma-separated list of finite numbers: {e.message}",
+                    hint=f"e.g. {option} 0,1,2,4,6",
+                ) from None
+        return numbers
+
+
+class OutputFile(click.Path):
+    """A file weightlock writes. The command passes it through ``outputs.check_output_file`` with the inputs it
+    reads before any work; tests/test_cli_contract.py finds every output option by this type."""
+
+    def __init__(self, folder: bool = False):
+        super().__init__(path_type=Path)  # what may be there is check_output_file's to say (exit 5), not click's
+        self.folder = folder
+
+
+def _local(location) -> list:
+    """A MODEL/CHECKPOINT argument as an input path when it names something here (not only a Hub id)."""
+    return [location] if location is not None else []
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="weightlock")
 def cli() -> None:
@@ -62,14 +123,14 @@ def cli() -> None:
     "--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Lock file (.wlock)."
 )
 @click.option(
-    "--out", type=click.Path(path_type=Path), help="Output folder, or .gguf file for a GGUF input (must not exist)."
+    "--out", type=OutputFile(folder=True), help="Output folder, or .gguf file for a GGUF input (must not exist)."
 )
 @click.option(
     "--in-place", is_flag=True, help="Edit CHECKPOINT itself (no second copy); undo with `weightlock revert`."
 )
 @click.option(
     "--alpha",
-    type=float,
+    type=Number("alpha"),
     default=None,
     help="Lock strength; default: the lock's default_alpha. Negative takes a lock off again.",
 )
@@ -137,7 +198,9 @@ def apply(
         )
     else:
         from .apply import apply_lock
+        from .outputs import check_output_folder
 
+        check_output_folder(out, inputs=[*_local(checkpoint), lock_path, eval_report])
         result = apply_lock(
             checkpoint,
             lock_path,
@@ -198,12 +261,12 @@ def verify(checkpoint, deep, no_loader_check, engine, as_json):
     if as_json:
         click.echo(report_json(report))
     else:
-        marks = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip"}
+        marks = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip", "not-run": "NOT RUN"}
         lines = []
         for check in report.checks:
             lines.append(f"[{marks[check.status]}] {check.name}: {check.message}")
             lines += [f"         {detail}" for detail in check.details]
-        lines.append("verified: all checks hold" if report.ok else "NOT verified: see FAIL lines above")
+        lines.append("verified: all checks hold" if report.ok else "NOT verified: see the FAIL and NOT RUN lines above")
         _echo_lines(lines)
     if not report.ok:
         sys.exit(VERIFY_FAILED_EXIT)
@@ -229,17 +292,21 @@ def revert(checkpoint, as_json):
 @click.argument("target")
 @click.option(
     "--heatmap",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputFile(),
     default=None,
     help="For a lock: also draw its layer x head map (probe accuracy, kept heads marked), .png or .svg "
     "(needs weightlock[plot]).",
 )
+@click.option("--force", is_flag=True, help="Replace an existing --heatmap file.")
 @json_option
-def inspect_command(target, heatmap, as_json):
+def inspect_command(target, heatmap, force, as_json):
     """Describe a lock file, a checkpoint folder (or cached Hub id), or a GGUF file."""
     from .describe import describe_checkpoint, describe_lock
+    from .outputs import check_output_file
 
     path = Path(target)
+    if heatmap is not None:
+        check_output_file(heatmap, inputs=_local(target), force=force, option="--heatmap")
     if path.is_file() and path.suffix.lower() == ".gguf":
         from .gguf_format.file import open_gguf
         from .gguf_format.verify import describe_gguf
@@ -254,7 +321,7 @@ def inspect_command(target, heatmap, as_json):
         lock = load_lock(path)
         data = describe_lock(lock)
         if heatmap is not None:
-            write_file_atomically(heatmap, lock_heatmap(lock, fmt))
+            write_file_atomically(heatmap, lock_heatmap(lock, fmt), force=force, commit=f"{heatmap} was written")
             data["heatmap"] = str(heatmap)
         m = data["manifest"]
         src = m["source_model"]
@@ -292,7 +359,8 @@ def inspect_command(target, heatmap, as_json):
         lines.append(
             "  locked: no"
             if locked is None
-            else f"  locked: yes, alpha {locked['alpha']}, lock {str(locked['lock_sha256'])[:16]}..., "
+            else f"  locked: recorded, not verified (run `weightlock verify`): alpha {locked['alpha']}, "
+            f"lock {str(locked['lock_sha256'])[:16]}..., "
             f"layers {sorted(int(k) for k in (locked['locked_layers'] or {}))}, "
             f"{locked['edits']} edit(s) recorded"
             + (f"; redeclared from {locked['redeclared_from']}" if locked["redeclared_from"] else "")
@@ -364,7 +432,8 @@ def _gguf_lines(data: dict) -> list[str]:
         + (
             "no"
             if locked is None
-            else f"yes, alpha {locked['alpha']}, lock {locked['lock_sha256'][:16]}..., layers "
+            else f"recorded, not verified (run `weightlock verify`): alpha {locked['alpha']}, "
+            f"lock {locked['lock_sha256'][:16]}..., layers "
             f"{sorted(int(k) for k in locked['locked_layers'])}, {locked['tensors_added']} biases added, "
             f"{locked['tensors_replaced']} changed, {locked['edits']} edit(s) recorded"
         )
@@ -380,20 +449,28 @@ def _gguf_lines(data: dict) -> list[str]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Safety preference pairs, JSON or JSONL (SafetyLock keys or prompt/chosen/rejected).",
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Lock file to write.")
-@click.option("--heads", type=int, default=24, show_default=True, help="Heads to keep (48 is the other common choice).")
-@click.option("--last-tokens", type=int, default=5, show_default=True, help="Answer tokens sampled per text.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--holdout", type=float, default=0.25, show_default=True, help="Fraction of pairs held out.")
+@click.option("--out", required=True, type=OutputFile(), help="Lock file to write.")
+@click.option(
+    "--heads",
+    type=Number("heads"),
+    default=24,
+    show_default=True,
+    help="Heads to keep (48 is the other common choice).",
+)
+@click.option(
+    "--last-tokens", type=Number("last_tokens"), default=5, show_default=True, help="Answer tokens sampled per text."
+)
+@click.option("--seed", type=Number("seed"), default=0, show_default=True)
+@click.option("--holdout", type=Number("holdout"), default=0.25, show_default=True, help="Fraction of pairs held out.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=Number("batch_size"), default=8, show_default=True)
 @click.option("--device-map", default=None, help='"auto" to spread a model too big for one device.')
 @click.option("--system-prompt", default=None)
 @click.option("--plain-template", is_flag=True, help="User:/Assistant: text instead of the chat template.")
 @click.option("--gguf-file", default=None, help="Load MODEL's folder's GGUF file of this name (dequantised).")
-@click.option("--limit", type=int, default=None, help="Use only the first N pairs.")
-@click.option("--default-alpha", type=float, default=6.0, show_default=True)
+@click.option("--limit", type=Number("limit"), default=None, help="Use only the first N pairs.")
+@click.option("--default-alpha", type=Number("default_alpha"), default=6.0, show_default=True)
 @click.option(
     "--select",
     "selection",
@@ -411,7 +488,11 @@ def _gguf_lines(data: dict) -> list[str]:
     help="Activations at the answer's last tokens, or at the prompt's (harmful prompts against --benign-prompts).",
 )
 @click.option(
-    "--shortlist", type=int, default=64, show_default=True, help="Effect selection: candidates (by accuracy)."
+    "--shortlist",
+    type=Number("shortlist"),
+    default=64,
+    show_default=True,
+    help="Effect selection: candidates (by accuracy).",
 )
 @click.option(
     "--benign-prompts",
@@ -419,10 +500,34 @@ def _gguf_lines(data: dict) -> list[str]:
     default=None,
     help="Benign prompts for --position prompt and effect costs (.txt/.csv/.json/.jsonl); default: forge's own set.",
 )
-@click.option("--effect-alpha", type=float, default=1.0, show_default=True, help="Strength each candidate is tried at.")
-@click.option("--effect-pairs", type=int, default=16, show_default=True, help="Held-out pairs measuring the effect.")
-@click.option("--effect-benign", type=int, default=16, show_default=True, help="Benign prompts measuring the cost.")
-@click.option("--greedy-pool", type=int, default=8, show_default=True, help="effect-greedy: candidates tried per step.")
+@click.option(
+    "--effect-alpha",
+    type=Number("effect_alpha"),
+    default=1.0,
+    show_default=True,
+    help="Strength each candidate is tried at.",
+)
+@click.option(
+    "--effect-pairs",
+    type=Number("effect_pairs"),
+    default=16,
+    show_default=True,
+    help="Held-out pairs measuring the effect.",
+)
+@click.option(
+    "--effect-benign",
+    type=Number("effect_benign"),
+    default=16,
+    show_default=True,
+    help="Benign prompts measuring the cost.",
+)
+@click.option(
+    "--greedy-pool",
+    type=Number("greedy_pool"),
+    default=8,
+    show_default=True,
+    help="effect-greedy: candidates tried per step.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing lock file.")
 @json_option
 def forge(
@@ -458,9 +563,9 @@ def forge(
 
     from .forge import ForgeSettings, forge_lock
     from .lock import save_lock
+    from .outputs import check_output_file
 
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
+    check_output_file(out, inputs=[*_local(model), data, benign_prompts], force=force)
     settings = ForgeSettings(
         heads=heads,
         last_tokens=last_tokens,
@@ -485,7 +590,7 @@ def forge(
         greedy_pool=greedy_pool,
     )
     lock = forge_lock(model, data, settings, progress=not as_json)
-    digest = save_lock(lock, out)
+    digest = save_lock(lock, out, force=force, commit=f"{out} was written")
     details = lock.creation["details"]
     accuracy = np.asarray(details["probe_accuracy"])
     kept = sorted(accuracy[lock.layers, lock.heads].tolist(), reverse=True)
@@ -534,11 +639,11 @@ def eval_options(command):
             type=click.Path(dir_okay=False, path_type=Path),
             help="Questions with accepted answers (JSONL) for QA accuracy; default: the shipped set.",
         ),
-        click.option("--limit", type=int, default=None, help="Use only the first N items of each set."),
-        click.option("--max-new-tokens", type=int, default=48, show_default=True),
+        click.option("--limit", type=Number("limit"), default=None, help="Use only the first N items of each set."),
+        click.option("--max-new-tokens", type=Number("max_new_tokens"), default=48, show_default=True),
         click.option(
             "--batch-size",
-            type=int,
+            type=Number("batch_size"),
             default=None,
             help="Prompts generated together (default: 128 on a GPU, 16 on the CPU).",
         ),
@@ -560,14 +665,15 @@ def eval_options(command):
         ),
         click.option(
             "--report",
-            type=click.Path(dir_okay=False, path_type=Path),
+            type=OutputFile(),
             help="Write the full report, every answer included, as JSON here.",
         ),
         click.option(
             "--plot",
-            type=click.Path(dir_okay=False, path_type=Path),
+            type=OutputFile(),
             help="Draw the metrics against alpha here (.png or .svg; needs weightlock[plot]).",
         ),
+        click.option("--force", is_flag=True, help="Replace an existing --report or --plot file."),
         json_option,
     ]
     for option in reversed(options):
@@ -591,9 +697,18 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
         for k, o in (("harmful", "harmful"), ("benign", "benign"), ("kl", "kl_text"), ("qa", "qa"))
         if opts[o] is not None
     }
-    for path in (opts["report"], opts["plot"]):
-        if path is not None and not path.parent.is_dir():
-            raise OutputError(f"the folder of {path} does not exist", hint="create it first")
+    from .outputs import check_output_file
+
+    inputs = [*_local(model), lock_path, reference, opts["judge_model"], *files.values()]
+    for option, path in (("--report", opts["report"]), ("--plot", opts["plot"])):
+        if path is not None:
+            check_output_file(path, inputs=inputs, force=opts["force"], option=option)
+    if (
+        opts["report"] is not None
+        and opts["plot"] is not None
+        and Path(opts["report"]).resolve() == Path(opts["plot"]).resolve()
+    ):
+        raise OutputError("--report and --plot name the same file", hint="give each its own file")
     plot_format = check_can_draw(opts["plot"]) if opts["plot"] is not None else None  # before minutes of work
     report = evaluate_model(
         model,
@@ -612,11 +727,21 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
     if bounds is not None:
         report.choice = choose_alpha(report.results, bounds)
     if opts["report"] is not None:
-        write_file_atomically(opts["report"], (report_json(report, with_answers=True) + "\n").encode())
+        write_file_atomically(
+            opts["report"],
+            (report_json(report, with_answers=True) + "\n").encode(),
+            force=opts["force"],
+            commit=f"{opts['report']} was written",
+        )
     if opts["plot"] is not None:
         title = f"{'tune' if bounds else 'eval'}: {Path(model).name}"[:80]
         chosen = report.choice["alpha"] if report.choice else None
-        write_file_atomically(opts["plot"], eval_curves(report.results, title, plot_format, chosen))
+        write_file_atomically(
+            opts["plot"],
+            eval_curves(report.results, title, plot_format, chosen),
+            force=opts["force"],
+            commit=f"{opts['plot']} was written",
+        )
     text = results_table(report.results)
     if report.choice is not None:
         chosen = report.choice["alpha"]
@@ -641,7 +766,7 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
     type=click.Path(dir_okay=False, path_type=Path),
     help="Run this lock at run time (hooks, equal to the baked biases); without it MODEL is run as it is.",
 )
-@click.option("--alpha", "alphas", type=float, multiple=True, help="Lock strength (repeat for several).")
+@click.option("--alpha", "alphas", type=Number("alpha"), multiple=True, help="Lock strength (repeat for several).")
 @click.option(
     "--reference",
     default=None,
@@ -656,27 +781,37 @@ def eval_command(model, lock_path, alphas, reference, **opts):
 @cli.command()
 @click.argument("model")
 @click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--alphas", default="0,1,2,3,4,6,8", show_default=True, help="Comma-separated strengths to sweep.")
 @click.option(
-    "--target-refusal", type=float, default=0.8, show_default=True, help="Harmful prompts refused at least this often."
+    "--alphas",
+    type=NumberList("alpha"),
+    default="0,1,2,3,4,6,8",
+    show_default=True,
+    help="Comma-separated strengths to sweep.",
+)
+@click.option(
+    "--target-refusal",
+    type=Number("target_refusal"),
+    default=0.8,
+    show_default=True,
+    help="Harmful prompts refused at least this often.",
 )
 @click.option(
     "--max-over-refusal",
-    type=float,
+    type=Number("max_over_refusal"),
     default=None,
     help="Benign prompts refused at most this often [0.2; off when --max-over-refusal-rise is given].",
 )
-@click.option("--max-kl", type=float, default=0.5, show_default=True, help="Nats per token on benign text.")
-@click.option("--max-degenerate", type=float, default=0.1, show_default=True)
+@click.option("--max-kl", type=Number("max_kl"), default=0.5, show_default=True, help="Nats per token on benign text.")
+@click.option("--max-degenerate", type=Number("max_degenerate"), default=0.1, show_default=True)
 @click.option(
     "--max-qa-drop",
-    type=float,
+    type=Number("max_qa_drop"),
     default=None,
     help="QA accuracy at most this far below the model's own at alpha 0 (e.g. 0.05; alpha 0 is added to the sweep).",
 )
 @click.option(
     "--max-over-refusal-rise",
-    type=float,
+    type=Number("max_over_refusal_rise"),
     default=None,
     help="Over-refusal at most this far above the model's own at alpha 0 (e.g. 0.1; alpha 0 is added to the sweep).",
 )
@@ -696,17 +831,7 @@ def tune(
     """Sweep the lock's alpha on MODEL and pick the smallest that meets the bounds (exit 1 if none does)."""
     from .evaluate import TuneBounds
 
-    try:
-        sweep = sorted({float(a) for a in alphas.split(",") if a.strip()})
-    except ValueError:
-        raise InvalidInputError(
-            f"--alphas {alphas!r} is not a comma-separated list of numbers", hint="e.g. --alphas 0,1,2,4,6"
-        ) from None
-    if not sweep:
-        raise InvalidInputError("--alphas is empty", hint="e.g. --alphas 0,1,2,4,6")
-    for name, value in (("--max-qa-drop", max_qa_drop), ("--max-over-refusal-rise", max_over_refusal_rise)):
-        if value is not None and not 0 <= value <= 1:
-            raise InvalidInputError(f"{name} must lie in 0..1, got {value:g}", hint=f"e.g. {name} 0.05 for 5 points")
+    sweep = sorted(set(alphas))  # each a finite number (NumberList), at least one
     if max_over_refusal is None:
         max_over_refusal = 1.0 if max_over_refusal_rise is not None else 0.2
     bounds = TuneBounds(target_refusal, max_over_refusal, max_kl, max_degenerate, max_qa_drop, max_over_refusal_rise)
@@ -719,7 +844,7 @@ def tune(
 
 @cli.command("import-legacy")
 @click.argument("legacy", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Lock file to write.")
+@click.option("--out", required=True, type=OutputFile(), help="Lock file to write.")
 @click.option(
     "--model",
     "model",
@@ -727,16 +852,18 @@ def tune(
     help="Source model's config.json, checkpoint folder or cached Hub id "
     "(needed unless the file is one of the published SafetyLock locks).",
 )
-@click.option("--default-alpha", type=float, default=None, help="Strength recorded as the lock's default [6].")
+@click.option(
+    "--default-alpha", type=Number("default_alpha"), default=None, help="Strength recorded as the lock's default [6]."
+)
 @click.option("--force", is_flag=True, help="Replace an existing lock file.")
 @json_option
 def import_legacy_command(legacy, out, model, default_alpha, force, as_json):
     """Convert a SafetyLock .safelock file (a pickle, read safely) to a .wlock lock."""
     from .legacy import LEGACY_DEFAULT_ALPHA, import_legacy
     from .lock import save_lock, source_model_from_config
+    from .outputs import check_output_file
 
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
+    check_output_file(out, inputs=[legacy, *_local(model)], force=force)
     source_model = None
     if model is not None:
         config_path = Path(model)
@@ -752,7 +879,7 @@ def import_legacy_command(legacy, out, model, default_alpha, force, as_json):
     lock = import_legacy(
         legacy, source_model, default_alpha=LEGACY_DEFAULT_ALPHA if default_alpha is None else default_alpha
     )
-    digest = save_lock(lock, out)
+    digest = save_lock(lock, out, force=force, commit=f"{out} was written")
     src = lock.source_model
     _emit(
         as_json,
@@ -769,34 +896,53 @@ def import_legacy_command(legacy, out, model, default_alpha, force, as_json):
     )
 
 
-def _interrupted_advice(args: list[str]) -> str:
-    """What to do after a Ctrl-C, for the command that was running."""
-    folder = next((a for a in args[1:] if not a.startswith("-")), "CHECKPOINT")
-    if args[:1] == ["revert"] or (args[:1] == ["apply"] and "--in-place" in args):
-        return (
-            f"interrupted; if {folder} was being edited in place, run `weightlock revert {folder}` to finish "
-            "restoring its original files"
-        )
-    return "interrupted; no output was published (a rerun tidies what the interrupted run left)"
+def _interrupted_advice() -> str:
+    """What a Ctrl-C before the commit point left on disk, as the interrupted code recorded it on its way
+    (weightlock.commit.set_interrupt_advice); never guessed from the command line."""
+    return "interrupted; " + (commit.interrupt_advice() or "the command did not finish")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The CLI. A Ctrl-C before the command's commit point (weightlock.commit) exits 130 and says what the disk
+    holds; one after it (the output is final) changes nothing: the command finishes, exits 0 and says on
+    stderr that the interruption came too late to stop it."""
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
-    try:
-        cli.main(args=args, prog_name="weightlock", standalone_mode=False)
-    except WeightlockError as e:
-        if as_json:
-            click.echo(json.dumps({"ok": False, **e.to_dict()}, indent=2))
-        click.echo(f"weightlock: error: {printable(e.message)}", err=True)
-        click.echo(f"  hint: {printable(e.hint or 'see weightlock --help')}", err=True)
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo(printable(_interrupted_advice(args)), err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    code: int | str | None = 0
+    with commit.cli_guard():
+        try:
+            try:
+                cli.main(args=args, prog_name="weightlock", standalone_mode=False)
+            finally:
+                commit.command_ended()  # from here a Ctrl-C is ignored: only reporting is left
+                failpoint("command-ended")
+        except WeightlockError as e:
+            if as_json:
+                click.echo(json.dumps({"ok": False, **e.to_dict()}, indent=2))
+            click.echo(f"weightlock: error: {printable(e.message)}", err=True)
+            click.echo(f"  hint: {printable(e.hint or 'see weightlock --help')}", err=True)
+            code = e.exit_code
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            if commit.committed():  # (the handler never raises after the commit point; kept truthful anyway)
+                click.echo(f"weightlock: interrupted after {printable('; '.join(commit.committed()))}", err=True)
+            else:
+                click.echo(printable(_interrupted_advice()), err=True)
+                code = 130
+        except click.ClickException as e:
+            e.show()
+            code = e.exit_code
+        except SystemExit as e:  # a command's own exit status (verify: 1)
+            code = e.code
+        if commit.interrupted_late() and code == 0:
+            done = commit.committed()
+            click.echo(
+                "weightlock: Ctrl-C ignored: it came after "
+                + (printable("; ".join(done)) if done else "the command had finished")
+                + "; nothing was undone",
+                err=True,
+            )
+    failpoint("exiting")  # (a Ctrl-C from here on meets the console entry point's SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

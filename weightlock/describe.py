@@ -130,6 +130,7 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
             "created_at": record.get("created_at"),
             "tool": record.get("tool"),
             "edits": _depth(record),
+            "verified": False,  # what the record claims; `weightlock verify` checks it
             "redeclared_from": _redeclared_from(record),
         }
     return {

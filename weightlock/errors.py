@@ -80,3 +80,10 @@ class MissingDependencyError(WeightlockError):
 
     exit_code = 7
     kind = "missing_dependency"
+
+
+class EngineCannotRunHere(MissingDependencyError):
+    """The engine is installed, but its build cannot run this model on this machine (e.g. vLLM's CPU build
+    lacks the int4 kernel without AVX-512). ``verify`` reports the engine check as not run, with the reason."""
+
+    kind = "engine_cannot_run_here"

@@ -98,7 +98,13 @@ class Evaluator:
         self.batch_size = self.settings.batch_size or default_batch_size(self.device)
 
     def prompt_text(self, prompt: str) -> str:
-        return render_prompt(self.tokenizer, (("user", prompt),), self.settings.template, self.settings.system_prompt)
+        return render_prompt(
+            self.tokenizer,
+            (("user", prompt),),
+            self.settings.template,
+            self.settings.system_prompt,
+            f"the prompt {prompt[:60]!r}",
+        )
 
     def generate(self, prompts: list[str], lock=None, alpha=None) -> list[str]:
         import torch
@@ -241,6 +247,11 @@ class TuneBounds:
     max_qa_drop: float | None = None  # QA accuracy at most this far below alpha 0's
     max_over_refusal_rise: float | None = None  # over-refusal at most this far above alpha 0's
 
+    def __post_init__(self):
+        from .bounds import check_fields
+
+        check_fields(self)  # NaN would turn a bound off silently: every bound is a finite number in its range
+
     @property
     def relative(self) -> bool:
         return self.max_qa_drop is not None or self.max_over_refusal_rise is not None
@@ -319,7 +330,7 @@ def _refuse_dropped_gguf_bias(path: Path) -> None:
     from .gguf_format.file import open_gguf
 
     model = open_gguf(path)
-    row = next((r for r in GGUF_ARCHITECTURES if r.name == model.value("general.architecture")), None)
+    row = next((r for r in GGUF_ARCHITECTURES if r.name == model.text("general.architecture")), None)
     if row is not None and row.bias == BIAS_OPTIONAL and any(n.endswith(".attn_output.bias") for n in model.tensors):
         raise UnsupportedError(
             f"{path.name} holds attn_output.bias tensors (a lock), which transformers' GGUF loader drops: it "
@@ -362,10 +373,19 @@ def evaluate_model(
     ``alphas``: strengths to run the lock at (default: the lock's default_alpha); without a lock, the model
     is evaluated as it is (an already locked checkpoint, say) and KL needs ``reference``.
     """
+    from .bounds import check_fields, check_number
+    from .forge import DTYPES, check_device
     from .lock import Lock, load_lock
     from .prompt_sets import load_prompt_set
 
     settings = settings or EvalSettings()
+    check_fields(settings)  # the numbers against bounds.BOUNDS, as the CLI's options are, before any work
+    if limit is not None:
+        check_number("limit", limit)
+    alphas = None if alphas is None else [check_number("alpha", a) for a in alphas]
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"unknown dtype {dtype!r}", hint="use " + ", ".join(DTYPES))
+    check_device(device)
     prompt_files = prompt_files or {}
     unknown = set(prompt_files) - {"harmful", "benign", "kl", "qa"}
     if unknown:

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import __version__
 from .architectures import shape_from_config, spec_for_config
+from .bounds import check_fields
 from .errors import InvalidInputError, MissingDependencyError
 from .lock import Lock, build_lock, source_model_from_config
 from .pairs import Pair, load_pairs
@@ -107,22 +108,37 @@ def load_model(location: str, settings: ForgeSettings):
     return model, tokenizer
 
 
-def prompt_text(tokenizer, pair: Pair, settings: ForgeSettings) -> str:
-    return render_prompt(tokenizer, pair.messages, settings.template, settings.system_prompt)
+def prompt_text(tokenizer, pair: Pair, settings: ForgeSettings, where: str = "a pair") -> str:
+    return render_prompt(tokenizer, pair.messages, settings.template, settings.system_prompt, where)
 
 
-def render_prompt(tokenizer, messages, template: str, system_prompt: str | None) -> str:
+def render_prompt(tokenizer, messages, template: str, system_prompt: str | None, where: str = "a prompt") -> str:
     """The text a model sees before its answer, for (role, content) messages. eval renders its prompts
-    with this too, so a lock is measured on the same kind of text it was forged from."""
+    with this too, so a lock is measured on the same kind of text it was forged from. A chat template that
+    fails on them (a ``raise_exception`` in the template, a broken template) is the input's fault: an
+    InvalidInputError naming ``where`` (e.g. "pair 3 of pairs.jsonl")."""
     messages = list(messages)
     if system_prompt and messages[0][0] != "system":
         messages.insert(0, ("system", system_prompt))
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidInputError("the tokenizer has no chat template", hint="pass --plain-template for base models")
-        return tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=False
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # jinja2's TemplateError, or whatever the template's code raises
+            raise InvalidInputError(
+                f"the model's chat template fails on {where}: {type(e).__name__}: {str(e)[:200]}",
+                hint="fix or leave out that item, pass --system-prompt only if the template accepts a system "
+                "message, or use --plain-template",
+            ) from None
+        if not isinstance(text, str):
+            raise InvalidInputError(
+                f"the model's chat template gave {type(text).__name__}, not text, for {where}",
+                hint="use --plain-template",
+            )
+        return text
     lines = [
         (content if role == "system" else f"{PLAIN_USER if role == 'user' else PLAIN_ASSISTANT}{content}")
         for role, content in messages
@@ -134,7 +150,7 @@ def encode(tokenizer, pairs: list[Pair], settings: ForgeSettings):
     """Token ids of every text (safe then unsafe per pair) and the length of each answer in tokens."""
     ids, answer_lengths, labels, pair_index = [], [], [], []
     for i, pair in enumerate(pairs):
-        prompt = prompt_text(tokenizer, pair, settings)
+        prompt = prompt_text(tokenizer, pair, settings, f"item {i} of the pairs file")
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         for label, answer in ((1, pair.safe), (0, pair.unsafe)):
             full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
@@ -148,8 +164,11 @@ def encode(tokenizer, pairs: list[Pair], settings: ForgeSettings):
 def encode_prompts(tokenizer, pairs: list[Pair], benign: list[str], settings: ForgeSettings):
     """Prompt-position texts: each pair's prompt (label 1, the side a lock pushes towards) and each benign
     prompt (label 0); every position of a prompt may be sampled. Groups: pair i is i, benign j is n + j."""
-    texts = [prompt_text(tokenizer, pair, settings) for pair in pairs]
-    texts += [render_prompt(tokenizer, (("user", p),), settings.template, settings.system_prompt) for p in benign]
+    texts = [prompt_text(tokenizer, pair, settings, f"item {i} of the pairs file") for i, pair in enumerate(pairs)]
+    texts += [
+        render_prompt(tokenizer, (("user", p),), settings.template, settings.system_prompt, f"benign prompt {j}")
+        for j, p in enumerate(benign)
+    ]
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     labels = np.array([1] * len(pairs) + [0] * len(benign))
     return ids, [len(i) for i in ids], labels, np.arange(len(texts))
@@ -333,30 +352,51 @@ def _choose_by_effect(
     return np.array([kept_flat[i] for i in picked]), record
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch does not know or this machine does not have, before any model is loaded."""
+    torch, _ = _transformers()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidInputError(
+            f"--device {str(device)[:40]!r} is not a device torch knows", hint="use cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch.backends, parsed.type, None) if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    try:
+        available = bool(backend is not None and backend.is_available())
+        count = backend.device_count() if backend is not None and available and hasattr(backend, "device_count") else 1
+    except Exception:  # a backend that fails to initialise is not available either
+        available, count = False, 0
+    if not available:
+        raise InvalidInputError(
+            f"--device {device}: this machine has no usable {parsed.type} device (or torch was built without it)",
+            hint="use --device cpu, or install a torch build for that device",
+        )
+    if parsed.index is not None and parsed.index >= count:
+        raise InvalidInputError(
+            f"--device {device}: there are only {count} {parsed.type} device(s)",
+            hint=f"use an index below {count}",
+        )
+
+
 def check_settings(settings: ForgeSettings) -> None:
     """Refuse settings that cannot work, before any model is loaded."""
-    import math
-
     if settings.template not in ("chat", "plain"):
         raise InvalidInputError(f"unknown template {settings.template!r}", hint="use 'chat' or 'plain'")
     if settings.selection not in SELECTIONS:
         raise InvalidInputError(f"unknown selection {settings.selection!r}", hint="use " + ", ".join(SELECTIONS))
     if settings.position not in POSITIONS:
         raise InvalidInputError(f"unknown position {settings.position!r}", hint="use 'answer' or 'prompt'")
-    for name, value in (
-        ("--shortlist", settings.shortlist),
-        ("--effect-pairs", settings.effect_pairs),
-        ("--effect-benign", settings.effect_benign),
-        ("--greedy-pool", settings.greedy_pool),
-        ("--effect-answer-tokens", settings.effect_answer_tokens),
-    ):
-        if not (isinstance(value, int) and value >= 1):
-            raise InvalidInputError(f"{name} must be at least 1, got {value}", hint=f"e.g. {name} 16")
-    if not (math.isfinite(settings.effect_alpha) and settings.effect_alpha > 0):
-        raise InvalidInputError(
-            f"--effect-alpha must be a positive number, got {settings.effect_alpha}",
-            hint="1 measures each head at the strength of a lock at alpha 1",
-        )
+    check_fields(settings)  # every number against bounds.BOUNDS, as the CLI's options are
+    if settings.dtype not in DTYPES:
+        raise InvalidInputError(f"unknown dtype {settings.dtype!r}", hint="use " + ", ".join(DTYPES))
+    if not settings.device_map:
+        check_device(settings.device)
 
 
 def forge_lock(location: str, data: str | Path, settings: ForgeSettings | None = None, progress: bool = False) -> Lock:

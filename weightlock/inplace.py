@@ -24,7 +24,9 @@ that ``revert`` takes back to the original, bytes checked against recorded hashe
      swapped shard moves into the backup and its rewrite takes its place; the new
      index, config and tokenizer config replace the old ones; each one atomic.
 
-Any failure or Ctrl-C after step 2 begins is undone at once by ``revert``. ``revert``
+Any failure or Ctrl-C after step 2 begins is undone at once by ``revert`` (and reported so); the edit's
+commit point (weightlock.commit) is the edited folder passing verify, after which a Ctrl-C changes nothing.
+Only one in-place apply or revert works on a folder at a time (:func:`editing_lock`). ``revert``
 (also after a crash at any point, its own included) puts back each file whose current
 bytes are the recorded new ones or absent, removes only files whose bytes are the ones
 it recorded writing, refuses anything else (a file changed since the edit is never
@@ -34,12 +36,15 @@ killed at any step is finished by running it again.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -52,11 +57,13 @@ from .checkpoint import (
     PROVENANCE_NAME,
     SINGLE_NAME,
     TOKENIZER_CONFIG_NAME,
+    allowed_roots,
     contained,
     is_alternative_weight_file,
     open_checkpoint,
     resolve_location,
 )
+from .commit import critical, mark_committed, set_interrupt_advice
 from .errors import CheckpointError, LockFormatError, OutputError
 from .lock import Lock, load_lock
 from .plan import compute_biases, plan_edit
@@ -89,6 +96,32 @@ OUR_RECORD_ENTRIES = {NEW_DIR, BACKUP_DIR, LOCK_COPY_NAME, PROVENANCE_NAME, RECO
 REVERT_HINT = "run `weightlock revert {root}` to restore the original files"
 
 
+@contextmanager
+def editing_lock(root: Path) -> Iterator[None]:
+    """Only one in-place apply or revert works on a folder at a time: an exclusive flock on the folder itself
+    (nothing is created in it; the kernel releases it when the process ends, however it ends). A second one
+    is refused at once, before it reads anything, so it can neither trip over the first one's half-done
+    edit nor undo it. On a filesystem without flock the edit goes ahead unguarded, as before."""
+    try:
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot open {root}: {e.strerror or e}", hint="pass the checkpoint folder to edit in place"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(
+                    f"another weightlock is editing {root} in place (an apply --in-place or a revert is running)",
+                    hint="wait for it to finish, then run again; nothing was changed by this run",
+                ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "xb") as f:
@@ -119,6 +152,31 @@ def apply_in_place(
         raise OutputError(
             "in-place edits work on a checkpoint folder, not on the Hub cache", hint="apply to a new --out instead"
         )
+    with editing_lock(root):
+        set_interrupt_advice(f"{root} was not changed")
+        return _apply_in_place(
+            root,
+            lock,
+            started,
+            alpha=alpha,
+            allow_architecture_mismatch=allow_architecture_mismatch,
+            progress=progress,
+            loader_check=loader_check,
+            eval_report=eval_report,
+        )
+
+
+def _apply_in_place(
+    root: Path,
+    lock: str | os.PathLike | Lock,
+    started: float,
+    *,
+    alpha: float | None,
+    allow_architecture_mismatch: bool,
+    progress: bool,
+    loader_check: bool,
+    eval_report: str | os.PathLike | None,
+) -> ApplyResult:
     _refuse_unclean(root)
     checkpoint = open_checkpoint(root)
     unindexed = sorted(
@@ -164,10 +222,10 @@ def apply_in_place(
             *created,
         ],
     )
+    provenance = provenance_record(checkpoint, plan, lock_bytes)  # before the work: refuses too deep a record
     computed = compute_biases(plan, progress=ProgressBar(plan) if progress else None)
 
     staging = root / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    provenance = provenance_record(checkpoint, plan, lock_bytes)
     provenance["mode"] = "in-place"
     card_text = locked_card(
         card_source, provenance, lock_obj, None if eval_report is None else read_eval_report(eval_report)
@@ -245,6 +303,8 @@ def apply_in_place(
                     name: {
                         "original_sha256": file_sha256(staging / BACKUP_DIR / name),
                         "new_sha256": file_sha256(new / name),
+                        # a symlink (as the Hub cache stores every file) is put back as that symlink
+                        **({"symlink": os.readlink(root / name)} if os.path.islink(root / name) else {}),
                     }
                     for name in replaced_files
                 },
@@ -288,16 +348,25 @@ def apply_in_place(
         report = verify_checkpoint(root, expected=computed, loader_check=loader_check)
         if not report.ok:
             raise _EditFailedVerification(report)
+        mark_committed(f"the in-place edit of {root} was completed and verified")
     except _EditFailedVerification as failed:
-        revert(root)
+        _roll_back(root)
         raise output_failure(failed.report, root, loader_check, "the edit was reverted") from None
     except BaseException:
-        # Whatever stopped us (an error, a Ctrl-C), put the folder back as it was; if that is itself
-        # interrupted, the record on disk lets `weightlock revert` finish it.
+        # Whatever stopped us (an error, a Ctrl-C), put the folder back as it was; if that fails, the record
+        # on disk lets `weightlock revert` finish it.
         if (root / PROVENANCE_DIR / RECORD_NAME).is_file() or _leftovers(root):
-            revert(root)
+            _roll_back(root)
         raise
     return ApplyResult(root, plan, written, provenance, time.perf_counter() - started, report)
+
+
+def _roll_back(root: Path) -> None:
+    """Undo an unfinished in-place edit at once, as one critical section (a second Ctrl-C waits for it)."""
+    set_interrupt_advice(f"run `weightlock revert {root}` to finish restoring its original files")
+    with critical():
+        _revert(root, commit=False)
+        set_interrupt_advice(f"the in-place edit was undone; {root} holds its original files again")
 
 
 class _EditFailedVerification(Exception):
@@ -377,6 +446,33 @@ def _replace_atomically(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def _is_link_to(path: Path, link: str) -> bool:
+    return os.path.islink(path) and os.readlink(path) == link
+
+
+def _link_target_holds(root: Path, name: str, link, sha256: str) -> bool:
+    """Whether a symlink ``name`` -> ``link`` (from the record: untrusted) would lead to a file inside the
+    checkpoint (or its Hub blob store) holding exactly the original bytes; only then is it put back."""
+    if not isinstance(link, str) or not link or "\0" in link:
+        raise CheckpointError(
+            f"the record gives {name} a symlink target that is not a path",
+            hint=f"the record was damaged or crafted; restore {name} from {PROVENANCE_DIR}/{BACKUP_DIR}/ by hand",
+        )
+    target = Path(os.path.realpath(os.path.join(root, os.path.dirname(name), link)))
+    if not any(target == r or r in target.parents for r in allowed_roots(root)) or not target.is_file():
+        return False
+    return _sha_or_none(target) == sha256
+
+
+def _replace_with_link(link: str, target: Path) -> None:
+    """Put the symlink back atomically (made beside it, then renamed over whatever the edit left)."""
+    tmp = target.with_name(f".{target.name}.weightlock-revert")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(link, tmp)
+    os.replace(tmp, target)
+
+
 def _sha_or_none(path: Path) -> str | None:
     return file_sha256(path, path.name) if os.path.lexists(path) else None
 
@@ -384,6 +480,14 @@ def _sha_or_none(path: Path) -> str | None:
 def _is_original_shard(path: Path, record: dict) -> bool:
     header = read_header(path)
     return header.file_size == record["size"] and header.header_sha256() == record["header_sha256"]
+
+
+def _as_if_at(moved: Path, place: Path) -> Path:
+    """A file moved from ``place`` to ``moved``: a relative symlink (a Hub cache snapshot's shard) points from
+    where it was, so it is read as if it were still there."""
+    if os.path.islink(moved) and not os.path.isabs(link := os.readlink(moved)):
+        return place.parent / link
+    return moved
 
 
 def _swap_back_steps(root: Path, old: str, swap: dict) -> list[tuple[str, Callable[[], None]]]:
@@ -404,7 +508,7 @@ def _swap_back_steps(root: Path, old: str, swap: dict) -> list[tuple[str, Callab
             f"{old} is neither in place nor in {PROVENANCE_DIR}/{BACKUP_DIR}/, so revert cannot restore it",
             hint=f"restore {old} from another copy of the checkpoint; the record was kept",
         )
-    if not _is_original_shard(backup, swap):
+    if not _is_original_shard(_as_if_at(backup, current), swap):
         raise CheckpointError(
             f"the backup of {old} is not the shard the edit moved there (size or header differ)",
             hint=f"restore {old} from another copy of the checkpoint; the record was kept",
@@ -432,6 +536,14 @@ def revert(location) -> dict:
     root = Path(location).expanduser().resolve()
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a folder", hint="pass the checkpoint folder that was edited in place")
+    with editing_lock(root):
+        set_interrupt_advice(f"run `weightlock revert {root}` again to finish restoring its original files")
+        return _revert(root, commit=True)
+
+
+def _revert(root: Path, *, commit: bool) -> dict:
+    """:func:`revert` under the editing lock; ``commit``: mark the commit point (a revert of its own, not the
+    rollback of an interrupted apply)."""
     done: list[str] = []
     record_dir = root / PROVENANCE_DIR
     record_path = record_dir / RECORD_NAME
@@ -440,6 +552,8 @@ def revert(location) -> dict:
             _remove_our_folder(leftover, done)
         if done:
             fsync_dir(root)
+            if commit:
+                mark_committed(f"{root} was tidied")
             return {"path": str(root), "reverted": False, "actions": done}
         if os.path.lexists(record_dir / BACKUP_DIR):
             raise CheckpointError(
@@ -468,9 +582,10 @@ def revert(location) -> dict:
     steps: list[tuple[str, Callable[[], None]]] = []
     for name, hashes in record["replaced"].items():
         current = _sha_or_none(root / name)
-        if current == hashes["original_sha256"]:
+        link = hashes.get("symlink")
+        if current == hashes["original_sha256"] and (link is None or _is_link_to(root / name, link)):
             continue
-        if current not in (None, hashes["new_sha256"]):
+        if current not in (None, hashes["new_sha256"], hashes["original_sha256"] if link is not None else None):
             raise CheckpointError(
                 f"{name} was changed after the in-place edit (its bytes are neither the "
                 "original nor what weightlock wrote); revert will not overwrite it",
@@ -483,7 +598,18 @@ def revert(location) -> dict:
                 f"the backup of {name} is missing or does not match its recorded hash",
                 hint=f"restore {name} from another copy of the checkpoint; the record was kept",
             )
-        steps.append((f"restored {name}", partial(_replace_atomically, backup, root / name)))
+        if link is not None and _link_target_holds(root, name, link, hashes["original_sha256"]):
+            steps.append((f"restored the symlink {name}", partial(_replace_with_link, link, root / name)))
+        elif link is not None:
+            steps.append(
+                (
+                    f"restored {name} as a regular file (it was a symlink to {link}, which no longer holds its "
+                    "original bytes)",
+                    partial(_replace_atomically, backup, root / name),
+                )
+            )
+        else:
+            steps.append((f"restored {name}", partial(_replace_atomically, backup, root / name)))
     for name, sha in [*record["created"].items(), *record["added"].items()]:
         current = _sha_or_none(root / name)
         if current is None:
@@ -520,6 +646,8 @@ def revert(location) -> dict:
         failpoint("revert-step")
         done.append(description)
     fsync_dir(root)
+    if commit:  # the original files are back; removing the record below is not stopped by a Ctrl-C
+        mark_committed(f"the original files of {root} were restored")
     # The record goes last, and in two steps (an atomic rename aside, then the delete), so a revert killed
     # here leaves either the whole record or a leftover that the next revert removes.
     trash = root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"

@@ -75,7 +75,12 @@ def is_degenerate(answer: str) -> bool:
 
 def answers_question(answer: str, accepted: list[str]) -> bool:
     text = answer.lower()
-    return any(re.search(rf"(?<![a-z0-9]){re.escape(a.lower())}(?![a-z0-9])", text) for a in accepted)
+    # an answer with no letter or digit ("" above all) would match every reply: prompt sets refuse it at load
+    return any(
+        re.search(rf"(?<![a-z0-9]){re.escape(a.lower())}(?![a-z0-9])", text)
+        for a in accepted
+        if any(ch.isalnum() for ch in a)
+    )
 
 
 class ModelJudge:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,8 +233,12 @@ def _validate(lock: Lock, where: str) -> None:
         raise bad("manifest does not match schemas/lock.schema.json: " + "; ".join(problems))
 
 
-def save_lock(lock: Lock, path: str | os.PathLike) -> str:
-    """Write a lock file atomically; returns its sha256."""
+def save_lock(lock: Lock, path: str | os.PathLike, *, force: bool = True, commit: str | None = None) -> str:
+    """Write a lock file atomically (staged beside it, then renamed; ``force=False``: never over an existing
+    file); returns its sha256. The CLI checks the place first with ``outputs.check_output_file``; ``commit``:
+    see ``outputs.write_file_atomically``."""
+    from .outputs import write_file_atomically
+
     _validate(lock, "the lock")
     path = Path(path)
     order = np.lexsort((lock.heads, lock.layers))  # stable, canonical order: same lock, same bytes
@@ -249,16 +252,13 @@ def save_lock(lock: Lock, path: str | os.PathLike) -> str:
         "format": "weightlock-lock",
         METADATA_KEY: json.dumps(lock.manifest(), sort_keys=True, separators=(",", ":")),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)
     try:
-        write_safetensors(Path(tmp), tensors, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from .writer import write_failure
+
+        raise write_failure(e, path) from None
+    write_file_atomically(path, lambda staged: write_safetensors(staged, tensors, metadata), force=force, commit=commit)
     lock.sha256 = file_sha256(path)
     return lock.sha256
 

@@ -36,6 +36,8 @@ class Pair:
 
 def _messages(prompt, where: str) -> tuple[tuple[str, str], ...]:
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InvalidInputError(f"{where}: the prompt is empty", hint=PAIRS_HINT)
         return (("user", prompt),)
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         out = []
@@ -46,6 +48,8 @@ def _messages(prompt, where: str) -> tuple[tuple[str, str], ...]:
                     f"{where}: each chat message needs string 'role' and 'content'", hint=PAIRS_HINT
                 )
             out.append((ROLE_ALIASES.get(role, role), content))
+        if not any(content.strip() for _, content in out):
+            raise InvalidInputError(f"{where}: every message of the prompt is empty", hint=PAIRS_HINT)
         return tuple(out)
     raise InvalidInputError(
         f"{where}: the prompt must be a string or a list of {{role, content}} messages", hint=PAIRS_HINT

@@ -344,11 +344,9 @@ def checked_displacements(
 ) -> dict[int, np.ndarray]:
     """The refusals every format makes before an edit (alpha not finite, another shape, another architecture
     unless allowed, displacements overflowing float32), then the lock's per-layer displacements."""
-    if not np.isfinite(alpha):
-        raise IncompatibleLockError(
-            f"alpha must be a finite number, got {alpha}",
-            hint="pass --alpha as a plain number such as 4 (negative takes a lock off)",
-        )
+    from .bounds import check_number
+
+    alpha = check_number("alpha", alpha)  # a finite number (bounds.BOUNDS), as the CLI's --alpha; else exit 3
     lock.check_compatible(shape)
     if mismatch is not None:
         if not allow_mismatch:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .errors import InvalidInputError
-from .untrusted import json_depth_ok, read_bytes
+from .untrusted import parse_json, read_bytes
 
 DEFAULTS = {
     "harmful": "harmful.txt",
@@ -64,10 +63,11 @@ def load_prompt_set(kind: str, path: str | Path | None = None, limit: int | None
 
 
 def _json(text: str):
-    """JSON with the nesting depth checked first (a ValueError for _parse to report)."""
-    if not json_depth_ok(text):
-        raise ValueError("nested too deeply")
-    return json.loads(text)
+    """JSON read as every untrusted JSON is (depth, finite numbers), refused with a ValueError for _parse to report."""
+    try:
+        return parse_json(text, "an item", error=InvalidInputError)
+    except InvalidInputError as e:
+        raise ValueError(e.message) from None
 
 
 def _parse(text: str, suffix: str, kind: str, name: str) -> list:
@@ -114,16 +114,25 @@ def _item(x, kind: str):
         if not (
             isinstance(x, dict)
             and isinstance(x.get("question"), str)
+            and x["question"].strip()
             and isinstance(x.get("answers"), list)
             and x["answers"]
             and all(isinstance(a, str) for a in x["answers"])
         ):
-            raise ValueError(f"a QA item needs 'question' (text) and 'answers' (list of text): {str(x)[:80]}")
+            raise ValueError(f"a QA item needs 'question' (non-empty text) and 'answers' (list of text): {str(x)[:80]}")
+        for answer in x["answers"]:
+            # an answer is found in a reply as a whole word; "" (or one with no letter or digit, such as "-")
+            # is found in nearly every reply and would score every question correct
+            if not any(ch.isalnum() for ch in answer):
+                raise ValueError(
+                    f"the accepted answer {answer[:40]!r} of {x['question'][:60]!r} has no letter or digit, so "
+                    "it would match any reply"
+                )
         return {"question": x["question"], "answers": list(x["answers"])}
-    if isinstance(x, str):
+    if isinstance(x, str) and x.strip():
         return x
     if isinstance(x, dict):
         for key in PROMPT_KEYS:
-            if isinstance(x.get(key), str):
+            if isinstance(x.get(key), str) and x[key].strip():
                 return x[key]
-    raise ValueError(f"an item is neither text nor an object with a prompt: {str(x)[:80]}")
+    raise ValueError(f"an item is neither non-empty text nor an object with a non-empty prompt: {str(x)[:80]}")

@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import CheckpointError, UnsupportedError
 from .safetensors_file import FLOAT_DTYPES, TensorEntry, TensorReaders
+from .untrusted import BoundedMatcher
 
 CONFIG_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 MAX_PATTERNS = 4096  # ignore / modules_to_not_convert entries read from a config
@@ -120,6 +120,10 @@ class QuantSettings:
     not_converted: tuple[str, ...] = ()  # substrings (AWQ, FP8) of module names left unquantized
     ignore: tuple[str, ...] = ()  # compressed-tensors: exact names or "re:" patterns
     targets: tuple[str, ...] = ("Linear",)  # compressed-tensors
+    # the "re:" patterns above are matched within a time budget for this config (weightlock.untrusted)
+    matcher: BoundedMatcher = field(
+        default_factory=lambda: BoundedMatcher(_PATTERNS_WHERE, hint=_PATTERNS_HINT), compare=False, repr=False
+    )
 
     def quantizes(self, module: str) -> bool | None:
         """Whether a loader treats ``module`` (a linear layer) as quantized by this config; None: the config
@@ -127,7 +131,9 @@ class QuantSettings:
         if self.format.quant_method in ("awq", "fp8"):
             return not any(entry in module for entry in self.not_converted)
         if self.format.quant_method == "compressed-tensors":
-            return _matches_any(module, self.targets) and not _matches_any(module, self.ignore)
+            return _matches_any(self.matcher, module, self.targets) and not _matches_any(
+                self.matcher, module, self.ignore
+            )
         return None
 
     def describe(self) -> str:
@@ -142,22 +148,24 @@ class QuantSettings:
         return f"{self.format.name} int{self.bits}, {group}, {sym}" + (", act-order" if self.act_order else "")
 
 
-def _matches_any(module: str, patterns: tuple[str, ...]) -> bool:
+def _matches_any(matcher: BoundedMatcher, module: str, patterns: tuple[str, ...]) -> bool:
     for pattern in patterns:
         if pattern == "Linear":
             return True
         if pattern.startswith("re:"):
-            if _compiled(pattern[3:]).match(module):
+            if matcher.match(pattern[3:], module):
                 return True
         elif pattern == module:
             return True
     return False
 
 
-# A config's patterns are matched against every linear layer the edit touches; re's own cache holds 512.
-@functools.lru_cache(maxsize=MAX_PATTERNS)
-def _compiled(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
+_PATTERNS_WHERE = "config.json quantization_config"
+_PATTERNS_HINT = (
+    "weightlock matches 're:' patterns only in shapes whose matching time is bounded (no quantifier or "
+    "alternatives inside a repeated group, no backreference); write the pattern without them, or list the "
+    "module names; otherwise config.json is damaged: restore it from the original"
+)
 
 
 def _refuse(what: str, why: str) -> UnsupportedError:
@@ -212,14 +220,8 @@ def _names(config: dict, key: str) -> tuple[str, ...]:
             hint="config.json is damaged; restore it from the original",
         )
     for v in value:
-        if v.startswith("re:"):
-            try:
-                _compiled(v[3:])
-            except re.error as e:
-                raise CheckpointError(
-                    f"quantization_config.{key} holds an invalid pattern {v[:80]!r}: {e}",
-                    hint="config.json is damaged; restore it from the original",
-                ) from None
+        if v.startswith("re:"):  # refused here, before any work, if invalid or unbounded
+            BoundedMatcher(f"{_PATTERNS_WHERE}.{key}", hint=_PATTERNS_HINT).compiled(v[3:])
     return tuple(value)
 
 

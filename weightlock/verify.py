@@ -31,6 +31,9 @@ from .schema import schema_errors
 from .untrusted import file_sha256, read_bytes
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
+# A check the user asked for (--engine, --deep) that did not run: it fails the report, since what was asked
+# for was not shown. SKIP is only for checks nobody asked for (no record to check, transformers not installed).
+NOT_RUN = "not-run"
 # Rounding unit of each stored dtype: the recomputed bias may differ by float32
 # summation order (BLAS blocking), which after rounding is at most about one unit.
 DTYPE_EPS = {"F32": 2.0**-20, "F16": 2.0**-10, "BF16": 2.0**-7}
@@ -46,16 +49,45 @@ class Check:
 
 @dataclass
 class Report:
+    """The checks' outcomes. ``ok``: nothing failed, and every check that was asked for (:meth:`require`) ran
+    and passed or warned; a requested check that is absent or skipped fails the report, whichever code path
+    left it out (:meth:`finish` turns it into a visible NOT_RUN line)."""
+
     path: str
     checks: list[Check] = field(default_factory=list)
     locked: dict | None = None
+    required: dict[str, str] = field(default_factory=dict)  # check name -> the option that asked for it
 
     @property
     def ok(self) -> bool:
-        return all(c.status != FAIL for c in self.checks)
+        return all(c.status not in (FAIL, NOT_RUN) for c in self.checks) and not self.unmet()
+
+    def require(self, name: str, requested_by: str) -> None:
+        self.required[name] = requested_by
+
+    def unmet(self) -> list[str]:
+        """Requested checks without a pass or a warning."""
+        ran = {c.name for c in self.checks if c.status in (PASS, WARN)}
+        return [name for name in self.required if name not in ran]
+
+    def finish(self) -> Report:
+        """Mark each requested check that did not run NOT_RUN (a skipped one keeps its reason); idempotent."""
+        for name in self.unmet():
+            asked = f"requested by {self.required[name]} but did not run"
+            found = [c for c in self.checks if c.name == name and c.status in (SKIP, NOT_RUN)]
+            for check in found:
+                if check.status == SKIP:
+                    check.status, check.message = NOT_RUN, f"{asked}: {check.message}"
+            if not found and not any(c.name == name for c in self.checks):
+                self.add(name, NOT_RUN, f"{asked}: verification stopped before it (see the checks above)")
+        return self
 
     def failures(self) -> list[str]:
-        return [f"{c.name}: {c.message}" for c in self.checks if c.status == FAIL]
+        failed = [f"{c.name}: {c.message}" for c in self.checks if c.status in (FAIL, NOT_RUN)]
+        listed = {c.name for c in self.checks if c.status in (FAIL, NOT_RUN)}
+        return failed + [
+            f"{name}: requested by {self.required[name]} but did not run" for name in self.unmet() if name not in listed
+        ]
 
     def add(self, name: str, status: str, message: str, details: list[str] | None = None) -> None:
         self.checks.append(Check(name, status, message, list(details or [])[:20]))
@@ -70,7 +102,8 @@ class Report:
         }
 
 
-ENGINES = ("vllm",)
+ENGINE_CHECKS = {"vllm": "vllm_load"}  # the check each --engine asks for
+ENGINES = tuple(ENGINE_CHECKS)
 
 
 def verify_checkpoint(
@@ -86,12 +119,27 @@ def verify_checkpoint(
     from .gguf_format.file import is_gguf_path
 
     if is_gguf_path(path):
+        from .gguf_format.verify import ENGINE_CHECKS as GGUF_ENGINE_CHECKS
         from .gguf_format.verify import verify_gguf
 
-        return verify_gguf(path, engine=engine, deep=deep)
+        report = verify_gguf(path, engine=engine, deep=deep)
+        return _requested(report, deep, engine, GGUF_ENGINE_CHECKS).finish()
     if engine is not None and engine not in ENGINES:
         raise InvalidInputError(f"unknown engine {engine!r}", hint=f"choose one of: {', '.join(ENGINES)}")
-    report = Report(str(path))
+    report = _requested(Report(str(path)), deep, engine, ENGINE_CHECKS)
+    return _verify_folder(path, report, expected, loader_check, deep, engine).finish()
+
+
+def _requested(report: Report, deep: bool, engine: str | None, engine_checks: dict[str, str]) -> Report:
+    """The checks the options ask for: each must run and pass (or warn), else the report is not ok."""
+    if deep:
+        report.require("finite", "--deep")
+    if engine is not None:
+        report.require(engine_checks[engine], f"--engine {engine}")
+    return report
+
+
+def _verify_folder(path, report: Report, expected, loader_check: bool, deep: bool, engine: str | None) -> Report:
     try:
         checkpoint = open_checkpoint(path)
     except WeightlockError as e:
@@ -247,27 +295,12 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
     except WeightlockError as e:
         report.add("provenance", FAIL, f"the recorded lock cannot be used: {e.message}")
         return
-    if apply_config_changes(record["original_config"], record["config_changes"]) != checkpoint.config:
-        report.add("provenance", FAIL, "config.json is not the recorded original config with the recorded changes")
-        return
-    # Which biases hold the lock follows from the lock and the architecture, not from the record's lists:
-    # a record that leaves a locked bias out must not exempt it from the check.
+    problems = _record_problems(checkpoint, spec, shape, record, lock, checkpoint.config, spec.family)
     locked = {spec.output_bias(layer) for layer in lock.heads_by_layer()}
-    if set(record["tensors"]["locked"]) != locked:
-        report.add(
-            "provenance",
-            FAIL,
-            "the record's locked biases are not the output biases of the lock's layers",
-            sorted(locked ^ set(record["tensors"]["locked"])),
-        )
-        return
-    implied = _biases_the_edit_created(spec, shape, record)
-    if implied is None:
-        report.add("provenance", FAIL, f"the record names an unknown source family {record['architecture_family']!r}")
-        return
-    unlisted = sorted(implied - set(record["tensors"]["added"]))
-    if unlisted:
-        report.add("provenance", FAIL, "biases the edit must have created are not listed as added", unlisted)
+    implied = _biases_the_edit_created(spec, shape, record) or set()
+    problems = problems or _originals_problems(checkpoint, record, implied)
+    if problems:
+        report.add("provenance", FAIL, problems[0], problems[1:])
         return
     written = locked | implied | set(record["tensors"]["added"]) | set(record["tensors"]["replaced"])
     absent = sorted(written - set(checkpoint.tensors))
@@ -283,6 +316,168 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
     )
     _check_card(checkpoint, record, report)
     _check_lock_biases(checkpoint, spec, shape, lock, record, sorted(written), report, expected)
+    if record["parent"] is not None:
+        _check_edit_chain(checkpoint, spec, shape, record, report, trusted=expected is not None)
+    elif (checkpoint.root / "weightlock" / "parents").exists():
+        report.add("edit_chain", FAIL, "weightlock/parents/ holds earlier edits the record does not name")
+
+
+def _record_problems(checkpoint, spec, shape, record: dict, lock, produced_config: dict, produced_family: str):
+    """What in one edit's record (the newest, or an earlier one of a relock) disagrees with its lock, with the
+    config and family the edit produced, and with the biases its source family implies it created."""
+    if record["lock"]["manifest"] != json.loads(json.dumps(lock.manifest())):
+        return ["the record's description of the lock (lock.manifest) is not the lock's"]
+    heads = lock.heads_by_layer()
+    if record["locked_layers"] != {str(layer): h for layer, h in heads.items()}:
+        return ["the record's locked layers are not the lock's"]
+    if apply_config_changes(record["original_config"], record["config_changes"]) != produced_config:
+        return ["the config the edit produced is not the recorded original config with the recorded changes"]
+    if record["output_family"] != produced_family:
+        return [f"the record says the edit produced a {record['output_family']} model, it is {produced_family}"]
+    lists = {key: record["tensors"][key] for key in ("added", "replaced", "locked")}
+    repeated = sorted(f"{key}: {name}" for key, names in lists.items() for name in set(names) if names.count(name) > 1)
+    if repeated:
+        return ["the record lists a tensor twice", *repeated]
+    # Which biases hold the lock follows from the lock and the architecture, not from the record's lists:
+    # a record that leaves a locked bias out must not exempt it from the check.
+    locked = {spec.output_bias(layer) for layer in heads}
+    if set(lists["locked"]) != locked:
+        return [
+            "the record's locked biases are not the output biases of the lock's layers",
+            *sorted(locked ^ set(lists["locked"])),
+        ]
+    implied = _biases_the_edit_created(spec, shape, record)
+    if implied is None:
+        return [f"the record names an unknown source family {record['architecture_family']!r}"]
+    if implied != set(lists["added"]):
+        return [
+            "the biases the record lists as added are not those the source family lacked (the edit created them)",
+            *sorted(implied ^ set(lists["added"])),
+        ]
+    return []
+
+
+def _originals_problems(checkpoint: Checkpoint, record: dict, implied: set[str]) -> list[str]:
+    """Whether the recorded originals are what the edit could have replaced: exactly the record's replaced
+    biases are in files.originals, none of them a bias the edit created (the source class had none: a claimed
+    original there is the attack of zeroing the biases and recording the lock's negative as the original), and
+    none also listed as added."""
+    replaced, added = set(record["tensors"]["replaced"]), set(record["tensors"]["added"])
+    stored: set[str] = set()
+    if record["files"]["originals"]:
+        try:
+            stored = set(read_header(contained(checkpoint.root, record["files"]["originals"])).tensors)
+        except WeightlockError as e:
+            return [f"the recorded originals cannot be read: {e.message}"]
+    if stored != replaced:
+        return ["the originals file does not hold exactly the record's replaced tensors", *sorted(stored ^ replaced)]
+    created = sorted(replaced & (implied | added))
+    if created:
+        return ["the record claims originals of biases the edit created (the source had none)", *created]
+    return []
+
+
+def _check_edit_chain(checkpoint: Checkpoint, spec, shape: ModelShape, record: dict, report: Report, trusted) -> None:
+    """A relock's earlier edits, each recomputed from its own lock and originals (weightlock/parents/K/, which
+    apply carries over): the newest edit's originals must be what the edit before it produced, and so on down
+    to the first edit, whose originals the provenance check holds to the source family. ``trusted``: apply's
+    own check (it read the source), where a chain the files cannot prove is a warning, not a failure."""
+    from .writer import LOCK_COPY_NAME, ORIGINALS_NAME, PARENTS_DIR
+
+    overrides: dict[str, np.ndarray | None] = {}  # the biases before the edit being undone (None: absent)
+    current, originals_path, depth = record, record["files"]["originals"], 1
+    layer_of = {spec.output_bias(layer): layer for layer in range(shape.num_layers)}
+    with TensorReaders() as reader:
+
+        def value(name: str) -> np.ndarray | None:
+            if name in overrides:
+                return overrides[name]
+            entry = checkpoint.tensors.get(name)
+            return None if entry is None else reader[entry].read_float32(entry)
+
+        while current["parent"] is not None:
+            parent, folder = current["parent"], f"weightlock/{PARENTS_DIR}/{depth}"
+            try:
+                originals = read_header(contained(checkpoint.root, originals_path)).tensors if originals_path else {}
+                for name in current["tensors"]["added"]:
+                    overrides[name] = None
+                for name in current["tensors"]["replaced"]:
+                    overrides[name] = reader[originals[name]].read_float32(originals[name])
+                problems = schema_errors(parent, "provenance")
+                if problems:
+                    report.add(
+                        "edit_chain", FAIL, f"the record of edit {depth + 1} is not a provenance record", problems
+                    )
+                    return
+                lock_path = checkpoint.root / folder / LOCK_COPY_NAME
+                if not lock_path.is_file():
+                    report.add(
+                        "edit_chain",
+                        WARN if trusted else FAIL,
+                        f"unverifiable: the record names {depth} earlier edit(s) but {folder}/{LOCK_COPY_NAME} is "
+                        "missing, so the originals the newest edit claims cannot be recomputed",
+                        ["relock the original model with this weightlock, which keeps every lock of the chain"],
+                    )
+                    return
+                if file_sha256(lock_path, "earlier edit's lock") != parent["lock"]["sha256"]:
+                    report.add("edit_chain", FAIL, f"{folder}/{LOCK_COPY_NAME} is not the lock edit {depth + 1} names")
+                    return
+                lock = load_lock(lock_path)
+                lock.check_compatible(shape)
+                originals_path = (
+                    f"{folder}/{ORIGINALS_NAME}" if (checkpoint.root / folder / ORIGINALS_NAME).is_file() else None
+                )
+                problems = _parent_problems(checkpoint, spec, shape, current, parent, lock, originals_path)
+                if not problems:
+                    names = set(parent["tensors"]["added"]) | set(parent["tensors"]["replaced"])
+                    names |= set(parent["tensors"]["locked"])
+                    earlier = read_header(contained(checkpoint.root, originals_path)).tensors if originals_path else {}
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        displacements = lock.displacements(parent["alpha"], shape.num_heads)
+                    for name in sorted(names):
+                        actual, stored = value(name), checkpoint.tensors.get(name)
+                        if actual is None or stored is None:
+                            problems.append(f"{name}: edit {depth + 1} wrote it, yet it is absent after that edit")
+                            continue
+                        values = np.zeros(actual.shape, dtype=np.float32)
+                        if name in earlier:
+                            values += reader[earlier[name]].read_float32(earlier[name])
+                        layer = layer_of.get(name)
+                        if layer is not None and layer in displacements:
+                            weight = stored_linear(checkpoint.tensors, checkpoint.config, spec.output_module(layer))
+                            if weight is None or weight.shape != (actual.shape[0], shape.attention_width):
+                                problems.append(f"{name}: no o_proj weight to recompute edit {depth + 1} from")
+                                continue
+                            with np.errstate(over="ignore", invalid="ignore"):
+                                values += weight_product(reader, weight, displacements[layer], shape.head_dim)
+                        with np.errstate(over="ignore", invalid="ignore"):
+                            rounded = raw_to_float32(float32_to_raw(values, stored.dtype), stored.dtype)
+                        tolerance = DTYPE_EPS[stored.dtype] * (
+                            np.abs(rounded) + 1e-3 * float(np.abs(rounded).max(initial=0))
+                        )
+                        if (
+                            not (np.all(np.isfinite(actual)) and np.all(np.isfinite(rounded)))
+                            or float(np.max(np.abs(actual - rounded) - tolerance, initial=-1.0)) > 0
+                        ):
+                            problems.append(f"{name}: is not what edit {depth + 1} of the record chain implies")
+            except (WeightlockError, KeyError) as e:
+                problems = [getattr(e, "message", None) or f"missing original {e}"]
+            if problems:
+                report.add("edit_chain", FAIL, f"edit {depth + 1} of the record chain does not hold", problems)
+                return
+            current, depth = parent, depth + 1
+    report.add("edit_chain", PASS, f"{depth - 1} earlier edit(s) recomputed from their own locks and originals")
+
+
+def _parent_problems(checkpoint, spec, shape, child: dict, parent: dict, lock, originals_path) -> list[str]:
+    """What in an earlier edit's record disagrees with its lock, its originals and the edit after it."""
+    problems = _record_problems(
+        checkpoint, spec, shape, parent, lock, child["original_config"], child["architecture_family"]
+    )
+    if problems:
+        return problems
+    implied = _biases_the_edit_created(spec, shape, parent) or set()
+    return _originals_problems(checkpoint, {**parent, "files": {"originals": originals_path}}, implied)
 
 
 def _check_card(checkpoint: Checkpoint, record: dict, report: Report) -> None:
@@ -524,7 +719,9 @@ def _check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
 
 
 def _check_vllm_loading(checkpoint: Checkpoint, report: Report) -> None:
-    from .vllm_check import check_vllm_loading
+    """``--engine vllm``: without vLLM, exit 7; where this machine's vLLM build cannot run the checkpoint's
+    layers (int4 without AVX-512), the check is reported not run, with the reason, and the report is not ok."""
+    from .vllm_check import AVX512_HINT, check_vllm_loading
 
     try:
         result = check_vllm_loading(checkpoint)
@@ -534,6 +731,14 @@ def _check_vllm_loading(checkpoint: Checkpoint, report: Report) -> None:
         report.add("vllm_load", FAIL, e.message)
         return
     where = f"vLLM {result.vllm_version} {result.model_class}"
+    if result.ok and result.cannot_run_here:  # what was asked (does vLLM serve it?) cannot be shown here
+        report.add(
+            "vllm_load",
+            NOT_RUN,
+            f"cannot run on this machine: {'; '.join(result.cannot_run_here)}. The tensor names do load into "
+            f"{where}, but vLLM cannot serve this checkpoint here; {AVX512_HINT}",
+        )
+        return
     if result.ok:
         report.add("vllm_load", PASS, f"{where} loads every tensor and every parameter is filled")
         return

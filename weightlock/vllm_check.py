@@ -39,6 +39,20 @@ TORCH_DTYPES = {
 }
 
 
+# The torch.ops._C kernel each vLLM CPU linear kernel calls at run time, where the CPU builds differ. vLLM 0.32
+# ships three builds and loads one by the processor (CpuPlatform.import_kernels): vllm._C (AVX-512 with BF16),
+# vllm._C_AVX512 (AVX-512 without BF16) and vllm._C_AVX2. Only the AVX-512 builds compile cpu_gemm_wna16, which
+# CPUWNA16LinearKernel.apply_weights calls for the int4 layers of AWQ, GPTQ and compressed-tensors W4A16: on an
+# AVX2-only processor vLLM loads such a checkpoint and then fails in its first forward pass with an
+# AttributeError ('_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16').
+CPU_KERNEL_OPS = {"CPUWNA16LinearKernel": ("cpu_gemm_wna16",)}
+# Test hook: comma-separated torch.ops._C kernel names the capability probe treats as absent from the installed
+# vLLM build, so that what happens on a processor without them (an AVX2 machine lacks cpu_gemm_wna16) is tested
+# on any machine. It changes what weightlock reports, never what vLLM runs.
+DISABLE_KERNELS_ENV = "WEIGHTLOCK_VLLM_DISABLE_KERNELS"
+AVX512_HINT = "use a machine whose processor has AVX-512 (vLLM's CPU builds for it have the kernel) or a GPU"
+
+
 @dataclass
 class VllmLoadResult:
     model_class: str
@@ -46,6 +60,7 @@ class VllmLoadResult:
     dropped: list[str] = field(default_factory=list)  # tensors vLLM's load_weights skipped
     rejected: list[str] = field(default_factory=list)  # tensors its loaders raised on ("name: error")
     unfilled: list[str] = field(default_factory=list)  # parameters no tensor filled
+    cannot_run_here: list[str] = field(default_factory=list)  # why this machine's vLLM build cannot run the model
 
     @property
     def ok(self) -> bool:
@@ -72,7 +87,7 @@ def check_vllm_loading(checkpoint: Checkpoint) -> VllmLoadResult:
     import torch
 
     model = _build_meta_model(str(checkpoint.root))
-    result = VllmLoadResult(type(model).__name__, vllm.__version__)
+    result = VllmLoadResult(type(model).__name__, vllm.__version__, cannot_run_here=kernels_missing_here(model))
     # A parameter can be reachable under two names (the MoE backend's experts hold the router too); it is
     # filled when a tensor filled it under any of them.
     aliases: dict[int, list[str]] = {}
@@ -131,6 +146,49 @@ def _unused_by_design(checkpoint: Checkpoint, name: str) -> bool:
 def _defaulted(name: str) -> bool:
     module, _, leaf = name.rpartition(".")
     return module.endswith(".attn") and leaf in KV_CACHE_DEFAULTS
+
+
+def kernels_missing_here(model) -> list[str]:
+    """Why the vLLM build this processor gets cannot run ``model`` (built by vLLM, on any device): one line per
+    run-time kernel its layers' chosen vLLM kernels call that the build lacks (CPU_KERNEL_OPS); empty: none."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return []
+    needed: dict[str, set[str]] = {}
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        # AWQ and GPTQ keep the chosen kernel on the layer's quant method; compressed-tensors on the layer's scheme
+        for owner in (method, getattr(method, "scheme", None), getattr(module, "scheme", None)):
+            kernel = getattr(owner, "kernel", None)
+            for op in CPU_KERNEL_OPS.get(type(kernel).__name__, ()):
+                needed.setdefault(op, set()).add(type(kernel).__name__)
+    if not needed:
+        return []
+    import vllm._custom_ops  # noqa: F401  (registers the processor's build: CpuPlatform.import_kernels)
+
+    disabled = {name.strip() for name in os.environ.get(DISABLE_KERNELS_ENV, "").split(",") if name.strip()}
+    return [
+        f"vLLM's CPU build for this processor ({_cpu_build()}) has no {op} kernel"
+        + (f" ({DISABLE_KERNELS_ENV} test hook)" if op in disabled else "")
+        + f", which {', '.join(sorted(kernels))} calls to run this checkpoint's quantized layers"
+        for op, kernels in sorted(needed.items())
+        if op in disabled or not hasattr(torch.ops._C, op)
+    ]
+
+
+def _cpu_build() -> str:
+    import torch
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    if current_platform.get_cpu_architecture() != CpuArchEnum.X86:
+        return f"vllm._C for {current_platform.get_cpu_architecture().name}"
+    if not torch.cpu._is_avx512_supported():
+        return "vllm._C_AVX2: no AVX-512"
+    if not torch.cpu._is_avx512_bf16_supported():
+        return "vllm._C_AVX512: AVX-512 without BF16"
+    return "vllm._C: AVX-512 with BF16"
 
 
 def _build_meta_model(folder: str):

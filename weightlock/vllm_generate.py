@@ -13,8 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import EngineCannotRunHere
 from .scratch import ScratchBeside
-from .vllm_check import import_vllm
+from .vllm_check import AVX512_HINT, import_vllm, kernels_missing_here
 
 CPU_KV_CACHE_BYTES = 256 << 20  # vLLM's CPU default claims most of the machine's memory for the cache
 
@@ -46,6 +47,12 @@ class VllmGenerator(ScratchBeside):
             **kwargs,
         )
         try:
+            missing = _kernels_missing(llm)
+            if missing:
+                raise EngineCannotRunHere(
+                    f"vLLM cannot serve {self.folder.name} on this machine: " + "; ".join(missing),
+                    hint=f"{AVX512_HINT}; or use --engine transformers",
+                )
             outputs = llm.generate(
                 [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
                 SamplingParams(temperature=0, max_tokens=max_new_tokens),
@@ -65,3 +72,13 @@ class VllmGenerator(ScratchBeside):
         out = Path(tempfile.mkdtemp(prefix="alpha-", dir=self.scratch)) / "checkpoint"
         apply_lock(self.folder, lock, out=out, alpha=alpha)
         return out
+
+
+def _kernels_missing(llm) -> list[str]:
+    """The kernels this machine's vLLM build lacks for the loaded model (vllm_check.kernels_missing_here, run on
+    the model in the engine): without this, vLLM fails in its first forward pass with an AttributeError."""
+    try:
+        results = llm.apply_model(kernels_missing_here)
+    except Exception:  # the probe only explains; without it vLLM's own error stands (e.g. a multiprocess engine)
+        return []
+    return sorted({line for lines in results for line in lines})

@@ -30,7 +30,9 @@ from .checkpoint import (
     contained,
     is_alternative_weight_file,
 )
+from .commit import committing, critical, mark_committed  # noqa: F401  (the commit point of every writer)
 from .errors import OutputError
+from .outputs import check_output_file, write_file_atomically  # noqa: F401  (every single-file output)
 from .plan import ComputedBias, EditPlan
 from .safetensors_file import TensorData, write_safetensors
 from .untrusted import require_regular
@@ -40,6 +42,9 @@ LOCK_COPY_NAME = "lock.wlock"
 # Replaced tensors' original bytes, kept so an edit can be undone exactly. Not
 # ".safetensors", so that no loader globbing the folder mistakes it for weights.
 ORIGINALS_NAME = "originals.wlt"
+# weightlock/parents/K/: the lock (and originals) of the K-th edit before this one, so verify can recompute
+# every edit of a relocked checkpoint's record chain
+PARENTS_DIR = "parents"
 SINGLE_RENAMED = "model-00001-of-00002.safetensors"
 SINGLE_ADDED = "model-00002-of-00002.safetensors"
 SHARDED_ADDED = "model-weightlock-bias{suffix}.safetensors"
@@ -229,6 +234,7 @@ def write_locked_checkpoint(
         written.bytes_written += write_safetensors(
             record_dir / ORIGINALS_NAME, originals, {"format": "weightlock-originals"}
         )
+    written.bytes_written += carry_parent_records(checkpoint, record_dir)
     provenance["files"] = {
         "shards": written.shards,
         "rewritten": written.rewritten,
@@ -243,6 +249,32 @@ def write_locked_checkpoint(
     fsync_tree(staging)
     failpoint("staging-complete")
     return written
+
+
+def carry_parent_records(checkpoint: Checkpoint, record_dir: Path) -> int:
+    """Copy a locked source's lock and originals (and those of the edits before it, one level deeper) into
+    ``record_dir``/parents/, so every edit the new record's parent chain names can be recomputed. Returns the
+    bytes written (0 for an unlocked source)."""
+    if checkpoint.provenance is None:
+        return 0
+    source_dir = checkpoint.root / PROVENANCE_DIR
+    copies = [(source_dir, record_dir / PARENTS_DIR / "1")]
+    depth = 1
+    while (source_dir / PARENTS_DIR / str(depth)).is_dir():
+        copies.append((source_dir / PARENTS_DIR / str(depth), record_dir / PARENTS_DIR / str(depth + 1)))
+        depth += 1
+    total = 0
+    for origin, destination in copies:
+        for name in (LOCK_COPY_NAME, ORIGINALS_NAME):
+            if not (origin / name).is_file():
+                continue
+            require_regular(origin / name, "earlier edit's record file")
+            destination.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(origin / name, destination / name)
+            with open(destination / name, "rb") as copied:
+                os.fsync(copied.fileno())
+            total += (destination / name).stat().st_size
+    return total
 
 
 def fsync_dir(path: Path) -> None:
@@ -265,10 +297,12 @@ def removed_on_failure(staging: Path, where: Path):
     try:
         yield
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        with critical():  # a second Ctrl-C does not leave half a staging folder
+            shutil.rmtree(staging, ignore_errors=True)
         raise write_failure(e, where) from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with critical():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
@@ -322,30 +356,23 @@ def recover_interrupted(out: Path) -> list[str]:
 
 
 def publish(staging: Path, out: Path, force: bool) -> None:
-    """Move the finished staging folder to ``out``; an existing ``out`` is replaced only with force."""
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
-        trash = out.parent / f".{out.name}.{REPLACED_MARK}-{uuid.uuid4().hex[:12]}"
-        os.rename(out, trash)
-        failpoint("publish-moved-aside")
-        os.rename(staging, out)
-        if trash.is_dir() and not trash.is_symlink():
-            shutil.rmtree(trash)
+    """Move the finished staging folder to ``out``; an existing ``out`` is replaced only with force.
+
+    One critical section (weightlock.commit): a Ctrl-C never falls between moving the old output aside and
+    renaming the new one in. The caller marks its commit point once everything it publishes is in place,
+    inside ``committing(...)`` so that a Ctrl-C during the renames no longer stops it."""
+    with critical():
+        if out.exists() or out.is_symlink():
+            if not force:
+                raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
+            trash = out.parent / f".{out.name}.{REPLACED_MARK}-{uuid.uuid4().hex[:12]}"
+            os.rename(out, trash)
+            failpoint("publish-moved-aside")
+            os.rename(staging, out)
+            if trash.is_dir() and not trash.is_symlink():
+                shutil.rmtree(trash)
+            else:
+                trash.unlink()
         else:
-            trash.unlink()
-    else:
-        os.rename(staging, out)
-    fsync_dir(out.parent)
-
-
-def write_file_atomically(path: Path, data: bytes) -> None:
-    """A small output file (report, plot): written beside its place, then renamed, so a reader never sees
-    half of it and an existing file is replaced only by a complete one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(e, path) from None
+            os.rename(staging, out)
+        fsync_dir(out.parent)

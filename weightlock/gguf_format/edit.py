@@ -33,10 +33,13 @@ import numpy as np
 
 from .. import __version__
 from ..architectures import ModelShape
+from ..commit import committing
 from ..errors import CheckpointError, OutputError, UnsupportedError
 from ..lock import Lock
 from ..plan import checked_displacements, output_projection_product
-from ..writer import failpoint, fsync_dir, publish, recover_interrupted, removed_on_failure, staging_path
+from ..records import check_record_depth
+from ..untrusted import open_regular
+from ..writer import failpoint, fsync_dir, recover_interrupted, removed_on_failure, staging_path
 from .architectures import BIAS_EXISTING, OUTPUT_BIAS, OUTPUT_WEIGHT, GGUFArchitecture, gguf_architecture
 from .file import (
     ARRAY,
@@ -53,12 +56,24 @@ from .file import (
     can_dequantize,
     open_gguf,
     tensor_readers,
+    value_type_name,
 )
+from .publish import publish_set, recover_publish
 
 RECORD_KEY = "weightlock.edit"
 LOCK_KEY = "weightlock.lock"
 RECORD_FORMAT = "weightlock-gguf-edit"
+# the lock bytes of each earlier edit of a relocked file (1: the parent's), so every edit in the record's chain
+# can be recomputed: verify checks each against the record's parent chain
+PARENT_LOCK_KEY = "weightlock.parent_lock.{}"
 OUR_KEYS = (RECORD_KEY, LOCK_KEY)
+
+
+def is_our_key(key: str) -> bool:
+    """A metadata key weightlock writes (a relock drops and rewrites them all)."""
+    return key in OUR_KEYS or key.startswith(PARENT_LOCK_KEY.format(""))
+
+
 F32, F16 = 0, 1  # ggml type ids
 BIAS_TYPES = {F32: "<f4", F16: "<f2"}
 COPY_CHUNK = 1 << 30
@@ -108,20 +123,37 @@ def _metadata_int(model: GGUFModel, key: str) -> int:
     return value
 
 
+INTEGER_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})  # GGUF's integer value types (bool is 7)
+MAX_COUNT = (1 << 31) - 1  # llama.cpp reads these counts as uint32 and uses them as int
+
+
+def _bad_count(model: GGUFModel, key: str, shown: str) -> CheckpointError:
+    return CheckpointError(
+        f"{model.path.name}: the metadata key {key} is {shown}; expected a whole number from 1 to {MAX_COUNT}",
+        hint=f"{key} is wrong or damaged (llama.cpp would refuse or misread the model); "
+        "convert the model again with llama.cpp's converter",
+    )
+
+
 def _optional_metadata_int(model: GGUFModel, key: str) -> int | None:
-    value = model.value(key)
+    entry = model.metadata.get(key)
+    if entry is None:
+        return None
+    value = entry.value
     if isinstance(value, ArrayValue):  # per-layer values (e.g. head_count_kv): one value for all layers only
         values = value.values
-        if values is None or len(values) == 0 or not np.all(values == values[0]):
+        if value.item_type not in INTEGER_TYPES or values is None or len(values) == 0:
+            raise _bad_count(model, key, value_type_name(entry))
+        if not np.all(values == values[0]):
             raise UnsupportedError(
                 f"{model.path.name}: {key} differs between layers",
                 hint="weightlock locks models whose layers all have the same attention shape",
             )
         value = int(values[0])
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31:
-        raise CheckpointError(f"{model.path.name}: {key} is {value!r}, not a positive count")
+    elif entry.value_type not in INTEGER_TYPES:
+        raise _bad_count(model, key, f"{value_type_name(entry)} {str(value)[:40]!r}")
+    if not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+        raise _bad_count(model, key, repr(value))
     return value
 
 
@@ -145,7 +177,7 @@ def plan_gguf_edit(
 ) -> GGUFEditPlan:
     from .verify import read_record
 
-    architecture = gguf_architecture(model.value("general.architecture"))
+    architecture = gguf_architecture(model.text("general.architecture"))
     shape = gguf_shape(model, architecture)
     warnings: list[str] = []
     mismatch = None
@@ -236,16 +268,51 @@ def compute_gguf_biases(plan: GGUFEditPlan, progress=None) -> list[GGUFComputedB
                 )
             if progress is not None:
                 progress(planned.weight.nbytes)
-            with np.errstate(over="ignore", invalid="ignore"):
-                raw = encode_bias(values, planned.type_id)
-            if not np.all(np.isfinite(np.frombuffer(raw, dtype=BIAS_TYPES[planned.type_id]))):
+            if not np.all(np.isfinite(values)):  # the input's NaN/Inf (or float32 overflow): bad input, exit 3
                 raise CheckpointError(
                     f"{planned.name} would not be finite: {planned.weight.name} (or the existing bias) holds "
                     "NaN or Inf, or alpha is too large for it",
-                    hint="check the file, or use a smaller alpha",
+                    hint="check the file (weightlock verify --deep), or use a smaller alpha",
+                )
+            with np.errstate(over="ignore", invalid="ignore"):
+                raw = encode_bias(values, planned.type_id)
+            if not np.all(np.isfinite(np.frombuffer(raw, dtype=BIAS_TYPES[planned.type_id]))):
+                # finite in float32 but not in the stored type (an F16 bias past 65504): unsupported, exit 4,
+                # as for safetensors checkpoints (plan.compute_biases)
+                raise UnsupportedError(
+                    f"{planned.name} overflows {'F16' if planned.type_id == F16 else 'F32'} at alpha {plan.alpha}",
+                    hint="use a smaller alpha",
                 )
             out.append(GGUFComputedBias(planned, values, raw, original))
         return out
+
+
+def parent_locks(model: GGUFModel) -> list[bytes]:
+    """The lock bytes of each edit a (locked) source records, newest first: its own ``weightlock.lock``, then its
+    parent locks, as far as the file carries them (a file locked before they were kept stops at its own)."""
+    from .verify import embedded_bytes
+
+    if model.metadata.get(LOCK_KEY) is None:
+        return []
+    locks = [embedded_bytes(model, LOCK_KEY)]
+    while model.metadata.get(PARENT_LOCK_KEY.format(len(locks))) is not None:
+        locks.append(embedded_bytes(model, PARENT_LOCK_KEY.format(len(locks))))
+    return locks
+
+
+def record_metadata(model: GGUFModel, record: dict, lock_bytes: bytes) -> list[bytes]:
+    """The encoded metadata an edit adds: its record, its lock, and the locks of the edits before it."""
+    return [
+        _kv_string(RECORD_KEY, json.dumps(record, sort_keys=True)),
+        _kv_bytes(LOCK_KEY, lock_bytes),
+        *(_kv_bytes(PARENT_LOCK_KEY.format(i), data) for i, data in enumerate(parent_locks(model), start=1)),
+    ]
+
+
+def provisional_record(plan: GGUFEditPlan, lock_bytes: bytes) -> dict:
+    """The record as it will be, before the biases are computed (its shape, for the depth check)."""
+    placeholders = [GGUFComputedBias(b, np.zeros(0), b"", None if b.base is None else b"") for b in plan.biases]
+    return edit_record(plan, placeholders, lock_bytes)
 
 
 def edit_record(plan: GGUFEditPlan, computed: list[GGUFComputedBias], lock_bytes: bytes) -> dict:
@@ -345,8 +412,8 @@ def write_gguf_file(
     ``rewritten`` tensors' bytes replaced in place (same size). Returns the bytes written."""
     carried: list[bytes | tuple[int, int]] = []  # re-encoded, or a byte span of the source to copy
     for entry in source.metadata.values():
-        if entry.key in OUR_KEYS:
-            continue  # a previous edit's record: it becomes the new record's parent
+        if is_our_key(entry.key):
+            continue  # a previous edit's record and locks: the new record's parent, and parent locks
         if entry.key == SPLIT_TENSORS_KEY and tensor_total is not None:
             carried.append(_kv_scalar(entry.key, entry.value_type, tensor_total))
         else:
@@ -358,7 +425,8 @@ def write_gguf_file(
         infos.append(_tensor_info(name, dims, type_id, offset))
         layout.append((offset, data))
         offset = _align(offset + len(data), source.alignment)
-    fd_in = os.open(source.path, os.O_RDONLY | os.O_NOFOLLOW)
+    # the same checks as the parser's open (a Hub cache's snapshot links into its blob store are followed)
+    fd_in = open_regular(source.path, "GGUF file")
     try:
         with open(destination, "xb") as out:
             out.write(MAGIC)
@@ -436,9 +504,7 @@ def write_locked_gguf(
         written += write_gguf_file(
             source,
             staging / names[index],
-            [_kv_string(RECORD_KEY, json.dumps(record, sort_keys=True)), _kv_bytes(LOCK_KEY, lock_bytes)]
-            if first
-            else [],
+            record_metadata(plan.model, record, lock_bytes) if first else [],
             new_tensors if first else [],
             by_file.get(index, {}),
             total if plan.model.split_count > 1 else None,
@@ -510,6 +576,7 @@ def apply_lock_gguf(
         model = open_gguf(model)
     out = Path(out).expanduser()
     outputs = output_paths(model, out)
+    recovered = recover_publish(outputs)  # a killed run's half-published set, finished or undone first
     _check_output(model, outputs, force)
     plan = plan_gguf_edit(
         model,
@@ -517,6 +584,7 @@ def apply_lock_gguf(
         lock.default_alpha if alpha is None else alpha,
         allow_architecture_mismatch=allow_architecture_mismatch,
     )
+    check_record_depth(provisional_record(plan, lock_bytes), model.path.name)
     computed = compute_gguf_biases(plan, progress(plan) if progress is not None else None)
     record = edit_record(plan, computed, lock_bytes)
     try:
@@ -525,6 +593,7 @@ def apply_lock_gguf(
         from ..writer import write_failure
 
         raise write_failure(e, outputs[0].parent) from None
+    plan.warnings.extend(recovered)
     for path in outputs:
         plan.warnings.extend(recover_interrupted(path))
     staging = staging_path(outputs[0])
@@ -534,8 +603,8 @@ def apply_lock_gguf(
         report = verify_gguf(staging / outputs[0].name, expected=computed)
         if not report.ok:
             raise output_failure_gguf(report, model, "the output was discarded")
-        for path in outputs:
-            publish(staging / path.name, path, force)
-            failpoint("gguf-file-published")
-        staging.rmdir()
+    # all files or none (gguf_format/publish.py): journaled, the first file renamed last; a kill is finished
+    # or undone by the next run's recover_publish
+    with committing(f"{', '.join(map(str, outputs))} published and verified"):  # the commit point
+        publish_set(staging, outputs, force)
     return GGUFApplyResult(out, outputs, plan, written, time.perf_counter() - started, report)

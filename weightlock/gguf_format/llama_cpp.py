@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, MissingDependencyError
+from ..errors import CheckpointError, EngineCannotRunHere, MissingDependencyError
 from ..scratch import ScratchBeside
 
 INSTALL_HINT = "bash scripts/install_llama_cpp.sh (compiles llama-cpp-python 0.3.36, about 5 minutes)"
 LOG_LINES = 12
+IMPORT_FAILED = 75  # the worker's exit status when llama_cpp is installed but cannot be imported (EX_TEMPFAIL)
 
 
 class LlamaCppUnavailable(MissingDependencyError):
@@ -50,6 +52,17 @@ def _run(request: dict, timeout: float = 3600) -> tuple[dict, Path]:
     if process.returncode != 0 or not result_path.exists():
         shutil.rmtree(work, ignore_errors=True)
         log = [line for line in process.stderr.splitlines() if line.strip()]
+        # the engine, not the file: a broken install, or a build for another processor
+        if process.returncode == IMPORT_FAILED:
+            raise LlamaCppUnavailable(
+                "llama-cpp-python is installed but cannot be imported: " + " | ".join(log[-2:]), hint=INSTALL_HINT
+            )
+        if process.returncode == -signal.SIGILL:
+            raise EngineCannotRunHere(
+                "llama.cpp stopped on an illegal instruction: llama-cpp-python was compiled for a processor with "
+                "instructions this one lacks",
+                hint="rebuild it on this machine: " + INSTALL_HINT,
+            )
         errors = [line for line in log if "error" in line.lower() or "failed" in line.lower()] or log
         raise CheckpointError(
             f"llama.cpp could not run {Path(request['model']).name}: " + " | ".join(errors[-LOG_LINES:]),
@@ -112,7 +125,11 @@ class LlamaCppGenerator(ScratchBeside):
 
 
 def _worker(work: Path) -> None:
-    import llama_cpp
+    try:
+        import llama_cpp
+    except Exception as e:  # a broken install (a missing shared library, a half-removed package)
+        print(f"cannot import llama_cpp: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(IMPORT_FAILED) from None
 
     request = json.loads((work / "request.json").read_text())
     if request["action"] == "quantize":

@@ -13,6 +13,7 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import json
 import math
 import re
 import tempfile
@@ -23,15 +24,26 @@ import numpy as np
 from ..errors import CheckpointError, InvalidInputError, LockFormatError, WeightlockError
 from ..lock import Lock, load_lock
 from ..untrusted import check_schema, parse_json
-from ..verify import DTYPE_EPS, FAIL, PASS, SKIP, WARN, Report, failure_against_source, locked_summary
+from ..verify import DTYPE_EPS, FAIL, NOT_RUN, PASS, SKIP, WARN, Report, failure_against_source, locked_summary
 from .architectures import BIAS_EXISTING, GGUF_ARCHITECTURES, OUTPUT_BIAS, OUTPUT_WEIGHT, gguf_architecture
-from .edit import BIAS_TYPES, F16, F32, LOCK_KEY, RECORD_KEY, GGUFComputedBias, gguf_shape, weight_product
+from .edit import (
+    BIAS_TYPES,
+    F16,
+    F32,
+    LOCK_KEY,
+    PARENT_LOCK_KEY,
+    RECORD_KEY,
+    GGUFComputedBias,
+    gguf_shape,
+    weight_product,
+)
 from .file import STRING, ArrayValue, GGUFModel, can_dequantize, open_gguf, tensor_readers
 
 BIAS_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.attn_output\.bias", re.ASCII)
 MAX_RECORD_BYTES = 64 << 20
 MAX_LOCK_BYTES = 1 << 30
-ENGINES = ("llama-cpp",)
+ENGINE_CHECKS = {"llama-cpp": "llama.cpp"}  # the check each --engine asks for
+ENGINES = tuple(ENGINE_CHECKS)
 EPS = {F32: DTYPE_EPS["F32"], F16: DTYPE_EPS["F16"]}
 
 
@@ -50,27 +62,35 @@ def read_record(model: GGUFModel) -> dict | None:
     return record
 
 
-def record_lock(model: GGUFModel, record: dict) -> Lock:
-    """The lock the record names, from the file's own copy of its bytes (hash checked)."""
-    entry = model.metadata.get(LOCK_KEY)
+def embedded_bytes(model: GGUFModel, key: str) -> bytes:
+    """The bytes of a metadata array of uint8 (a lock weightlock embedded), read from the file."""
+    entry = model.metadata.get(key)
     if entry is None or not isinstance(entry.value, ArrayValue) or entry.value.item_type != 0:
-        raise LockFormatError(f"{model.path.name} has a weightlock record but no {LOCK_KEY} array of bytes")
-    f = model.files[0]
+        raise LockFormatError(f"{model.path.name}: {key} is not an array of bytes")
     # the array's bytes: after key, type (u32), item type (u32) and count (u64)
-    key_bytes = 8 + len(LOCK_KEY.encode())
-    start, end = entry.start + key_bytes + 4 + 4 + 8, entry.end
+    start, end = entry.start + 8 + len(key.encode()) + 4 + 4 + 8, entry.end
     if end - start > MAX_LOCK_BYTES:
-        raise LockFormatError(f"{model.path.name}: {LOCK_KEY} is larger than any lock")
-    with open(f.path, "rb") as handle:
+        raise LockFormatError(f"{model.path.name}: {key} is larger than any lock")
+    with open(model.files[0].path, "rb") as handle:
         handle.seek(start)
-        data = handle.read(end - start)
+        return handle.read(end - start)
+
+
+def _embedded_lock(model: GGUFModel, key: str, record: dict) -> Lock:
+    if model.metadata.get(key) is None:
+        raise LockFormatError(f"{model.path.name} has a weightlock record but no {key} array of bytes")
+    data = embedded_bytes(model, key)
     if hashlib.sha256(data).hexdigest() != record["lock"]["sha256"]:
-        raise LockFormatError(f"{model.path.name}: the embedded lock does not match the recorded lock hash")
+        raise LockFormatError(f"{model.path.name}: the embedded lock {key} does not match the recorded lock hash")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lock.wlock"
         path.write_bytes(data)
-        lock = load_lock(path)
-    return lock
+        return load_lock(path)
+
+
+def record_lock(model: GGUFModel, record: dict) -> Lock:
+    """The lock the record names, from the file's own copy of its bytes (hash checked)."""
+    return _embedded_lock(model, LOCK_KEY, record)
 
 
 def _original(name: str, record: dict, width: int, type_id: int) -> np.ndarray | None:
@@ -85,6 +105,35 @@ def _original(name: str, record: dict, width: int, type_id: int) -> np.ndarray |
     if replaced["type"] != type_id or len(raw) != width * np.dtype(BIAS_TYPES[type_id]).itemsize:
         raise CheckpointError(f"the recorded original of {name} does not have the stored bias's type and width")
     return np.frombuffer(raw, dtype=BIAS_TYPES[type_id]).astype(np.float32)
+
+
+def _record_problems(record: dict, lock: Lock, shape, architecture, present: dict[str, int]) -> list[str]:
+    """What in an edit record disagrees with its embedded lock and with the biases present when it was made
+    (``present``: name -> ggml type). Empty: the record describes this lock's edit of this file."""
+    lock.check_compatible(shape)
+    if record["architecture"] != architecture.name:
+        return [f"the record names architecture {record['architecture']!r}, the file is {architecture.name}"]
+    if record["lock"]["manifest"] != json.loads(json.dumps(lock.manifest())):
+        return ["the record's description of the lock (lock.manifest) is not the embedded lock's"]
+    if not isinstance(record["alpha"], (int, float)) or not math.isfinite(record["alpha"]):
+        return [f"the recorded alpha {record['alpha']!r} is not a finite number"]
+    heads = lock.heads_by_layer()
+    if record["locked_layers"] != {str(layer): h for layer, h in heads.items()}:
+        return ["the record's locked layers are not the lock's"]
+    added, replaced = set(record["tensors"]["added"]), set(record["tensors"]["replaced"])
+    locked = {OUTPUT_BIAS.format(layer=layer) for layer in heads}
+    if added | replaced != locked or added & replaced or len(added) != len(record["tensors"]["added"]):
+        differ = sorted((added | replaced) ^ locked)
+        return ["the record's added and replaced biases are not the lock's layers", *differ]
+    if added and architecture.bias == BIAS_EXISTING:
+        return [f"llama.cpp's {architecture.name} always has attn_output.bias, yet the record says the edit created"]
+    absent = sorted(locked - set(present))
+    if absent:
+        return ["bias tensors the lock implies are missing", *absent]
+    wrong = sorted(name for name, item in record["tensors"]["replaced"].items() if item["type"] != present[name])
+    if wrong:
+        return ["the recorded originals do not have the stored biases' types", *wrong]
+    return []
 
 
 def verify_gguf(
@@ -108,7 +157,7 @@ def verify_gguf(
     )
     biases = {name: t for name, t in model.tensors.items() if name.endswith(".attn_output.bias")}
     try:
-        architecture = gguf_architecture(model.value("general.architecture"))
+        architecture = gguf_architecture(model.text("general.architecture"))
         shape = gguf_shape(model, architecture)
     except WeightlockError as e:
         status = FAIL if biases else WARN
@@ -159,6 +208,11 @@ def _check_bias_tensors(model, shape, architecture, biases, report) -> None:
 
 
 def _check_record(model, shape, architecture, biases, report, expected) -> None:
+    """The record chain against the file: each edit's record is its embedded lock's, and every
+    attn_output.bias in the file is the root's (what the source had, where llama.cpp's architecture
+    has one) plus each recorded edit's W_o @ d, recomputed edit by edit from the stored weights.
+    ``expected`` (apply's own values, computed from the source it read) adds a byte comparison
+    for the newest edit; an earlier claim the file cannot prove is then a warning, not a failure."""
     try:
         record = read_record(model)
     except WeightlockError as e:
@@ -167,81 +221,160 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
     if record is None:
         report.add("provenance", SKIP, f"no {RECORD_KEY} metadata: not locked by weightlock")
         return
+    present = {name: t.type_id for name, t in biases.items() if t.type_id in BIAS_TYPES}
     try:
         lock = record_lock(model, record)
-        lock.check_compatible(shape)
+        problems = _record_problems(record, lock, shape, architecture, present)
     except WeightlockError as e:
         report.add("provenance", FAIL, f"the recorded lock cannot be used: {e.message}")
         return
-    if record["architecture"] != architecture.name:
-        report.add(
-            "provenance",
-            FAIL,
-            f"the record names architecture {record['architecture']!r}, the file is {architecture.name}",
-        )
-        return
-    heads = lock.heads_by_layer()
-    if record["locked_layers"] != {str(layer): h for layer, h in heads.items()}:
-        report.add("provenance", FAIL, "the record's locked layers are not the lock's")
-        return
-    locked = {OUTPUT_BIAS.format(layer=layer) for layer in heads}
-    listed = set(record["tensors"]["added"]) | set(record["tensors"]["replaced"])
-    if listed != locked or set(record["tensors"]["added"]) & set(record["tensors"]["replaced"]):
-        report.add(
-            "provenance",
-            FAIL,
-            "the record's added and replaced biases are not the lock's layers",
-            sorted(listed ^ locked),
-        )
-        return
-    absent = sorted(locked - set(biases))
-    if absent:
-        report.add("provenance", FAIL, "bias tensors the lock implies are missing", absent)
+    if problems:
+        report.add("provenance", FAIL, problems[0], problems[1:])
         return
     report.locked = locked_summary(record, lock)
     report.add(
-        "provenance", PASS, f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']} (embedded lock matches)"
+        "provenance",
+        PASS,
+        f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']} (embedded lock and its description match)",
     )
     expected_raw = {c.planned.name: c.raw for c in expected} if expected is not None else None
+    with tensor_readers(model) as readers:
+        values = {}
+        for name in present:
+            if BIAS_NAME.fullmatch(name) and biases[name].dims == (shape.hidden_size,):
+                values[name] = (readers[biases[name].file_index].read_raw(biases[name]), biases[name].type_id)
+        mismatches = _edit_mismatches(model, shape, record, lock, values, readers, expected_raw)
+        if mismatches:
+            report.add("lock biases", FAIL, f"{len(mismatches)} bias(es) are not what the record implies", mismatches)
+        else:
+            how = "byte-identical to the computed values" if expected is not None else "recomputed from the weights"
+            report.add("lock biases", PASS, f"{len(record['locked_layers'])} locked bias(es) {how}")
+        _check_chain(model, shape, architecture, record, values, readers, report, trusted=expected is not None)
+
+
+def _before(record: dict, values: dict) -> tuple[dict, list[str]]:
+    """The biases as they were before the edit ``record`` describes: those it added gone, those it replaced
+    their recorded originals (problems: originals that are not base64 of the stored width)."""
+    before = {name: v for name, v in values.items() if name not in record["tensors"]["added"]}
+    problems = []
+    for name, item in record["tensors"]["replaced"].items():
+        try:
+            raw = base64.b64decode(item["data"], validate=True)
+        except (binascii.Error, ValueError):
+            problems.append(f"the recorded original of {name} is not base64")
+            continue
+        stored = values.get(name)
+        if stored is None or len(raw) != len(stored[0]):
+            problems.append(f"the recorded original of {name} does not have the stored bias's width")
+            continue
+        before[name] = (raw, item["type"])
+    return before, problems
+
+
+def _check_chain(model, shape, architecture, record, values, readers, report, *, trusted: bool) -> None:
+    """Each earlier edit recomputed from its own embedded lock, then the root: what no edit explains must be
+    biases llama.cpp's architecture always has (the source's); anything else cannot be verified."""
+    unproven = WARN if trusted else FAIL  # apply read the source itself; verify has only the file
+    depth, current = 1, record
+    while True:
+        values, problems = _before(current, values)
+        if problems:
+            report.add("edit chain", FAIL, f"edit {depth} of the record chain is inconsistent", problems)
+            return
+        parent = current["parent"]
+        if parent is None:
+            if model.metadata.get(PARENT_LOCK_KEY.format(depth)) is not None:
+                report.add("edit chain", FAIL, f"the file carries the lock of an edit {depth + 1} no record names")
+                return
+            break
+        where = f"{model.path.name}: the parent record of edit {depth}"
+        depth += 1
+        try:
+            check_schema(parent, "gguf-edit", where)
+        except WeightlockError as e:
+            report.add("edit chain", FAIL, e.message)
+            return
+        key = PARENT_LOCK_KEY.format(depth - 1)
+        if model.metadata.get(key) is None:
+            report.add(
+                "edit chain",
+                unproven,
+                f"unverifiable: the record chain has {depth - 1}+ edits but the file does not carry the lock of "
+                f"edit {depth} ({key}), so the biases it claims before the newest edit cannot be recomputed",
+                ["relock the original model with this weightlock, which embeds every lock of the chain"],
+            )
+            return
+        try:
+            lock = _embedded_lock(model, key, parent)
+            problems = _record_problems(parent, lock, shape, architecture, {n: v[1] for n, v in values.items()})
+            if not problems:
+                problems = _edit_mismatches(model, shape, parent, lock, values, readers, None)
+        except WeightlockError as e:
+            problems = [e.message]
+        if problems:
+            report.add("edit chain", FAIL, f"edit {depth} of the record chain does not hold", problems)
+            return
+        current = parent
+    root = sorted(values, key=lambda n: int(n.split(".")[1]))
+    if architecture.bias == BIAS_EXISTING:
+        report.add(
+            "edit chain",
+            PASS,
+            f"{depth} edit(s) recomputed; the {len(root)} biases before the first are the source's own "
+            f"(llama.cpp's {architecture.name} always has them; only the source can confirm their values)",
+        )
+    elif root:
+        report.add(
+            "edit chain",
+            unproven,
+            f"unverifiable: {len(root)} attn_output.bias tensor(s) are not explained by the {depth} recorded "
+            f"edit(s); llama.cpp's {architecture.name} files have them only when the source had them, which the "
+            "file cannot prove",
+            [*root[:10], "compare with the source model, or lock the original model again"],
+        )
+    else:
+        report.add("edit chain", PASS, f"every attn_output.bias is explained by the {depth} recorded edit(s)")
+
+
+def _edit_mismatches(model, shape, record, lock, values, readers, expected_raw) -> list[str]:
+    """Why each bias the edit ``record`` locked differs from its recorded original (or zero) + W_o @ d."""
     displacements = lock.displacements(float(record["alpha"]), shape.num_heads)
     mismatches = []
     tensors = model.tensors
-    with tensor_readers(model) as readers:
-        for name in sorted(locked, key=lambda n: int(n.split(".")[1])):
-            layer = int(name.split(".")[1])
-            stored = tensors[name]
-            try:
-                stored_raw = readers[stored.file_index].read_raw(stored)
-                if expected_raw is not None and stored_raw != expected_raw.get(name):
-                    mismatches.append(f"{name}: stored bytes differ from the computed bias")
-                    continue
-                values = np.zeros(shape.hidden_size, dtype=np.float32)
-                original = _original(name, record, shape.hidden_size, stored.type_id)
-                if original is not None:
-                    values += original
-                weight = tensors.get(OUTPUT_WEIGHT.format(layer=layer))
-                if weight is None or weight.matrix_shape != (shape.hidden_size, shape.attention_width):
-                    mismatches.append(f"{name}: no attn_output.weight of the right shape to recompute it from")
-                    continue
-                with np.errstate(over="ignore", invalid="ignore"):
-                    values += weight_product(readers[weight.file_index], weight, displacements[layer], shape.head_dim)
-                    rounded = values.astype(BIAS_TYPES[stored.type_id]).astype(np.float32)
-                actual = np.frombuffer(stored_raw, dtype=BIAS_TYPES[stored.type_id]).astype(np.float32)
-                if not (np.all(np.isfinite(actual)) and np.all(np.isfinite(rounded))):
-                    mismatches.append(f"{name}: holds or implies NaN/Inf")
-                    continue
-                eps = EPS[stored.type_id]
-                tolerance = eps * (np.abs(rounded) + 1e-3 * float(np.abs(rounded).max(initial=0)))
-                if float(np.max(np.abs(actual - rounded) - tolerance, initial=-1.0)) > 0:
-                    worst = float(np.max(np.abs(actual - rounded)))
-                    mismatches.append(f"{name}: differs from the recorded edit by up to {worst:.3g}")
-            except WeightlockError as e:
-                mismatches.append(f"{name}: {e.message}")
-    if mismatches:
-        report.add("lock biases", FAIL, f"{len(mismatches)} bias(es) are not what the record implies", mismatches)
-    else:
-        how = "byte-identical to the computed values" if expected is not None else "recomputed from the stored weights"
-        report.add("lock biases", PASS, f"{len(locked)} locked bias(es) {how}")
+    locked = record["tensors"]["added"] + list(record["tensors"]["replaced"])
+    for name in sorted(locked, key=lambda n: int(n.split(".")[1])):
+        layer = int(name.split(".")[1])
+        if name not in values:
+            mismatches.append(f"{name}: not an F32/F16 bias of width {shape.hidden_size}")
+            continue
+        stored_raw, type_id = values[name]
+        try:
+            if expected_raw is not None and stored_raw != expected_raw.get(name):
+                mismatches.append(f"{name}: stored bytes differ from the computed bias")
+                continue
+            values_f = np.zeros(shape.hidden_size, dtype=np.float32)
+            original = _original(name, record, shape.hidden_size, type_id)
+            if original is not None:
+                values_f += original
+            weight = tensors.get(OUTPUT_WEIGHT.format(layer=layer))
+            if weight is None or weight.matrix_shape != (shape.hidden_size, shape.attention_width):
+                mismatches.append(f"{name}: no attn_output.weight of the right shape to recompute it from")
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):
+                values_f += weight_product(readers[weight.file_index], weight, displacements[layer], shape.head_dim)
+                rounded = values_f.astype(BIAS_TYPES[type_id]).astype(np.float32)
+            actual = np.frombuffer(stored_raw, dtype=BIAS_TYPES[type_id]).astype(np.float32)
+            if not (np.all(np.isfinite(actual)) and np.all(np.isfinite(rounded))):
+                mismatches.append(f"{name}: holds or implies NaN/Inf")
+                continue
+            eps = EPS[type_id]
+            tolerance = eps * (np.abs(rounded) + 1e-3 * float(np.abs(rounded).max(initial=0)))
+            if float(np.max(np.abs(actual - rounded) - tolerance, initial=-1.0)) > 0:
+                worst = float(np.max(np.abs(actual - rounded)))
+                mismatches.append(f"{name}: differs from the recorded edit by up to {worst:.3g}")
+        except WeightlockError as e:
+            mismatches.append(f"{name}: {e.message}")
+    return mismatches
 
 
 def _check_all_finite(model: GGUFModel, report: Report) -> None:
@@ -253,7 +386,7 @@ def _check_all_finite(model: GGUFModel, report: Report) -> None:
                 continue
             # any tensor as rows of its first (contiguous) dimension: one row block in memory at a time
             rows = math.prod(tensor.dims[1:])
-            flat = dataclasses.replace(tensor, dims=(tensor.dims[0], rows))
+            flat = dataclasses.replace(tensor, dims=(tensor.dims[0] if tensor.dims else 1, rows))  # 0 dims: a scalar
             with np.errstate(invalid="ignore", over="ignore"):
                 blocks = readers[tensor.file_index].matrix_row_blocks(flat)
                 if not all(np.all(np.isfinite(block)) for _, block in blocks):
@@ -267,12 +400,20 @@ def _check_all_finite(model: GGUFModel, report: Report) -> None:
 
 
 def _check_llama_cpp_loads(model: GGUFModel, report: Report) -> None:
-    from .llama_cpp import LlamaCppUnavailable, load_check
+    """``--engine llama-cpp``. Without llama-cpp-python the check cannot be done: exit 7, as for --engine vllm
+    (a requested check never passes by not running); a build that cannot run on this processor: not run."""
+    from ..errors import EngineCannotRunHere, MissingDependencyError
+    from .llama_cpp import INSTALL_HINT, LlamaCppUnavailable, load_check
 
     try:
         message = load_check(model.path)
     except LlamaCppUnavailable as e:
-        report.add("llama.cpp", SKIP, str(e))
+        raise MissingDependencyError(
+            f"verify --engine llama-cpp needs llama.cpp: {e.message}",
+            hint=f"install it ({INSTALL_HINT}), or leave out --engine",
+        ) from None
+    except EngineCannotRunHere as e:
+        report.add("llama.cpp", NOT_RUN, f"cannot run on this machine: {e.message}; {e.hint}")
         return
     except WeightlockError as e:
         report.add("llama.cpp", FAIL, e.message)
@@ -287,7 +428,7 @@ def output_failure_gguf(report: Report, source: GGUFModel, done: str) -> Weightl
 
 def describe_gguf(model: GGUFModel) -> dict:
     """What ``inspect`` shows for a GGUF model."""
-    name = model.value("general.architecture")
+    name = model.text("general.architecture")
     row = next((r for r in GGUF_ARCHITECTURES if r.name == name), None)
     info: dict = {
         "path": str(model.path),
@@ -296,7 +437,7 @@ def describe_gguf(model: GGUFModel) -> dict:
         "bytes": model.total_size,
         "gguf_version": model.files[0].version,
         "architecture": name,
-        "model_name": model.value("general.name"),
+        "model_name": model.text("general.name"),
         "tensors": len(model.tensors),
         "llama_cpp_output_bias": None if row is None else (row.bias or f"refused: {row.refuse}"),
     }
@@ -337,5 +478,6 @@ def describe_gguf(model: GGUFModel) -> dict:
             "tool": record["tool"],
             "source": record["source"]["name"],
             "edits": depth,
+            "verified": False,  # what the record claims; `weightlock verify` checks it
         }
     return info
