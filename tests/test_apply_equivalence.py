@@ -8,10 +8,10 @@ import json
 import os
 
 import pytest
-import torch
 from conftest import logits, make_llama, random_lock, tree_hashes
 
 from weightlock import apply_lock, verify_checkpoint
+from weightlock.errors import InvalidInputError
 from weightlock.verify import report_json
 
 # (name, make_llama kwargs, dtype, tolerance as a fraction of the logits' scale)
@@ -53,17 +53,20 @@ def test_edit_equals_runtime_hooks(tmp_path, name, kwargs, dtype, rel_tol):
     assert gap <= rel_tol * scale, f"edited vs hooked logits differ by {gap} (scale {scale})"
     assert moved > 10 * max(gap, rel_tol * scale), "the lock must move the logits well past the tolerance"
 
-    report = verify_checkpoint(out)
+    report = verify_checkpoint(out, source=src)  # with existing biases, the originals only the source confirms
     assert report.ok, report.failures()
     assert {c.name: c.status for c in report.checks}["transformers_names"] == "pass"
     json.loads(report_json(report))  # validates against schemas/report.schema.json
 
 
-def test_alpha_zero_leaves_logits_unchanged(tmp_path):
+@pytest.mark.parametrize("alpha", [0.0, -0.0, 1e-320, -1e-300])
+def test_an_alpha_that_bakes_no_lock_is_refused(tmp_path, alpha):
+    """An output whose record names a lock and whose biases carry none of it would read as locked: an alpha
+    that makes every displacement zero in float32 (0, -0, a denormal) is refused before anything is written."""
     src = make_llama(tmp_path / "src", shard_kb=40)
-    out = tmp_path / "out"
-    apply_lock(src, random_lock(src), out=out, alpha=0.0)
-    assert torch.equal(logits(out), logits(src))
+    with pytest.raises(InvalidInputError, match="carry no lock"):
+        apply_lock(src, random_lock(src), out=tmp_path / "out", alpha=alpha)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -254,8 +254,9 @@ def test_in_place_then_revert_restores_a_symlinked_snapshot_exactly(tmp_path, at
     blobs = snapshot.parent.parent / "blobs"
     before, hashes_before, blobs_before = entries(snapshot), tree_hashes(snapshot), entries(blobs)
     assert all(kind.startswith("-> ") for kind in before.values())
+    original = shutil.copytree(snapshot, tmp_path / "original")  # existing biases: verify needs the source
     apply_in_place(snapshot, tmp_path / "l.wlock", loader_check=False)
-    assert verify_checkpoint(snapshot, loader_check=False).ok
+    assert verify_checkpoint(snapshot, loader_check=False, source=original).ok
     assert not (snapshot / "README.md").is_symlink(), "the edit replaces the link, never writes through it"
     assert entries(blobs) == blobs_before, "the blob store is never written"
     result = run(["revert", str(snapshot)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_mxfp4_gpt_oss_lock_adds_to_the_bias_and_leaves_the_experts_alone(tmp_pa
     gap = (edited - reference).abs().max().item()
     assert gap <= 2e-5 * unlocked.abs().max().item()
     assert (reference - unlocked).abs().max().item() > 100 * max(gap, 1e-6)
-    report = verify_checkpoint(tmp_path / "out")
+    report = verify_checkpoint(tmp_path / "out", source=src)  # the originals only the source can confirm
     assert report.ok, report.failures()
     assert {c.name: c.status for c in report.checks}["transformers_names"] == "pass"
 
@@ -113,6 +114,7 @@ def test_mxfp4_gpt_oss_lock_adds_to_the_bias_and_leaves_the_experts_alone(tmp_pa
 def test_in_place_adds_to_existing_biases_and_revert_restores_every_byte(tmp_path, family, layout):
     src = make_model(tmp_path / "src", family, shard_kb=40 if layout == "sharded" else None)
     before = tree_hashes(src)
+    original = shutil.copytree(src, tmp_path / "original")  # what verify --source compares the originals with
     lock = random_lock(src)
     reference = logits(src, lock=lock, alpha=2.5)
     result = apply_in_place(src, lock, alpha=2.5)
@@ -122,7 +124,8 @@ def test_in_place_adds_to_existing_biases_and_revert_restores_every_byte(tmp_pat
     assert record["swapped"], "the shards holding the biases were swapped"
     for old in record["swapped"]:
         assert (src / "weightlock" / "backup" / old).is_file()  # the original, moved, not copied
-    assert verify_checkpoint(src).ok
+    assert verify_checkpoint(src, source=original).ok
+    assert not verify_checkpoint(src).ok  # without the source the originals are unverifiable
     revert(src)
     assert tree_hashes(src) == before
 

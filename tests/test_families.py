@@ -56,7 +56,7 @@ def test_family_edit_equals_runtime_hooks(tmp_path, family):
     assert gap <= 2e-5 * scale, f"{family}: edited vs hooked logits differ by {gap} (scale {scale})"
     assert (reference - unlocked).abs().max().item() > 100 * max(gap, 1e-5 * scale)
 
-    report = verify_checkpoint(tmp_path / "out")
+    report = verify_checkpoint(tmp_path / "out", source=src)  # a family with o_proj biases: originals checked
     assert report.ok, report.failures()
     assert statuses(report)["transformers_names"] == "pass"
     # Every claimed family reaches vLLM with the lock: one whose own vLLM class drops the bias is declared

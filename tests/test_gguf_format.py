@@ -137,7 +137,8 @@ def test_existing_bias_is_added_to_and_a_second_edit_undoes_the_first(tmp_path, 
         got = next(np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "a.gguf")).tensors if t.name == name)
         np.testing.assert_allclose(got, base + _expected_bias(source, lock, 2.0, layer), rtol=1e-5, atol=1e-5)
     apply_lock(tmp_path / "a.gguf", lock, out=tmp_path / "b.gguf", alpha=-2.0)
-    assert verify_checkpoint(tmp_path / "b.gguf").ok
+    assert verify_checkpoint(tmp_path / "b.gguf", source=source).ok  # the chain's first originals: the source's
+    assert not verify_checkpoint(tmp_path / "b.gguf").ok  # without the source they are unverifiable
     for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors:
         base = next(np.asarray(s.data) for s in original.tensors if s.name == t.name)
         np.testing.assert_allclose(np.asarray(t.data), base, atol=1e-5)

@@ -69,7 +69,7 @@ def test_llama_cpp_logprobs_equal_hooked_transformers(tmp_path, tokenizer_dir, f
     lock = random_lock(folder, n_heads=5)
     locked = apply_lock(gguf, lock, out=tmp_path / "locked.gguf", alpha=ALPHA)
     assert locked.report.ok
-    assert verify_checkpoint(tmp_path / "locked.gguf", engine="llama-cpp").ok
+    assert verify_checkpoint(tmp_path / "locked.gguf", engine="llama-cpp", source=gguf).ok
 
     engine_gap = np.abs(llama_cpp_log_probs(gguf, INPUT_IDS) - _hf_log_probs(folder)).max()
     hooked = _hf_log_probs(folder, lock, ALPHA)

@@ -254,7 +254,7 @@ def test_names_from_the_source_and_the_lock_are_quoted_inert(locked, payload):
         creation={"method": payload},
     )
     card = locked_card(f"---\nlicense: mit\n---\n{payload}\n", provenance, lock, None)
-    section = card[card.index(BEGIN) :]
+    section = card[card.index(BEGIN) : card.index(END) + len(END)]
     assert_inert(section, [payload])
     assert card_lock_sha256(card) == provenance["lock"]["sha256"]
 
@@ -606,3 +606,55 @@ def test_a_catastrophic_rule_makes_apply_and_inspect_refuse_fast(compressed_tens
     )
     assert code == 3 and "pattern" in err and "hint:" in err and "Traceback" not in err, out + err
     assert time.perf_counter() - started < 30 and not (tmp_path / "out").exists()
+
+
+def test_an_eval_report_with_an_overflowed_kl_is_written_readable(tmp_path):
+    """A KL that overflowed (inf) or is NaN is written as null: JSON has no NaN, and the report must read back
+    through the same parser --eval-report uses."""
+    from weightlock.evaluate import AlphaResult, EvalReport, report_json
+    from weightlock.untrusted import parse_json
+
+    rows = [
+        AlphaResult(a, 0.5, 0.25, 0.0, None, kl, 1.0)
+        for a, kl in ((0.0, 0.0), (1.0, float("inf")), (2.0, float("nan")))
+    ]
+    report = EvalReport("m", "l.wlock", {}, {}, "phrases", rows)
+    text = report_json(report)
+    assert "NaN" not in text and "Infinity" not in text
+    data = parse_json(text, "report")
+    assert [r["kl"] for r in data["results"]] == [0.0, None, None]
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["```text\n", "~~~\n", "<pre>\n", "<!--\n", "<details>\n<summary>x</summary>\n", "    indented\n", "> quote\n"],
+)
+def test_a_source_body_cannot_swallow_the_section(locked, body):
+    """The section comes before the source's text, so an unclosed fence, HTML block or comment in the source
+    card cannot turn it into code or hide it: it renders as a heading and its table."""
+    card = locked_card(f"---\nlicense: mit\n---\ntiny model\n\n{body}", locked["provenance"], locked["lock"], None)
+    shown = card.split("\n---\n", 1)[1]  # what the Hub renders: the card without its YAML front matter
+    tokens = MarkdownIt("commonmark", {"html": True}).enable(["table"]).parse(shown)
+    kinds = [t.type for t in tokens]
+    assert kinds[:2] == ["html_block", "heading_open"], kinds[:6]  # the begin marker, then "## Safety lock"
+    assert "table_open" in kinds[: kinds.index("html_block", 1) + 1]
+    assert card_lock_sha256(card) == locked["provenance"]["lock"]["sha256"]
+
+
+def test_every_hidden_character_is_escaped_in_the_terminal_and_blanked_in_the_card(locked, tmp_path, capsys):
+    """The CLI and the card read one table (weightlock/text.py): every character it names, in a lock's source
+    name, reaches neither `inspect`'s output nor the card as it is (generated from the table itself)."""
+    from weightlock.text import HIDDEN
+
+    hidden = "".join(chr(c) for c in range(0x110000) if HIDDEN.fullmatch(chr(c)))
+    assert len(hidden) > 200 and "\u200b" in hidden and "\u00ad" in hidden and "\U000e0041" in hidden
+    lock = dataclasses.replace(
+        locked["lock"], source_model=dataclasses.replace(locked["lock"].source_model, name=f"a{hidden}b")
+    )
+    save_lock(lock, tmp_path / "h.wlock")
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path / "h.wlock"))
+    assert code == 0, err
+    assert not HIDDEN.search(out.replace("\n", "")), [hex(ord(c)) for c in HIDDEN.findall(out.replace("\n", ""))]
+    assert "\\u200b" in out and "\\xad" in out and "\\U000e0041" in out
+    card = locked_card(None, locked["provenance"], lock, None)
+    assert not HIDDEN.search(card.replace("\n", "").replace("\u200b", ""))

@@ -114,10 +114,12 @@ def mutations(record) -> list[tuple[str, tuple, object]]:
     return out
 
 
-def _outcome(path: Path) -> tuple[bool, str]:
-    """(passed, why) of verify on ``path``; a WeightlockError is a clean refusal, anything else a crash."""
+def _outcome(path: Path, source: Path | None = None) -> tuple[bool, str]:
+    """(passed, why) of verify on ``path``; a WeightlockError is a clean refusal, anything else a crash.
+    ``source``: for an output whose source already had the biases, the model verify compares the originals with
+    (without it they are unverifiable, so every mutation would fail for that reason alone)."""
     try:
-        report = verify_checkpoint(path, loader_check=False)
+        report = verify_checkpoint(path, loader_check=False, source=source)
     except WeightlockError as e:
         return False, f"refused: {e.message}"
     return report.ok, "; ".join(report.failures())
@@ -154,6 +156,7 @@ def folders(tmp_path_factory):
     out = {"out": apply_lock(src, random_lock(src, seed=1), out=root / "out", **fast).out}
     out["relock"] = apply_lock(root / "out", random_lock(src, seed=2), out=root / "relock", **fast).out
     out["biased"] = apply_lock(biased, random_lock(biased, seed=3), out=root / "biased-out", **fast).out
+    out["biased-source"] = biased
     shutil.copytree(src, root / "inplace")
     apply_in_place(root / "inplace", random_lock(src, seed=4), **fast)
     out["inplace"] = root / "inplace"
@@ -168,6 +171,7 @@ def ggufs(tmp_path_factory):
     out["relock"] = apply_lock(root / "one.gguf", lock_for_gguf(src, seed=5), out=root / "relock.gguf").out
     existing = write_gguf(root / "sc.gguf", arch="starcoder2", bias=True)
     out["existing"] = apply_lock(existing, lock_for_gguf(existing, model_type="starcoder2"), out=root / "sc1.gguf").out
+    out["existing-source"] = existing
     return out
 
 
@@ -198,32 +202,32 @@ def _gguf_record(path: Path) -> dict:
 
 @pytest.mark.parametrize("which", ["out", "relock", "biased", "inplace"])
 def test_every_folder_record_mutation_fails_verify_or_does_not_matter(folders, which):
-    folder = folders[which]
+    folder, source = folders[which], folders.get(f"{which}-source")
     record_path = folder / "weightlock" / "provenance.json"
     good = record_path.read_bytes()
-    assert verify_checkpoint(folder, loader_check=False).ok
+    assert verify_checkpoint(folder, loader_check=False, source=source).ok
     failures: list[str] = []
     cases = mutations(json.loads(good))
     try:
         for described, path, mutated in cases:
             record_path.write_text(json.dumps(mutated))
             free = described.startswith(("add key", "drop key")) and _folder_free(path, json.loads(good))
-            _expect(described, path, *_outcome(folder), failures, free)
+            _expect(described, path, *_outcome(folder, source), failures, free)
     finally:
         record_path.write_bytes(good)
-    assert verify_checkpoint(folder, loader_check=False).ok
+    assert verify_checkpoint(folder, loader_check=False, source=source).ok
     assert len(cases) >= 30 and not failures, failures
 
 
 @pytest.mark.parametrize("which", ["one", "relock", "existing"])
 def test_every_gguf_record_mutation_fails_verify_or_does_not_matter(ggufs, tmp_path, which):
-    locked = ggufs[which]
+    locked, source = ggufs[which], ggufs.get(f"{which}-source")
     record = _gguf_record(locked)
-    assert verify_checkpoint(_rewrite_gguf(locked, tmp_path / "same.gguf", record)).ok
+    assert verify_checkpoint(_rewrite_gguf(locked, tmp_path / "same.gguf", record), source=source).ok
     failures: list[str] = []
     cases = mutations(record)
     for described, path, mutated in cases:
-        _expect(described, path, *_outcome(_rewrite_gguf(locked, tmp_path / "t.gguf", mutated)), failures)
+        _expect(described, path, *_outcome(_rewrite_gguf(locked, tmp_path / "t.gguf", mutated), source), failures)
     assert len(cases) >= 30 and not failures, failures
 
 
@@ -239,7 +243,8 @@ def _flip_tensor_bytes(path: Path, begin: int, count: int = 4) -> bytes:
 @pytest.mark.parametrize("which", ["out", "relock", "biased", "inplace"])
 def test_every_written_bias_and_original_changed_fails_verify(folders, which):
     """Each bias tensor the record chain explains, and each stored original (of this edit and the ones before)."""
-    folder = folders[which]
+    folder, source = folders[which], folders.get(f"{which}-source")
+    assert verify_checkpoint(folder, loader_check=False, source=source).ok
     record = json.loads((folder / "weightlock" / "provenance.json").read_text())
     added = read_header(folder / record["files"]["added_shard"]).tensors
     targets = [(folder / record["files"]["added_shard"], e.begin) for e in added.values()]
@@ -251,7 +256,7 @@ def test_every_written_bias_and_original_changed_fails_verify(folders, which):
     for file, begin in targets:
         saved = _flip_tensor_bytes(file, begin)
         try:
-            passed, why = _outcome(folder)
+            passed, why = _outcome(folder, source)
             _expect(f"{file.relative_to(folder)} at {begin}", ("bytes",), passed, why, failures)
         finally:
             file.write_bytes(saved)
@@ -260,7 +265,8 @@ def test_every_written_bias_and_original_changed_fails_verify(folders, which):
 
 @pytest.mark.parametrize("which", ["one", "relock", "existing"])
 def test_every_gguf_bias_and_embedded_lock_changed_fails_verify(ggufs, tmp_path, which):
-    locked = ggufs[which]
+    locked, source = ggufs[which], ggufs.get(f"{which}-source")
+    assert verify_checkpoint(locked, source=source).ok
     model = open_gguf(locked)
     failures = []
     for name, tensor in sorted(model.tensors.items()):
@@ -269,14 +275,14 @@ def test_every_gguf_bias_and_embedded_lock_changed_fails_verify(ggufs, tmp_path,
         copy_ = tmp_path / "t.gguf"
         shutil.copyfile(locked, copy_)
         _flip_tensor_bytes(copy_, model.files[0].data_start + tensor.offset + 8)
-        _expect(name, ("bias",), *_outcome(copy_), failures)
+        _expect(name, ("bias",), *_outcome(copy_, source), failures)
     keys = [k for k in model.metadata if k == LOCK_KEY or k.startswith(PARENT_LOCK_KEY.format(""))]
     for key in keys:
         entry = model.metadata[key]
         copy_ = tmp_path / "t.gguf"
         shutil.copyfile(locked, copy_)
         _flip_tensor_bytes(copy_, (entry.start + entry.end) // 2 + 8)
-        _expect(key, ("lock",), *_outcome(copy_), failures)
+        _expect(key, ("lock",), *_outcome(copy_, source), failures)
     assert keys and not failures, failures
 
 

@@ -36,6 +36,11 @@ ENGINE_PACKAGES = ("llama_cpp", "vllm")
 EXIT_CODES = {1, 3, 7}  # a check failed or did not run; bad input (an engine for the other format); no engine
 
 
+# Path options that ask for a check, and the input (by format) each is given: --source, the model the locked
+# inputs were made from (given to an unlocked input, it is the input itself: refused, exit 3).
+SOURCES = {"source": {"folder": "folder", "gguf": "gguf"}}
+
+
 def requesting_options() -> list[tuple[str, ...]]:
     """The command-line words of every value of every verify option that asks for a check."""
     values: list[tuple[str, ...]] = []
@@ -47,6 +52,8 @@ def requesting_options() -> list[tuple[str, ...]]:
             values.append((param.opts[0],))
         elif isinstance(param.type, click.Choice):
             values += [(param.opts[0], str(choice)) for choice in param.type.choices]
+        elif param.name in SOURCES:  # a path: the model each format's locked input was made from
+            values.append((param.opts[0], "{" + param.name + "}"))
         else:
             raise AssertionError(f"verify --{param.name} is new: teach {__file__} its values")
     return values
@@ -113,6 +120,15 @@ def _python_path(tmp: Path, environment: str) -> str:
     return os.pathsep.join(path)
 
 
+def _resolved(option: tuple[str, ...], fmt: str, inputs: dict[str, Path]) -> list[str]:
+    """An option's words with a path placeholder ({source}) made the input SOURCES names for the format."""
+    kind = "folder" if fmt.startswith("folder") else "gguf"
+    return [
+        str(inputs[SOURCES[word[1:-1]][kind]]) if word.startswith("{") and word[1:-1] in SOURCES else word
+        for word in option
+    ]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every (environment, format, option) case and each format's run without options, from one child Python
@@ -123,7 +139,7 @@ def results(tmp_path_factory):
     out = {}
     for environment in ENVIRONMENTS:
         env = dict(os.environ, PYTHONPATH=_python_path(tmp, environment))
-        argvs = [["verify", str(inputs[f]), "--json", "--no-loader-check", *o] for f, o in cases]
+        argvs = [["verify", str(inputs[f]), "--json", "--no-loader-check", *_resolved(o, f, inputs)] for f, o in cases]
         probe = f"import importlib.util as u; print([u.find_spec(n) is not None for n in {ENGINE_PACKAGES!r}])"
         found = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True)
         shadowed = [name in SHADOWS.get(environment, {}) for name in ENGINE_PACKAGES]

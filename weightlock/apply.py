@@ -25,7 +25,7 @@ from .lock import Lock, load_lock
 from .plan import EditPlan, compute_biases, plan_edit
 from .records import check_record_depth
 from .untrusted import read_bytes, read_json
-from .verify import output_failure, verify_checkpoint
+from .verify import output_failure, source_note, verify_checkpoint
 from .writer import (
     WrittenFiles,
     publish,
@@ -211,9 +211,13 @@ def apply_lock(
         written = write_locked_checkpoint(
             checkpoint, plan, computed, lock_bytes, staging, link_mode, provenance, card_text
         )
-        report = verify_checkpoint(staging, expected=computed, loader_check=loader_check)
+        # the source it read: the originals it recorded are compared with the source's biases (a relock's
+        # first edit's originals are the source's own record's, which its verify checked)
+        first_edit = checkpoint if checkpoint.provenance is None else None
+        report = verify_checkpoint(staging, expected=computed, loader_check=loader_check, source=first_edit)
         if not report.ok:
             raise output_failure(report, checkpoint.root, loader_check, "the output was discarded")
+        plan.warnings.extend(source_note(report))
         with committing(f"{out} was published and verified"):
             publish(staging, out, force)
     return ApplyResult(out, plan, written, provenance, time.perf_counter() - started, report)

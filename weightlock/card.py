@@ -14,6 +14,7 @@ import math
 import re
 
 from .errors import CheckpointError
+from .text import HIDDEN
 
 CARD_NAME = "README.md"
 TAGS = ("weightlock", "safety-lock")
@@ -136,10 +137,14 @@ def locked_card(source_text: str | None, provenance: dict, lock, eval_report: di
     while (cleaned := _SECTION.sub("", body).replace(BEGIN, "").replace(END, "")) != body:
         body = cleaned
     body = body.rstrip("\n")
-    if not body.strip():
-        body = f"# {md(name) if name else 'Model'} (safety-locked)"
     section = _section(provenance, lock, eval_report)
-    text = str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}\n\n{section}\n"))
+    if not body.strip():
+        content = f"# {md(name) if name else 'Model'} (safety-locked)\n\n{section}\n"
+    else:
+        # The section comes before any of the source's text: Markdown is read top down, so nothing the source
+        # body holds (an unclosed code fence, an open HTML block) can swallow it; the body follows as it was.
+        content = f"{section}\n\n{body}\n"
+    text = str(ModelCard(f"---\n{data.to_yaml()}\n---\n{content}"))
     if text.count(BEGIN) != 1 or text.count(END) != 1:
         raise CheckpointError(
             f"the source's {CARD_NAME} front matter holds weightlock's section markers ({BEGIN} or {END})",
@@ -158,7 +163,7 @@ def locked_card(source_text: str | None, provenance: dict, lock, eval_report: di
 # Markdown and HTML syntax, escaped with a backslash (CommonMark escapes any ASCII punctuation); $ is math on
 # the Hub. Characters that are invisible, break a line or reorder text are replaced by a space.
 _MARKDOWN_SYNTAX = re.compile(r"([\\`*_{}\[\]()!<>#|&~$])")
-_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+_INVISIBLE = HIDDEN  # weightlock/text.py: the same characters the CLI escapes
 # a zero-width space after "." before a letter or digit, ":" before "/", and "@": no autolinker (GFM's www. /
 # https:// / e-mail, linkify's bare domains) sees a link, and the text reads the same
 _LINK_PUNCTUATION = re.compile(r"(?<=\.)(?=\w)|(?<=:)(?=/)|(?<=@)(?=\S)")

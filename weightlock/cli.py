@@ -9,7 +9,6 @@ check fails. ``--json`` prints one JSON document on stdout, errors included.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -17,21 +16,14 @@ import click
 
 from . import __version__, commit
 from .errors import InvalidInputError, OutputError, WeightlockError
+from .text import printable
 from .writer import failpoint, write_file_atomically
 
 VERIFY_FAILED_EXIT = 1
 
 
-# Characters that would let text from a checkpoint, a lock or a record forge terminal output: line breaks,
-# carriage returns, escape sequences, other C0/C1 controls, and Unicode line separators and bidi overrides.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-
-
-def printable(text) -> str:
-    """``text`` as one safe terminal line: every unprintable character shown as an escape."""
-    return _UNPRINTABLE.sub(
-        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text)
-    )
+# Text from a checkpoint, a lock or a record cannot forge terminal output: every line printed goes through
+# printable (weightlock/text.py holds the one table of hidden characters it escapes).
 
 
 def _echo_lines(lines: str | list[str]) -> None:
@@ -252,12 +244,20 @@ def apply(
     help="Also load the checkpoint in this engine: vllm (a folder: the tensor names into vLLM's own model class) "
     "or llama-cpp (a GGUF file: loaded by llama.cpp). Needs the engine installed.",
 )
+@click.option(
+    "--source",
+    metavar="SOURCE",
+    default=None,
+    help="The model the lock was applied to (a folder or cached Hub id; a .gguf for a GGUF file): the originals "
+    "the record claims for biases the source already had are compared with its stored biases byte for byte. "
+    "Without it they are unverifiable (a family with o_proj biases: starcoder2, phi2, gpt-neox, ...).",
+)
 @json_option
-def verify(checkpoint, deep, no_loader_check, engine, as_json):
+def verify(checkpoint, deep, no_loader_check, engine, source, as_json):
     """Check that CHECKPOINT loads as written and holds the lock its record claims."""
     from .verify import report_json, verify_checkpoint
 
-    report = verify_checkpoint(checkpoint, deep=deep, loader_check=not no_loader_check, engine=engine)
+    report = verify_checkpoint(checkpoint, deep=deep, loader_check=not no_loader_check, engine=engine, source=source)
     if as_json:
         click.echo(report_json(report))
     else:
@@ -266,7 +266,12 @@ def verify(checkpoint, deep, no_loader_check, engine, as_json):
         for check in report.checks:
             lines.append(f"[{marks[check.status]}] {check.name}: {check.message}")
             lines += [f"         {detail}" for detail in check.details]
-        lines.append("verified: all checks hold" if report.ok else "NOT verified: see the FAIL and NOT RUN lines above")
+        if not report.ok:
+            lines.append("NOT verified: see the FAIL and NOT RUN lines above")
+        elif report.locked is None:  # nothing failed, and no record: no lock was verified
+            lines.append("verified: loads as written; not locked by weightlock (no record)")
+        else:
+            lines.append("verified: all checks hold")
         _echo_lines(lines)
     if not report.ok:
         sys.exit(VERIFY_FAILED_EXIT)
@@ -357,7 +362,7 @@ def inspect_command(target, heatmap, force, as_json):
         lines += _quantization_lines(data["quantization"])
         locked = data["locked"]
         lines.append(
-            "  locked: no"
+            _no_record(data["edit_traces"])
             if locked is None
             else f"  locked: recorded, not verified (run `weightlock verify`): alpha {locked['alpha']}, "
             f"lock {str(locked['lock_sha256'])[:16]}..., "
@@ -369,6 +374,13 @@ def inspect_command(target, heatmap, force, as_json):
 
 
 SHOWN_SCORED_HEADS = 12
+
+
+def _no_record(traces: list[str]) -> str:
+    if not traces:
+        return "  locked: no"
+    shown = ", ".join(traces[:4]) + (f" and {len(traces) - 4} more" if len(traces) > 4 else "")
+    return f"  locked: no record, but traces of a weightlock edit ({shown}): the record was removed; verify fails it"
 
 
 def _quantization_lines(quantization: dict | None) -> list[str]:
@@ -430,7 +442,7 @@ def _gguf_lines(data: dict) -> list[str]:
     lines.append(
         f"  {data['tensors']} tensors, {data['attn_output_biases']} attn_output.bias; locked: "
         + (
-            "no"
+            _no_record(data["edit_traces"]).removeprefix("  locked: ")
             if locked is None
             else f"recorded, not verified (run `weightlock verify`): alpha {locked['alpha']}, "
             f"lock {locked['lock_sha256'][:16]}..., layers "

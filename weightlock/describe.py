@@ -120,6 +120,8 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
     dtypes: dict[str, int] = {}
     for entry in checkpoint.tensors.values():
         dtypes[entry.dtype] = dtypes.get(entry.dtype, 0) + 1
+    from .verify import folder_traces
+
     record = checkpoint.provenance
     locked = None
     if isinstance(record, dict):
@@ -148,6 +150,8 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
         "dtypes": dtypes,
         "quantization": quantization,
         "locked": locked,
+        # what an edit leaves besides its record: with no record, a sign the record was removed (verify fails it)
+        "edit_traces": [] if locked is not None else folder_traces(checkpoint.root),
     }
 
 

@@ -21,6 +21,7 @@ points" whatever the model's own over-refusal and accuracy are.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -314,12 +315,24 @@ def results_table(results: list[AlphaResult]) -> str:
     return "\n".join(lines)
 
 
+def _json_safe(value):
+    """``value`` with every non-finite float as None: JSON has no NaN or infinity, and a report holding one
+    (a KL that overflowed) could not be read back (``--eval-report`` refuses such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def report_json(report: EvalReport, with_answers: bool = False) -> str:
-    data = report.to_dict(with_answers)
+    data = _json_safe(report.to_dict(with_answers))
     problems = schema_errors(data, "eval")
     if problems:  # a bug in weightlock, not in the user's input
         raise AssertionError("eval report does not match schemas/eval.schema.json: " + "; ".join(problems))
-    return json.dumps(data, indent=2)
+    return json.dumps(data, indent=2, allow_nan=False)
 
 
 def _refuse_dropped_gguf_bias(path: Path) -> None:

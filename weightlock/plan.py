@@ -27,7 +27,7 @@ from .architectures import (
     vllm_serving,
 )
 from .checkpoint import TOKENIZER_CONFIG_NAME, Checkpoint, contained
-from .errors import CheckpointError, IncompatibleLockError, UnsupportedError
+from .errors import CheckpointError, IncompatibleLockError, InvalidInputError, UnsupportedError
 from .lock import Lock
 from .quantized import QuantizedLinear, bias_dtype, quantization_of, quantized_linear, stored_quantized
 from .safetensors_file import (
@@ -359,6 +359,14 @@ def checked_displacements(
     if not all(np.all(np.isfinite(d)) for d in displacements.values()):
         raise UnsupportedError(
             f"alpha {alpha} overflows float32 in the lock's displacements", hint="use a smaller alpha"
+        )
+    if not any(np.any(d) for d in displacements.values()):
+        # alpha 0, -0 or one so small that alpha * std rounds to zero in float32: an output that carries the
+        # record of a lock and none of its effect would read as locked
+        raise InvalidInputError(
+            f"alpha {alpha:g} makes every displacement of the lock zero (in float32): the output would carry no lock",
+            hint=f"use the lock's default alpha ({lock.default_alpha:g}) or another strength; negative takes a lock "
+            "off again",
         )
     return displacements
 

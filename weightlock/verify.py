@@ -16,6 +16,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -107,7 +108,13 @@ ENGINES = tuple(ENGINE_CHECKS)
 
 
 def verify_checkpoint(
-    path, *, expected=None, loader_check: bool = True, deep: bool = False, engine: str | None = None
+    path,
+    *,
+    expected=None,
+    loader_check: bool = True,
+    deep: bool = False,
+    engine: str | None = None,
+    source=None,
 ) -> Report:
     """Run every check on the checkpoint folder at ``path``.
 
@@ -115,6 +122,10 @@ def verify_checkpoint(
     with them byte for byte instead of being recomputed from the weights.
     ``deep``: also scan every floating-point tensor for NaN/Inf (reads the whole model).
     ``engine``: "vllm" also loads the tensor names into vLLM's own model class (needs vLLM installed).
+    ``source``: the model the lock was applied to (a folder, a cached Hub id or an open Checkpoint; a .gguf file
+    or an open GGUFModel for GGUF): the originals the record claims for biases the source already had are
+    compared with its stored biases byte for byte (the ``original_biases`` check). Without it such originals
+    are unverifiable: nothing in the output ties them to the source.
     """
     from .gguf_format.file import is_gguf_path
 
@@ -122,29 +133,83 @@ def verify_checkpoint(
         from .gguf_format.verify import ENGINE_CHECKS as GGUF_ENGINE_CHECKS
         from .gguf_format.verify import verify_gguf
 
-        report = verify_gguf(path, engine=engine, deep=deep)
-        return _requested(report, deep, engine, GGUF_ENGINE_CHECKS).finish()
+        report = verify_gguf(path, expected=expected, engine=engine, deep=deep, source=source)
+        return _requested(report, deep, engine, GGUF_ENGINE_CHECKS, source).finish()
     if engine is not None and engine not in ENGINES:
         raise InvalidInputError(f"unknown engine {engine!r}", hint=f"choose one of: {', '.join(ENGINES)}")
-    report = _requested(Report(str(path)), deep, engine, ENGINE_CHECKS)
-    return _verify_folder(path, report, expected, loader_check, deep, engine).finish()
+    opened = None if source is None else open_source_folder(source, path)
+    report = _requested(Report(str(path)), deep, engine, ENGINE_CHECKS, source)
+    return _verify_folder(path, report, expected, loader_check, deep, engine, opened).finish()
 
 
-def _requested(report: Report, deep: bool, engine: str | None, engine_checks: dict[str, str]) -> Report:
+def _requested(report: Report, deep: bool, engine: str | None, engine_checks: dict[str, str], source=None) -> Report:
     """The checks the options ask for: each must run and pass (or warn), else the report is not ok."""
     if deep:
         report.require("finite", "--deep")
     if engine is not None:
         report.require(engine_checks[engine], f"--engine {engine}")
+    if source is not None:
+        report.require(ORIGINALS_CHECK, "--source")
     return report
 
 
-def _verify_folder(path, report: Report, expected, loader_check: bool, deep: bool, engine: str | None) -> Report:
+ORIGINALS_CHECK = "original_biases"
+NO_ORIGINALS = "no originals claimed"
+SOURCE_HINT = "pass --source SOURCE (the model the lock was applied to) to check them"
+WRONG_SOURCE_HINT = "pass the model the lock was applied to (the original, not a locked output or another model)"
+
+
+def source_note(report: Report) -> list[str]:
+    """apply's warning for an output whose originals only the source can confirm (its own check had the source)."""
+    if not any(c.name == ORIGINALS_CHECK and not c.message.startswith(NO_ORIGINALS) for c in report.checks):
+        return []
+    return [
+        "the source already had o_proj biases: a standalone `weightlock verify` of this output needs "
+        "--source SOURCE (the model the lock was applied to) to confirm the recorded originals"
+    ]
+
+
+def source_error(source, message: str, hint: str = WRONG_SOURCE_HINT) -> InvalidInputError:
+    return InvalidInputError(f"--source {source}: {message}", hint=hint)
+
+
+def open_source_folder(source, path) -> Checkpoint:
+    """``verify --source`` for a folder: the source checkpoint (headers only), refused (exit 3) when it cannot be
+    opened, is a GGUF file, or is the checkpoint being verified."""
+    from .gguf_format.file import is_gguf_path
+
+    if isinstance(source, Checkpoint):
+        opened = source
+    else:
+        if is_gguf_path(source):
+            raise source_error(source, "is a GGUF file; the checkpoint verified is a safetensors folder")
+        try:
+            opened = open_checkpoint(source)
+        except WeightlockError as e:
+            raise source_error(source, e.message, e.hint or WRONG_SOURCE_HINT) from None
+    _refuse_same(source, opened.root, path)
+    return opened
+
+
+def _refuse_same(source, source_path, path) -> None:
+    try:
+        same = Path(source_path).resolve() == Path(path).expanduser().resolve() or Path(source_path).samefile(path)
+    except OSError:
+        same = False
+    if same:
+        raise source_error(source, "is the checkpoint being verified, not the model the lock was applied to")
+
+
+def _verify_folder(
+    path, report: Report, expected, loader_check: bool, deep: bool, engine: str | None, source=None
+) -> Report:
     try:
         checkpoint = open_checkpoint(path)
     except WeightlockError as e:
         report.add("checkpoint", FAIL, e.message)
         return report
+    if source is not None:
+        _refuse_same(source.root, source.root, checkpoint.root)
     report.add(
         "checkpoint",
         PASS,
@@ -167,7 +232,7 @@ def _verify_folder(path, report: Report, expected, loader_check: bool, deep: boo
         _check_config_agrees(checkpoint, spec, shape, report)
         _check_vllm_support(checkpoint, spec, report)
         _check_quantized_loaders(checkpoint, spec, shape, report)
-        _check_provenance(checkpoint, spec, shape, report, expected)
+        _check_provenance(checkpoint, spec, shape, report, expected, source)
     _check_finite(checkpoint, report, deep)
     if loader_check:
         _check_loader_names(checkpoint, report)
@@ -278,12 +343,56 @@ def _check_quantized_loaders(checkpoint: Checkpoint, spec, shape: ModelShape, re
         report.add("quantization", PASS, proven)
 
 
-def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report, expected) -> None:
+def folder_traces(root: Path) -> list[str]:
+    """What weightlock's folder writers (writer.py, inplace.py, card.py) leave in a checkpoint besides the record,
+    named from their own constants: anything under weightlock/, an in-place edit's staging or reverted folders,
+    our added bias shards, and the card's section markers or weightlock tag."""
+    from .card import BEGIN, CARD_NAME, END, MAX_CARD_BYTES, TAGS, card_tags
+    from .checkpoint import PROVENANCE_DIR
+    from .inplace import STAGING_PREFIX, TRASH_PREFIX
+    from .writer import SHARDED_ADDED
+
+    added_prefix, added_suffix = SHARDED_ADDED.split("{suffix}")
+    found = []
+    try:
+        entries = sorted(root.iterdir(), key=lambda p: p.name)[:100_000]
+    except OSError:
+        entries = []
+    for entry in entries:
+        name = entry.name
+        if name == PROVENANCE_DIR:
+            found.append(f"{PROVENANCE_DIR}/")
+        elif name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            found.append(f"{name} (an in-place edit's folder)")
+        elif name.startswith(added_prefix) and name.endswith(added_suffix):
+            found.append(f"{name} (weightlock's bias shard)")
+    try:
+        text = read_bytes(contained(root, CARD_NAME), "model card", MAX_CARD_BYTES).decode("utf-8", "replace")
+    except (WeightlockError, OSError):
+        text = ""
+    if BEGIN in text or END in text:
+        found.append(f"{CARD_NAME}: weightlock's section")
+    if text and TAGS[0] in card_tags(text):
+        found.append(f"{CARD_NAME}: the {TAGS[0]} tag")
+    return found
+
+
+def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report, expected, source=None) -> None:
     # open_checkpoint validated the record against schemas/provenance.schema.json (its file paths are the
     # fixed names weightlock writes); what it claims is checked here against the lock and the tensors.
     record = checkpoint.provenance
     if record is None:
-        report.add("provenance", SKIP, "no weightlock/provenance.json: not locked by weightlock")
+        traces = folder_traces(checkpoint.root)
+        if traces:
+            report.add(
+                "provenance",
+                FAIL,
+                f"carries a weightlock edit's traces ({', '.join(traces)}) but no record "
+                "(weightlock/provenance.json): the lock cannot be verified",
+                ["hint: re-lock the original model (the record was deleted or never completed)"],
+            )
+        else:
+            report.add("provenance", SKIP, "no weightlock/provenance.json: not locked by weightlock")
         return
     try:
         lock_path = contained(checkpoint.root, record["files"]["lock"])
@@ -320,6 +429,85 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
         _check_edit_chain(checkpoint, spec, shape, record, report, trusted=expected is not None)
     elif (checkpoint.root / "weightlock" / "parents").exists():
         report.add("edit_chain", FAIL, "weightlock/parents/ holds earlier edits the record does not name")
+    if not any(c.name == "edit_chain" and c.status == FAIL for c in report.checks):  # the chain's records hold
+        _check_original_biases(checkpoint, spec, shape, record, report, source, trusted=expected is not None)
+
+
+def _root_originals(checkpoint: Checkpoint, record: dict) -> tuple[dict, str | None]:
+    """The first edit of the record chain (the one applied to the source) and its originals file, if any."""
+    from .writer import ORIGINALS_NAME, PARENTS_DIR
+
+    current, originals, depth = record, record["files"]["originals"], 0
+    while isinstance(current.get("parent"), dict) and depth < 1024:
+        depth += 1
+        current = current["parent"]
+        folder = f"weightlock/{PARENTS_DIR}/{depth}"
+        originals = f"{folder}/{ORIGINALS_NAME}" if (checkpoint.root / folder / ORIGINALS_NAME).is_file() else None
+    return current, originals
+
+
+def _check_original_biases(
+    checkpoint: Checkpoint, spec, shape: ModelShape, record: dict, report: Report, source, trusted: bool
+) -> None:
+    """The originals the first edit claims for biases its source already had (a family with o_proj biases):
+    nothing in the output ties them to the source, so they are compared with ``source``'s stored biases byte for
+    byte, or reported unverifiable (a failure; apply's own check, which read the source, passes them)."""
+    root, originals_path = _root_originals(checkpoint, record)
+    try:
+        claimed = read_header(contained(checkpoint.root, originals_path)).tensors if originals_path else {}
+    except WeightlockError as e:
+        report.add(ORIGINALS_CHECK, FAIL, f"the first edit's originals cannot be read: {e.message}")
+        return
+    if source is None:
+        if not claimed:
+            return
+        if trusted:
+            chained = record is not root
+            report.add(
+                ORIGINALS_CHECK,
+                WARN if chained else PASS,
+                (
+                    f"the {len(claimed)} originals of the first edit are carried from the source's record"
+                    if chained
+                    else f"the {len(claimed)} originals are the source's biases apply read"
+                ),
+            )
+            return
+        report.add(
+            ORIGINALS_CHECK,
+            FAIL,
+            f"unverifiable: the record claims originals for {len(claimed)} bias(es) the source "
+            f"({root['architecture_family']}) already had; only the source can confirm them",
+            [f"hint: {SOURCE_HINT}"],
+        )
+        return
+    if source.config != root["original_config"]:
+        raise source_error(source.root, "its config.json is not the original config the first edit recorded")
+    own = {spec.output_bias(layer) for layer in range(shape.num_layers)}
+    problems = []
+    with TensorReaders() as reader:
+        for name, entry in sorted(claimed.items()):
+            theirs = source.tensors.get(name)
+            if theirs is None or theirs.dtype != entry.dtype or theirs.shape != entry.shape:
+                found = "none" if theirs is None else f"{theirs.dtype} {list(theirs.shape)}"
+                raise source_error(
+                    source.root,
+                    f"the record claims an original {name} ({entry.dtype} {list(entry.shape)}); the source has {found}",
+                )
+            if reader[theirs].read_bytes(theirs) != reader[entry].read_bytes(entry):
+                problems.append(f"{name}: the recorded original differs from the source's")
+    problems += [
+        f"{name}: the source has it, yet the record says the edit created it"
+        for name in sorted((own & set(source.tensors)) - set(claimed))
+    ]
+    if problems:
+        report.add(ORIGINALS_CHECK, FAIL, f"{len(problems)} recorded original(s) are not the source's biases", problems)
+    elif not claimed:
+        report.add(ORIGINALS_CHECK, PASS, f"{NO_ORIGINALS}, and the source has none of the biases the edit created")
+    else:
+        report.add(
+            ORIGINALS_CHECK, PASS, f"originals equal the source's biases ({len(claimed)} compared byte for byte)"
+        )
 
 
 def _record_problems(checkpoint, spec, shape, record: dict, lock, produced_config: dict, produced_family: str):

@@ -65,7 +65,7 @@ class VllmGenerator(ScratchBeside):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _baked(self, lock, alpha) -> Path:
-        if lock is None or alpha is None:
+        if lock is None or alpha is None or alpha == 0:  # alpha 0: the model as it is
             return self.folder
         from .apply import apply_lock
 

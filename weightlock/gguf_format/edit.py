@@ -569,6 +569,7 @@ def apply_lock_gguf(
     progress=None,
 ) -> GGUFApplyResult:
     """Bake ``lock`` into a copy of a GGUF model at ``out``; published only after verify passes."""
+    from ..verify import source_note
     from .verify import output_failure_gguf, verify_gguf
 
     started = time.perf_counter()
@@ -600,9 +601,11 @@ def apply_lock_gguf(
     with removed_on_failure(staging, outputs[0]):
         staging.mkdir()
         written = write_locked_gguf(plan, computed, lock_bytes, record, staging, [p.name for p in outputs])
-        report = verify_gguf(staging / outputs[0].name, expected=computed)
+        first_edit = model if model.metadata.get(RECORD_KEY) is None else None  # the source it read
+        report = verify_gguf(staging / outputs[0].name, expected=computed, source=first_edit)
         if not report.ok:
             raise output_failure_gguf(report, model, "the output was discarded")
+        plan.warnings.extend(source_note(report))
     # all files or none (gguf_format/publish.py): journaled, the first file renamed last; a kill is finished
     # or undone by the next run's recover_publish
     with committing(f"{', '.join(map(str, outputs))} published and verified"):  # the commit point

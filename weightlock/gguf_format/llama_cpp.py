@@ -114,7 +114,7 @@ class LlamaCppGenerator(ScratchBeside):
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, lock=None, alpha=None) -> list[list[int]]:
         from ..apply import apply_lock
 
-        if lock is None or alpha is None:
+        if lock is None or alpha is None or alpha == 0:  # alpha 0: the model as it is
             return generate(self.path, prompt_ids, max_new_tokens)
         baked = self.scratch / f"alpha-{alpha:g}.gguf"
         apply_lock(self.path, lock, out=baked, alpha=alpha, force=True)

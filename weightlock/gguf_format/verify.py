@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -24,7 +25,20 @@ import numpy as np
 from ..errors import CheckpointError, InvalidInputError, LockFormatError, WeightlockError
 from ..lock import Lock, load_lock
 from ..untrusted import check_schema, parse_json
-from ..verify import DTYPE_EPS, FAIL, NOT_RUN, PASS, SKIP, WARN, Report, failure_against_source, locked_summary
+from ..verify import (
+    DTYPE_EPS,
+    FAIL,
+    NO_ORIGINALS,
+    NOT_RUN,
+    ORIGINALS_CHECK,
+    PASS,
+    SKIP,
+    SOURCE_HINT,
+    WARN,
+    Report,
+    failure_against_source,
+    locked_summary,
+)
 from .architectures import BIAS_EXISTING, GGUF_ARCHITECTURES, OUTPUT_BIAS, OUTPUT_WEIGHT, gguf_architecture
 from .edit import (
     BIAS_TYPES,
@@ -136,13 +150,46 @@ def _record_problems(record: dict, lock: Lock, shape, architecture, present: dic
     return []
 
 
+def open_source_gguf(source, path) -> GGUFModel:
+    """``verify --source`` for a GGUF file: the source model (headers only), refused (exit 3) when it cannot be
+    opened, is not a GGUF file, or is the file being verified."""
+    from ..verify import WRONG_SOURCE_HINT, source_error
+    from .file import is_gguf_path
+
+    if isinstance(source, GGUFModel):
+        opened = source
+    else:
+        if not is_gguf_path(source):
+            raise source_error(source, "is not a .gguf file; the checkpoint verified is a GGUF file")
+        try:
+            opened = open_gguf(source)
+        except WeightlockError as e:
+            raise source_error(source, e.message, e.hint or WRONG_SOURCE_HINT) from None
+    try:
+        same = any(f.path.resolve() == Path(path).expanduser().resolve() or f.path.samefile(path) for f in opened.files)
+    except OSError:
+        same = False
+    if same:
+        raise source_error(source, "is the file being verified, not the model the lock was applied to")
+    return opened
+
+
 def verify_gguf(
-    path, *, expected: list[GGUFComputedBias] | None = None, engine: str | None = None, deep: bool = False
+    path,
+    *,
+    expected: list[GGUFComputedBias] | None = None,
+    engine: str | None = None,
+    deep: bool = False,
+    source=None,
 ) -> Report:
     """Every check on a GGUF model (``path``: the file, or the first of a split set). ``deep``: also dequantize
-    every tensor and scan it for NaN/Inf (reads the whole model, one row block at a time)."""
+    every tensor and scan it for NaN/Inf (reads the whole model, one row block at a time). ``source``: the model
+    the lock was applied to (a .gguf path or an open GGUFModel): the root edit's originals are compared with its
+    stored biases byte for byte; without it, originals of biases the source had are unverifiable."""
     if engine is not None and engine not in ENGINES:
         raise InvalidInputError(f"unknown engine {engine!r} for GGUF", hint=f"choose one of: {', '.join(ENGINES)}")
+    if source is not None:
+        source = open_source_gguf(source, path)
     report = Report(str(path))
     try:
         model = open_gguf(path)
@@ -170,7 +217,7 @@ def verify_gguf(
         + ("its graph adds blk.N.attn_output.bias when present" if architecture.bias else ""),
     )
     _check_bias_tensors(model, shape, architecture, biases, report)
-    _check_record(model, shape, architecture, biases, report, expected)
+    _check_record(model, shape, architecture, biases, report, expected, source)
     if deep:
         _check_all_finite(model, report)
     if engine == "llama-cpp":
@@ -207,7 +254,13 @@ def _check_bias_tensors(model, shape, architecture, biases, report) -> None:
         )
 
 
-def _check_record(model, shape, architecture, biases, report, expected) -> None:
+def gguf_traces(model: GGUFModel) -> list[str]:
+    """The metadata keys weightlock's GGUF writer (edit.py) may leave: every key under their common prefix."""
+    prefix = os.path.commonprefix([RECORD_KEY, LOCK_KEY, PARENT_LOCK_KEY])
+    return sorted(key for key in model.metadata if key.startswith(prefix))
+
+
+def _check_record(model, shape, architecture, biases, report, expected, source=None) -> None:
     """The record chain against the file: each edit's record is its embedded lock's, and every
     attn_output.bias in the file is the root's (what the source had, where llama.cpp's architecture
     has one) plus each recorded edit's W_o @ d, recomputed edit by edit from the stored weights.
@@ -219,7 +272,17 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
         report.add("provenance", FAIL, e.message)
         return
     if record is None:
-        report.add("provenance", SKIP, f"no {RECORD_KEY} metadata: not locked by weightlock")
+        traces = gguf_traces(model)
+        if traces:
+            report.add(
+                "provenance",
+                FAIL,
+                f"carries a weightlock edit's traces (metadata {', '.join(traces[:10])}) but no record "
+                f"({RECORD_KEY}): the lock cannot be verified",
+                ["hint: re-lock the original model (the record was removed or renamed)"],
+            )
+        else:
+            report.add("provenance", SKIP, f"no {RECORD_KEY} metadata: not locked by weightlock")
         return
     present = {name: t.type_id for name, t in biases.items() if t.type_id in BIAS_TYPES}
     try:
@@ -249,7 +312,9 @@ def _check_record(model, shape, architecture, biases, report, expected) -> None:
         else:
             how = "byte-identical to the computed values" if expected is not None else "recomputed from the weights"
             report.add("lock biases", PASS, f"{len(record['locked_layers'])} locked bias(es) {how}")
-        _check_chain(model, shape, architecture, record, values, readers, report, trusted=expected is not None)
+        _check_chain(
+            model, shape, architecture, record, values, readers, report, trusted=expected is not None, source=source
+        )
 
 
 def _before(record: dict, values: dict) -> tuple[dict, list[str]]:
@@ -271,7 +336,7 @@ def _before(record: dict, values: dict) -> tuple[dict, list[str]]:
     return before, problems
 
 
-def _check_chain(model, shape, architecture, record, values, readers, report, *, trusted: bool) -> None:
+def _check_chain(model, shape, architecture, record, values, readers, report, *, trusted: bool, source=None) -> None:
     """Each earlier edit recomputed from its own embedded lock, then the root: what no edit explains must be
     biases llama.cpp's architecture always has (the source's); anything else cannot be verified."""
     unproven = WARN if trusted else FAIL  # apply read the source itself; verify has only the file
@@ -316,12 +381,17 @@ def _check_chain(model, shape, architecture, record, values, readers, report, *,
             return
         current = parent
     root = sorted(values, key=lambda n: int(n.split(".")[1]))
-    if architecture.bias == BIAS_EXISTING:
+    if source is not None:
+        report.add("edit chain", PASS, f"{depth} edit(s) recomputed from their embedded locks")
+        _compare_with_source(source, architecture, values, report)
+    elif architecture.bias == BIAS_EXISTING:
+        report.add("edit chain", PASS, f"{depth} edit(s) recomputed from their embedded locks")
         report.add(
-            "edit chain",
-            PASS,
-            f"{depth} edit(s) recomputed; the {len(root)} biases before the first are the source's own "
-            f"(llama.cpp's {architecture.name} always has them; only the source can confirm their values)",
+            ORIGINALS_CHECK,
+            WARN if trusted else FAIL,
+            f"unverifiable: the {len(root)} attn_output.bias originals before the first edit are claimed to be the "
+            f"source's (llama.cpp's {architecture.name} always has them); only the source can confirm their values",
+            [f"hint: {SOURCE_HINT}"],
         )
     elif root:
         report.add(
@@ -330,10 +400,42 @@ def _check_chain(model, shape, architecture, record, values, readers, report, *,
             f"unverifiable: {len(root)} attn_output.bias tensor(s) are not explained by the {depth} recorded "
             f"edit(s); llama.cpp's {architecture.name} files have them only when the source had them, which the "
             "file cannot prove",
-            [*root[:10], "compare with the source model, or lock the original model again"],
+            [*root[:10], f"hint: {SOURCE_HINT}, or lock the original model again"],
         )
     else:
         report.add("edit chain", PASS, f"every attn_output.bias is explained by the {depth} recorded edit(s)")
+
+
+def _compare_with_source(source: GGUFModel, architecture, values: dict, report: Report) -> None:
+    """``--source``: the biases before the first edit (``values``: name -> (raw, type)) are the source's stored
+    attn_output.bias tensors, byte for byte, and the source has no other."""
+    from ..verify import source_error
+
+    if source.text("general.architecture") != architecture.name:
+        raise source_error(source.path, f"is a {source.text('general.architecture')} model, not {architecture.name}")
+    theirs = {name: t for name, t in source.tensors.items() if name.endswith(".attn_output.bias")}
+    problems = []
+    with tensor_readers(source) as readers:
+        for name, (raw, type_id) in sorted(values.items()):
+            tensor = theirs.get(name)
+            if tensor is None or tensor.type_id != type_id or tensor.nbytes != len(raw):
+                found = "none" if tensor is None else f"{tensor.type_name} {list(tensor.dims)}"
+                raise source_error(source.path, f"the record claims an original {name}; the source has {found}")
+            if readers[tensor.file_index].read_raw(tensor) != raw:
+                problems.append(f"{name}: the recorded original differs from the source's")
+    problems += [
+        f"{name}: the source has it, yet the record says an edit created it" for name in theirs if name not in values
+    ]
+    if problems:
+        report.add(ORIGINALS_CHECK, FAIL, f"{len(problems)} recorded original(s) are not the source's biases", problems)
+    elif not values:
+        report.add(ORIGINALS_CHECK, PASS, f"{NO_ORIGINALS}, and the source has no attn_output.bias")
+    else:
+        report.add(
+            ORIGINALS_CHECK,
+            PASS,
+            f"originals equal the source's biases ({len(values)} compared byte for byte, none other in the source)",
+        )
 
 
 def _edit_mismatches(model, shape, record, lock, values, readers, expected_raw) -> list[str]:
@@ -463,6 +565,7 @@ def describe_gguf(model: GGUFModel) -> dict:
     info["attn_output_biases"] = sum(1 for n in model.tensors if n.endswith(".attn_output.bias"))
     record = read_record(model)
     info["locked"] = None
+    info["edit_traces"] = gguf_traces(model) if record is None else []
     if record is not None:
         depth, parent = 1, record["parent"]
         while isinstance(parent, dict) and depth < 64:
