@@ -99,3 +99,31 @@ def test_hardlink_and_copy_modes(tmp_path):
         assert (src / shard).read_bytes() == (tmp_path / "copied" / shard).read_bytes()
     assert linked.written.linked > 0 and linked.written.copied == 0
     assert copied.written.copied > 0 and copied.written.linked == 0
+
+
+def test_an_alpha_that_rounds_away_in_the_stored_dtype_is_refused(tmp_path, capsys):
+    """Nonzero displacements can still leave every stored bias as it was (a tiny alpha in F16, or on top of an
+    existing F32 bias): refused before anything is written, folder and GGUF alike."""
+    from conftest import run_cli
+    from gguf_helpers import lock_for_gguf, write_gguf
+
+    from weightlock import save_lock
+
+    src = make_llama(tmp_path / "src", dtype="float16")
+    save_lock(random_lock(src), tmp_path / "l.wlock")
+    code, _, err = run_cli(
+        capsys, "apply", str(src), "--lock", str(tmp_path / "l.wlock"), "--out", str(tmp_path / "o"), "--alpha", "1e-12"
+    )
+    assert code == 3 and "rounds away in F16" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+    gguf = write_gguf(tmp_path / "m.gguf", bias=True)
+    save_lock(lock_for_gguf(gguf), tmp_path / "g.wlock")
+    out = tmp_path / "o.gguf"
+    code, _, err = run_cli(
+        capsys, "apply", str(gguf), "--lock", str(tmp_path / "g.wlock"), "--out", str(out), "--alpha", "1e-20"
+    )
+    assert code == 3 and "rounds away in F32" in err and not out.exists(), err
+    code, _, err = run_cli(
+        capsys, "apply", str(gguf), "--lock", str(tmp_path / "g.wlock"), "--out", str(out), "--alpha", "1"
+    )
+    assert code == 0, err

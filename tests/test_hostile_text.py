@@ -658,3 +658,12 @@ def test_every_hidden_character_is_escaped_in_the_terminal_and_blanked_in_the_ca
     assert "\\u200b" in out and "\\xad" in out and "\\U000e0041" in out
     card = locked_card(None, locked["provenance"], lock, None)
     assert not HIDDEN.search(card.replace("\n", "").replace("\u200b", ""))
+
+
+def test_a_source_card_with_a_byte_order_mark_keeps_its_license(locked):
+    """Editors on Windows start files with U+FEFF: the front matter after it is still the card's metadata."""
+    text = "\ufeff---\nlicense: other\nlicense_name: proprietary-no-redistribution\n---\n# Secret model\n"
+    card = locked_card(text, locked["provenance"], locked["lock"], None)
+    assert card.startswith("---\n") and "\ufeff" not in card
+    assert "license: other" in card and "license_name: proprietary-no-redistribution" in card
+    assert card.count("---\n") == 2 and "# Secret model" in card

@@ -39,7 +39,7 @@ from weightlock.gguf_format.edit import (
 )
 from weightlock.gguf_format.file import open_gguf
 from weightlock.gguf_format.verify import embedded_bytes
-from weightlock.inplace import OUR_RECORD_ENTRIES, STAGING_PREFIX, TRASH_PREFIX
+from weightlock.inplace import OUR_RECORD_ENTRIES, STAGING_PREFIX, TRASH_PREFIX, apply_in_place
 from weightlock.safetensors_file import TensorData, TensorReader, read_header
 from weightlock.verify import ORIGINALS_CHECK, verify_checkpoint
 from weightlock.writer import LOCK_COPY_NAME, ORIGINALS_NAME, PARENTS_DIR, SHARDED_ADDED
@@ -57,12 +57,12 @@ def _message(report, name: str) -> str:
     return next(c.message for c in report.checks if c.name == name)
 
 
-def _refused(code: int, err: str) -> None:
+def _refused(code: int, err: str, what: str = "--source") -> None:
     """A clean refusal: exit 3 (bad input) or 5, one error line, a real hint, no traceback."""
     assert code in (3, 5), err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
-    assert len([line for line in lines if line.startswith("weightlock: error: --source")]) == 1, err
+    assert len([line for line in lines if line.startswith(f"weightlock: error: {what}")]) == 1, err
     assert len([line for line in lines if line.startswith("  hint: ") and len(line) > 20]) == 1, err
 
 
@@ -214,31 +214,50 @@ def _folder_traces() -> dict[str, object]:
     traces[BEGIN] = card(f"a model\n\n{BEGIN}\nsomething\n")
     traces[END] = card(f"a model\n\n{END}\n")
     traces[f"tag {TAGS[0]}"] = card(f"---\ntags:\n- {TAGS[0]}\n---\na model\n")
+    # the review's false positives: harmless alone, each still a trace
+    traces[f"tags: [{TAGS[0]}]"] = card(f"---\ntags: [{TAGS[0]}]\n---\na model\n")
+    traces[f"{PROVENANCE_DIR}/notes.txt"] = entry(f"{PROVENANCE_DIR}/notes.txt")
+    traces[f"{BEGIN} in a fenced block"] = card(f"a model\n\n```\n{BEGIN}\n```\n")
+    traces[f"{STAGING_PREFIX}notes (empty file)"] = lambda root: (root / f"{STAGING_PREFIX}notes").write_bytes(b"")
     return traces
 
 
 FOLDER_TRACES = _folder_traces()
+# A lock lives only in attention-output biases: traces without a record on a model without them cannot hide one
+# (a warning), with them they may (a failure). "llama": no o_proj bias; "sc": starcoder2, which has them.
+TRACE_VERDICTS = {"llama": ("warn", "no o_proj bias, so no lock is present"), "sc": ("fail", "the lock cannot be")}
 
 
+@pytest.mark.parametrize("model", sorted(TRACE_VERDICTS))
 @pytest.mark.parametrize("label", sorted(FOLDER_TRACES))
-def test_each_folder_trace_alone_without_a_record_fails_provenance(world, tmp_path, label):
-    folder = shutil.copytree(world["llama"], tmp_path / "clean")
+def test_each_folder_trace_alone_without_a_record_fails_provenance_only_where_a_lock_could_hide(
+    world, tmp_path, label, model
+):
+    folder = shutil.copytree(world[model], tmp_path / "clean")
     clean = verify_checkpoint(folder, loader_check=False)
     assert clean.ok and _statuses(clean)["provenance"] == "skip"
     FOLDER_TRACES[label](folder)  # type: ignore[operator]
     report = verify_checkpoint(folder, loader_check=False)
-    assert not report.ok and _statuses(report)["provenance"] == "fail", report.checks
-    assert "carries a weightlock edit's traces" in _message(report, "provenance")
+    status, words = TRACE_VERDICTS[model]
+    assert _statuses(report)["provenance"] == status, report.checks
+    # (a stray bias shard also fails stray_weight_files: a loader might glob it)
+    assert report.ok == (status == "warn") or _statuses(report)["stray_weight_files"] == "fail", report.checks
+    message = _message(report, "provenance")
+    assert "traces" in message and "weightlock edit" in message and words in message, message
 
 
 GGUF_TRACE_KEYS = sorted({*OUR_KEYS, PARENT_LOCK_KEY.format(1), os.path.commonprefix(OUR_KEYS) + "future"})
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("key", GGUF_TRACE_KEYS)
-def test_each_gguf_trace_alone_without_a_record_fails_provenance(tmp_path, key):
-    assert verify_checkpoint(write_gguf(tmp_path / "clean.gguf")).ok
-    report = verify_checkpoint(write_gguf(tmp_path / "t.gguf", extra={key: "left by an edit"}))
-    assert not report.ok and _statuses(report)["provenance"] == "fail", report.checks
+def test_each_gguf_trace_alone_without_a_record_fails_provenance_only_where_a_lock_could_hide(tmp_path, key, bias):
+    arch = "starcoder2" if bias else "llama"  # starcoder2 has attn_output.bias; the llama file none
+    assert verify_checkpoint(write_gguf(tmp_path / "clean.gguf", arch=arch, bias=bias)).ok
+    report = verify_checkpoint(write_gguf(tmp_path / "t.gguf", arch=arch, bias=bias, extra={key: "left by an edit"}))
+    fails = bias or key == RECORD_KEY  # a record that cannot be read is a failure, not a trace
+    assert report.ok != fails and _statuses(report)["provenance"] == ("fail" if fails else "warn"), report.checks
+    assert ("no attn_output bias, so no lock is present" in _message(report, "provenance")) != fails
 
 
 @pytest.mark.parametrize("which", ["llama", "llama.gguf"])
@@ -379,3 +398,202 @@ def test_a_source_that_is_not_the_model_the_lock_was_applied_to_is_refused_clean
     code, out, err = run_cli(capsys, "verify", str(world[checkpoint]), "--no-loader-check", "--source", str(where))
     _refused(code, err)
     assert not out.strip(), out
+
+
+# --- 3. net alpha of a relock chain (issue 24, review 2) ------------------------------------------------------
+
+
+def _without_net_guards(monkeypatch) -> None:
+    """Let apply write (and publish) an edit whose lock nets below zero, as a weightlock before the net check
+    did: the only way to get a genuine anti-lock chain whose biases add up, for verify to judge."""
+    import weightlock.gguf_format.verify as gguf_verify
+    import weightlock.records as records
+    import weightlock.verify as folder_verify
+
+    monkeypatch.setattr(records, "check_record_net", lambda record, what: None)
+    monkeypatch.setattr(folder_verify, "check_net_lock", lambda record, report: None)
+    monkeypatch.setattr(gguf_verify, "check_net_lock", lambda record, report: None)
+
+
+def _chain(world, tmp_path, kind: str, alphas: list[float]) -> tuple[Path, object]:
+    """``alphas`` applied one after the other, each edit on the one before, of one lock."""
+    src = world["llama"] if kind == "folder" else world["llama.gguf"]
+    lock = random_lock(src) if kind == "folder" else lock_for_gguf(src)
+    current = src
+    for i, alpha in enumerate(alphas):
+        name = f"edit{i}" + ("" if kind == "folder" else ".gguf")
+        current = apply_lock(current, lock, out=tmp_path / name, alpha=alpha, loader_check=False).out
+    return current, lock
+
+
+@pytest.mark.parametrize("kind", ["folder", "gguf"])
+@pytest.mark.parametrize("alphas,net", [([-6.0], -6.0), ([-6.0, 3.0], -3.0), ([6.0, 3.0, -12.0], -3.0)])
+def test_a_chain_whose_lock_nets_below_zero_fails_net_lock(world, tmp_path, capsys, monkeypatch, kind, alphas, net):
+    """The review's case: -6 then +3 of one lock reads as "alpha 3 verified"; it is an anti-lock at -3."""
+    with monkeypatch.context() as patched:
+        _without_net_guards(patched)
+        out, _ = _chain(world, tmp_path, kind, alphas)
+    code, text, _ = run_cli(capsys, "verify", str(out), "--no-loader-check")
+    assert code == 1 and f"[FAIL] net_lock: the edits net to alpha {net:g} of lock" in text, text
+    assert "the model is not locked" in text and "apply the lock at a positive alpha to the original" in text, text
+    assert "all checks hold" not in text, text
+    code, text, _ = run_cli(capsys, "verify", str(out), "--no-loader-check", "--json")  # validated by its schema
+    locked = json.loads(text)["locked"]
+    assert code == 1 and locked["alpha"] == alphas[-1] and locked["net_alpha"] == net, locked
+    assert locked["edits"] == len(alphas) and locked["net_alphas"] == {locked["lock_sha256"]: net}, locked
+    code, text, _ = run_cli(capsys, "inspect", str(out))
+    assert code == 0 and (f"net alpha {net}" in text if len(alphas) > 1 else f"alpha {net}" in text), text
+    if kind == "folder":  # the card quotes the net, and its undo returns to the source
+        card = (out / "README.md").read_text()
+        assert f"| alpha | {net:g}" in card and f"--alpha {-net:g} --out" in card, card
+
+
+@pytest.mark.parametrize("kind", ["folder", "gguf"])
+@pytest.mark.parametrize("alphas", [[-6.0], [3.0, -6.0]])
+def test_apply_refuses_an_edit_after_which_the_lock_nets_below_zero(world, tmp_path, capsys, kind, alphas):
+    src = world["llama"] if kind == "folder" else world["llama.gguf"]
+    lock = random_lock(src) if kind == "folder" else lock_for_gguf(src)
+    save_lock(lock, tmp_path / "l.wlock")
+    current = src
+    if len(alphas) > 1:
+        current = _chain(world, tmp_path, kind, alphas[:-1])[0]
+    out = tmp_path / ("neg" if kind == "folder" else "neg.gguf")
+    args = ["apply", str(current), "--lock", str(tmp_path / "l.wlock"), "--alpha", str(alphas[-1]), "--out", str(out)]
+    code, _, err = run_cli(capsys, *args)
+    _refused(code, err, what="")
+    assert "would net to alpha" in err and "the lock's opposite" in err and not out.exists(), err
+
+
+@pytest.mark.parametrize("kind", ["folder", "gguf"])
+def test_an_undo_nets_to_zero_and_a_partial_undo_to_the_rest(world, tmp_path, capsys, kind):
+    undone, _ = _chain(world, tmp_path / "undo", kind, [4.0, -4.0])
+    code, text, _ = run_cli(capsys, "verify", str(undone), "--no-loader-check")
+    assert code == 0 and "[warn] net_lock: the edits net to alpha 0 of lock" in text, text
+    assert text.strip().endswith("they net to alpha 0: the lock is off, the model is not locked"), text
+    partial, _ = _chain(world, tmp_path / "partial", kind, [6.0, -2.0])
+    code, text, _ = run_cli(capsys, "verify", str(partial), "--no-loader-check")
+    assert code == 0 and "[ok  ] net_lock: lock" in text and "nets to alpha 4 over 2 edit(s)" in text, text
+    assert "(the chain's edits net to alpha 4)" in text and text.strip().endswith("verified: all checks hold"), text
+    if kind == "folder":
+        assert "The edits net to alpha 0: the lock is off" in (undone / "README.md").read_text()
+        card = (partial / "README.md").read_text()
+        assert "| alpha | 4 (net of 2 edits; the newest at -2) |" in card and "--alpha -4 --out" in card, card
+
+
+# --- 4. --source inside (or around) the checkpoint; the in-place warning ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def in_place_sc(world, tmp_path_factory):
+    folder = shutil.copytree(world["sc"], tmp_path_factory.mktemp("inplace") / "sc")
+    result = apply_in_place(folder, world["sc.wlock"], loader_check=False)
+    return folder, result.plan.warnings
+
+
+def test_an_in_place_edit_of_an_existing_bias_family_warns_as_apply_out_does(world, in_place_sc):
+    _, warnings = in_place_sc
+    assert world["sc-warnings"] and [w for w in warnings if "needs --source SOURCE" in w] == [
+        w for w in world["sc-warnings"] if "needs --source SOURCE" in w
+    ], warnings
+
+
+@pytest.mark.parametrize("where", ["backup", "record folder", "parent of the checkpoint", "link to the backup"])
+def test_a_source_inside_or_around_the_checkpoint_is_refused(world, in_place_sc, tmp_path, capsys, where):
+    """The review's forgery had --source ip_forged/weightlock/backup: what the checkpoint holds cannot vouch for it."""
+    folder, _ = in_place_sc
+    source = {
+        "backup": folder / PROVENANCE_DIR / "backup",
+        "record folder": folder / PROVENANCE_DIR,
+        "parent of the checkpoint": folder.parent,
+        "link to the backup": tmp_path / "looks-like-the-source",
+    }[where]
+    if where == "link to the backup":
+        source.symlink_to(folder / PROVENANCE_DIR / "backup", target_is_directory=True)
+    code, out, err = run_cli(capsys, "verify", str(folder), "--no-loader-check", "--source", str(source))
+    _refused(code, err)
+    assert ("inside the checkpoint" in err or "holds the checkpoint" in err) and not out.strip(), err
+    code, text, _ = run_cli(capsys, "verify", str(folder), "--no-loader-check", "--source", str(world["sc"]))
+    assert code == 0 and "originals equal the source's biases" in text, text  # the real source, kept outside
+
+
+def test_a_gguf_source_sharing_the_file_is_refused_but_a_neighbour_is_not(world, tmp_path, capsys):
+    out, src = world["starcoder2-out.gguf"], world["starcoder2.gguf"]
+    (tmp_path / "same.gguf").symlink_to(out)
+    code, _, err = run_cli(capsys, "verify", str(out), "--source", str(tmp_path / "same.gguf"))
+    _refused(code, err)
+    assert out.parent == src.parent  # the source beside the output in one folder is a different file set
+    code, text, _ = run_cli(capsys, "verify", str(out), "--source", str(src))
+    assert code == 0, text
+
+
+# --- 5. chain artefacts no record names, and links out of the record folder -----------------------------------
+
+
+def _folder_chain_artefacts(depth: int) -> dict[str, object]:
+    """Each thing under weightlock/parents/ that a ``depth``-edit chain does not imply, from the writer's names."""
+    parents = Path(PROVENANCE_DIR) / PARENTS_DIR
+
+    def copy_of_lock(relative: Path):
+        def add(root: Path) -> None:
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / PROVENANCE_DIR / LOCK_COPY_NAME, root / relative)
+
+        return add
+
+    def link_out(root: Path) -> None:  # parents/1 -> a folder outside holding the same files
+        elsewhere = root.parent / f"{root.name}-elsewhere"
+        shutil.move(str(root / parents / "1"), elsewhere)
+        (root / parents / "1").symlink_to(elsewhere, target_is_directory=True)
+
+    cases: dict[str, object] = {
+        f"{PARENTS_DIR}/{depth}/{LOCK_COPY_NAME}": copy_of_lock(parents / str(depth) / LOCK_COPY_NAME),
+        f"{PARENTS_DIR}/0/{LOCK_COPY_NAME}": copy_of_lock(parents / "0" / LOCK_COPY_NAME),
+        f"{PARENTS_DIR}/x/{LOCK_COPY_NAME}": copy_of_lock(parents / "x" / LOCK_COPY_NAME),
+        f"{PARENTS_DIR}/01/{LOCK_COPY_NAME}": copy_of_lock(parents / "01" / LOCK_COPY_NAME),
+    }
+    if depth > 1:
+        cases[f"{PARENTS_DIR}/1/extra.wlock"] = copy_of_lock(parents / "1" / "extra.wlock")
+        cases[f"{PARENTS_DIR}/1 -> outside"] = link_out
+    return cases
+
+
+@pytest.fixture(scope="module")
+def relocked_llama(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("relock")
+    llama = world["llama"]
+    return apply_lock(world["llama-out"], random_lock(llama, seed=3), out=root / "relock", loader_check=False).out
+
+
+@pytest.mark.parametrize("which,depth", [("llama-out", 1), ("relock", 2)])
+def test_every_chain_artefact_no_record_names_fails_provenance(world, relocked_llama, tmp_path, which, depth):
+    locked = world[which] if which != "relock" else relocked_llama
+    assert verify_checkpoint(locked, loader_check=False).ok
+    for label, add in _folder_chain_artefacts(depth).items():
+        folder = shutil.copytree(locked, tmp_path / label.replace("/", "_").replace(" ", ""), symlinks=True)
+        add(folder)  # type: ignore[operator]
+        report = verify_checkpoint(folder, loader_check=False)
+        assert not report.ok and _statuses(report)["provenance"] == "fail", (label, report.checks)
+        check = next(c for c in report.checks if c.name == "provenance")
+        named = " ".join([check.message, *check.details])
+        assert f"{PROVENANCE_DIR}/{PARENTS_DIR}" in named, (label, named)
+
+
+@pytest.mark.parametrize("which,depth", [("llama-out.gguf", 1), ("llama-relock.gguf", 2)])
+def test_every_gguf_lock_key_no_record_names_fails_provenance(world, tmp_path, which, depth):
+    locked = world[which]
+    model = open_gguf(locked)
+    record = json.loads(model.metadata[RECORD_KEY].value)  # type: ignore[arg-type]
+    ours = [_kv_string(RECORD_KEY, json.dumps(record)), _kv_bytes(LOCK_KEY, embedded_bytes(model, LOCK_KEY))]
+    ours += [
+        _kv_bytes(PARENT_LOCK_KEY.format(k), embedded_bytes(model, PARENT_LOCK_KEY.format(k))) for k in range(1, depth)
+    ]
+    lock = embedded_bytes(model, LOCK_KEY)
+    prefix = os.path.commonprefix(OUR_KEYS)
+    extras = [PARENT_LOCK_KEY.format(depth), PARENT_LOCK_KEY.format(depth + 1), PARENT_LOCK_KEY.format(0),
+              PARENT_LOCK_KEY.format("x"), PARENT_LOCK_KEY.format("01"), prefix + "future"]
+    for key in extras:
+        out = tmp_path / f"{key}.gguf"
+        write_gguf_file(model.files[0], out, [*ours, _kv_bytes(key, lock)], [], {}, None)
+        report = verify_checkpoint(out)
+        assert not report.ok and _statuses(report)["provenance"] == "fail", (key, report.checks)
+        assert key in next(c for c in report.checks if c.name == "provenance").details, (key, report.checks)

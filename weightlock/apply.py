@@ -22,6 +22,7 @@ from .commit import committing, set_interrupt_advice
 from .errors import InvalidInputError, LockFormatError, OutputError
 from .gguf_format.file import is_gguf_path
 from .lock import Lock, load_lock
+from .outputs import check_replaceable
 from .plan import EditPlan, compute_biases, plan_edit
 from .records import check_record_depth
 from .untrusted import read_bytes, read_json
@@ -183,8 +184,7 @@ def apply_lock(
         checkpoint = open_checkpoint(checkpoint)
     out = Path(out).expanduser()
     _check_output_location(checkpoint.root, out)
-    if (out.exists() or out.is_symlink()) and not force:
-        raise OutputError(f"{out} already exists", hint="choose another --out, or pass --force to replace it")
+    check_replaceable(out, force=force, kind="folder")
     plan = plan_edit(
         checkpoint,
         lock,

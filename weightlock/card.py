@@ -42,6 +42,9 @@ def _front_matter(text: str) -> tuple[dict, str]:
     import yaml  # type: ignore[import-untyped]  # PyYAML, a huggingface_hub dependency, ships no stubs
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
+    # a byte order mark before the front matter is read past, as huggingface_hub reads past it: else the YAML
+    # would become text and the card would lose the source's license unsaid
+    text = text.removeprefix("\ufeff")
     match = REGEX_YAML_BLOCK.search(text)
     if match is None:
         return {}, text
@@ -196,6 +199,8 @@ def number(value, spec: str = "g", none: str = "-") -> str:
 
 
 def _section(provenance: dict, lock, eval_report: dict | None) -> str:
+    from .records import chain_length, net_alphas
+
     src = lock.source_model
     source = provenance["source"]
     where = md(source["name"]) if source["name"] else "a local checkpoint"
@@ -203,6 +208,18 @@ def _section(provenance: dict, lock, eval_report: dict | None) -> str:
         where += f" (revision {md(source['revision'])})"
     heads = lock.num_heads_selected
     layers = sorted(lock.heads_by_layer())
+    # a relock adds to the edits before it: what is in effect is the lock's net alpha over the record chain
+    edits, net = chain_length(provenance), net_alphas(provenance).get(provenance["lock"]["sha256"], provenance["alpha"])
+    alpha = number(net) + (f" (net of {edits} edits; the newest at {number(provenance['alpha'])})" if edits > 1 else "")
+    undo = (
+        "Undo it: `weightlock revert <this folder>` (the edit was made in place; the original files are "
+        "in `weightlock/backup/`)."
+        if provenance.get("mode") == "in-place"
+        else "The edits net to alpha 0: the lock is off, this checkpoint is not locked."
+        if net == 0
+        else f"Undo it: `weightlock apply <this folder> --lock weightlock/lock.wlock --alpha "
+        f"{number(-net)} --out <new folder>` (back to alpha 0 of this lock), or use the source checkpoint."
+    )
     lines = [
         BEGIN,
         "## Safety lock (weightlock)",
@@ -216,18 +233,11 @@ def _section(provenance: dict, lock, eval_report: dict | None) -> str:
         f"| lock sha256 | `{provenance['lock']['sha256']}` |",
         f"| lock made from | {md(src.name or src.architecture)} ({md(lock.creation.get('method', '?'))}) |",
         f"| heads | {heads} in layers {', '.join(map(str, layers))} |",
-        f"| alpha | {number(provenance['alpha'])} |",
+        f"| alpha | {alpha} |",
         f"| edited | {md(provenance['created_at'])} by {md(provenance['tool'])} |",
         "",
         "Verify it (the biases are recomputed from the stored weights and the lock in `weightlock/`): "
-        "`weightlock verify <this folder>`. "
-        + (
-            "Undo it: `weightlock revert <this folder>` (the edit was made in place; the original files are "
-            "in `weightlock/backup/`)."
-            if provenance.get("mode") == "in-place"
-            else f"Undo it: `weightlock apply <this folder> --lock weightlock/lock.wlock --alpha "
-            f"{number(-provenance['alpha'])} --out <new folder>`, or use the source checkpoint."
-        ),
+        "`weightlock verify <this folder>`. " + undo,
         "",
     ]
     if eval_report is None:

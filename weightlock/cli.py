@@ -270,11 +270,20 @@ def verify(checkpoint, deep, no_loader_check, engine, source, as_json):
             lines.append("NOT verified: see the FAIL and NOT RUN lines above")
         elif report.locked is None:  # nothing failed, and no record: no lock was verified
             lines.append("verified: loads as written; not locked by weightlock (no record)")
+        elif report.locked["net_alpha"] == 0:  # an undo: the chain holds, and no lock is in effect
+            lines.append("verified: the edits hold, and they net to alpha 0: the lock is off, the model is not locked")
         else:
             lines.append("verified: all checks hold")
         _echo_lines(lines)
     if not report.ok:
         sys.exit(VERIFY_FAILED_EXIT)
+
+
+def _alpha_words(locked: dict) -> str:
+    """The alpha a record names: the newest edit's, and for a relock chain what its lock nets to (in effect)."""
+    if isinstance(locked.get("edits"), int) and locked["edits"] > 1 and locked.get("net_alpha") is not None:
+        return f"net alpha {locked['net_alpha']} over {locked['edits']} edits (the newest at alpha {locked['alpha']})"
+    return f"alpha {locked['alpha']}"
 
 
 @cli.command()
@@ -364,7 +373,7 @@ def inspect_command(target, heatmap, force, as_json):
         lines.append(
             _no_record(data["edit_traces"])
             if locked is None
-            else f"  locked: recorded, not verified (run `weightlock verify`): alpha {locked['alpha']}, "
+            else f"  locked: recorded, not verified (run `weightlock verify`): {_alpha_words(locked)}, "
             f"lock {str(locked['lock_sha256'])[:16]}..., "
             f"layers {sorted(int(k) for k in (locked['locked_layers'] or {}))}, "
             f"{locked['edits']} edit(s) recorded"
@@ -380,7 +389,10 @@ def _no_record(traces: list[str]) -> str:
     if not traces:
         return "  locked: no"
     shown = ", ".join(traces[:4]) + (f" and {len(traces) - 4} more" if len(traces) > 4 else "")
-    return f"  locked: no record, but traces of a weightlock edit ({shown}): the record was removed; verify fails it"
+    return (
+        f"  locked: no record, but traces of a weightlock edit ({shown}): the record was removed or never written; "
+        "verify fails it where attention-output biases could hold a lock"
+    )
 
 
 def _quantization_lines(quantization: dict | None) -> list[str]:
@@ -444,7 +456,7 @@ def _gguf_lines(data: dict) -> list[str]:
         + (
             _no_record(data["edit_traces"]).removeprefix("  locked: ")
             if locked is None
-            else f"recorded, not verified (run `weightlock verify`): alpha {locked['alpha']}, "
+            else f"recorded, not verified (run `weightlock verify`): {_alpha_words(locked)}, "
             f"lock {locked['lock_sha256'][:16]}..., layers "
             f"{sorted(int(k) for k in locked['locked_layers'])}, {locked['tensors_added']} biases added, "
             f"{locked['tensors_replaced']} changed, {locked['edits']} edit(s) recorded"

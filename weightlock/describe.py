@@ -120,6 +120,7 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
     dtypes: dict[str, int] = {}
     for entry in checkpoint.tensors.values():
         dtypes[entry.dtype] = dtypes.get(entry.dtype, 0) + 1
+    from .records import net_alphas
     from .verify import folder_traces
 
     record = checkpoint.provenance
@@ -127,6 +128,7 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
     if isinstance(record, dict):
         locked = {
             "alpha": record.get("alpha"),
+            "net_alpha": net_alphas(record).get(str((record.get("lock") or {}).get("sha256"))),
             "lock_sha256": (record.get("lock") or {}).get("sha256"),
             "locked_layers": record.get("locked_layers"),
             "created_at": record.get("created_at"),

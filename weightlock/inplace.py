@@ -69,7 +69,7 @@ from .lock import Lock, load_lock
 from .plan import compute_biases, plan_edit
 from .safetensors_file import read_header, write_safetensors
 from .untrusted import file_sha256, read_bytes, read_json
-from .verify import output_failure, verify_checkpoint
+from .verify import output_failure, source_note, verify_checkpoint
 from .writer import (
     LOCK_COPY_NAME,
     ORIGINALS_NAME,
@@ -358,6 +358,7 @@ def _apply_in_place(
         if (root / PROVENANCE_DIR / RECORD_NAME).is_file() or _leftovers(root):
             _roll_back(root)
         raise
+    plan.warnings.extend(source_note(report))  # as apply --out: the originals only a copy of the source confirms
     return ApplyResult(root, plan, written, provenance, time.perf_counter() - started, report)
 
 

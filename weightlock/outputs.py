@@ -17,6 +17,7 @@ next write to the same place), and a refused write leaves nothing.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -110,6 +111,42 @@ def check_output_folder(path: str | os.PathLike, *, inputs: Iterable = (), optio
     _check_parents(path, option)
     _check_not_an_input(path, inputs, option, folder=True)
     return path
+
+
+def check_replaceable(path: Path, *, force: bool, kind: str, option: str = "--out") -> None:
+    """Whether an existing ``path`` may be replaced by an output of ``kind`` ("folder" or "file"): never without
+    ``force``, and even then only a real folder (an earlier output) or a regular file, or a symlink (the link is
+    replaced, never what it points to). A device, a FIFO or a file where a folder goes is refused: ``--force``
+    replacing ``/dev/null`` with a model folder is not what anyone asked for. Every writer calls this before its
+    work and again right before it publishes."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not force:
+        raise OutputError(f"{path} already exists", hint=f"choose another {option}, or pass --force to replace it")
+    if stat.S_ISLNK(mode):
+        return
+    wanted = stat.S_ISDIR(mode) if kind == "folder" else stat.S_ISREG(mode)
+    if not wanted:
+        found = (
+            "a folder"
+            if stat.S_ISDIR(mode)
+            else "a regular file"
+            if stat.S_ISREG(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise OutputError(
+            f"{option} {path} exists and is {found}, not {'an output folder' if kind == 'folder' else 'a file'}",
+            hint=f"choose another {option}; --force replaces only an earlier output "
+            f"({'a folder' if kind == 'folder' else 'a regular file'})",
+        )
 
 
 def _pid_alive(pid: int) -> bool:

@@ -582,6 +582,17 @@ def _prefetch(readers: TensorReaders, weight: TensorEntry | QuantizedLinear) -> 
         readers[weight].prefetch(weight)
 
 
+def refuse_no_effect(changed: bool, alpha: float, dtype: str) -> None:
+    """An edit whose every locked bias rounds back to what it was (a tiny alpha in F16 or BF16) would publish a
+    lock's record with none of its effect: refused, as alpha 0 is (``checked_displacements``)."""
+    if not changed:
+        raise InvalidInputError(
+            f"alpha {alpha:g} changes no stored bias: the lock's contribution rounds away in {dtype}, so the "
+            "output would carry no lock",
+            hint="use the lock's default alpha or another strength (weightlock inspect LOCK shows it)",
+        )
+
+
 def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None) -> list[ComputedBias]:
     """Every planned bias's values. Reads only the weights and biases the plan names.
 
@@ -589,11 +600,13 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
     """
     locked_weights = [b.weight for b in plan.biases if b.weight is not None]
     out = []
+    changed = not locked_weights
     with TensorReaders() as reader:
         for planned in plan.biases:
             values = np.zeros(planned.width, dtype=np.float32)
             if planned.base is not None:
                 values += reader[planned.base].read_float32(planned.base)
+            before = float32_to_raw(values, planned.dtype)
             if planned.weight is not None:
                 position = locked_weights.index(planned.weight)
                 if position + 1 < len(locked_weights):  # overlap the next layer's read with this one
@@ -615,5 +628,11 @@ def compute_biases(plan: EditPlan, progress: Callable[[int], None] | None = None
                 raise UnsupportedError(
                     f"{planned.name} overflows {planned.dtype} at alpha {plan.alpha}", hint="use a smaller alpha"
                 )
+            # compared as values: a tiny negative contribution rounds to -0.0, other bytes but no effect
+            changed = changed or (
+                planned.weight is not None
+                and bool(np.any(raw_to_float32(raw, planned.dtype) != raw_to_float32(before, planned.dtype)))
+            )
             out.append(ComputedBias(planned, values, raw))
+    refuse_no_effect(changed, plan.alpha, "/".join(sorted({b.dtype for b in plan.biases})))
     return out

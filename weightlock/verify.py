@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,8 @@ def source_note(report: Report) -> list[str]:
         return []
     return [
         "the source already had o_proj biases: a standalone `weightlock verify` of this output needs "
-        "--source SOURCE (the model the lock was applied to) to confirm the recorded originals"
+        "--source SOURCE (the model the lock was applied to, kept outside the output: an in-place edit's "
+        "weightlock/backup/ is not accepted) to confirm the recorded originals"
     ]
 
 
@@ -181,6 +183,8 @@ def open_source_folder(source, path) -> Checkpoint:
     if isinstance(source, Checkpoint):
         opened = source
     else:
+        if os.path.lexists(Path(source).expanduser()):  # before opening (what lies inside need not be a model);
+            _refuse_same(source, source, path)  # a Hub id is checked once resolved, below
         if is_gguf_path(source):
             raise source_error(source, "is a GGUF file; the checkpoint verified is a safetensors folder")
         try:
@@ -192,12 +196,25 @@ def open_source_folder(source, path) -> Checkpoint:
 
 
 def _refuse_same(source, source_path, path) -> None:
+    """Refuse a source that is the checkpoint, lies inside it (its weightlock/backup/, which an edit of the
+    checkpoint can forge along with the record) or holds it: realpaths, so no symlink hides either."""
     try:
-        same = Path(source_path).resolve() == Path(path).expanduser().resolve() or Path(source_path).samefile(path)
+        theirs = Path(os.path.realpath(Path(source_path).expanduser()))
+        ours = Path(os.path.realpath(Path(path).expanduser()))
+        same = theirs == ours or Path(source_path).samefile(path)
     except OSError:
         same = False
     if same:
         raise source_error(source, "is the checkpoint being verified, not the model the lock was applied to")
+    if ours in theirs.parents:
+        raise source_error(
+            source,
+            f"is inside the checkpoint being verified ({ours}); what the checkpoint holds cannot vouch for it",
+            hint=f"{WRONG_SOURCE_HINT}, kept outside the checkpoint (an in-place edit's weightlock/backup/ is not "
+            "accepted: it is edited along with the record)",
+        )
+    if theirs in ours.parents:
+        raise source_error(source, f"holds the checkpoint being verified ({ours}) inside it", hint=WRONG_SOURCE_HINT)
 
 
 def _verify_folder(
@@ -377,20 +394,36 @@ def folder_traces(root: Path) -> list[str]:
     return found
 
 
+def traces_without_record(report: Report, traces: str, record_name: str, biases: list[str], what: str) -> None:
+    """Traces of a weightlock edit (folder or GGUF) but no record: a lock lives only in attention-output biases,
+    so with none of them (``biases``) no lock can hide and the traces are reported (a README tag, a note); with
+    them the output may carry a lock whose record was removed, which fails."""
+    if not biases:
+        report.add(
+            "provenance",
+            WARN,
+            f"traces of a weightlock edit ({traces}) but no record ({record_name}); no {what} bias, so no lock is "
+            "present",
+        )
+        return
+    report.add(
+        "provenance",
+        FAIL,
+        f"carries a weightlock edit's traces ({traces}) and {len(biases)} {what} bias(es) but no record "
+        f"({record_name}): the lock cannot be verified",
+        ["hint: re-lock the original model (the record was deleted or never completed)"],
+    )
+
+
 def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report, expected, source=None) -> None:
     # open_checkpoint validated the record against schemas/provenance.schema.json (its file paths are the
     # fixed names weightlock writes); what it claims is checked here against the lock and the tensors.
     record = checkpoint.provenance
     if record is None:
         traces = folder_traces(checkpoint.root)
+        biases = sorted({spec.output_bias(layer) for layer in range(shape.num_layers)} & set(checkpoint.tensors))
         if traces:
-            report.add(
-                "provenance",
-                FAIL,
-                f"carries a weightlock edit's traces ({', '.join(traces)}) but no record "
-                "(weightlock/provenance.json): the lock cannot be verified",
-                ["hint: re-lock the original model (the record was deleted or never completed)"],
-            )
+            traces_without_record(report, ", ".join(traces), "weightlock/provenance.json", biases, "o_proj")
         else:
             report.add("provenance", SKIP, "no weightlock/provenance.json: not locked by weightlock")
         return
@@ -408,6 +441,7 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
     locked = {spec.output_bias(layer) for layer in lock.heads_by_layer()}
     implied = _biases_the_edit_created(spec, shape, record) or set()
     problems = problems or _originals_problems(checkpoint, record, implied)
+    problems = problems or _chain_folder_problems(checkpoint, record)
     if problems:
         report.add("provenance", FAIL, problems[0], problems[1:])
         return
@@ -417,20 +451,57 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
         report.add("provenance", FAIL, "bias tensors the lock or the record implies are missing", absent)
         return
     report.locked = locked_summary(record, lock)
-    report.add(
-        "provenance",
-        PASS,
-        f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']}; "
-        "config is the original with the recorded changes",
-    )
+    report.add("provenance", PASS, f"{provenance_line(record)}; config is the original with the recorded changes")
+    check_net_lock(record, report)
     _check_card(checkpoint, record, report)
     _check_lock_biases(checkpoint, spec, shape, lock, record, sorted(written), report, expected)
     if record["parent"] is not None:
         _check_edit_chain(checkpoint, spec, shape, record, report, trusted=expected is not None)
-    elif (checkpoint.root / "weightlock" / "parents").exists():
-        report.add("edit_chain", FAIL, "weightlock/parents/ holds earlier edits the record does not name")
     if not any(c.name == "edit_chain" and c.status == FAIL for c in report.checks):  # the chain's records hold
         _check_original_biases(checkpoint, spec, shape, record, report, source, trusted=expected is not None)
+
+
+def _chain_folder_problems(checkpoint: Checkpoint, record: dict) -> list[str]:
+    """weightlock/parents/ holds exactly what the record chain implies: a folder K for each earlier edit
+    (K = 1 .. edits-1), each holding only that edit's lock and originals, all inside the checkpoint. A folder,
+    file or link no record names (an extra parent lock, parents/1 linked elsewhere) is named and failed."""
+    from .checkpoint import PROVENANCE_DIR
+    from .records import chain_length
+    from .writer import LOCK_COPY_NAME, ORIGINALS_NAME, PARENTS_DIR
+
+    parents = f"{PROVENANCE_DIR}/{PARENTS_DIR}"
+    expected = {str(k) for k in range(1, chain_length(record))}
+    try:
+        if not os.path.lexists(checkpoint.root / parents):
+            found: set[str] = set()
+        else:
+            found = {entry.name for entry in contained(checkpoint.root, parents).iterdir()}
+        unnamed = [f"{parents}/{name}" for name in sorted(found - expected)]
+        for name in sorted(found & expected):
+            folder = contained(checkpoint.root, f"{parents}/{name}")
+            if not folder.is_dir():
+                unnamed.append(f"{parents}/{name} (not a folder)")
+                continue
+            for item in sorted(folder.iterdir()):
+                contained(checkpoint.root, f"{parents}/{name}/{item.name}")  # a Hub snapshot links into blobs/
+                if item.name not in (LOCK_COPY_NAME, ORIGINALS_NAME) or not item.is_file():
+                    unnamed.append(f"{parents}/{name}/{item.name}")
+    except WeightlockError as e:
+        return [f"the record chain's earlier edits: {e.message}"]
+    except OSError as e:
+        return [f"{parents} cannot be read: {e.strerror or e}"]
+    if unnamed:
+        return [
+            f"{parents}/ holds what no record of the chain names ({chain_length(record)} edit(s): "
+            + (f"folders 1..{len(expected)})" if expected else "no earlier edit)"),
+            *unnamed[:20],
+        ]
+    return []
+
+
+def _is_file_inside(checkpoint: Checkpoint, relative: str) -> bool:
+    """Whether ``relative`` is a file of the checkpoint; one that a symlink takes outside it raises (contained)."""
+    return contained(checkpoint.root, relative).is_file()
 
 
 def _root_originals(checkpoint: Checkpoint, record: dict) -> tuple[dict, str | None]:
@@ -442,7 +513,7 @@ def _root_originals(checkpoint: Checkpoint, record: dict) -> tuple[dict, str | N
         depth += 1
         current = current["parent"]
         folder = f"weightlock/{PARENTS_DIR}/{depth}"
-        originals = f"{folder}/{ORIGINALS_NAME}" if (checkpoint.root / folder / ORIGINALS_NAME).is_file() else None
+        originals = f"{folder}/{ORIGINALS_NAME}" if _is_file_inside(checkpoint, f"{folder}/{ORIGINALS_NAME}") else None
     return current, originals
 
 
@@ -452,8 +523,8 @@ def _check_original_biases(
     """The originals the first edit claims for biases its source already had (a family with o_proj biases):
     nothing in the output ties them to the source, so they are compared with ``source``'s stored biases byte for
     byte, or reported unverifiable (a failure; apply's own check, which read the source, passes them)."""
-    root, originals_path = _root_originals(checkpoint, record)
     try:
+        root, originals_path = _root_originals(checkpoint, record)
         claimed = read_header(contained(checkpoint.root, originals_path)).tensors if originals_path else {}
     except WeightlockError as e:
         report.add(ORIGINALS_CHECK, FAIL, f"the first edit's originals cannot be read: {e.message}")
@@ -597,7 +668,7 @@ def _check_edit_chain(checkpoint: Checkpoint, spec, shape: ModelShape, record: d
                         "edit_chain", FAIL, f"the record of edit {depth + 1} is not a provenance record", problems
                     )
                     return
-                lock_path = checkpoint.root / folder / LOCK_COPY_NAME
+                lock_path = contained(checkpoint.root, f"{folder}/{LOCK_COPY_NAME}")
                 if not lock_path.is_file():
                     report.add(
                         "edit_chain",
@@ -613,7 +684,7 @@ def _check_edit_chain(checkpoint: Checkpoint, spec, shape: ModelShape, record: d
                 lock = load_lock(lock_path)
                 lock.check_compatible(shape)
                 originals_path = (
-                    f"{folder}/{ORIGINALS_NAME}" if (checkpoint.root / folder / ORIGINALS_NAME).is_file() else None
+                    f"{folder}/{ORIGINALS_NAME}" if _is_file_inside(checkpoint, f"{folder}/{ORIGINALS_NAME}") else None
                 )
                 problems = _parent_problems(checkpoint, spec, shape, current, parent, lock, originals_path)
                 if not problems:
@@ -1013,15 +1084,67 @@ def _patterns(patterns):
 
 
 def locked_summary(record: dict, lock) -> dict:
-    """The report's ``locked`` entry, from a record (folder or GGUF) whose lock was checked."""
+    """The report's ``locked`` entry, from a record (folder or GGUF) whose lock was checked: ``alpha`` is the
+    newest edit's, ``net_alpha`` what its lock nets to over the record chain (``net_alphas``: every lock's)."""
+    from .records import chain_length, net_alphas
+
+    nets = net_alphas(record)
     return {
         "alpha": record["alpha"],
+        "net_alpha": nets[record["lock"]["sha256"]],
+        "net_alphas": nets,
+        "edits": chain_length(record),
         "lock_sha256": record["lock"]["sha256"],
         "source_model": lock.source_model.to_dict(),
         "heads": lock.num_heads_selected,
         "locked_layers": record["locked_layers"],
         "created_at": record["created_at"],
     }
+
+
+NET_LOCK_CHECK = "net_lock"
+NET_LOCK_HINT = "hint: apply the lock at a positive alpha to the original (unlocked) model"
+
+
+def check_net_lock(record: dict, report: Report) -> None:
+    """What the record chain's edits add up to (folder or GGUF): each relock adds its alpha times its lock, so
+    ``-6`` then ``+3`` of one lock is an anti-lock at -3, whatever the newest edit's alpha says. A lock netting
+    below zero fails; netting to zero (an undo, +a then -a) is reported, not failed: the lock is off."""
+    from .records import chain_length, net_alphas
+
+    nets, sha, edits = net_alphas(record), record["lock"]["sha256"], chain_length(record)
+    net = nets[sha]
+    others = [f"lock {other[:12]}: net alpha {value:g}" for other, value in nets.items() if other != sha]
+    negative = [f"lock {other[:12]}: net alpha {value:g}" for other, value in nets.items() if value < 0]
+    over = f"over {edits} edit(s)" if edits > 1 else "in one edit"
+    if net < 0 or negative:
+        what = (
+            f"the edits net to alpha {net:g} of lock {sha[:12]}: the model is not locked (it carries the lock's "
+            "opposite)"
+            if net < 0
+            else f"an earlier lock of the chain nets below zero ({'; '.join(negative)}): the model carries its opposite"
+        )
+        report.add(NET_LOCK_CHECK, FAIL, what, [*others, NET_LOCK_HINT])
+    elif net == 0:
+        report.add(
+            NET_LOCK_CHECK,
+            WARN,
+            f"the edits net to alpha 0 of lock {sha[:12]} {over}: the lock was taken off again; "
+            "the model is not locked",
+            others,
+        )
+    else:
+        report.add(NET_LOCK_CHECK, PASS, f"lock {sha[:12]} nets to alpha {net:g} {over}", others)
+
+
+def provenance_line(record: dict) -> str:
+    """The lock and alpha a provenance check names: the newest edit's alpha and, for a chain, the net."""
+    from .records import chain_length, net_alphas
+
+    line = f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']}"
+    if chain_length(record) > 1:
+        line += f" (the chain's edits net to alpha {net_alphas(record)[record['lock']['sha256']]:g})"
+    return line
 
 
 def output_failure(report: Report, source, loader_check: bool, done: str) -> WeightlockError:

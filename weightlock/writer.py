@@ -32,7 +32,7 @@ from .checkpoint import (
 )
 from .commit import committing, critical, mark_committed  # noqa: F401  (the commit point of every writer)
 from .errors import OutputError
-from .outputs import check_output_file, write_file_atomically  # noqa: F401  (every single-file output)
+from .outputs import check_output_file, check_replaceable, write_file_atomically  # noqa: F401  (every single-file output)
 from .plan import ComputedBias, EditPlan
 from .safetensors_file import TensorData, write_safetensors
 from .untrusted import require_regular

@@ -36,7 +36,7 @@ from ..architectures import ModelShape
 from ..commit import committing
 from ..errors import CheckpointError, OutputError, UnsupportedError
 from ..lock import Lock
-from ..plan import checked_displacements, output_projection_product
+from ..plan import checked_displacements, output_projection_product, refuse_no_effect
 from ..records import check_record_depth
 from ..untrusted import open_regular
 from ..writer import failpoint, fsync_dir, recover_interrupted, removed_on_failure, staging_path
@@ -67,11 +67,13 @@ RECORD_FORMAT = "weightlock-gguf-edit"
 # can be recomputed: verify checks each against the record's parent chain
 PARENT_LOCK_KEY = "weightlock.parent_lock.{}"
 OUR_KEYS = (RECORD_KEY, LOCK_KEY)
+OUR_PREFIX = "weightlock."  # every key above starts with it
 
 
 def is_our_key(key: str) -> bool:
-    """A metadata key weightlock writes (a relock drops and rewrites them all)."""
-    return key in OUR_KEYS or key.startswith(PARENT_LOCK_KEY.format(""))
+    """A metadata key under weightlock's prefix (a relock drops them all and writes exactly those its record chain
+    implies; verify fails any other)."""
+    return key.startswith(OUR_PREFIX)
 
 
 F32, F16 = 0, 1  # ggml type ids
@@ -253,6 +255,7 @@ def encode_bias(values: np.ndarray, type_id: int) -> bytes:
 def compute_gguf_biases(plan: GGUFEditPlan, progress=None) -> list[GGUFComputedBias]:
     with tensor_readers(plan.model) as readers:
         out = []
+        changed = not plan.biases
         for planned in plan.biases:
             values = np.zeros(plan.shape.hidden_size, dtype=np.float32)
             original = None
@@ -283,7 +286,13 @@ def compute_gguf_biases(plan: GGUFEditPlan, progress=None) -> list[GGUFComputedB
                     f"{planned.name} overflows {'F16' if planned.type_id == F16 else 'F32'} at alpha {plan.alpha}",
                     hint="use a smaller alpha",
                 )
+            stored_type = BIAS_TYPES[planned.type_id]
+            before = np.frombuffer(original, stored_type) if original is not None else np.zeros(1, stored_type)
+            changed = changed or bool(np.any(np.frombuffer(raw, stored_type) != before))  # values: -0.0 == 0.0
             out.append(GGUFComputedBias(planned, values, raw, original))
+        refuse_no_effect(
+            changed, plan.alpha, "/".join(sorted({"F16" if b.type_id == F16 else "F32" for b in plan.biases}))
+        )
         return out
 
 

@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import OutputError
+from ..outputs import check_replaceable
 from ..writer import PARTIAL_MARK, _pid_alive, _siblings_starting, failpoint, fsync_dir, write_failure
 
 JOURNAL_NAME = "weightlock-publish.json"  # not *.gguf, so never an output name
@@ -50,8 +51,7 @@ def publish_set(staging: Path, outputs: list[Path], force: bool) -> None:
     names = [p.name for p in outputs]
     try:
         for path in outputs:
-            if _exists(path) and not force:
-                raise OutputError(f"{path} already exists", hint="choose another --out, or pass --force to replace it")
+            check_replaceable(path, force=force, kind="file")  # again: something may have appeared meanwhile
         journal = {
             "format": JOURNAL_FORMAT,
             "outputs": names,

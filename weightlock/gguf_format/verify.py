@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import CheckpointError, InvalidInputError, LockFormatError, WeightlockError
 from ..lock import Lock, load_lock
+from ..records import chain_length
 from ..untrusted import check_schema, parse_json
 from ..verify import (
     DTYPE_EPS,
@@ -36,8 +37,11 @@ from ..verify import (
     SOURCE_HINT,
     WARN,
     Report,
+    check_net_lock,
     failure_against_source,
     locked_summary,
+    provenance_line,
+    traces_without_record,
 )
 from .architectures import BIAS_EXISTING, GGUF_ARCHITECTURES, OUTPUT_BIAS, OUTPUT_WEIGHT, gguf_architecture
 from .edit import (
@@ -174,6 +178,20 @@ def open_source_gguf(source, path) -> GGUFModel:
     return opened
 
 
+def _refuse_same_files(source: GGUFModel, model: GGUFModel) -> None:
+    """Refuse a source sharing a file with the model verified (any part of a split set, through any symlink):
+    the folder the file lies in is no part of a GGUF model, so only the same files are refused."""
+    from ..verify import source_error
+
+    ours = {os.path.realpath(f.path) for f in model.files}
+    shared = sorted(f.path.name for f in source.files if os.path.realpath(f.path) in ours)
+    if shared:
+        raise source_error(
+            source.path,
+            f"shares {', '.join(shared)} with the file being verified, not the model the lock was applied to",
+        )
+
+
 def verify_gguf(
     path,
     *,
@@ -196,6 +214,8 @@ def verify_gguf(
     except WeightlockError as e:
         report.add("gguf", FAIL, e.message)
         return report
+    if source is not None:
+        _refuse_same_files(source, model)
     report.add(
         "gguf",
         PASS,
@@ -260,6 +280,12 @@ def gguf_traces(model: GGUFModel) -> list[str]:
     return sorted(key for key in model.metadata if key.startswith(prefix))
 
 
+def _keys_of_chain(record: dict) -> set[str]:
+    """The weightlock metadata keys a record chain implies: its record, its lock and each earlier edit's lock
+    (parent_lock.1 .. parent_lock.<edits-1>); edit.py writes exactly these."""
+    return {RECORD_KEY, LOCK_KEY} | {PARENT_LOCK_KEY.format(k) for k in range(1, chain_length(record))}
+
+
 def _check_record(model, shape, architecture, biases, report, expected, source=None) -> None:
     """The record chain against the file: each edit's record is its embedded lock's, and every
     attn_output.bias in the file is the root's (what the source had, where llama.cpp's architecture
@@ -274,15 +300,19 @@ def _check_record(model, shape, architecture, biases, report, expected, source=N
     if record is None:
         traces = gguf_traces(model)
         if traces:
-            report.add(
-                "provenance",
-                FAIL,
-                f"carries a weightlock edit's traces (metadata {', '.join(traces[:10])}) but no record "
-                f"({RECORD_KEY}): the lock cannot be verified",
-                ["hint: re-lock the original model (the record was removed or renamed)"],
-            )
+            shown = "metadata " + ", ".join(traces[:10])
+            traces_without_record(report, shown, RECORD_KEY, sorted(biases), "attn_output")
         else:
             report.add("provenance", SKIP, f"no {RECORD_KEY} metadata: not locked by weightlock")
+        return
+    unnamed = sorted(set(gguf_traces(model)) - _keys_of_chain(record))
+    if unnamed:
+        report.add(
+            "provenance",
+            FAIL,
+            f"the file carries weightlock metadata no record of its {chain_length(record)}-edit chain names",
+            unnamed[:20],
+        )
         return
     present = {name: t.type_id for name, t in biases.items() if t.type_id in BIAS_TYPES}
     try:
@@ -295,11 +325,8 @@ def _check_record(model, shape, architecture, biases, report, expected, source=N
         report.add("provenance", FAIL, problems[0], problems[1:])
         return
     report.locked = locked_summary(record, lock)
-    report.add(
-        "provenance",
-        PASS,
-        f"lock {record['lock']['sha256'][:12]} at alpha {record['alpha']} (embedded lock and its description match)",
-    )
+    report.add("provenance", PASS, f"{provenance_line(record)} (embedded lock and its description match)")
+    check_net_lock(record, report)
     expected_raw = {c.planned.name: c.raw for c in expected} if expected is not None else None
     with tensor_readers(model) as readers:
         values = {}
@@ -567,11 +594,14 @@ def describe_gguf(model: GGUFModel) -> dict:
     info["locked"] = None
     info["edit_traces"] = gguf_traces(model) if record is None else []
     if record is not None:
+        from ..records import net_alphas
+
         depth, parent = 1, record["parent"]
         while isinstance(parent, dict) and depth < 64:
             depth, parent = depth + 1, parent.get("parent")
         info["locked"] = {
             "alpha": record["alpha"],
+            "net_alpha": net_alphas(record).get(record["lock"]["sha256"]),
             "lock_sha256": record["lock"]["sha256"],
             "source_model": record["lock"]["manifest"].get("source_model"),
             "locked_layers": record["locked_layers"],
