@@ -589,8 +589,14 @@ def test_every_gguf_lock_key_no_record_names_fails_provenance(world, tmp_path, w
     ]
     lock = embedded_bytes(model, LOCK_KEY)
     prefix = os.path.commonprefix(OUR_KEYS)
-    extras = [PARENT_LOCK_KEY.format(depth), PARENT_LOCK_KEY.format(depth + 1), PARENT_LOCK_KEY.format(0),
-              PARENT_LOCK_KEY.format("x"), PARENT_LOCK_KEY.format("01"), prefix + "future"]
+    extras = [
+        PARENT_LOCK_KEY.format(depth),
+        PARENT_LOCK_KEY.format(depth + 1),
+        PARENT_LOCK_KEY.format(0),
+        PARENT_LOCK_KEY.format("x"),
+        PARENT_LOCK_KEY.format("01"),
+        prefix + "future",
+    ]
     for key in extras:
         out = tmp_path / f"{key}.gguf"
         write_gguf_file(model.files[0], out, [*ours, _kv_bytes(key, lock)], [], {}, None)

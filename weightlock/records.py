@@ -63,8 +63,11 @@ def net_alphas(record) -> dict[str, float]:
     while isinstance(record, dict):  # a malformed earlier record is skipped here; the chain check fails it
         lock, alpha = record.get("lock"), record.get("alpha")
         sha = lock.get("sha256") if isinstance(lock, dict) else None
-        if isinstance(sha, str) and SHA256.fullmatch(sha) and isinstance(alpha, (int, float)) and not isinstance(
-            alpha, bool
+        if (
+            isinstance(sha, str)
+            and SHA256.fullmatch(sha)
+            and isinstance(alpha, (int, float))
+            and not isinstance(alpha, bool)
         ):
             if math.isfinite(alpha):
                 alphas.setdefault(sha, []).append(float(alpha))
