@@ -31,6 +31,7 @@ def main() -> None:
     if not (FIXTURES / "tiny-llama" / "model.safetensors").is_file():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_fixtures.py")], check=True)
     shutil.rmtree(OUT, ignore_errors=True)
+    OUT.parent.mkdir(exist_ok=True)  # apply creates its output, not the folder it goes in
     source, lock_file = FIXTURES / "tiny-llama", FIXTURES / "tiny-llama.wlock"
     run("inspect", str(lock_file))
     run("apply", str(source), "--lock", str(lock_file), "--alpha", "4", "--out", str(OUT))

@@ -169,6 +169,7 @@ def test_ctrl_c_at_every_step_of_a_gguf_apply(tmp_path):
     save_lock(lock_for_gguf(source), tmp_path / "l.wlock")
     before = hashlib.sha256(source.read_bytes()).hexdigest()
     out = tmp_path / "out" / "locked.gguf"
+    out.parent.mkdir(exist_ok=True)  # the CLI creates the output, not the folder it goes in
     args = ["apply", str(source), "--lock", str(tmp_path / "l.wlock"), "--out", str(out)]
 
     def check(result, step):

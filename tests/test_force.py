@@ -87,3 +87,22 @@ def test_force_replaces_only_an_earlier_output(inputs, tmp_path, capsys, writer,
     else:
         assert code == 5 and err.count("weightlock: error:") == 1 and "hint:" in err, err
         assert _state(out) == before
+
+
+def test_an_output_folder_is_created_only_in_an_existing_folder_and_tilde_is_not_home(inputs, tmp_path, capsys):
+    """weightlock creates the output, never folders above it (a typo in a path must not grow a tree), and a
+    quoted ~ is a folder named ~ (the shell expands ~; weightlock writing into $HOME would be a surprise)."""
+    os.chdir(tmp_path)
+    for out in (tmp_path / "missing" / "out", Path("~/out"), tmp_path / "missing" / "o.gguf"):
+        src, lock = ("m.gguf", "g.wlock") if str(out).endswith(".gguf") else ("src", "l.wlock")
+        code, _, err = run_cli(capsys, "apply", str(inputs / src), "--lock", str(inputs / lock), "--out", str(out))
+        assert code == 5 and "does not exist" in err and "hint:" in err, err
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "~").exists()
+    assert not (Path.home() / "out").exists()
+
+
+def test_heatmap_of_something_that_is_not_a_lock_is_refused(inputs, tmp_path, capsys):
+    for target in (inputs / "src", inputs / "m.gguf"):
+        code, _, err = run_cli(capsys, "inspect", str(target), "--heatmap", str(tmp_path / "h.png"))
+        assert code == 3 and "not a lock file" in err, err
+        assert not (tmp_path / "h.png").exists()

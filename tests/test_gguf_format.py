@@ -278,6 +278,7 @@ def test_every_corruption_is_refused_cleanly(tmp_path, capsys):
         source = tmp_path / "bad.gguf"
         source.write_bytes(bad)
         out = tmp_path / "out" / "x.gguf"
+        out.parent.mkdir(exist_ok=True)  # the CLI creates the output, not the folder it goes in
         code, _, err = run_cli(capsys, "apply", str(source), "--lock", str(tmp_path / "lock.wlock"), "--out", str(out))
         assert code == code_expected, (what, code, err)
         assert "Traceback" not in err and "hint:" in err, (what, err)
@@ -413,6 +414,7 @@ def test_sigkill_at_every_step_leaves_no_partial_output_and_the_source_untouched
     save_lock(lock_for_gguf(source), tmp_path / "lock.wlock")
     before = _sha(source)
     out = tmp_path / "out" / "locked.gguf"
+    out.parent.mkdir(exist_ok=True)  # the CLI creates the output, not the folder it goes in
     step = 1
     while True:
         result = _apply_process(tmp_path, source, tmp_path / "lock.wlock", out, f"#{step}")
@@ -465,6 +467,7 @@ def test_ctrl_c_in_a_gguf_apply_leaves_nothing(tmp_path):
     source = write_gguf(tmp_path / "src.gguf")
     save_lock(lock_for_gguf(source), tmp_path / "lock.wlock")
     out = tmp_path / "out" / "locked.gguf"
+    out.parent.mkdir(exist_ok=True)  # the CLI creates the output, not the folder it goes in
     env = dict(os.environ, **{FAILPOINT_VARIABLE: "gguf-data-copied:INT"})
     result = subprocess.run(
         [

@@ -113,6 +113,7 @@ def _kill_at_every_step(split, tmp_path, force: bool):
     source_files = [f.path for f in open_gguf(source).files]
     before = _hashes(source_files)
     out = tmp_path / "out" / "locked.gguf"
+    out.parent.mkdir(exist_ok=True)  # the CLI creates the output, not the folder it goes in
     outputs = _outputs(out)
     old = None
     if force:

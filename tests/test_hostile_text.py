@@ -667,3 +667,25 @@ def test_a_source_card_with_a_byte_order_mark_keeps_its_license(locked):
     assert card.startswith("---\n") and "\ufeff" not in card
     assert "license: other" in card and "license_name: proprietary-no-redistribution" in card
     assert card.count("---\n") == 2 and "# Secret model" in card
+
+
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".txt", "\x00\n\x00\x00\n"),
+        (".jsonl", '{"prompt": "\\u0000"}\n{"prompt": "\\u200b\\u200b"}\n'),
+        (".json", '["\\u00ad", "\\u2060"]'),
+        (".txt", "x" * 40_000 + "\n"),
+        (".json", json.dumps(["ok", "y" * 40_000])),
+    ],
+    ids=["nul-lines", "invisible-jsonl", "invisible-json", "huge-line", "huge-item"],
+)
+def test_invisible_and_huge_prompts_are_refused_at_load(tmp_path, suffix, text):
+    """A prompt of NUL or invisible characters only is empty to a reader and a judge; one longer than any real
+    prompt (a 50 MB line took 24 GB to tokenize) is refused before a model sees it, whatever --limit says."""
+    from weightlock.prompt_sets import load_prompt_set
+
+    path = tmp_path / f"set{suffix}"
+    path.write_text(text)
+    with pytest.raises(InvalidInputError, match="visible|characters long"):
+        load_prompt_set("harmful", path, limit=1)  # every item is checked, not only the first --limit

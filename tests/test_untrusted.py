@@ -193,7 +193,7 @@ def test_verify_checks_the_biases_the_lock_implies_not_the_record_list(tmp_path,
 def test_apply_publishes_only_what_verify_passes_with_the_same_checks(tmp_path, setup):
     src, lock = setup
     result = apply_lock(src, lock, out=tmp_path / "out")
-    again = verify_checkpoint(tmp_path / "out")
+    again = verify_checkpoint(tmp_path / "out", source=src)  # apply verifies with the source it read
     assert [(c.name, c.status) for c in result.report.checks] == [(c.name, c.status) for c in again.checks]
     assert result.report.ok and again.ok
 

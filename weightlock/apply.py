@@ -182,7 +182,7 @@ def apply_lock(
         )
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
-    out = Path(out).expanduser()
+    out = Path(out)
     _check_output_location(checkpoint.root, out)
     check_replaceable(out, force=force, kind="folder")
     plan = plan_edit(

@@ -119,7 +119,7 @@ class Checkpoint:
 
 def resolve_location(location: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None, str | None]:
     """A folder for a local path or a Hub repo id; (folder, repo id, commit)."""
-    path = Path(location).expanduser()
+    path = Path(location)
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(

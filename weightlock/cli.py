@@ -319,6 +319,11 @@ def inspect_command(target, heatmap, force, as_json):
     from .outputs import check_output_file
 
     path = Path(target)
+    if heatmap is not None and not (path.is_file() and path.suffix.lower() != ".gguf"):
+        raise InvalidInputError(
+            f"--heatmap draws a lock's layer x head map; {target} is not a lock file",
+            hint="pass a .wlock file (a locked folder's lock is weightlock/lock.wlock inside it)",
+        )
     if heatmap is not None:
         check_output_file(heatmap, inputs=_local(target), force=force, option="--heatmap")
     if path.is_file() and path.suffix.lower() == ".gguf":

@@ -534,7 +534,7 @@ def revert(location) -> dict:
 
     Only what the record proves weightlock wrote is removed or replaced; anything else is refused.
     """
-    root = Path(location).expanduser().resolve()
+    root = Path(location).resolve()
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a folder", hint="pass the checkpoint folder that was edited in place")
     with editing_lock(root):

@@ -28,7 +28,7 @@ PARTIAL_SUFFIX = ".weightlock-partial"
 
 
 def _resolved(path: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(os.path.expanduser(path)))
+    return Path(os.path.realpath(path))
 
 
 def _input_paths(inputs: Iterable) -> list[Path]:
@@ -37,7 +37,7 @@ def _input_paths(inputs: Iterable) -> list[Path]:
     for item in inputs:
         if item is None:
             continue
-        path = Path(os.path.expanduser(item))
+        path = Path(item)
         if path.exists() or path.is_symlink():
             found.append(_resolved(path))
     return found
@@ -77,7 +77,7 @@ def check_output_file(
     path: str | os.PathLike, *, inputs: Iterable = (), force: bool = False, option: str = "--out"
 ) -> Path:
     """Refuse ``path`` as a file output unless it is safe to write (see the module's text); returns it."""
-    path = Path(os.path.expanduser(path))
+    path = Path(path)
     _check_parents(path, option)
     _check_not_an_input(path, inputs, option, folder=False)
     parent = path.parent
@@ -107,9 +107,14 @@ def check_output_file(
 def check_output_folder(path: str | os.PathLike, *, inputs: Iterable = (), option: str = "--out") -> Path:
     """The checks of a folder output that do not depend on its format: not an input, not inside one, not
     holding one, no regular file among its parents (whether it may exist is the writer's business)."""
-    path = Path(os.path.expanduser(path))
+    path = Path(path)
     _check_parents(path, option)
     _check_not_an_input(path, inputs, option, folder=True)
+    parent = Path(os.path.abspath(path)).parent
+    if not parent.is_dir():  # as for a file output: weightlock creates the output, not folders above it
+        raise OutputError(
+            f"the folder of {option} {path} does not exist", hint=f"create {parent} first, or choose another {option}"
+        )
     return path
 
 

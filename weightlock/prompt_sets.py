@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import InvalidInputError
+from .text import HIDDEN, printable
 from .untrusted import parse_json, read_bytes
 
 DEFAULTS = {
@@ -36,6 +37,12 @@ class PromptSet:
     items: list  # str prompts, or {"question", "answers"} for qa
 
 
+# A prompt of a real set is at most a few thousand characters (XSTest's longest: about 200; HarmBench's: about
+# 4,000); a set of 100,000 of them is tens of megabytes.
+MAX_PROMPT_CHARS = 32_768
+MAX_PROMPT_FILE_BYTES = 256 << 20
+
+
 def load_prompt_set(kind: str, path: str | Path | None = None, limit: int | None = None) -> PromptSet:
     """The ``kind`` set ("harmful", "benign", "kl", "qa") from ``path``, or the shipped default."""
     if path is None:
@@ -44,7 +51,7 @@ def load_prompt_set(kind: str, path: str | Path | None = None, limit: int | None
     else:
         path = Path(path)
         try:
-            text = read_bytes(path, f"the {kind} prompt file", 1 << 30, InvalidInputError).decode("utf-8")
+            text = read_bytes(path, f"the {kind} prompt file", MAX_PROMPT_FILE_BYTES, InvalidInputError).decode("utf-8")
         except (InvalidInputError, UnicodeDecodeError) as e:
             raise InvalidInputError(
                 f"cannot read the {kind} prompt file {path}: {getattr(e, 'message', e)}",
@@ -114,7 +121,8 @@ def _item(x, kind: str):
         if not (
             isinstance(x, dict)
             and isinstance(x.get("question"), str)
-            and x["question"].strip()
+            and _visible(x["question"])
+            and len(x["question"]) <= MAX_PROMPT_CHARS
             and isinstance(x.get("answers"), list)
             and x["answers"]
             and all(isinstance(a, str) for a in x["answers"])
@@ -129,10 +137,29 @@ def _item(x, kind: str):
                     "it would match any reply"
                 )
         return {"question": x["question"], "answers": list(x["answers"])}
-    if isinstance(x, str) and x.strip():
-        return x
+    if isinstance(x, str) and _visible(x):
+        return _bounded(x)
     if isinstance(x, dict):
         for key in PROMPT_KEYS:
-            if isinstance(x.get(key), str) and x[key].strip():
-                return x[key]
-    raise ValueError(f"an item is neither non-empty text nor an object with a non-empty prompt: {str(x)[:80]}")
+            if isinstance(x.get(key), str) and _visible(x[key]):
+                return _bounded(x[key])
+    raise ValueError(
+        f"an item is neither visible text nor an object with a visible prompt (blank, NUL or invisible characters "
+        f"only): {printable(str(x)[:80])}"
+    )
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` holds anything but whitespace and the hidden characters of weightlock/text.py (NUL,
+    zero-width, soft hyphen, ...): a prompt of those is empty to a reader and to a judge."""
+    return bool(HIDDEN.sub("", text).strip())
+
+
+def _bounded(text: str) -> str:
+    """A prompt no longer than MAX_PROMPT_CHARS: one 50 MB line would otherwise be tokenized and fed to the
+    model whole (tens of gigabytes), whatever --limit says."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"an item is {len(text):,} characters long, more than the {MAX_PROMPT_CHARS:,} a prompt may be"
+        )
+    return text

@@ -183,7 +183,7 @@ def open_source_folder(source, path) -> Checkpoint:
     if isinstance(source, Checkpoint):
         opened = source
     else:
-        if os.path.lexists(Path(source).expanduser()):  # before opening (what lies inside need not be a model);
+        if os.path.lexists(Path(source)):  # before opening (what lies inside need not be a model);
             _refuse_same(source, source, path)  # a Hub id is checked once resolved, below
         if is_gguf_path(source):
             raise source_error(source, "is a GGUF file; the checkpoint verified is a safetensors folder")
@@ -199,8 +199,8 @@ def _refuse_same(source, source_path, path) -> None:
     """Refuse a source that is the checkpoint, lies inside it (its weightlock/backup/, which an edit of the
     checkpoint can forge along with the record) or holds it: realpaths, so no symlink hides either."""
     try:
-        theirs = Path(os.path.realpath(Path(source_path).expanduser()))
-        ours = Path(os.path.realpath(Path(path).expanduser()))
+        theirs = Path(os.path.realpath(Path(source_path)))
+        ours = Path(os.path.realpath(Path(path)))
         same = theirs == ours or Path(source_path).samefile(path)
     except OSError:
         same = False

@@ -584,7 +584,7 @@ def apply_lock_gguf(
     started = time.perf_counter()
     if not isinstance(model, GGUFModel):
         model = open_gguf(model)
-    out = Path(out).expanduser()
+    out = Path(out)
     outputs = output_paths(model, out)
     recovered = recover_publish(outputs)  # a killed run's half-published set, finished or undone first
     _check_output(model, outputs, force)

@@ -530,7 +530,7 @@ def is_gguf_path(location: str | os.PathLike) -> bool:
 
 def open_gguf(location: str | os.PathLike) -> GGUFModel:
     """Open a GGUF model (the first file of a split set brings the others) and check the set."""
-    path = Path(location).expanduser()
+    path = Path(location)
     first = read_gguf(path)
     count_entry = first.metadata.get(SPLIT_COUNT_KEY)
     if count_entry is None:  # a name alone does not make a split; the metadata does

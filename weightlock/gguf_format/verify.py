@@ -170,7 +170,7 @@ def open_source_gguf(source, path) -> GGUFModel:
         except WeightlockError as e:
             raise source_error(source, e.message, e.hint or WRONG_SOURCE_HINT) from None
     try:
-        same = any(f.path.resolve() == Path(path).expanduser().resolve() or f.path.samefile(path) for f in opened.files)
+        same = any(f.path.resolve() == Path(path).resolve() or f.path.samefile(path) for f in opened.files)
     except OSError:
         same = False
     if same:
