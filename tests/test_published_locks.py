@@ -100,6 +100,14 @@ def write_sparse_checkpoint(folder, config: dict) -> None:
         with open(folder / file_name, "wb") as f:
             f.write(header)
             f.truncate(len(header) + offset)  # a hole: no disk used
+            # the first row of each o_proj weight holds ones (bf16 0x3F80), the rest stays a hole: an all-zero
+            # W_o would give a lock no effect, and apply refuses to publish a lock that changes no stored bias
+            start = len(header)
+            for name, shape, nbytes in shard:
+                if name.endswith("o_proj.weight"):
+                    f.seek(start)
+                    f.write(b"\x80\x3f" * shape[1])
+                start += nbytes
         total += offset
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
