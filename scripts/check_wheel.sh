@@ -45,7 +45,7 @@ save_lock(lock, f"{work}/tiny-gguf.wlock")
 PY
 "$WL" apply "$WORK/tiny.gguf" --lock "$WORK/tiny-gguf.wlock" --out "$WORK/tiny-locked.gguf" >/dev/null
 "$WL" verify "$WORK/tiny-locked.gguf" >/dev/null
-"$WL" inspect "$WORK/tiny-locked.gguf" | grep -q "locked: yes"
+"$WL" inspect "$WORK/tiny-locked.gguf" | grep -q "locked: recorded"
 "$WORK/venv/bin/python" - <<'PY'
 from weightlock.prompt_sets import load_prompt_set
 from weightlock.schema import load_schema
