@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import OutputError
+from .untrusted import file_kind
 
 PARTIAL_SUFFIX = ".weightlock-partial"
 
@@ -134,27 +135,16 @@ def check_replaceable(path: Path, *, force: bool, kind: str, option: str = "--ou
         return
     wanted = stat.S_ISDIR(mode) if kind == "folder" else stat.S_ISREG(mode)
     if not wanted:
-        found = (
-            "a folder"
-            if stat.S_ISDIR(mode)
-            else "a regular file"
-            if stat.S_ISREG(mode)
-            else "a FIFO"
-            if stat.S_ISFIFO(mode)
-            else "a device"
-            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket"
-            if stat.S_ISSOCK(mode)
-            else "not a regular file"
-        )
+        wanted_kind = "an output folder" if kind == "folder" else "a file"
         raise OutputError(
-            f"{option} {path} exists and is {found}, not {'an output folder' if kind == 'folder' else 'a file'}",
+            f"{option} {path} exists and is {file_kind(mode)}, not {wanted_kind}",
             hint=f"choose another {option}; --force replaces only an earlier output "
             f"({'a folder' if kind == 'folder' else 'a regular file'})",
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a staging file or folder named with it is then not stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -175,7 +165,7 @@ def _remove_stale_partials(path: Path) -> None:
         if not (name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX)):
             continue
         pid = name[len(prefix) : -len(PARTIAL_SUFFIX)].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             try:
                 os.unlink(path.parent / name)
             except OSError:

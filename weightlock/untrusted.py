@@ -51,6 +51,22 @@ def _refusal(path: Path, what: str, problem: str, error=CheckpointError) -> Weig
     )
 
 
+_FILE_KINDS = (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISLNK, "a symlink"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` (``st_mode``) is, in words, for a refusal."""
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
 def open_regular(path: str | os.PathLike, what: str = "file", error=CheckpointError) -> int:
     """An O_RDONLY descriptor of ``path``, refused unless it is a regular file. Never blocks."""
     path = Path(path)
@@ -72,18 +88,7 @@ def open_regular(path: str | os.PathLike, what: str = "file", error=CheckpointEr
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = (
-                "a folder"
-                if stat.S_ISDIR(mode)
-                else "a FIFO"
-                if stat.S_ISFIFO(mode)
-                else "a device"
-                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket"
-                if stat.S_ISSOCK(mode)
-                else "not a regular file"
-            )
-            raise _refusal(path, what, f"is {kind}, not a regular file", error)
+            raise _refusal(path, what, f"is {file_kind(mode)}, not a regular file", error)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

@@ -32,7 +32,7 @@ from .checkpoint import (
 )
 from .commit import committing, critical, mark_committed  # noqa: F401  (the commit point of every writer)
 from .errors import OutputError
-from .outputs import check_output_file, check_replaceable, write_file_atomically  # noqa: F401  (every single-file output)
+from .outputs import check_output_file, check_replaceable, pid_alive, write_file_atomically  # noqa: F401  (every single-file output)
 from .plan import ComputedBias, EditPlan
 from .safetensors_file import TensorData, write_safetensors
 from .untrusted import require_regular
@@ -315,16 +315,6 @@ def staging_path(out: Path) -> Path:
     return out.parent / f".{out.name}.{PARTIAL_MARK}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _siblings_starting(out: Path, prefix: str) -> list[Path]:
     """Entries beside ``out`` whose names start with ``prefix``, compared as text: a glob pattern built
     from a user's folder name would treat its [, ] and * as wildcards and miss (or catch) other names."""
@@ -342,7 +332,7 @@ def recover_interrupted(out: Path) -> list[str]:
         return done
     for item in _siblings_starting(out, f".{out.name}.{PARTIAL_MARK}-"):
         pid = item.name.rsplit(f"{PARTIAL_MARK}-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(item, ignore_errors=True)
             done.append(f"removed the partial output {item.name} of an interrupted run")
     for item in _siblings_starting(out, f".{out.name}.{REPLACED_MARK}-"):

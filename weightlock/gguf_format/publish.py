@@ -26,8 +26,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import OutputError
-from ..outputs import check_replaceable
-from ..writer import PARTIAL_MARK, _pid_alive, _siblings_starting, failpoint, fsync_dir, write_failure
+from ..outputs import check_replaceable, pid_alive
+from ..writer import PARTIAL_MARK, _siblings_starting, failpoint, fsync_dir, write_failure
 
 JOURNAL_NAME = "weightlock-publish.json"  # not *.gguf, so never an output name
 MOVED_ASIDE = "replaced"  # the previous output's files, inside the staging folder
@@ -161,7 +161,7 @@ def recover_publish(outputs: list[Path]) -> list[str]:
         return done
     for staging in _siblings_starting(first, f".{first.name}.{PARTIAL_MARK}-"):
         pid = staging.name.rsplit(f"{PARTIAL_MARK}-", 1)[1].split("-", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)) or staging.is_symlink() or not staging.is_dir():
+        if not pid.isdigit() or pid_alive(int(pid)) or staging.is_symlink() or not staging.is_dir():
             continue
         journal = _read_journal(staging / JOURNAL_NAME)
         if journal is None or journal["outputs"][0] != first.name:
