@@ -31,6 +31,11 @@ contenders are:
   apply       weightlock apply FILE.gguf --out OUT.gguf (verify before publishing included)
 
     python scripts/bench_apply.py --preset 8b --gguf Q4_K
+
+--markdown prints, after everything above (which is unchanged), one Markdown block: a caption (the
+checkpoint, the lock), the table of contenders (wall time, ratio to the floor, bytes read and written,
+peak RSS) and a line naming the exact command, the date, the commit and the machine. scripts/README.md
+quotes these blocks as they are printed.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weightlock.safetensors_file import DTYPE_SIZES, encode_header
+from weightlock.io.safetensors_file import DTYPE_SIZES, encode_header
 
 PRESETS = {
     # Llama-3.1-8B widths; a complete model, so the transformers baseline can run on it.
@@ -232,7 +237,7 @@ def write_checkpoint(folder: Path, p: dict) -> int:
 
 def make_lock(folder: Path, p: dict, out: Path, legacy: Path | None) -> None:
     from weightlock import build_lock, import_legacy, open_checkpoint, save_lock
-    from weightlock.lock import source_model_from_config
+    from weightlock.core.lock import source_model_from_config
 
     source = source_model_from_config(open_checkpoint(folder).config)
     if legacy is not None and legacy.is_file():
@@ -348,7 +353,7 @@ def write_gguf_checkpoint(path: Path, p: dict, out_type: str) -> int:
 
 def make_gguf_lock(path: Path, p: dict, out: Path) -> None:
     from weightlock import save_lock
-    from weightlock.lock import SourceModel
+    from weightlock.core.lock import SourceModel
 
     save_lock(
         random_lock(SourceModel("LlamaForCausalLM", "llama", p["layers"], p["heads"], p["head_dim"], p["hidden"]), p),
@@ -468,6 +473,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-copy", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown block")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
     parser.add_argument("--gguf", choices=["Q4_K", "Q8_0"], default=None, help="bench a GGUF file instead")
     parser.add_argument(
@@ -543,8 +549,76 @@ def main() -> None:
                 indent=2,
             )
         )
+    if args.markdown:
+        markdown_safetensors(args, p, total, layers, o_bytes, results)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
+
+
+LABELS = {
+    "cold-read": "cold read of the o_proj bytes the lock needs (the floor)",
+    "cp-tree": "`cp -r` of the folder, then sync",
+    "apply": "`weightlock apply` (shards hardlinked; verify's checks, class check included)",
+    "apply-noload": "`weightlock apply --no-loader-check`",
+    "apply-copy": "`weightlock apply --link-mode copy`",
+    "baseline": "transformers: `from_pretrained`, set biases, `save_pretrained`",
+    "cp": "coreutils `cp` of the file, then sync",
+    "gguf-apply": "`weightlock apply FILE.gguf --out OUT.gguf` (verify included)",
+}
+HARNESS_RSS = ("cp", "cp-tree")  # the figure would be the Python harness's, not cp's
+
+
+def markdown_rows(results: list[dict], floor: float, rounds: bool = False) -> list[list]:
+    rows, seen = [], {}
+    for r in results:
+        label = LABELS[r["mode"]]
+        if rounds:
+            seen[r["mode"]] = seen.get(r["mode"], 0) + 1
+            label = f"{label}, round {seen[r['mode']]}"
+        if "error" in r:
+            rows.append([label, r["error"], None, None, None, None])
+            continue
+        rows.append(
+            [
+                label,
+                f"{r['seconds']:.2f}",
+                f"{r['seconds'] / floor:.2f}",
+                f"{r['read_bytes'] / 2**20:.1f}",
+                f"{r['write_bytes'] / 2**20:.1f}",
+                "-" if r["mode"] in HARNESS_RSS else f"{r['peak_rss_bytes'] / 2**20:.1f}",
+            ]
+        )
+    return rows
+
+
+def describe(p: dict, preset: str) -> str:
+    widths = {"8b": "Llama-3.1-8B", "phi4": "Phi-4", "70b-attention": "Llama-3.1-70B"}[preset]
+    what = f"{widths} widths, {p['layers']} layers"
+    if not p["complete"]:
+        what += ", attention tensors only"
+    return what
+
+
+def markdown_safetensors(args, p: dict, total: int, layers: list[int], o_bytes: int, results: list[dict]) -> None:
+    import _report
+
+    layouts = {"awq": "AWQ int4 GEMM, group 128", "fp8": "FP8 e4m3, 128x128 block scales"}
+    stored = layouts.get(p.get("quantized"), "bf16")
+    lock = f"`{args.legacy_lock.name}`" if args.legacy_lock is not None and args.legacy_lock.is_file() else "random"
+    caption = (
+        f"`bench_apply.py`: {describe(p, args.preset)}, {stored}, {total / 2**30:.2f} GiB of safetensors; "
+        f"{lock} lock touching {len(layers)} layers ({o_bytes / 2**20:.1f} MiB of o_proj weights). Each contender "
+        "ran in a fresh process after the checkpoint's pages were evicted from the page cache."
+    )
+    header = ["contender", "wall s", "x cold read", "read MiB", "written MiB", "peak RSS MiB"]
+    notes = "Peak RSS is the contender's own VmHWM; read and written are /proc/<pid>/io read_bytes and write_bytes."
+    by_mode = {r["mode"]: r for r in results if "error" not in r}
+    if "cp-tree" in by_mode:
+        notes += " `cp`'s peak RSS is not measured (-)."
+        if "apply" in by_mode:
+            ratio = by_mode["apply"]["seconds"] / by_mode["cp-tree"]["seconds"]
+            notes += f" `weightlock apply` took {ratio:.2f}x the time of the `cp -r` (the floor for this layout)."
+    _report.emit(caption, _report.table(header, markdown_rows(results, results[0]["seconds"])), notes)
 
 
 def bench_gguf(args) -> None:
@@ -576,6 +650,20 @@ def bench_gguf(args) -> None:
                 indent=2,
             )
         )
+    if args.markdown:
+        import _report
+
+        from weightlock import load_lock
+
+        locked = len(load_lock(lock).heads_by_layer())
+        caption = (
+            f"`bench_apply.py --gguf`: {describe(p, args.preset)}, one GGUF file of {total / 2**30:.2f} GiB "
+            f"(every weight Q4_K-sized, attn_output {args.gguf} with valid data, the rest a byte pattern); random "
+            f"lock touching {locked} layers. Cold page cache before each run; two rounds."
+        )
+        header = ["contender", "wall s", "x fastest cp", "read MiB", "written MiB", "peak RSS MiB"]
+        notes = "Peak RSS is the contender's own VmHWM; `cp`'s is not measured (-)."
+        _report.emit(caption, _report.table(header, markdown_rows(results, floor, rounds=True)), notes)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 

@@ -4,7 +4,8 @@ Writes a random Llama of the chosen widths to disk with stock ``save_pretrained`
 random 24-head lock for it, then, in the same run:
 
 - bake: ``apply_lock`` once per alpha into a fresh folder beside the model (what ``eval --engine vllm``
-  does before serving each alpha; shards hardlinked, only the bias shard new);
+  does before serving each alpha; shards hardlinked, only the bias shard new; alpha 0 is the model as it is,
+  not baked, its time recorded as null);
 - generate: greedy answers to the harmful prompts (AdvBench's 520 by default) at each alpha with the lock
   run by o_proj hooks (``eval --engine transformers``), prompts per second and new tokens per second,
   against the same generation without a lock (the floor the hooks add to);
@@ -14,6 +15,12 @@ random 24-head lock for it, then, in the same run:
 
 Random weights never emit an end-of-sequence token, so every answer runs to --max-new-tokens: the worst
 case for generation time.
+
+--markdown prints, after the usual lines (unchanged), one Markdown block: a caption (widths, checkpoint
+size, prompts, alphas), a table per engine (prompts and new tokens per second, seconds per alpha, hooked
+over unlocked time), the baking time against the generation time, and a line naming the exact command, the
+date, the commit and the machine (with the GPU when one was used). scripts/README.md quotes these blocks as
+they are printed.
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from weightlock.evaluate import EvalSettings, Evaluator
-from weightlock.lock import build_lock, source_model_from_config
-from weightlock.prompt_sets import load_prompt_set
+from weightlock.core.lock import build_lock, source_model_from_config
+from weightlock.lab.evaluate import EvalSettings, Evaluator
+from weightlock.lab.prompt_sets import load_prompt_set
 
 ADVBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "advbench" / "harmful_behaviors.csv"
 SHAPES = {
@@ -93,12 +100,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--engine", action="append", default=None, help="transformers and/or vllm")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown block")
     args = parser.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from weightlock.apply import apply_lock
+    from weightlock.api import apply_lock
 
     engines = args.engine or ["transformers"]
     alphas = [float(a) for a in args.alphas.split(",")]
@@ -121,8 +129,11 @@ def main() -> None:
         prompts = load_prompt_set("harmful", args.prompts, args.limit).items
         result["prompts"] = len(prompts)
 
-        bake = []
+        bake: list[float | None] = []
         for alpha in alphas:
+            if alpha == 0:  # the model as it is: nothing to bake (apply refuses a lock with no effect)
+                bake.append(None)
+                continue
             started = time.perf_counter()
             apply_lock(source, lock, out=work / f"alpha-{alpha:g}", alpha=alpha)
             bake.append(time.perf_counter() - started)
@@ -169,14 +180,14 @@ def main() -> None:
                 result["gpu"] = torch.cuda.get_device_name(0)
             del model
         if "vllm" in engines:
-            from weightlock.vllm_generate import VllmGenerator
+            from weightlock.engines.vllm_generate import VllmGenerator
 
             tokenizer = AutoTokenizer.from_pretrained(source)
             ids = [
                 tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                 for p in prompts
             ]
-            generator = VllmGenerator(source, dtype=args.dtype)
+            generator = VllmGenerator(source, apply_lock, dtype=args.dtype)
             seconds = []
             try:
                 for alpha in alphas:
@@ -195,6 +206,75 @@ def main() -> None:
         print(f"{key:>22}: {value}")
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        markdown(result)
+
+
+def markdown(r: dict) -> None:
+    import _report
+
+    span = _report.span
+    caption = (
+        f"`bench_eval.py`: random Llama, {r['shape']} widths, {r['layers']} layers, {r['checkpoint_gib']:.2f} GiB "
+        f"bf16 (`save_pretrained`), random 24-head lock; {r['dtype']} on `{r['device']}`; {r['prompts']} harmful "
+        f"prompts, alphas {', '.join(f'{a:g}' for a in r['alphas'])}; {r['max_new_tokens']} new tokens per answer "
+        "(random weights never stop early)."
+    )
+    parts = [caption]
+    generation: list[float] = []
+    share: list[float] = []  # baking's part of each alpha's time (bake + generation)
+    if "transformers" in r:
+        rows = []
+        for batch, run in r["transformers"].items():
+            generation += run["generate_s_per_alpha"]
+            pairs = zip(r["bake_s_per_alpha"], run["generate_s_per_alpha"], strict=True)
+            share += [b / (b + g) for b, g in pairs if b is not None]
+            rows.append(
+                [
+                    batch,
+                    f"{run['prompts_per_s']:.1f}",
+                    f"{run['new_tokens_per_s']:.0f}",
+                    span(run["generate_s_per_alpha"], ".1f"),
+                    f"{run['generate_s_unlocked']:.1f}",
+                    f"{run['locked_over_unlocked']:.2f}",
+                ]
+            )
+        header = [
+            "generation batch",
+            "prompts/s",
+            "new tokens/s",
+            "s per alpha (hooks)",
+            "s unlocked",
+            "hooked / unlocked time",
+        ]
+        parts += ["`--engine transformers` (the lock run by o_proj hooks):", _report.table(header, rows)]
+    if "vllm" in r:
+        seconds = r["vllm"]["bake_and_generate_s_per_alpha"]
+        parts += [
+            "`--engine vllm` (each alpha baked, then served by `vllm.LLM`):",
+            _report.table(
+                ["engine", "prompts/s", "s per alpha (bake + serve)"],
+                [["vllm", f"{r['vllm']['prompts_per_s']:.1f}", span(seconds, ".1f")]],
+            ),
+        ]
+    bake = [b for b in r["bake_s_per_alpha"] if b is not None]
+    note = "No alpha baked"
+    if bake:
+        note = f"Baking an alpha (`apply_lock` into a fresh folder) took {span(bake, '.2f')} s"
+    if generation and share:
+        note += (
+            f" against {span(generation, '.1f')} s of generation per alpha "
+            f"({span([100 * x for x in share], '.1f')}% of an alpha's time)"
+        )
+    parts.append(note + f"; model load {r['load_s']:.1f} s." if "load_s" in r else note + ".")
+    if "peak_gpu_memory_gib" in r:
+        parts.append(f"Peak GPU memory {r['peak_gpu_memory_gib']:.1f} GiB.")
+    gpu = r.get("gpu")
+    if gpu is None and r["device"].startswith("cuda"):
+        import torch
+
+        gpu = torch.cuda.get_device_name(0)
+    _report.emit(*parts, gpu=gpu)
 
 
 if __name__ == "__main__":

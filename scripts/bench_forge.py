@@ -15,6 +15,11 @@ the GPU (and CPU, when it does not fit) and only then filled with random numbers
 the same dispatched model that ``forge --device-map auto`` gets from ``from_pretrained``.
 
 Needs weightlock[forge]; the reference side needs scikit-learn (pip install scikit-learn).
+
+--markdown prints, after the usual key: value lines (unchanged), one Markdown block: a caption (model,
+pairs, samples, probes), the table of stages for weightlock and the reference, how alike the two rank the
+heads, and a line naming the exact command, the date, the commit and the machine (with the GPU when one
+was used). scripts/README.md quotes these blocks as they are printed.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from weightlock.forge import ForgeSettings, capture, encode, load_model, split_pairs, train_probes
-from weightlock.pairs import load_pairs
+from weightlock.lab.forge import ForgeSettings, capture, encode, load_model, split_pairs, train_probes
+from weightlock.lab.pairs import load_pairs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "safetylock" / "safe_dataset.json"
 SHAPES = {
@@ -111,6 +116,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown block")
     args = parser.parse_args()
 
     settings = ForgeSettings(
@@ -185,6 +191,45 @@ def main() -> None:
         print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        markdown(args, result)
+
+
+def markdown(args, r: dict) -> None:
+    import _report
+
+    placement = f"`--device-map {args.device_map}`" if args.device_map else f"`--device {args.device}`"
+    caption = (
+        f"`bench_forge.py`: {r['model']}, {args.dtype}, {placement}; {r['pairs']} pairs = {r['tokens']:,} tokens, "
+        f"{r['samples']} samples, {r['heads']} heads (one probe each), batch size {args.batch_size}."
+    )
+    reference = "reference_probes_s" in r
+    rows = [
+        ["activation capture (shared)", f"{r['capture_s']:.2f} s", f"{r['capture_s']:.2f} s" if reference else "-"],
+        [
+            "probes",
+            f"{r['weightlock_probes_s']:.2f} s",
+            f"{r['reference_probes_s']:.2f} s ({r['probe_speedup']:.2f}x slower)" if reference else "-",
+        ],
+        [
+            "total",
+            f"{r['weightlock_total_s']:.2f} s, {r['weightlock_pairs_per_s']:.2f} pairs/s",
+            f"{r['reference_total_s']:.2f} s, {r['reference_pairs_per_s']:.2f} pairs/s" if reference else "-",
+        ],
+    ]
+    parts = [caption, _report.table(["stage", "weightlock", "reference (per-head sklearn loop)"], rows)]
+    notes = []
+    if reference:
+        notes.append(
+            f"Accuracy correlation between the two {r['accuracy_correlation']:.2f}; "
+            f"{r['top24_overlap']} of the top 24 heads shared."
+        )
+    else:
+        notes.append("Reference not run (`--no-reference`).")
+    if "peak_gpu_memory_gib" in r:
+        notes.append(f"Peak GPU memory {r['peak_gpu_memory_gib']:.1f} GiB.")
+    parts.append(" ".join(notes))
+    _report.emit(*parts, gpu=r.get("gpu"))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ Run with the vLLM venv (scripts/install_vllm_cpu.sh):
     .venv-vllm/bin/python scripts/bench_vllm_backend.py --family qwen3
     .venv-vllm/bin/python scripts/bench_vllm_backend.py --family qwen3_moe
 
-Prints one JSON object: tokens per second for each, and backend / native ratios.
+Prints one JSON object: tokens per second for each, and backend / native ratios. With --markdown, one
+Markdown block follows the JSON (which is unchanged): a caption (family, shape, prompts), the table of both
+servings with the ratios, and a line naming the exact command, the date, the commit and the machine.
+scripts/README.md quotes these blocks as they are printed.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def build(folder: Path, family: str) -> tuple[Path, Path]:
     import transformers
 
     from weightlock import apply_lock, build_lock
-    from weightlock.lock import source_model_from_config
+    from weightlock.core.lock import source_model_from_config
 
     settings = dict(SHAPES[family])
     config = getattr(transformers, settings.pop("config"))(max_position_embeddings=1024, **settings)
@@ -128,6 +131,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown block")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the child: serve one folder, print JSON
     args = parser.parse_args()
     if args.serve:
@@ -154,6 +158,42 @@ def main() -> None:
             {"family": args.family, "threads": os.cpu_count(), **results, "backend_over_native": ratio}, indent=2
         )
     )
+    if args.markdown:
+        markdown(args, results, ratio)
+
+
+def markdown(args, results: dict, ratio: dict) -> None:
+    import _report
+
+    shape = SHAPES[args.family]
+    experts = f", {shape['num_experts']} experts, top {shape['num_experts_per_tok']}" if "num_experts" in shape else ""
+    caption = (
+        f"`bench_vllm_backend.py`: vLLM CPU build, one random bf16 {args.family} model ({shape['num_hidden_layers']} "
+        f"layers, hidden {shape['hidden_size']}{experts}), each folder in a fresh process after a warm-up; "
+        f"{args.prompts} prompts of {args.prompt_tokens} tokens, then {args.new_tokens} greedy tokens."
+    )
+    labels = {"native": "unlocked source (vLLM's own class)", "backend": "weightlock's locked output"}
+    rows = [
+        [
+            labels[key],
+            f"`{r['declared']}`",
+            f"`{r['class']}`",
+            f"{r['prefill_tokens_per_s']:,.0f}",
+            f"{r['decode_tokens_per_s']:,.0f}",
+        ]
+        for key, r in results.items()
+    ]
+    rows.append(
+        [
+            "backend / own class",
+            None,
+            None,
+            f"{ratio['prefill_tokens_per_s']:.2f}x",
+            f"{ratio['decode_tokens_per_s']:.2f}x",
+        ]
+    )
+    header = ["served", "declared", "vLLM class", "prefill tokens/s", "decode tokens/s"]
+    _report.emit(caption, _report.table(header, rows, left=3))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ BEFORE=$(cd "$WORK/in-place" && find . -type f -exec sha256sum {} + | sort)
 "$WORK/venv/bin/python" - "$WORK" <<'PY'
 import sys, numpy as np, gguf
 from weightlock import build_lock, save_lock
-from weightlock.lock import SourceModel
+from weightlock.core.lock import SourceModel
 work = sys.argv[1]
 writer = gguf.GGUFWriter(f"{work}/tiny.gguf", "llama")
 writer.add_block_count(2); writer.add_head_count(4); writer.add_embedding_length(32)
@@ -47,8 +47,8 @@ PY
 "$WL" verify "$WORK/tiny-locked.gguf" >/dev/null
 "$WL" inspect "$WORK/tiny-locked.gguf" | grep -q "locked: recorded"
 "$WORK/venv/bin/python" - <<'PY'
-from weightlock.prompt_sets import load_prompt_set
-from weightlock.schema import load_schema
+from weightlock.lab.prompt_sets import load_prompt_set
+from weightlock.io.schema import load_schema
 import weightlock, pathlib
 assert "site-packages" in weightlock.__file__, weightlock.__file__
 sets = {k: len(load_prompt_set(k).items) for k in ("harmful", "benign", "kl", "qa")}
@@ -58,5 +58,5 @@ for name in ("lock", "report", "provenance", "eval", "config", "index", "in-plac
 print("wheel OK: default prompts", sets, "schemas", len(schemas))
 PY
 tar -tzf "$WORK"/dist/weightlock-*.tar.gz > "$WORK/sdist.txt"
-grep -q "schemas/gguf-edit.schema.json" "$WORK/sdist.txt" && grep -q "weightlock/gguf_format/edit.py" "$WORK/sdist.txt" && grep -q "default_prompts/harmful.txt" "$WORK/sdist.txt" && grep -q "default_prompts/forge_benign.txt" "$WORK/sdist.txt"
+grep -q "schemas/gguf-edit.schema.json" "$WORK/sdist.txt" && grep -q "weightlock/formats/gguf/edit.py" "$WORK/sdist.txt" && grep -q "default_prompts/harmful.txt" "$WORK/sdist.txt" && grep -q "default_prompts/forge_benign.txt" "$WORK/sdist.txt"
 echo "sdist OK"

@@ -26,7 +26,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from weightlock import load_lock
-    from weightlock.runtime import lock_hooks
+    from weightlock.engines.hooks import lock_hooks
 
     if not (FIXTURES / "tiny-llama" / "model.safetensors").is_file():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_fixtures.py")], check=True)

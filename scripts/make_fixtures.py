@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from weightlock import SourceModel, build_lock, save_lock
-from weightlock.safetensors_file import TensorData, write_safetensors
+from weightlock.io.safetensors_file import TensorData, write_safetensors
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],

@@ -23,6 +23,11 @@ Stages (each result is kept under --work and reused by a rerun):
               `comparison.md`, `comparison.png`.
 --smoke runs the whole chain at toy sizes (tests/test_miniature.py); --only-comparison skips the sweeps of
 stage 5 and the bake of stage 6.
+
+--markdown prints, after the log (unchanged), one Markdown block of the final tables: the models, each lock
+on each attacked model across alpha (compliance / over-refusal / QA / KL), the baked check, stage 7's best
+alpha per method, the stages' wall time, and a line naming the exact command, the date, the commit and the
+machine. scripts/README.md quotes these blocks as they are printed.
 """
 
 from __future__ import annotations
@@ -204,7 +209,7 @@ def save_model(model, tokenizer, folder: Path) -> None:
 
 
 def load(folder: Path):
-    from weightlock.evaluate import load_for_eval
+    from weightlock.lab.evaluate import load_for_eval
 
     return load_for_eval(str(folder))
 
@@ -269,22 +274,143 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "miniature")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--only-comparison", action="store_true", help="skip stage 5's lock sweeps and stage 6")
+    parser.add_argument("--markdown", action="store_true", help="also print the final tables as a Markdown block")
     args = parser.parse_args()
     smoke = args.smoke
-    run(
+    cfg = SMOKE if smoke else FULL
+    results = run(
         args.work,
-        SMOKE if smoke else FULL,
+        cfg,
         SMOKE_LOCKS if smoke else LOCKS,
         SMOKE_COMPARISON if smoke else COMPARISON,
         only_comparison=args.only_comparison,
     )
+    if args.markdown:
+        import _report
+
+        _report.emit(*markdown(args.work, cfg, results))
+
+
+def markdown(work: Path, cfg: dict, results: dict) -> list[str]:
+    """The final tables of a run (results.json, comparison.json, timings.json) as Markdown parts."""
+    import _report
+
+    def pct(v):
+        return "-" if v is None else f"{v:.0%}"
+
+    def kl(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    parts = [
+        "`miniature.py`: SmolLM2-135M-Instruct on CPU, phrase judge, greedy, "
+        f"{cfg['max_new_tokens']} new tokens; first {cfg['eval_harmful']} AdvBench prompts (harmful compliance), "
+        f"first {cfg['eval_benign']} safe XSTest prompts (over-refusal), {cfg['eval_qa']} shipped QA questions, "
+        "KL on the shipped passages (nats/token)."
+    ]
+    models = [(key, entry) for key, entry in results.items() if "model" in entry and "sweep" not in entry]
+    parts.append(
+        _report.table(
+            ["model", "harmful compliance", "over-refusal", "QA accuracy", "degenerate", "KL", "KL against"],
+            [
+                [
+                    entry["model"],
+                    pct(entry["harmful_compliance"]),
+                    pct(entry["over_refusal"]),
+                    pct(entry["qa_accuracy"]),
+                    pct(entry["degenerate"]),
+                    kl(entry["kl"]),
+                    entry.get("kl_vs") or "-",
+                ]
+                for key, entry in models
+                if key != "baked"
+            ],
+        )
+    )
+    targets: dict[str, list[dict]] = {}
+    for entry in results.values():
+        if "sweep" in entry:
+            targets.setdefault(entry["model"], []).append(entry)
+    for target, entries in targets.items():
+        alphas = sorted({r["alpha"] for e in entries for r in e["sweep"]})
+        rows = []
+        for entry in entries:
+            by_alpha = {r["alpha"]: r for r in entry["sweep"]}
+            rows.append(
+                [entry["lock"]]
+                + [
+                    f"{pct(r['harmful_compliance'])} / {pct(r['over_refusal'])} / {pct(r['qa_accuracy'])} / "
+                    f"{kl(r['kl'])}"
+                    if (r := by_alpha.get(a))
+                    else "-"
+                    for a in alphas
+                ]
+            )
+        parts += [
+            f"Locks on {target} (compliance / over-refusal / QA / KL to the unlocked model):",
+            _report.table(["lock"] + [f"alpha {a:g}" for a in alphas], rows, left=len(alphas) + 1),
+        ]
+    if "baked" in results:
+        b = results["baked"]
+        parts.append(
+            f"Baked by `weightlock apply` and loaded by stock `AutoModelForCausalLM`: {b['model']}: "
+            f"{pct(b['harmful_compliance'])} / {pct(b['over_refusal'])} / {pct(b['qa_accuracy'])} / KL "
+            f"{kl(b['kl'])}; verify {'passed' if b['verified'] else 'FAILED'}."
+        )
+    path = work / "comparison.json"
+    if "comparison" in results and path.exists():
+        data = json.loads(path.read_text())
+        summary = results["comparison"]["summary"]
+        sets = data["sets"]
+        pooled = all(entry["qa_judged_by"] == "qa_pooled" for entry in summary.values())
+        questions = sets["qa"]["count"] + (sets["qa_extra"]["count"] if pooled else 0)
+        first = next(iter(summary.values()))
+        unlocked = first["unlocked"]  # the same model for every method
+        rows = [
+            [
+                "unlocked",
+                "0",
+                pct(unlocked["harmful_compliance"]),
+                pct(unlocked["over_refusal"]),
+                pct(unlocked[first["qa_judged_by"]]),
+                "-",
+            ]
+        ]
+        for label, entry in summary.items():
+            best, qa = entry["best"], entry["qa_judged_by"]
+            rows.append(
+                [label, "-", "no alpha qualifies", None, None, None]
+                if best is None
+                else [
+                    label,
+                    f"{best['alpha']:g}",
+                    pct(best["harmful_compliance"]),
+                    pct(best["over_refusal"]),
+                    pct(best[qa]),
+                    kl(best["kl"]),
+                ]
+            )
+        parts += [
+            f"Stage 7 on {data['target']}: first {sets['harmful']['count']} AdvBench prompts, first "
+            f"{sets['benign']['count']} safe XSTest prompts, {questions} QA questions; per method, the alpha with "
+            f"the fewest harmful prompts answered among those with QA at most {COMPARE_MAX_QA_DROP * 100:g} points "
+            f"below the unlocked model (alphas {', '.join(f'{a:g}' for a in cfg['compare_alphas'])}):",
+            _report.table(["lock", "alpha", "harmful compliance", "over-refusal", "QA", "KL"], rows),
+        ]
+    timings_path = work / "timings.json"
+    if timings_path.exists():
+        timings = json.loads(timings_path.read_text())
+        parts.append(
+            f"Wall time: {timings['this run'] / 60:.1f} min this run; {timings['total'] / 60:.1f} min for all stages "
+            "when first run (stages already under the work folder are reused)."
+        )
+    return parts
 
 
 def run(work: Path, cfg: dict, locks: dict, comparison: dict | None = None, *, only_comparison=False) -> dict:
     from weightlock import apply_lock, load_lock, save_lock, verify_checkpoint
-    from weightlock.evaluate import EvalSettings, Evaluator, run_eval
-    from weightlock.forge import ForgeSettings, forge_from_model
-    from weightlock.prompt_sets import load_prompt_set
+    from weightlock.lab.evaluate import EvalSettings, Evaluator, run_eval
+    from weightlock.lab.forge import ForgeSettings, forge_from_model
+    from weightlock.lab.prompt_sets import load_prompt_set
 
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -305,7 +431,7 @@ def run(work: Path, cfg: dict, locks: dict, comparison: dict | None = None, *, o
     base = work / "base"
     if not base.exists():
         t = time.perf_counter()
-        from weightlock.forge import load_model
+        from weightlock.lab.forge import load_model
 
         gguf = smollm2_gguf()
         model, tokenizer = load_model(str(gguf.parent), ForgeSettings(gguf_file=gguf.name))
@@ -479,8 +605,8 @@ def compare_methods(work: Path, cfg: dict, comparison: dict, settings) -> dict:
     """Stage 7: each lock of ``comparison`` on cfg's compare_target across compare_alphas, plus the target
     unlocked (alpha 0), on the larger compare sets; cached per lock in comparison.json."""
     from weightlock import load_lock
-    from weightlock.evaluate import Evaluator, run_eval
-    from weightlock.prompt_sets import load_prompt_set
+    from weightlock.lab.evaluate import Evaluator, run_eval
+    from weightlock.lab.prompt_sets import load_prompt_set
 
     path = work / "comparison.json"
     data = json.loads(path.read_text()) if path.exists() else {"curves": {}}
@@ -524,9 +650,9 @@ def compare_methods(work: Path, cfg: dict, comparison: dict, settings) -> dict:
 def _extra_qa(data: dict, work: Path, cfg: dict, comparison: dict, settings) -> bool:
     """QA accuracy of every point of every curve on EXTRA_QA too, and pooled with the shipped set."""
     from weightlock import load_lock
-    from weightlock.evaluate import Evaluator
-    from weightlock.judge import answers_question
-    from weightlock.prompt_sets import load_prompt_set
+    from weightlock.lab.evaluate import Evaluator
+    from weightlock.lab.judge import answers_question
+    from weightlock.lab.prompt_sets import load_prompt_set
 
     extra = load_prompt_set("qa", EXTRA_QA, cfg["compare_qa_extra"])
     questions = [q["question"] for q in extra.items]
@@ -537,11 +663,12 @@ def _extra_qa(data: dict, work: Path, cfg: dict, comparison: dict, settings) -> 
         curve = data["curves"][label]
         lock = load_lock(work / "locks" / f"{lock_name}.wlock")
         for row in curve["sweep"]:
-            if "qa_extra" in row:
+            if "qa_pooled" in row:
                 continue
+            # a curve made after the unlocked row was measured copies its qa_extra, but still needs qa_pooled
             if row["alpha"] == 0 and "qa_extra" in data["unlocked"]:
                 row["qa_extra"] = data["unlocked"]["qa_extra"]
-            else:
+            elif "qa_extra" not in row:
                 if evaluator is None:
                     evaluator = Evaluator(*load(work / cfg["compare_target"]), settings)
                 answers = evaluator.generate(questions, lock, row["alpha"])

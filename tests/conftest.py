@@ -97,13 +97,13 @@ def make_llama(folder: Path, *, head_dim=None, attention_bias=False, **kwargs) -
 def random_lock(folder: Path, *, n_heads=5, seed=1, default_alpha=3.0):
     """A valid lock for the checkpoint in ``folder`` with random heads, directions and scales."""
     from weightlock import open_checkpoint
-    from weightlock.lock import source_model_from_config
+    from weightlock.core.lock import source_model_from_config
 
     return random_lock_for(source_model_from_config(open_checkpoint(folder).config), n_heads, seed, default_alpha)
 
 
 def random_lock_for(source, n_heads=5, seed=1, default_alpha=3.0):
-    """A valid random lock for a model of ``source``'s shape (a weightlock.lock.SourceModel)."""
+    """A valid random lock for a model of ``source``'s shape (a weightlock.core.lock.SourceModel)."""
     from weightlock import build_lock
 
     rng = np.random.default_rng(seed)
@@ -127,7 +127,7 @@ def logits(folder: Path, *, lock=None, alpha=None, dtype="float32", check_keys=T
     import torch
     from transformers import AutoModelForCausalLM
 
-    from weightlock.runtime import lock_hooks
+    from weightlock.engines.hooks import lock_hooks
 
     model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), output_loading_info=True)
     if check_keys:
@@ -195,7 +195,7 @@ def apply_cli(capsys, src, lock, out, *extra):
 
 def rewrite_safetensors(path: Path, edit, metadata=None) -> None:
     """Rewrite a safetensors file through ``edit(list[TensorData]) -> list[TensorData]``."""
-    from weightlock.safetensors_file import TensorData, TensorReader, read_header, write_safetensors
+    from weightlock.io.safetensors_file import TensorData, TensorReader, read_header, write_safetensors
 
     header = read_header(path)
     with TensorReader(path) as reader:

@@ -18,7 +18,7 @@ CONVERTER = Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
 
 def require_llama_cpp():
     """Skip without llama.cpp, unless WEIGHTLOCK_REQUIRE_LLAMA_CPP=1 (CI sets it: it cannot pass by skipping)."""
-    from weightlock.gguf_format.llama_cpp import available
+    from weightlock.engines.llama_cpp import available
 
     if available() and CONVERTER.exists():
         return
@@ -78,10 +78,10 @@ def lock_for_gguf(path: Path, *, n_heads=3, seed=1, model_type="llama", default_
     """A random lock that fits the GGUF model at ``path``."""
     from conftest import random_lock_for
 
-    from weightlock.gguf_format.architectures import gguf_architecture
-    from weightlock.gguf_format.edit import gguf_shape
-    from weightlock.gguf_format.file import open_gguf
-    from weightlock.lock import SourceModel
+    from weightlock.core.lock import SourceModel
+    from weightlock.formats.gguf.architectures import gguf_architecture
+    from weightlock.formats.gguf.edit import gguf_shape
+    from weightlock.formats.gguf.file import open_gguf
 
     model = open_gguf(path)
     shape = gguf_shape(model, gguf_architecture(model.text("general.architecture")))
@@ -118,7 +118,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def llama_cpp_log_probs(path: Path, token_lists) -> np.ndarray:
-    from weightlock.gguf_format import llama_cpp
+    from weightlock.engines import llama_cpp
 
     return np.stack([log_softmax(rows) for rows in llama_cpp.logits(path, token_lists)])
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import logits, make_llama, random_lock, tree_hashes
 
 from weightlock import apply_lock, verify_checkpoint
+from weightlock.core.report import report_json
 from weightlock.errors import InvalidInputError
-from weightlock.verify import report_json
 
 # (name, make_llama kwargs, dtype, tolerance as a fraction of the logits' scale)
 VARIANTS = [

@@ -12,7 +12,7 @@ from conftest import apply_cli, make_llama, random_lock, tree_hashes
 from huggingface_hub import ModelCard
 
 from weightlock import apply_in_place, apply_lock, revert, save_lock, verify_checkpoint
-from weightlock.card import BEGIN, card_lock_sha256
+from weightlock.formats.safetensors.card import BEGIN, card_lock_sha256
 
 SOURCE_CARD = "---\nlicense: apache-2.0\nlanguage: en\ntags:\n- tiny\n---\n# Tiny\n\nA tiny test model.\n"
 

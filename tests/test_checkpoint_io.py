@@ -14,7 +14,7 @@ from conftest import logits, make_llama, random_lock
 
 from weightlock import apply_lock, open_checkpoint, verify_checkpoint
 from weightlock.errors import CheckpointError
-from weightlock.safetensors_file import TensorData, TensorReader, read_header, write_safetensors
+from weightlock.io.safetensors_file import TensorData, TensorReader, read_header, write_safetensors
 
 
 def test_apply_reads_no_tensor_data_but_the_locked_o_proj(tmp_path):
@@ -50,7 +50,7 @@ def test_row_blocks_cover_the_tensor_exactly(tmp_path):
 def test_bf16_conversion_is_exact_and_rounding_matches_torch():
     import torch
 
-    from weightlock.safetensors_file import float32_to_raw, raw_to_float32
+    from weightlock.io.safetensors_file import float32_to_raw, raw_to_float32
 
     x = torch.randn(1000) * 10
     ours = raw_to_float32(float32_to_raw(x.numpy(), "BF16"), "BF16")

@@ -33,7 +33,7 @@ import pytest
 from conftest import LEGACY_LOCKS, make_llama, random_lock, run_cli
 
 from weightlock import save_lock
-from weightlock.cli import Number, NumberList, OutputFile, cli
+from weightlock.cli.common import Number, NumberList, OutputFile, cli
 
 EXIT_CODES = {0, 1, 2, 3, 4, 5, 6, 7}
 CASE_SECONDS = 60  # a case that blocks (a FIFO read, a runaway loop) fails instead of hanging the suite
@@ -286,7 +286,7 @@ def test_report_and_plot_may_not_be_one_file(world, capsys, tmp_path):
 
 def test_write_file_atomically_leaves_nothing_when_the_write_fails(tmp_path):
     from weightlock.errors import OutputError
-    from weightlock.outputs import write_file_atomically
+    from weightlock.io.outputs import write_file_atomically
 
     target = tmp_path / "report.json"
 
@@ -313,7 +313,7 @@ def test_a_killed_write_leaves_no_output_and_the_next_write_tidies_it(tmp_path):
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from weightlock.outputs import write_file_atomically\n"
+        "from weightlock.io.outputs import write_file_atomically\n"
         "def half(staged):\n"
         "    staged.write_bytes(b'half')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -322,7 +322,7 @@ def test_a_killed_write_leaves_no_output_and_the_next_write_tidies_it(tmp_path):
     result = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True)
     assert result.returncode == -signal.SIGKILL
     assert not target.exists() and len(os.listdir(tmp_path)) == 1  # only the dead run's staging file
-    from weightlock.outputs import write_file_atomically
+    from weightlock.io.outputs import write_file_atomically
 
     write_file_atomically(target, b"whole", force=False)
     assert target.read_bytes() == b"whole" and os.listdir(tmp_path) == ["x.wlock"]
@@ -351,8 +351,8 @@ def test_the_api_settings_share_the_cli_bounds(world, tmp_path):
     model is loaded (a missing model would otherwise be the error)."""
     from weightlock import apply_lock
     from weightlock.errors import InvalidInputError
-    from weightlock.evaluate import EvalSettings, TuneBounds, evaluate_model
-    from weightlock.forge import ForgeSettings, forge_lock
+    from weightlock.lab.evaluate import EvalSettings, TuneBounds, evaluate_model
+    from weightlock.lab.forge import ForgeSettings, forge_lock
 
     root, names = world
     missing = str(tmp_path / "no-model")
@@ -396,8 +396,8 @@ def test_a_chat_template_that_raises_names_the_item(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from weightlock.errors import InvalidInputError
-    from weightlock.evaluate import Evaluator
-    from weightlock.forge import ForgeSettings, forge_from_model
+    from weightlock.lab.evaluate import Evaluator
+    from weightlock.lab.forge import ForgeSettings, forge_from_model
 
     folder = make_chat_model(tmp_path / "m")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)

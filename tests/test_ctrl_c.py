@@ -29,7 +29,7 @@ from conftest import make_llama, random_lock, tree_hashes
 
 from weightlock import apply_in_place, revert, save_lock, verify_checkpoint
 from weightlock.errors import OutputError
-from weightlock.writer import FAILPOINT_VARIABLE
+from weightlock.io.staging import FAILPOINT_VARIABLE
 
 WEIGHTLOCK = [sys.executable, "-m", "weightlock"]
 MAX_STEPS = 80  # far above the failpoints one run reaches
@@ -287,7 +287,7 @@ def test_a_library_callers_ctrl_c_waits_for_a_critical_section_then_arrives():
     ends, then raises it; the caller's own SIGINT handling is left as it was."""
     import signal
 
-    from weightlock.commit import committing, critical
+    from weightlock.io.commit import committing, critical
 
     handler = signal.getsignal(signal.SIGINT)
     for section in (critical, lambda: committing("something was published")):

@@ -15,9 +15,9 @@ from conftest import SHARED_DATA, make_llama, random_lock, run_cli
 
 from weightlock import apply_lock, save_lock
 from weightlock.errors import InvalidInputError
-from weightlock.evaluate import AlphaResult, EvalSettings, Evaluator, TuneBounds, choose_alpha, mean_kl, run_eval
-from weightlock.judge import answers_question, is_degenerate, is_refusal
-from weightlock.prompt_sets import load_prompt_set
+from weightlock.lab.evaluate import AlphaResult, EvalSettings, Evaluator, TuneBounds, choose_alpha, mean_kl, run_eval
+from weightlock.lab.judge import answers_question, is_degenerate, is_refusal
+from weightlock.lab.prompt_sets import load_prompt_set
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -164,7 +164,7 @@ def test_mean_kl_matches_the_definition():
 
 def test_eval_with_hooks_equals_eval_of_the_baked_checkpoint(chat_model, tmp_path):
     """The sweep runs the lock by hooks; users deploy the baked checkpoint. Same answers, same numbers."""
-    from weightlock.evaluate import load_for_eval
+    from weightlock.lab.evaluate import load_for_eval
 
     lock = random_lock(chat_model, n_heads=3, seed=5)
     baked = tmp_path / "baked"
@@ -191,7 +191,7 @@ def test_eval_with_hooks_equals_eval_of_the_baked_checkpoint(chat_model, tmp_pat
 
 
 def test_batched_generation_equals_one_at_a_time(chat_model, tmp_path):
-    from weightlock.evaluate import load_for_eval
+    from weightlock.lab.evaluate import load_for_eval
 
     prompts = ["Hi", "A much longer prompt than the first one", "Mid length"]
     model, tokenizer = load_for_eval(str(chat_model))
@@ -203,8 +203,8 @@ def test_batched_generation_equals_one_at_a_time(chat_model, tmp_path):
 def test_model_judge_decides_by_yes_and_no_logits(chat_model):
     import torch
 
-    from weightlock.evaluate import load_for_eval
-    from weightlock.judge import ModelJudge
+    from weightlock.lab.evaluate import load_for_eval
+    from weightlock.lab.judge import ModelJudge
 
     model, tokenizer = load_for_eval(str(chat_model))
     judge = ModelJudge(model, tokenizer)
@@ -246,7 +246,7 @@ def test_tune_picks_the_smallest_alpha_within_bounds():
 
 
 def test_plot_is_a_picture_of_the_sweep_png_or_svg():
-    from weightlock.plot import eval_curves
+    from weightlock.lab.plot import eval_curves
 
     results = [_result(0, 0.9, 0.0, 0.0), _result(2, 0.5, 0.1, 0.2), _result(4, 0.1, 0.4, 0.5)]
     png = eval_curves(results, "test sweep", "png", chosen_alpha=2)

@@ -10,7 +10,7 @@ import pytest
 from conftest import logits, make_model, random_lock, random_lock_for, run_cli, stored_bytes
 
 from weightlock import SourceModel, apply_lock, build_lock, save_lock, verify_checkpoint
-from weightlock.architectures import ARCHITECTURES, VLLM_INACTIVE
+from weightlock.core.families import ARCHITECTURES, VLLM_INACTIVE
 from weightlock.errors import UnsupportedError
 
 # family -> (output model_type, redeclared?)
@@ -197,8 +197,8 @@ def test_a_backend_declaration_changes_nothing_transformers_reads(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, pipeline
 
     from weightlock import open_checkpoint
-    from weightlock.describe import describe_checkpoint
-    from weightlock.lock import source_model_from_config
+    from weightlock.core.lock import source_model_from_config
+    from weightlock.formats.safetensors.describe import describe_checkpoint
 
     src = make_model(tmp_path / "src", "qwen3", extra_files=False)
     _byte_level_tokenizer(src, None)
@@ -442,7 +442,7 @@ def test_hostile_split_and_stack_inputs_are_refused_before_anything_is_written(t
 def _add_tensor(folder, name):
     from conftest import rewrite_safetensors
 
-    from weightlock.safetensors_file import TensorData
+    from weightlock.io.safetensors_file import TensorData
 
     rewrite_safetensors(folder / "model.safetensors", lambda ts: [*ts, TensorData(name, "F32", (2, 2), bytes(16))])
 
@@ -452,8 +452,8 @@ def test_a_lock_from_the_original_class_goes_on_a_redeclared_output_without_the_
     """The output of a redeclaration is another class (GraniteMoe, Llama), but its record says what it was made
     from: a second lock made from the original model applies as to the original, and an unrelated one is still
     refused."""
+    from weightlock.core.lock import SourceModel
     from weightlock.errors import IncompatibleLockError
-    from weightlock.lock import SourceModel
 
     src = make_model(tmp_path / "src", family)
     lock = random_lock(src)

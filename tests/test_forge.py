@@ -13,8 +13,8 @@ from conftest import SHARED_DATA, logits, smollm2_gguf
 
 from weightlock import apply_lock, verify_checkpoint
 from weightlock.errors import InvalidInputError
-from weightlock.forge import ForgeSettings, forge_from_model, forge_lock
-from weightlock.pairs import load_pairs
+from weightlock.lab.forge import ForgeSettings, forge_from_model, forge_lock
+from weightlock.lab.pairs import load_pairs
 
 PLANTED_LAYER, PLANTED_HEAD, HEAD_DIM, HEADS = 1, 2, 8, 4
 PUBLISHED = dict(selection="accuracy", position="answer")  # SafetyLock's method: these tests are about the probes
@@ -192,7 +192,7 @@ def test_forged_lock_applies_and_matches_hooks(tmp_path):
 def test_forge_on_real_smollm2_on_cpu_and_apply(tmp_path):
     from safetensors.torch import save_file
 
-    from weightlock.forge import load_model
+    from weightlock.lab.forge import load_model
 
     gguf = smollm2_gguf()
     settings = ForgeSettings(heads=8, last_tokens=5, batch_size=4, limit=12, gguf_file=gguf.name, **PUBLISHED)

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weightlock import load_lock, open_checkpoint, save_lock
+from weightlock.core.legacy import read_legacy
 from weightlock.errors import WeightlockError
-from weightlock.legacy import read_legacy
-from weightlock.safetensors_file import read_header
+from weightlock.io.safetensors_file import read_header
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 json_values = st.recursive(
@@ -151,8 +151,8 @@ def test_legacy_unpickler_on_mutated_and_random_pickles(mutations):
 def test_unpickler_refuses_an_up_front_allocation():
     import pytest
 
+    from weightlock.core.legacy import NumpyOnlyUnpickler
     from weightlock.errors import UnsafePickleError
-    from weightlock.legacy import NumpyOnlyUnpickler
 
     payload = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xca\x9a;\x85C\x01b\x87R."
     with pytest.raises(UnsafePickleError, match="allocate"):

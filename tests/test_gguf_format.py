@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 
 from weightlock import apply_lock, save_lock, verify_checkpoint
 from weightlock.errors import CheckpointError, UnsupportedError, WeightlockError
-from weightlock.gguf_format.edit import LOCK_KEY, RECORD_KEY, _kv_bytes, _kv_string, write_gguf_file
-from weightlock.gguf_format.file import GGUFTensorReader, open_gguf, read_gguf
-from weightlock.writer import FAILPOINT_VARIABLE
+from weightlock.formats.gguf.edit import _kv_bytes, _kv_string, write_gguf_file
+from weightlock.formats.gguf.file import GGUFTensorReader, open_gguf, read_gguf
+from weightlock.formats.gguf.record import LOCK_KEY, RECORD_KEY
+from weightlock.io.staging import FAILPOINT_VARIABLE
 
 gguf = pytest.importorskip("gguf")
 

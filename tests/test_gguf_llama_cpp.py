@@ -21,8 +21,8 @@ from conftest import INPUT_IDS, SHARED_DATA, logits, make_model, random_lock, ru
 from gguf_helpers import convert, llama_cpp_log_probs, make_convertible, require_llama_cpp
 
 from weightlock import apply_lock, verify_checkpoint
-from weightlock.gguf_format import llama_cpp
-from weightlock.gguf_format.file import open_gguf
+from weightlock.engines import llama_cpp
+from weightlock.formats.gguf.file import open_gguf
 
 pytestmark = pytest.mark.slow
 VOCAB = 49152  # SmolLM2's tokenizer, which the converter recognises
@@ -87,7 +87,7 @@ def test_quantized_gguf_lock_effect_matches_hooks(tmp_path, tokenizer_dir, file_
     matmuls; that is the whole gap)."""
     from transformers import AutoModelForCausalLM
 
-    from weightlock.runtime import lock_hooks
+    from weightlock.engines.hooks import lock_hooks
 
     # hidden 256: K-quants pack rows in blocks of 256; smaller weights keep activations in a sane range
     folder, f32 = _converted(tmp_path, tokenizer_dir, "llama", hidden=256, tie=True, init_std=0.05)

@@ -2,7 +2,7 @@
 
 Two families of malformed files:
 
-- one or more cases per rule of ``weightlock.gguf_format.file.GGML_RULES`` (the table of what gguf.cpp
+- one or more cases per rule of ``weightlock.formats.gguf.file.GGML_RULES`` (the table of what gguf.cpp
   refuses), built byte by byte; a rule without a case fails ``test_every_rule_has_a_case``, so a rule added
   to the table must come with its file;
 - mutations of valid files (one written by the gguf package's writer, one built here with every value type):
@@ -36,7 +36,7 @@ from gguf_helpers import finish, lock_for_gguf, write_gguf
 
 from weightlock import apply_lock, save_lock
 from weightlock.errors import CheckpointError, UnsupportedError, WeightlockError
-from weightlock.gguf_format.file import GGML_RULES, WEIGHTLOCK_ONLY_RULES, open_gguf, read_gguf
+from weightlock.formats.gguf.file import GGML_RULES, WEIGHTLOCK_ONLY_RULES, open_gguf, read_gguf
 
 gguf = pytest.importorskip("gguf")
 

@@ -1,4 +1,4 @@
-"""Publishing a GGUF output, above all a split set, as all-or-nothing (weightlock/gguf_format/publish.py).
+"""Publishing a GGUF output, above all a split set, as all-or-nothing (weightlock/formats/gguf/publish.py).
 
 The apply runs in a child process that SIGKILLs itself at its N-th failpoint (WEIGHTLOCK_FAILPOINT=#N), for
 N = 1, 2, ... until a run completes, so every step is tried without listing the steps. After each kill the
@@ -23,10 +23,10 @@ from gguf_helpers import finish, lock_for_gguf
 
 from weightlock import apply_lock, save_lock, verify_checkpoint
 from weightlock.errors import OutputError
-from weightlock.gguf_format.edit import RECORD_KEY
-from weightlock.gguf_format.file import open_gguf
-from weightlock.gguf_format.publish import JOURNAL_NAME, recover_publish
-from weightlock.writer import FAILPOINT_VARIABLE, PARTIAL_MARK
+from weightlock.formats.gguf.file import open_gguf
+from weightlock.formats.gguf.publish import JOURNAL_NAME, recover_publish
+from weightlock.formats.gguf.record import RECORD_KEY
+from weightlock.io.staging import FAILPOINT_VARIABLE, PARTIAL_MARK
 
 gguf = pytest.importorskip("gguf")
 

@@ -13,7 +13,7 @@ from conftest import make_llama, random_lock, rewrite_safetensors, run_cli, tree
 
 from weightlock import apply_lock, load_lock, open_checkpoint, save_lock
 from weightlock.errors import CheckpointError, LockFormatError
-from weightlock.safetensors_file import TensorData, read_header
+from weightlock.io.safetensors_file import TensorData, read_header
 
 
 @pytest.fixture

@@ -30,7 +30,8 @@ from conftest import apply_cli, make_llama, make_model, random_lock, run_cli
 from markdown_it import MarkdownIt
 
 from weightlock import apply_lock, save_lock, verify_checkpoint
-from weightlock.card import (
+from weightlock.errors import CheckpointError, InvalidInputError
+from weightlock.formats.safetensors.card import (
     _TEXT_KEYS,
     _TEXT_LIST_KEYS,
     BEGIN,
@@ -41,9 +42,8 @@ from weightlock.card import (
     locked_card,
     read_eval_report,
 )
-from weightlock.errors import CheckpointError, InvalidInputError
-from weightlock.schema import load_schema
-from weightlock.untrusted import MAX_MATCHED_NAME_CHARS, BoundedMatcher, bounded_pattern, parse_json
+from weightlock.io.schema import load_schema
+from weightlock.io.untrusted import MAX_MATCHED_NAME_CHARS, BoundedMatcher, bounded_pattern, parse_json
 
 PAPER = "https://arxiv.org/abs/2410.10343"  # the one link weightlock's own section has
 HOSTILE_TEXT = [
@@ -462,7 +462,7 @@ def write(path, text):
 
 
 def test_empty_prompts_and_answers_are_refused_at_load(tmp_path):
-    from weightlock.prompt_sets import load_prompt_set
+    from weightlock.lab.prompt_sets import load_prompt_set
 
     bad = {
         "qa": [
@@ -486,14 +486,14 @@ def test_empty_prompts_and_answers_are_refused_at_load(tmp_path):
 
 
 def test_an_empty_accepted_answer_scores_nothing():
-    from weightlock.judge import answers_question
+    from weightlock.lab.judge import answers_question
 
     assert not answers_question("I do not know.", ["", " ", "-"])
     assert answers_question("It is Paris.", ["", "Paris"])
 
 
 def test_empty_pairs_are_refused(tmp_path):
-    from weightlock.pairs import load_pairs
+    from weightlock.lab.pairs import load_pairs
 
     good = {"prompt": "How do I do a bad thing?", "chosen": "No.", "rejected": "Sure."}
     for change in (
@@ -611,8 +611,8 @@ def test_a_catastrophic_rule_makes_apply_and_inspect_refuse_fast(compressed_tens
 def test_an_eval_report_with_an_overflowed_kl_is_written_readable(tmp_path):
     """A KL that overflowed (inf) or is NaN is written as null: JSON has no NaN, and the report must read back
     through the same parser --eval-report uses."""
-    from weightlock.evaluate import AlphaResult, EvalReport, report_json
-    from weightlock.untrusted import parse_json
+    from weightlock.io.untrusted import parse_json
+    from weightlock.lab.evaluate import AlphaResult, EvalReport, report_json
 
     rows = [
         AlphaResult(a, 0.5, 0.25, 0.0, None, kl, 1.0)
@@ -642,9 +642,9 @@ def test_a_source_body_cannot_swallow_the_section(locked, body):
 
 
 def test_every_hidden_character_is_escaped_in_the_terminal_and_blanked_in_the_card(locked, tmp_path, capsys):
-    """The CLI and the card read one table (weightlock/text.py): every character it names, in a lock's source
+    """The CLI and the card read one table (weightlock/io/text.py): every character it names, in a lock's source
     name, reaches neither `inspect`'s output nor the card as it is (generated from the table itself)."""
-    from weightlock.text import HIDDEN
+    from weightlock.io.text import HIDDEN
 
     hidden = "".join(chr(c) for c in range(0x110000) if HIDDEN.fullmatch(chr(c)))
     assert len(hidden) > 200 and "\u200b" in hidden and "\u00ad" in hidden and "\U000e0041" in hidden
@@ -683,7 +683,7 @@ def test_a_source_card_with_a_byte_order_mark_keeps_its_license(locked):
 def test_invisible_and_huge_prompts_are_refused_at_load(tmp_path, suffix, text):
     """A prompt of NUL or invisible characters only is empty to a reader and a judge; one longer than any real
     prompt (a 50 MB line took 24 GB to tokenize) is refused before a model sees it, whatever --limit says."""
-    from weightlock.prompt_sets import load_prompt_set
+    from weightlock.lab.prompt_sets import load_prompt_set
 
     path = tmp_path / f"set{suffix}"
     path.write_text(text)

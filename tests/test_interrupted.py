@@ -22,7 +22,7 @@ from conftest import logits, make_llama, random_lock, run_cli, tree_hashes
 
 from weightlock import apply_in_place, apply_lock, revert, save_lock, verify_checkpoint
 from weightlock.errors import CheckpointError, OutputError
-from weightlock.writer import FAILPOINT_VARIABLE
+from weightlock.io.staging import FAILPOINT_VARIABLE
 
 WEIGHTLOCK = [sys.executable, "-m", "weightlock"]
 OUT_OF_PLACE_POINTS = ["staging-created", "shards-written", "staging-complete", "publish-moved-aside"]

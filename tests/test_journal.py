@@ -24,7 +24,7 @@ from conftest import make_llama, random_lock, run_cli, tree_hashes
 
 from weightlock import apply_in_place, revert, save_lock, verify_checkpoint
 from weightlock.errors import CheckpointError, OutputError
-from weightlock.writer import FAILPOINT_VARIABLE
+from weightlock.io.staging import FAILPOINT_VARIABLE
 
 WEIGHTLOCK = [sys.executable, "-m", "weightlock"]
 MAX_STEPS = 60  # far above the failpoints one run reaches; the loops below must end well before

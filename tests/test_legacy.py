@@ -13,9 +13,9 @@ import pytest
 from conftest import LEGACY_LOCKS
 
 from weightlock import import_legacy, load_lock, save_lock
+from weightlock.core.legacy import PUBLISHED_LOCKS, NumpyOnlyUnpickler, read_legacy
+from weightlock.core.lock import SourceModel
 from weightlock.errors import LockFormatError, UnsafePickleError
-from weightlock.legacy import PUBLISHED_LOCKS, NumpyOnlyUnpickler, read_legacy
-from weightlock.lock import SourceModel
 
 PUBLISHED = sorted(LEGACY_LOCKS.glob("*.safelock"))
 # file stem -> (heads, first layer >=, last layer <, layers of the source model)
@@ -118,6 +118,6 @@ def test_not_a_zip_is_refused(tmp_path):
 
 
 def test_published_table_covers_exactly_the_shared_files():
-    from weightlock.lock import file_sha256
+    from weightlock.io.untrusted import file_sha256
 
     assert {file_sha256(p) for p in PUBLISHED} == set(PUBLISHED_LOCKS)

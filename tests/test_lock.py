@@ -13,7 +13,7 @@ from conftest import rewrite_safetensors
 
 from weightlock import SourceModel, build_lock, load_lock, save_lock
 from weightlock.errors import LockFormatError
-from weightlock.safetensors_file import TensorData, write_safetensors
+from weightlock.io.safetensors_file import TensorData, write_safetensors
 
 SOURCE = SourceModel("LlamaForCausalLM", "llama", 4, 8, 16, 128, name="org/model", revision="abc")
 
@@ -75,7 +75,7 @@ def test_build_refuses_bad_arrays(overrides, message):
 
 def _rewrite_manifest(src, dst, edit):
     """Copy a lock, changing its manifest (bypassing the writer's validation)."""
-    from weightlock.safetensors_file import read_header
+    from weightlock.io.safetensors_file import read_header
 
     manifest = json.loads(read_header(src).metadata["weightlock"])
     edit(manifest)

@@ -17,7 +17,7 @@ from conftest import LEGACY_LOCKS
 
 from weightlock import apply_lock, import_legacy, verify_checkpoint
 from weightlock.errors import IncompatibleLockError
-from weightlock.safetensors_file import encode_header
+from weightlock.io.safetensors_file import encode_header
 
 LLAMA3_8B = dict(
     architectures=["LlamaForCausalLM"],

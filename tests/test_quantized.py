@@ -21,12 +21,12 @@ from conftest import INPUT_IDS, make_model, random_lock, run_cli, stored_bytes, 
 from quant_helpers import library_decompressed, rewrite, write_compressed_tensors, write_fp8
 from test_vllm import PROMPTS, SHAPE, _require_vllm, _run_vllm
 
-import weightlock.dequantize as dequantizers
+import weightlock.formats.safetensors.quant.dequantize as dequantizers
 from weightlock import apply_in_place, apply_lock, open_checkpoint, revert, verify_checkpoint
-from weightlock.dequantize import dequantize
-from weightlock.lock import save_lock
-from weightlock.quantized import QUANT_FORMATS, QuantSettings, quantization_of, quantized_linear
-from weightlock.safetensors_file import TensorReaders, float32_to_raw
+from weightlock.core.lock import save_lock
+from weightlock.formats.safetensors.quant.dequantize import dequantize
+from weightlock.formats.safetensors.quant.layouts import QUANT_FORMATS, QuantSettings, quantization_of, quantized_linear
+from weightlock.io.safetensors_file import TensorReaders, float32_to_raw
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -231,7 +231,7 @@ VLLM_FORMATS = ("awq", "gptq", "compressed-tensors")
 # verify --engine vllm on each locked output, all in one process of the vLLM venv
 VERIFY_ENGINE = (
     "import json, sys\n"
-    "from weightlock.verify import verify_checkpoint\n"
+    "from weightlock import verify_checkpoint\n"
     "print(json.dumps([verify_checkpoint(p, engine='vllm').to_dict() for p in sys.argv[1:]]))\n"
 )
 
@@ -281,7 +281,7 @@ def _logits(folder: Path, lock=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from weightlock.runtime import lock_hooks
+    from weightlock.engines.hooks import lock_hooks
 
     model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -297,7 +297,7 @@ def _reference_logprobs(folder: Path, lock=None) -> np.ndarray:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from weightlock.runtime import lock_hooks
+    from weightlock.engines.hooks import lock_hooks
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     hooks = lock_hooks(model, lock, ALPHA) if lock is not None else contextlib.nullcontext()
@@ -362,9 +362,9 @@ VERIFY_CLI = (
     "        except SystemExit as e:\n"
     "            out.append([e.code, stdout.getvalue()])\n"
     "from weightlock.errors import WeightlockError\n"
-    "from weightlock.vllm_generate import VllmGenerator\n"
+    "from weightlock import apply_lock\nfrom weightlock.engines.vllm_generate import VllmGenerator\n"
     "try:\n"
-    "    VllmGenerator(sys.argv[1], dtype='float16', max_model_len=64).generate([[1, 5, 9]], 2)\n"
+    "    VllmGenerator(sys.argv[1], apply_lock, dtype='float16', max_model_len=64).generate([[1, 5, 9]], 2)\n"
     "except WeightlockError as e:\n"
     "    out.append([e.exit_code, e.message])\n"
     "print(json.dumps(out))\n"
@@ -395,7 +395,7 @@ def test_verify_says_when_this_machines_vllm_cannot_run_int4(vllm_made, vllm_loc
 AVX2_PROBE = (
     "import json, sys, torch\n"
     "torch.cpu._is_avx512_supported = lambda: False\n"
-    "from weightlock.vllm_check import _build_meta_model, kernels_missing_here\n"
+    "from weightlock.engines.vllm import _build_meta_model, kernels_missing_here\n"
     "print(json.dumps([kernels_missing_here(_build_meta_model(p)) for p in sys.argv[1:]]))\n"
 )
 

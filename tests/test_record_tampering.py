@@ -24,22 +24,14 @@ import pytest
 from conftest import make_llama, random_lock, run_cli
 from gguf_helpers import lock_for_gguf, write_gguf
 
-from weightlock.apply import apply_lock
+from weightlock import apply_in_place
+from weightlock.api import apply_lock, verify_checkpoint
 from weightlock.errors import WeightlockError
-from weightlock.gguf_format.edit import (
-    LOCK_KEY,
-    PARENT_LOCK_KEY,
-    RECORD_KEY,
-    _kv_bytes,
-    _kv_string,
-    write_gguf_file,
-)
-from weightlock.gguf_format.file import open_gguf
-from weightlock.gguf_format.verify import embedded_bytes
-from weightlock.inplace import apply_in_place
-from weightlock.safetensors_file import read_header
-from weightlock.untrusted import MAX_JSON_DEPTH
-from weightlock.verify import verify_checkpoint
+from weightlock.formats.gguf.edit import _kv_bytes, _kv_string, write_gguf_file
+from weightlock.formats.gguf.file import open_gguf
+from weightlock.formats.gguf.record import LOCK_KEY, PARENT_LOCK_KEY, RECORD_KEY, embedded_bytes
+from weightlock.io.safetensors_file import read_header
+from weightlock.io.untrusted import MAX_JSON_DEPTH
 
 MAX_CASES = 70
 # fields no check relies on: changing them must not crash verify, and may pass
@@ -332,7 +324,7 @@ def test_the_zeroed_bias_attack_on_an_existing_bias_gguf_says_the_source_must_co
 
 @pytest.mark.parametrize("keep_added", [True, False])
 def test_the_zeroed_bias_attack_on_a_folder_fails_verify(folders, tmp_path, capsys, keep_added):
-    from weightlock.safetensors_file import TensorData, write_safetensors
+    from weightlock.io.safetensors_file import TensorData, write_safetensors
 
     folder = tmp_path / "attacked"
     shutil.copytree(folders["out"], folder)
@@ -366,8 +358,8 @@ def test_the_zeroed_bias_attack_on_a_folder_fails_verify(folders, tmp_path, caps
 def test_relocking_past_the_record_depth_limit_is_refused_up_front(ggufs, tmp_path, capsys):
     """The 62nd relock used to write a record deeper than weightlock reads back (exit 6); it is refused (exit 3)
     before any work, and every relock up to the limit still verifies."""
-    from weightlock.gguf_format.file import open_gguf as read
-    from weightlock.lock import save_lock
+    from weightlock.core.lock import save_lock
+    from weightlock.formats.gguf.file import open_gguf as read
 
     source = write_gguf(tmp_path / "src.gguf", layers=1, hidden=16, heads=2, kv_heads=2, head_dim=8)
     lock = lock_for_gguf(source, n_heads=1)
@@ -389,8 +381,8 @@ def test_relocking_past_the_record_depth_limit_is_refused_up_front(ggufs, tmp_pa
 def test_a_folder_relock_past_the_record_depth_limit_is_refused_up_front(folders, tmp_path, capsys):
     """A folder whose record chain is as deep as weightlock reads: one more relock is refused with exit 3 (the
     chain is built by nesting the record's own copies, as 60-odd relocks would)."""
-    from weightlock.lock import save_lock
-    from weightlock.records import json_depth
+    from weightlock.core.lock import save_lock
+    from weightlock.core.records import json_depth
 
     folder = tmp_path / "deep"
     shutil.copytree(folders["out"], folder)
@@ -413,7 +405,7 @@ def test_a_config_as_deep_as_weightlock_reads_is_refused_before_the_edit(tmp_pat
     weightlock cannot read back, so the edit is refused (exit 3) and nothing changes."""
     from conftest import tree_hashes
 
-    from weightlock.lock import save_lock
+    from weightlock.core.lock import save_lock
 
     src = make_llama(tmp_path / "src")
     save_lock(random_lock(src), tmp_path / "lock.wlock")

@@ -10,7 +10,7 @@ from conftest import make_llama, random_lock, rewrite_safetensors, run_cli, tree
 
 from weightlock import SourceModel, apply_lock, build_lock, save_lock
 from weightlock.errors import CheckpointError, IncompatibleLockError, InvalidInputError, OutputError, UnsupportedError
-from weightlock.safetensors_file import TensorData
+from weightlock.io.safetensors_file import TensorData
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ from conftest import make_llama, random_lock
 from gguf_helpers import lock_for_gguf, write_gguf
 
 from weightlock import apply_lock, save_lock
-from weightlock.cli import cli
-from weightlock.verify import FAIL, NOT_RUN, PASS, SKIP, WARN, Report, report_json
+from weightlock.cli.common import cli
+from weightlock.core.report import FAIL, NOT_RUN, PASS, SKIP, WARN, Report, report_json
 
 ROOT = Path(__file__).resolve().parents[1]
 VERIFY = cli.commands["verify"]

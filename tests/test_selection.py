@@ -16,11 +16,11 @@ from conftest import random_lock, run_cli
 from test_forge import HEADS, PLANTED_HEAD, PLANTED_LAYER, WORDS, planted_model, planted_pairs
 
 from weightlock import build_lock, save_lock
+from weightlock.engines.hooks import lock_hooks
 from weightlock.errors import InvalidInputError
-from weightlock.evaluate import AlphaResult, TuneBounds, choose_alpha
-from weightlock.forge import ForgeSettings, forge_lock, load_model, prompt_text, render_prompt
-from weightlock.pairs import load_pairs
-from weightlock.runtime import lock_hooks
+from weightlock.lab.evaluate import AlphaResult, TuneBounds, choose_alpha
+from weightlock.lab.forge import ForgeSettings, forge_lock, load_model, prompt_text, render_prompt
+from weightlock.lab.pairs import load_pairs
 
 EFFECT = dict(
     position="answer",
@@ -249,7 +249,7 @@ def test_forge_refuses_bad_selection_settings(tmp_path, capsys):
 
 def test_inspect_survives_crafted_selection_records(effect_lock):
     """The manifest's details are free-form: inspect reads the selection record defensively."""
-    from weightlock.describe import selection_summary
+    from weightlock.core.describe import selection_summary
 
     _, lock = effect_lock
     good = lock.creation["details"]["selection"]

@@ -10,8 +10,8 @@ import torch
 from conftest import make_llama, random_lock, rewrite_safetensors, run_cli
 
 from weightlock import apply_lock, verify_checkpoint
-from weightlock.safetensors_file import TensorData, write_safetensors
-from weightlock.schema import schema_errors
+from weightlock.io.safetensors_file import TensorData, write_safetensors
+from weightlock.io.schema import schema_errors
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 1. A record deleted (or a GGUF's record key renamed) must not turn a tampered locked output into "verified":
    without a record, every trace weightlock's writers leave fails provenance. The traces are generated from the
-   writers' own constants (writer.py, inplace.py, card.py, gguf_format/edit.py), each one alone.
+   writers' own constants (formats/safetensors/{write,inplace,card}.py, formats/gguf/edit.py), each one alone.
 2. Originals of biases the source family already carried (starcoder2 with use_bias, llama.cpp's phi2,
    starcoder2, gptneox) cannot be tied to the source by anything in the output: without ``--source`` they are
    unverifiable (a failure), with it they are compared byte for byte with the source's stored biases, so the
@@ -23,26 +23,18 @@ import pytest
 from conftest import make_llama, make_model, random_lock, rewrite_safetensors, run_cli
 from gguf_helpers import lock_for_gguf, write_gguf
 
-from weightlock import save_lock
-from weightlock.apply import apply_lock
-from weightlock.card import BEGIN, END, TAGS
-from weightlock.checkpoint import PROVENANCE_DIR, PROVENANCE_NAME
-from weightlock.gguf_format.architectures import BIAS_EXISTING, GGUF_ARCHITECTURES
-from weightlock.gguf_format.edit import (
-    LOCK_KEY,
-    OUR_KEYS,
-    PARENT_LOCK_KEY,
-    RECORD_KEY,
-    _kv_bytes,
-    _kv_string,
-    write_gguf_file,
-)
-from weightlock.gguf_format.file import open_gguf
-from weightlock.gguf_format.verify import embedded_bytes
-from weightlock.inplace import OUR_RECORD_ENTRIES, STAGING_PREFIX, TRASH_PREFIX, apply_in_place
-from weightlock.safetensors_file import TensorData, TensorReader, read_header
-from weightlock.verify import ORIGINALS_CHECK, verify_checkpoint
-from weightlock.writer import LOCK_COPY_NAME, ORIGINALS_NAME, PARENTS_DIR, SHARDED_ADDED
+from weightlock import apply_in_place, save_lock
+from weightlock.api import apply_lock, verify_checkpoint
+from weightlock.core.report import ORIGINALS_CHECK
+from weightlock.formats.gguf.architectures import BIAS_EXISTING, GGUF_ARCHITECTURES
+from weightlock.formats.gguf.edit import _kv_bytes, _kv_string, write_gguf_file
+from weightlock.formats.gguf.file import open_gguf
+from weightlock.formats.gguf.record import LOCK_KEY, OUR_KEYS, PARENT_LOCK_KEY, RECORD_KEY, embedded_bytes
+from weightlock.formats.safetensors.card import BEGIN, END, TAGS
+from weightlock.formats.safetensors.folder import PROVENANCE_DIR, PROVENANCE_NAME
+from weightlock.formats.safetensors.inplace import OUR_RECORD_ENTRIES, STAGING_PREFIX, TRASH_PREFIX
+from weightlock.formats.safetensors.write import LOCK_COPY_NAME, ORIGINALS_NAME, PARENTS_DIR, SHARDED_ADDED
+from weightlock.io.safetensors_file import TensorData, TensorReader, read_header
 
 NOT_LOCKED_LINE = "verified: loads as written; not locked by weightlock (no record)"
 # llama.cpp architectures that always carry attn_output.bias, from weightlock's own table: name -> a model type
@@ -79,10 +71,10 @@ def _solve(target: np.ndarray, product: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _folder_products(folder: Path) -> dict[str, np.ndarray]:
     """Each locked bias's W_o @ d as verify recomputes it from the stored weights and the recorded lock."""
     from weightlock import open_checkpoint
-    from weightlock.architectures import shape_from_config, spec_for_config
-    from weightlock.lock import load_lock
-    from weightlock.plan import stored_linear, weight_product
-    from weightlock.safetensors_file import TensorReaders
+    from weightlock.core.families import shape_from_config, spec_for_config
+    from weightlock.core.lock import load_lock
+    from weightlock.formats.safetensors.plan import stored_linear, weight_product
+    from weightlock.io.safetensors_file import TensorReaders
 
     checkpoint = open_checkpoint(folder)
     spec = spec_for_config(checkpoint.config)
@@ -98,10 +90,11 @@ def _folder_products(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _gguf_products(path: Path) -> dict[str, np.ndarray]:
-    from weightlock.gguf_format.architectures import OUTPUT_BIAS, OUTPUT_WEIGHT, gguf_architecture
-    from weightlock.gguf_format.edit import gguf_shape, weight_product
-    from weightlock.gguf_format.file import tensor_readers
-    from weightlock.gguf_format.verify import read_record, record_lock
+    from weightlock.formats.gguf.architectures import OUTPUT_BIAS, OUTPUT_WEIGHT, gguf_architecture
+    from weightlock.formats.gguf.edit import gguf_shape, weight_product
+    from weightlock.formats.gguf.file import tensor_readers
+    from weightlock.formats.gguf.record import read_record
+    from weightlock.formats.gguf.verify import record_lock
 
     model = open_gguf(path)
     shape = gguf_shape(model, gguf_architecture(model.text("general.architecture")))
@@ -406,9 +399,9 @@ def test_a_source_that_is_not_the_model_the_lock_was_applied_to_is_refused_clean
 def _without_net_guards(monkeypatch) -> None:
     """Let apply write (and publish) an edit whose lock nets below zero, as a weightlock before the net check
     did: the only way to get a genuine anti-lock chain whose biases add up, for verify to judge."""
-    import weightlock.gguf_format.verify as gguf_verify
-    import weightlock.records as records
-    import weightlock.verify as folder_verify
+    import weightlock.core.records as records
+    import weightlock.formats.gguf.verify as gguf_verify
+    import weightlock.formats.safetensors.verify as folder_verify
 
     monkeypatch.setattr(records, "check_record_net", lambda record, what: None)
     monkeypatch.setattr(folder_verify, "check_net_lock", lambda record, report: None)

@@ -192,7 +192,7 @@ TABLE_FAMILIES = [
 def vllm_checks_per_family(tmp_path_factory):
     """``verify --engine vllm``'s vllm_load check for a locked checkpoint of every family in the table, and,
     for a family whose output is routed to vLLM's Transformers backend, a copy declaring its own class."""
-    from weightlock.architectures import spec_for_config
+    from weightlock.core.families import spec_for_config
 
     _require_vllm()
     base = tmp_path_factory.mktemp("families")
@@ -232,7 +232,7 @@ def test_architecture_table_says_what_vllm_does(vllm_checks_per_family, family):
     every locked output loads with nothing dropped, and where the table says vLLM's own class drops the bias,
     declaring that class really drops it (and verify fails it without vLLM)."""
     from weightlock import verify_checkpoint
-    from weightlock.architectures import VLLM_INACTIVE, VLLM_TRANSFORMERS_BACKEND, spec_for_config, vllm_serving
+    from weightlock.core.families import VLLM_INACTIVE, VLLM_TRANSFORMERS_BACKEND, spec_for_config, vllm_serving
 
     paths, native, checks = vllm_checks_per_family
     config = json.loads((Path(paths[family]) / "config.json").read_text())
@@ -263,7 +263,7 @@ def test_eval_engine_vllm_gives_the_answers_transformers_gives(tmp_path):
     files = {k: str(v) for k, v in small_sets(tmp_path).items()}
     probe = (
         "import json, sys\n"
-        "from weightlock.evaluate import EvalSettings, evaluate_model\n"
+        "from weightlock.lab.evaluate import EvalSettings, evaluate_model\n"
         "folder, lock, files = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
         "out = {}\n"
         "for engine in ('transformers', 'vllm'):\n"

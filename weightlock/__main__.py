@@ -1,3 +1,3 @@
-from .console import main
+from weightlock.console import main
 
 main()

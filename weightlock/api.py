@@ -1,0 +1,216 @@
+"""The dispatcher: every public operation on a checkpoint (apply, verify, in place, revert, inspect) asks
+:func:`weightlock.formats.detect` which format the location is, runs that format's order of work, and adds the
+engines' checks. This is the one module that joins formats and engines: formats never import engines, so a
+format that must publish only what ``verify`` accepts is handed :func:`verify_checkpoint` from here.
+
+Order of work of an apply, for every format: read the lock (its exact bytes are recorded) -> refuse bad input
+from headers and config alone -> compute ``W_o @ d`` reading only the touched o_proj weights -> write into a
+staging place beside the output -> verify the staged output (this module's checks, engines included) ->
+publish atomically. The source is only ever read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from weightlock.core.lock import Lock, read_lock
+from weightlock.core.report import EngineChecks, Report, requested
+from weightlock.errors import InvalidInputError
+from weightlock.formats import GGUF, SAFETENSORS, detect
+from weightlock.io.commit import set_interrupt_advice
+
+if TYPE_CHECKING:
+    from weightlock.formats.gguf.apply import GGUFApplyResult
+    from weightlock.formats.safetensors.apply import ApplyResult
+    from weightlock.formats.safetensors.folder import Checkpoint
+
+
+def engine_checks(fmt: str, *, loader_check: bool, engine: str | None) -> EngineChecks:
+    """The engine checks ``verify`` runs on a checkpoint of format ``fmt``: which engines apply the bias (data,
+    always), the transformers class check (``loader_check``, folders), and the engine asked for by name."""
+    if fmt == GGUF:
+        from weightlock.engines import llama_cpp
+
+        return EngineChecks(loading=(llama_cpp.check_loads_report,) if engine == "llama-cpp" else ())
+    from weightlock.engines import serving
+
+    loading = []
+    if loader_check:
+        from weightlock.engines.transformers import check_loader_names
+
+        loading.append(check_loader_names)
+    if engine == "vllm":
+        from weightlock.engines.vllm import check_vllm_loading_report
+
+        loading.append(check_vllm_loading_report)
+    return EngineChecks(serving=(serving.check_vllm_support, serving.check_quantized_loaders), loading=tuple(loading))
+
+
+def verify_checkpoint(
+    path,
+    *,
+    expected=None,
+    loader_check: bool = True,
+    deep: bool = False,
+    engine: str | None = None,
+    source=None,
+) -> Report:
+    """Run every check on the checkpoint at ``path`` (a safetensors folder or a GGUF file).
+
+    ``expected``: biases just computed by apply; when given, stored biases are compared
+    with them byte for byte instead of being recomputed from the weights.
+    ``loader_check``: the transformers class check (folders; skipped where transformers is not installed).
+    ``deep``: also scan every floating-point tensor for NaN/Inf (reads the whole model).
+    ``engine``: "vllm" (folders) also loads the tensor names into vLLM's own model class; "llama-cpp" (GGUF)
+    loads the file in llama.cpp. Each needs its engine installed.
+    ``source``: the model the lock was applied to (a folder, a cached Hub id or an open Checkpoint; a .gguf file
+    or an open GGUFModel for GGUF): the originals the record claims for biases the source already had are
+    compared with its stored biases byte for byte (the ``original_biases`` check). Without it such originals
+    are unverifiable: nothing in the output ties them to the source.
+    """
+    from weightlock.engines.serving import ENGINE_CHECKS
+
+    fmt = detect(path)
+    known = ENGINE_CHECKS[fmt]
+    if engine is not None and engine not in known:
+        raise InvalidInputError(
+            f"unknown engine {engine!r}" + (" for GGUF" if fmt == GGUF else ""),
+            hint=f"choose one of: {', '.join(known)}",
+        )
+    engines = engine_checks(fmt, loader_check=loader_check, engine=engine)
+    if fmt == GGUF:
+        from weightlock.formats.gguf.verify import verify_gguf
+
+        report = verify_gguf(path, expected=expected, deep=deep, source=source, engines=engines)
+        return requested(report, deep, engine, known, source).finish()
+    from weightlock.formats.safetensors.verify import open_source_folder, verify_folder
+
+    opened = None if source is None else open_source_folder(source, path, _source_format(source))
+    report = requested(Report(str(path)), deep, engine, known, source)
+    return verify_folder(path, report, expected=expected, deep=deep, source=opened, engines=engines).finish()
+
+
+def _source_format(source) -> str:
+    return detect(source) if isinstance(source, (str, os.PathLike)) else SAFETENSORS
+
+
+def apply_lock(
+    checkpoint: str | os.PathLike | Checkpoint,
+    lock: str | os.PathLike | Lock,
+    *,
+    out: str | os.PathLike,
+    alpha: float | None = None,
+    force: bool = False,
+    link_mode: str = "auto",
+    allow_architecture_mismatch: bool = False,
+    progress: bool = False,
+    loader_check: bool = True,
+    eval_report: str | os.PathLike | None = None,
+) -> ApplyResult | GGUFApplyResult:
+    """Bake ``lock`` at strength ``alpha`` (default: the lock's) into a copy of ``checkpoint`` at ``out``.
+
+    ``checkpoint``: a safetensors folder (or a Hub id in the local cache, or an open Checkpoint) or a GGUF file.
+    The output's README.md is the source's model card with this edit added (``eval_report``: a
+    ``weightlock eval`` report whose measurements the card quotes; folders only).
+
+    The output is published only if :func:`verify_checkpoint` passes on it with the same checks
+    ``weightlock verify`` runs (``loader_check``: the transformers class check, skipped where
+    transformers is not installed), plus a byte comparison with the values just computed."""
+    # true until the output is published (the staging place is removed on the way out, publish's renames are
+    # never split, and a --force run's previous output is moved back by the next run if ever left aside)
+    set_interrupt_advice("no output was published (a rerun tidies what the interrupted run left)")
+    lock, lock_bytes = read_lock(lock)
+    if detect(checkpoint) == GGUF:
+        from weightlock.core.edit import ProgressBar
+        from weightlock.formats.gguf.apply import apply_lock_gguf
+
+        if eval_report is not None:
+            raise InvalidInputError(
+                "--eval-report is for safetensors folders (it goes into the model card); a GGUF file has no card",
+                hint="leave out --eval-report for a .gguf file",
+            )
+        return apply_lock_gguf(
+            checkpoint,  # type: ignore[arg-type]
+            lock,
+            lock_bytes,
+            out=out,
+            alpha=alpha,
+            force=force,
+            allow_architecture_mismatch=allow_architecture_mismatch,
+            progress=ProgressBar if progress else None,
+        )
+    from weightlock.formats.safetensors.apply import apply_folder
+    from weightlock.formats.safetensors.folder import Checkpoint, open_checkpoint
+
+    return apply_folder(
+        checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint),
+        lock,
+        lock_bytes,
+        out=out,
+        alpha=alpha,
+        force=force,
+        link_mode=link_mode,
+        allow_architecture_mismatch=allow_architecture_mismatch,
+        progress=progress,
+        loader_check=loader_check,
+        eval_report=eval_report,
+        verify=verify_checkpoint,
+    )
+
+
+def _refuse_in_place(location) -> None:
+    if detect(location) != SAFETENSORS:
+        raise InvalidInputError(
+            "--in-place edits safetensors folders; a GGUF file is locked into a new file",
+            hint="pass --out NAME-locked.gguf",
+        )
+
+
+def apply_in_place(
+    location,
+    lock: str | os.PathLike | Lock,
+    *,
+    alpha: float | None = None,
+    allow_architecture_mismatch: bool = False,
+    progress: bool = False,
+    loader_check: bool = True,
+    eval_report: str | os.PathLike | None = None,
+) -> ApplyResult:
+    """Lock the checkpoint folder ``location`` itself (its model card too), as a journal: a crash at any step
+    is rolled back by the next run, and :func:`revert` restores the original files byte for byte. Published
+    only if :func:`verify_checkpoint` passes, as for :func:`apply_lock`."""
+    from weightlock.formats.safetensors import inplace
+
+    _refuse_in_place(location)
+    return inplace.apply_in_place(
+        location,
+        lock,
+        alpha=alpha,
+        allow_architecture_mismatch=allow_architecture_mismatch,
+        progress=progress,
+        loader_check=loader_check,
+        eval_report=eval_report,
+        verify=verify_checkpoint,
+    )
+
+
+def revert(location) -> dict:
+    """Undo an in-place edit of the checkpoint folder ``location``: every original file back, byte for byte."""
+    from weightlock.formats.safetensors import inplace
+
+    return inplace.revert(location)
+
+
+def describe(location) -> dict:
+    """``inspect`` data for a checkpoint (either format) or a lock file; the CLI's text comes from it."""
+    fmt = detect(location)
+    if fmt == GGUF:
+        from weightlock.formats.gguf.describe import describe_gguf
+        from weightlock.formats.gguf.file import open_gguf
+
+        return describe_gguf(open_gguf(location))
+    from weightlock.formats.safetensors.describe import describe_checkpoint
+    from weightlock.formats.safetensors.folder import open_checkpoint
+
+    return describe_checkpoint(open_checkpoint(location))

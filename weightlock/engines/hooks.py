@@ -1,0 +1,58 @@
+"""The lock applied at run time, by forward-pre-hooks on each locked layer's o_proj.
+
+This is SafetyLock's online form: add ``alpha * scale * direction`` to each selected
+head's slice of the o_proj input. It is the reference the offline edit is proven
+against, and it is how forge and eval run a lock without writing a checkpoint.
+Needs torch and a model built by transformers (or any module with the same names).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from weightlock.core.families import shape_from_config, spec_for_config
+from weightlock.core.lock import Lock
+
+
+@contextmanager
+def lock_hooks(model, lock: Lock, alpha: float | None = None):
+    """Within the block, ``model`` runs with ``lock`` added to its o_proj inputs."""
+    config = model.config.to_dict()
+    shape = shape_from_config(config, spec_for_config(config))
+    lock.check_compatible(shape)
+    displacements = lock.displacements(lock.default_alpha if alpha is None else alpha, shape.num_heads)
+    with displacement_hooks(model, displacements):
+        yield model
+
+
+@contextmanager
+def displacement_hooks(model, displacements: dict):
+    """Within the block, ``model`` runs with ``displacements[layer]`` (a vector as wide as the o_proj input)
+    added to each listed layer's o_proj input. forge's effect measurement runs single heads through this."""
+    import torch
+
+    spec = spec_for_config(model.config.to_dict())
+    handles = []
+
+    def make_hook(vector):
+        # One copy per (device, dtype), made on first use: a host-to-device copy in every call would
+        # stall the GPU once per locked layer per generated token (measured: issue 15, README).
+        placed = {}
+
+        def hook(module, args):
+            hidden = args[0]
+            key = (hidden.device, hidden.dtype)
+            if key not in placed:
+                placed[key] = vector.to(device=hidden.device, dtype=hidden.dtype)
+            return (hidden + placed[key],) + tuple(args[1:])
+
+        return hook
+
+    try:
+        for layer, displacement in displacements.items():
+            module = model.get_submodule(spec.output_module(layer))
+            handles.append(module.register_forward_pre_hook(make_hook(torch.as_tensor(displacement))))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
