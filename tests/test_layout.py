@@ -213,3 +213,13 @@ def test_every_module_imports_cold():
     with ThreadPoolExecutor(max_workers=2) as pool:
         failed = [(m, err) for m, rc, err in pool.map(_cold_import, modules) if rc != 0]
     assert not failed, "\n\n".join(f"{m}:\n{err}" for m, err in failed)
+
+
+def test_every_package_ships():
+    """Every package of the source tree is in pyproject's ``packages`` (an installed wheel without one fails at its
+    first import: the console script could not even start)."""
+    import tomllib
+
+    declared = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages - declared == set(), f"packages missing from pyproject.toml: {sorted(packages - declared)}"

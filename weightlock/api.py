@@ -69,9 +69,15 @@ def verify_checkpoint(
     compared with its stored biases byte for byte (the ``original_biases`` check). Without it such originals
     are unverifiable: nothing in the output ties them to the source.
     """
+    from weightlock.core.report import WRONG_SOURCE_HINT, source_error
     from weightlock.engines.serving import ENGINE_CHECKS
 
     fmt = detect(path)
+    path = _location(path)
+    if source is not None and not isinstance(source, (str, os.PathLike)) and detect(source) != fmt:
+        raise source_error(
+            _location(source), f"is not a {fmt} model; the checkpoint verified is one", hint=WRONG_SOURCE_HINT
+        )
     known = ENGINE_CHECKS[fmt]
     if engine is not None and engine not in known:
         raise InvalidInputError(
@@ -92,7 +98,19 @@ def verify_checkpoint(
 
 
 def _source_format(source) -> str:
-    return detect(source) if isinstance(source, (str, os.PathLike)) else SAFETENSORS
+    return detect(source)
+
+
+def _location(opened):
+    """The path of a model weightlock opened (a folder's root, a GGUF's first file); a path as it is."""
+    from weightlock.formats.gguf.file import GGUFModel
+    from weightlock.formats.safetensors.folder import Checkpoint
+
+    if isinstance(opened, Checkpoint):
+        return opened.root
+    if isinstance(opened, GGUFModel):
+        return opened.path
+    return opened
 
 
 def apply_lock(
@@ -159,10 +177,10 @@ def apply_lock(
     )
 
 
-def _refuse_in_place(location) -> None:
+def _refuse_in_place(location, what: str = "--in-place edits") -> None:
     if detect(location) != SAFETENSORS:
         raise InvalidInputError(
-            "--in-place edits safetensors folders; a GGUF file is locked into a new file",
+            f"{what} safetensors folders; a GGUF file is locked into a new file",
             hint="pass --out NAME-locked.gguf",
         )
 
@@ -184,7 +202,7 @@ def apply_in_place(
 
     _refuse_in_place(location)
     return inplace.apply_in_place(
-        location,
+        _location(location),
         lock,
         alpha=alpha,
         allow_architecture_mismatch=allow_architecture_mismatch,
@@ -199,7 +217,8 @@ def revert(location) -> dict:
     """Undo an in-place edit of the checkpoint folder ``location``: every original file back, byte for byte."""
     from weightlock.formats.safetensors import inplace
 
-    return inplace.revert(location)
+    _refuse_in_place(location, "revert undoes in-place edits of")
+    return inplace.revert(_location(location))
 
 
 def describe(location) -> dict:

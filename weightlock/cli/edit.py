@@ -223,6 +223,7 @@ def inspect_command(target, heatmap, force, as_json):
     """Describe a lock file, a checkpoint folder (or cached Hub id), or a GGUF file."""
     from weightlock.api import describe
     from weightlock.core.describe import describe_lock
+    from weightlock.formats import GGUF, detect
     from weightlock.io.outputs import check_output_file
 
     path = Path(target)
@@ -233,7 +234,7 @@ def inspect_command(target, heatmap, force, as_json):
         )
     if heatmap is not None:
         check_output_file(heatmap, inputs=local_paths(target), force=force, option="--heatmap")
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if detect(target) == GGUF:  # the one place that decides a location's format
         data = describe(path)
         lines = _gguf_lines(data)
     elif path.is_file():

@@ -32,4 +32,11 @@ def detect(location: str | os.PathLike | object) -> str:
         return GGUF
     if isinstance(location, Checkpoint):
         return SAFETENSORS
-    return GGUF if is_gguf_path(location) else SAFETENSORS  # type: ignore[arg-type]
+    if not isinstance(location, (str, os.PathLike)):
+        from weightlock.errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"not a checkpoint location: a {type(location).__name__}",
+            hint="pass a folder, a cached Hub id or a .gguf file (a str or a path), or a model weightlock opened",
+        )
+    return GGUF if is_gguf_path(location) else SAFETENSORS

@@ -150,7 +150,7 @@ def _item(x, kind: str):
 
 
 def _visible(text: str) -> bool:
-    """Whether ``text`` holds anything but whitespace and the hidden characters of weightlock/text.py (NUL,
+    """Whether ``text`` holds anything but whitespace and the hidden characters of weightlock/io/text.py (NUL,
     zero-width, soft hyphen, ...): a prompt of those is empty to a reader and to a judge."""
     return bool(HIDDEN.sub("", text).strip())
 

@@ -166,7 +166,7 @@ def locked_card(source_text: str | None, provenance: dict, lock, eval_report: di
 # Markdown and HTML syntax, escaped with a backslash (CommonMark escapes any ASCII punctuation); $ is math on
 # the Hub. Characters that are invisible, break a line or reorder text are replaced by a space.
 _MARKDOWN_SYNTAX = re.compile(r"([\\`*_{}\[\]()!<>#|&~$])")
-_INVISIBLE = HIDDEN  # weightlock/text.py: the same characters the CLI escapes
+_INVISIBLE = HIDDEN  # weightlock/io/text.py: the same characters the CLI escapes
 # a zero-width space after "." before a letter or digit, ":" before "/", and "@": no autolinker (GFM's www. /
 # https:// / e-mail, linkify's bare domains) sees a link, and the text reads the same
 _LINK_PUNCTUATION = re.compile(r"(?<=\.)(?=\w)|(?<=:)(?=/)|(?<=@)(?=\S)")
