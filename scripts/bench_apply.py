@@ -8,10 +8,15 @@ ru_maxrss carries the parent's peak through fork and exec, so it measured this s
 
 Contenders:
   cold-read   read exactly the o_proj bytes the lock needs (the floor apply is held to)
-  apply       weightlock apply (unchanged shards hardlinked; verify's checks before publishing, the
-              transformers class check included: that imports transformers and torch)
+  apply-first weightlock apply on a machine that has not checked this model before (an empty
+              class-check cache): verify's checks before publishing, the transformers class check included,
+              which then imports transformers and torch and builds the class on the meta device
+  apply       weightlock apply again (unchanged shards hardlinked; every check of verify runs, the class
+              check's verdict recalled from the cache apply-first filled: see weightlock/engines/class_check_cache.py)
   apply-noload  the same with --no-loader-check
   apply-copy  weightlock apply --link-mode copy (every byte copied)
+  tune-bakes  what `weightlock tune --engine vllm` does per alpha: one process (transformers imported, as
+              tune has it) applies the lock at 3 alphas in turn; reported: the mean of the 2nd and 3rd bakes
   baseline    transformers: from_pretrained, set o_proj biases, save_pretrained
               (the reference procedure; only for presets that are complete models)
   cp-tree     cp -r of the whole folder, then sync: the floor for --preset phi4, a Phi-3-layout checkpoint
@@ -397,9 +402,20 @@ if mode == "cold-read":
                 while pos < e.end:
                     view = memoryview(buf)[:min(len(buf), e.end - pos)]
                     pos += os.preadv(f.fileno(), [view], pos)
-elif mode in ("apply", "apply-copy", "apply-noload"):
+elif mode in ("apply", "apply-first", "apply-copy", "apply-noload"):
     apply_lock(src, lock, out=out, link_mode="copy" if mode == "apply-copy" else "auto",
                loader_check=mode != "apply-noload")
+elif mode == "tune-bakes":
+    import shutil, transformers  # tune's process has them (its KL pass runs transformers)
+    import torch
+    bakes = []
+    for i, alpha in enumerate((2.0, 4.0, 6.0)):
+        t = time.perf_counter()
+        apply_lock(src, lock, out=f"{out}-{i}", alpha=alpha)
+        bakes.append(time.perf_counter() - t)
+    for i in range(3):
+        shutil.rmtree(f"{out}-{i}")
+    started = time.perf_counter() - (bakes[1] + bakes[2]) / 2  # the seconds reported: the later bakes' mean
 elif mode in ("cp", "cp-tree"):
     import subprocess
     subprocess.run(["cp", "-r", src, out], check=True)
@@ -430,11 +446,16 @@ def run_child(mode: str, src: Path, lock: Path, out: Path) -> dict:
         out.unlink()
     shutil.rmtree(out, ignore_errors=True)
     evict(src)
+    # the class-check cache of this bench alone (the user's is left as it is); apply-first starts it empty
+    cache = out.parent / "class-check-cache"
+    if mode == "apply-first":
+        shutil.rmtree(cache, ignore_errors=True)
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, mode, str(src), str(lock), str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, "WEIGHTLOCK_CACHE_DIR": str(cache)},
     )
     _, status, _ = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -472,6 +493,7 @@ def main() -> None:
     )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-copy", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="also time tune's repeated bakes in one process")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown block")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
@@ -503,8 +525,9 @@ def main() -> None:
     )
     make_lock(src, p, lock, args.legacy_lock)
 
-    modes = ["cold-read"] + (["cp-tree"] if p.get("fused") else []) + ["apply", "apply-noload"]
+    modes = ["cold-read"] + (["cp-tree"] if p.get("fused") else []) + ["apply-first", "apply", "apply-noload"]
     modes += [] if args.no_copy or p.get("fused") else ["apply-copy"]
+    modes += ["tune-bakes"] if args.tune else []
     if p["complete"] and not p.get("fused") and not args.no_baseline:  # transformers cannot lock a Phi-3
         modes.append("baseline")
     results = [run_child(mode, src, lock, out) for mode in modes]
@@ -558,7 +581,11 @@ def main() -> None:
 LABELS = {
     "cold-read": "cold read of the o_proj bytes the lock needs (the floor)",
     "cp-tree": "`cp -r` of the folder, then sync",
-    "apply": "`weightlock apply` (shards hardlinked; verify's checks, class check included)",
+    "apply-first": "`weightlock apply`, first on this machine (shards hardlinked; every check of verify, the "
+    "transformers class check run: it imports torch and transformers)",
+    "apply": "`weightlock apply` again (every check of verify; the class check's verdict recalled from the cache "
+    "the first run filled)",
+    "tune-bakes": "`tune`'s later bakes: apply at a second and third alpha in one process (mean)",
     "apply-noload": "`weightlock apply --no-loader-check`",
     "apply-copy": "`weightlock apply --link-mode copy`",
     "baseline": "transformers: `from_pretrained`, set biases, `save_pretrained`",

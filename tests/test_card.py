@@ -187,3 +187,18 @@ def test_text_from_a_lock_cannot_forge_the_card(tmp_path):
     assert text.count("<!-- weightlock:end -->") == 1
     assert card_lock_sha256(text) == result.provenance["lock"]["sha256"]
     assert verify_checkpoint(tmp_path / "out").ok
+
+
+def test_a_refused_card_wins_over_a_refused_computation(tmp_path, capsys):
+    """apply imports what the card needs while it computes the biases (the two overlap); a card it must refuse is
+    still the refusal reported when the computation is refused too (an alpha that rounds away), as when the card
+    was built first, and nothing is written."""
+    src = make_llama(tmp_path / "src", dtype="float16")
+    (src / "README.md").write_text("---\n- a list, not a mapping\n---\n# Tiny\n")
+    save_lock(random_lock(src), tmp_path / "l.wlock")
+    code, _, err = apply_cli(capsys, src, tmp_path / "l.wlock", tmp_path / "out", "--alpha", "1e-12")
+    assert code == 3 and "front matter is a YAML list" in err and "rounds away" not in err, err
+    assert not (tmp_path / "out").exists()
+    (src / "README.md").write_text(SOURCE_CARD)
+    code, _, err = apply_cli(capsys, src, tmp_path / "l.wlock", tmp_path / "out", "--alpha", "1e-12")
+    assert code == 3 and "rounds away in F16" in err and not (tmp_path / "out").exists(), err

@@ -47,6 +47,58 @@ def test_row_blocks_cover_the_tensor_exactly(tmp_path):
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), values[:, [1, 5, 6]])
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_column_ranges_widen_to_exactly_the_concatenated_columns(dtype):
+    """columns_float32 (each range widened straight into the result) gives the bits the concatenate-then-convert
+    path gave, for every bit pattern a stored tensor can hold (NaN payloads, infinities, subnormals)."""
+    from weightlock.io.safetensors_file import RAW_NUMPY, columns_float32, to_float32
+
+    bits = np.random.default_rng(0).integers(0, 2**32, size=(23, 301), dtype=np.uint64)
+    raw = (bits.astype(np.uint32) if dtype == "F32" else bits.astype(np.uint16)).view(RAW_NUMPY[dtype])
+    ranges = [(0, 5), (17, 64), (300, 301)]
+    ours = columns_float32(raw, ranges, dtype)
+    theirs = to_float32(np.concatenate([raw[:, a:b] for a, b in ranges], axis=1), dtype)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+
+
+def test_readers_of_two_shards_share_one_buffer_and_read_each_tensor_right(tmp_path):
+    """The readers of one TensorReaders read into one buffer (memory: one block however many shards), kept
+    between reads and handed to the next TensorReaders; reads interleaved across shards stay correct."""
+    from weightlock.io.safetensors_file import TensorReaders
+
+    a = np.arange(64 * 16, dtype=np.float32).reshape(64, 16)
+    b = -np.arange(32 * 8, dtype=np.float32).reshape(32, 8)
+    write_safetensors(tmp_path / "a.safetensors", [TensorData("a", "F32", a.shape, a.tobytes())])
+    write_safetensors(tmp_path / "b.safetensors", [TensorData("b", "F32", b.shape, b.tobytes())])
+    ea = read_header(tmp_path / "a.safetensors").tensors["a"]
+    eb = read_header(tmp_path / "b.safetensors").tensors["b"]
+    with TensorReaders() as readers:
+        blocks_a = readers[ea].row_blocks(ea, column_ranges=[(2, 5)], block_bytes=16 * 4 * 10)
+        got_a = []
+        for _, block in blocks_a:  # a read of the other shard between every block of this one
+            got_a.append(block)
+            np.testing.assert_array_equal(readers[eb].read_float32(eb), b)
+        assert readers[ea]._buf is readers[eb]._buf
+        shared = readers[ea]._buf
+    np.testing.assert_array_equal(np.concatenate(got_a), a[:, 2:5])
+    with TensorReaders() as again:
+        assert again[ea]._buf is shared  # the idle buffer is reused, not allocated and faulted in again
+        np.testing.assert_array_equal(again[ea].read_float32(ea), a)
+
+
+def test_prefetch_asks_for_the_whole_range_in_pieces(tmp_path, monkeypatch):
+    """Linux reads at most the readahead window of one POSIX_FADV_WILLNEED: the range is asked in pieces."""
+    from weightlock.io import safetensors_file
+
+    calls = []
+    monkeypatch.setattr(safetensors_file.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n)))
+    safetensors_file.prefetch_range(0, 1000, 5 * safetensors_file.PREFETCH_PIECE_BYTES + 7)
+    assert calls[0] == (1000, safetensors_file.PREFETCH_PIECE_BYTES) and calls[-1][1] == 7
+    assert sum(n for _, n in calls) == 5 * safetensors_file.PREFETCH_PIECE_BYTES + 7
+    assert all(off2 == off1 + n1 for (off1, n1), (off2, _) in zip(calls, calls[1:], strict=False))
+
+
 def test_bf16_conversion_is_exact_and_rounding_matches_torch():
     import torch
 

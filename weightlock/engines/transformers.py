@@ -16,6 +16,27 @@ from weightlock.formats.safetensors.quant.layouts import quantization_of, quanti
 
 
 def check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
+    """The transformers class check, or its verdict remembered from an identical earlier one
+    (:mod:`.class_check_cache`: keyed by the config, every tensor's name, dtype and shape, and the installed
+    transformers and torch; only a pass or a warning is remembered). A hit costs milliseconds; the check itself
+    imports torch and transformers (seconds) and builds the class on the meta device."""
+    from weightlock.engines import class_check_cache
+
+    key = class_check_cache.key_for(checkpoint)
+    remembered = class_check_cache.recall(key)
+    if remembered is not None:
+        status, message, details = remembered
+        report.add("transformers_names", status, message, details)
+        return
+    ran = len(report.checks)
+    run_loader_check(checkpoint, report)
+    for check in report.checks[ran:]:
+        if check.name == "transformers_names":
+            class_check_cache.remember(key, check.status, check.message, check.details)
+
+
+def run_loader_check(checkpoint: Checkpoint, report: Report) -> None:
+    """The class check itself (what :func:`check_loader_names` remembers)."""
     try:
         import torch
         import transformers

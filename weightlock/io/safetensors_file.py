@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,12 +253,33 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F16":
         return raw.astype(np.float32)
     if dtype == "BF16":
-        # bfloat16 is the top half of a float32: widen the bits, no rounding involved.
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        # bfloat16 is the top half of a float32: widen the bits, no rounding involved (shifted in place: one
+        # array, not two, of a block that can be 32 MiB)
+        widened = raw.astype(np.uint32)
+        widened <<= 16
+        return widened.view(np.float32)
     raise UnsupportedError(
         f"tensor dtype {dtype} cannot be read as floating point",
         hint="weightlock edits F32, F16 and BF16 checkpoints; dequantize the attention output weights first",
     )
+
+
+def columns_float32(raw: np.ndarray, column_ranges: list[tuple[int, int]], dtype: str) -> np.ndarray:
+    """The ``[start, stop)`` column ranges of a raw 2-D block, side by side, as float32: the same values as
+    ``to_float32(np.concatenate(ranges))``, with each range widened straight into the result (one new array, not
+    three: on a lock's few heads per layer the copies, not the arithmetic, were the cost)."""
+    if dtype not in ("F32", "F16", "BF16"):
+        return to_float32(np.concatenate([raw[:, a:b] for a, b in column_ranges], axis=1), dtype)
+    width = sum(b - a for a, b in column_ranges)
+    out: np.ndarray = np.empty((raw.shape[0], width), dtype=np.uint32 if dtype == "BF16" else np.float32)
+    at = 0
+    for a, b in column_ranges:
+        out[:, at : at + b - a] = raw[:, a:b]  # uint16 -> uint32 and float16 -> float32 are exact
+        at += b - a
+    if dtype == "BF16":
+        np.left_shift(out, 16, out=out)  # bfloat16 is the top half of a float32
+        return out.view(np.float32)
+    return out
 
 
 def raw_to_float32(data: bytes, dtype: str) -> np.ndarray:
@@ -280,6 +302,57 @@ def float32_to_raw(values: np.ndarray, dtype: str) -> bytes:
     raise UnsupportedError(f"cannot write values as {dtype}", hint="weightlock writes F32, F16 and BF16 biases")
 
 
+# Linux caps one POSIX_FADV_WILLNEED at the device's readahead window (max of read_ahead_kb and max_sectors_kb:
+# often 128 KiB to 8 MiB) and silently drops the rest, so a 32 MiB prefetch in one call read its first few MiB
+# only. Asked in pieces no larger than the smallest common window, the whole range is read in the background.
+PREFETCH_PIECE_BYTES = 128 << 10
+
+
+def prefetch_range(fd: int, begin: int, nbytes: int) -> None:
+    """Ask the kernel to read ``[begin, begin + nbytes)`` of ``fd`` into the page cache, without waiting."""
+    end = begin + nbytes
+    for offset in range(begin, end, PREFETCH_PIECE_BYTES):
+        os.posix_fadvise(fd, offset, min(PREFETCH_PIECE_BYTES, end - offset), os.POSIX_FADV_WILLNEED)
+
+
+class ReadBuffer:
+    """The reused buffer positional reads land in. Every read copies out of it before the next one (row_blocks
+    converts each block to float32, read_bytes and read_rows copy), so readers of one TensorReaders, used from
+    one thread, can share it: memory stays at one block however many shards are open, and the buffer's pages
+    are faulted in once, not once per layer."""
+
+    def __init__(self):
+        self._data = bytearray()
+
+    def view(self, nbytes: int) -> memoryview:
+        if len(self._data) < nbytes:
+            self._data = bytearray(nbytes)  # replaced, not resized: a view still held elsewhere stays valid
+        return memoryview(self._data)[:nbytes]
+
+    def release(self) -> None:
+        self._data = bytearray()
+
+
+# One idle ReadBuffer kept for the next TensorReaders of this process: a fresh 32 MiB buffer costs its page faults
+# (30-40 ms on a VM, as long as reading the layer from the page cache), and tune's bakes and apply's verify open
+# readers over and over. At most one block is kept; a larger buffer (a whole big tensor read at once) is freed.
+_idle: list[ReadBuffer] = []
+_idle_lock = threading.Lock()
+
+
+def _borrow_buffer() -> ReadBuffer:
+    with _idle_lock:
+        return _idle.pop() if _idle else ReadBuffer()
+
+
+def _return_buffer(buffer: ReadBuffer) -> None:
+    with _idle_lock:
+        if not _idle and len(buffer._data) <= BLOCK_TARGET_BYTES:
+            _idle.append(buffer)
+            return
+    buffer.release()
+
+
 class TensorReader:
     """Reads tensor data from one file by exact byte range, into one reused buffer.
 
@@ -290,11 +363,13 @@ class TensorReader:
     the bytes asked for, overlap I/O with compute, and keep memory at one block.
     """
 
-    def __init__(self, path: Path, what: str = "safetensors file"):
+    def __init__(self, path: Path, what: str = "safetensors file", buffer: ReadBuffer | None = None):
         self.path = path
         self._fd = open_regular(path, what)
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
-        self._buffer = bytearray()
+        # shared: the readers of one TensorReaders read into one buffer (see ReadBuffer)
+        self._shared = buffer is not None
+        self._buf = buffer if buffer is not None else ReadBuffer()
         self.bytes_read = 0  # tensor bytes read through this reader
 
     def close(self) -> None:
@@ -310,9 +385,7 @@ class TensorReader:
 
     def _read_into(self, begin: int, nbytes: int) -> memoryview:
         self.bytes_read += nbytes
-        if len(self._buffer) < nbytes:
-            self._buffer = bytearray(nbytes)
-        view = memoryview(self._buffer)[:nbytes]
+        view = self._buf.view(nbytes)
         done = 0
         while done < nbytes:
             n = os.preadv(self._fd, [view[done:]], begin + done)
@@ -326,7 +399,7 @@ class TensorReader:
 
     def prefetch(self, entry: TensorEntry) -> None:
         """Start reading ``entry`` into the page cache in the background (no memory of ours)."""
-        os.posix_fadvise(self._fd, entry.begin, entry.nbytes, os.POSIX_FADV_WILLNEED)
+        prefetch_range(self._fd, entry.begin, entry.nbytes)
 
     def row_blocks(
         self,
@@ -355,19 +428,23 @@ class TensorReader:
             begin = entry.begin + row0 * row_bytes
             if row0 + n < rows:
                 following = min(rows_per_block, rows - row0 - n) * row_bytes
-                os.posix_fadvise(self._fd, begin + n * row_bytes, following, os.POSIX_FADV_WILLNEED)
+                prefetch_range(self._fd, begin + n * row_bytes, following)
             raw: np.ndarray = np.frombuffer(self._read_into(begin, n * row_bytes), dtype=raw_dtype).reshape(n, cols)
             if column_ranges is not None:
-                raw = np.concatenate([raw[:, a:b] for a, b in column_ranges], axis=1)
-            yield row0, to_float32(raw, entry.dtype)  # always a copy: the buffer is reused
+                yield row0, columns_float32(raw, column_ranges, entry.dtype)  # a new array: the buffer is reused
+            else:
+                yield row0, to_float32(raw, entry.dtype)  # always a copy: the buffer is reused
             del raw
-        # One reader stays open per shard while a lock's layers are read; a block buffer
-        # held by each would multiply peak memory by the number of shards touched.
-        self._buffer = bytearray()
+        self.release_buffer()
 
     def release_buffer(self) -> None:
-        """Drop the reused read buffer (one stays per open shard otherwise; see row_blocks)."""
-        self._buffer = bytearray()
+        """Drop a reader's own read buffer: one reader stays open per shard while a lock's layers are read, and a
+        block buffer held by each would multiply peak memory by the number of shards touched. A buffer shared by
+        the readers of a TensorReaders is one block whatever the shard count, so it is kept for the next read
+        (allocating and faulting in a fresh 32 MiB per layer cost more than reading the layer from the page
+        cache) and dropped when the TensorReaders closes."""
+        if not self._shared:
+            self._buf.release()
 
     def read_bytes(self, entry: TensorEntry) -> bytes:
         return bytes(self._read_into(entry.begin, entry.nbytes))
@@ -396,6 +473,7 @@ class TensorReaders:
 
     def __init__(self):
         self._open: dict[Path, TensorReader] = {}
+        self._buffer = _borrow_buffer()  # one block for all the shards' readers
 
     @property
     def bytes_read(self) -> int:
@@ -404,7 +482,7 @@ class TensorReaders:
 
     def __getitem__(self, entry: TensorEntry) -> TensorReader:
         if entry.path not in self._open:
-            self._open[entry.path] = TensorReader(entry.path)
+            self._open[entry.path] = TensorReader(entry.path, buffer=self._buffer)
         return self._open[entry.path]
 
     def __enter__(self) -> TensorReaders:
@@ -414,6 +492,8 @@ class TensorReaders:
         for reader in self._open.values():
             reader.close()
         self._open.clear()
+        _return_buffer(self._buffer)
+        self._buffer = ReadBuffer()  # a reader used after closing gets a buffer of its own, not the pooled one
 
 
 # ---------------------------------------------------------------------------------------

@@ -289,7 +289,7 @@ def compute_gguf_biases(plan: GGUFEditPlan, progress=None) -> list[GGUFComputedB
 
 
 def parent_locks(model: GGUFModel) -> list[bytes]:
-    """The lock bytes of each edit a (locked) source records, newest first: its own ``weightlock.lock``, then its
+    """The lock bytes of each edit a (locked) source records, newest first: its own ``weightlock.core.lock``, then its
     parent locks, as far as the file carries them (a file locked before they were kept stops at its own)."""
     if model.metadata.get(LOCK_KEY) is None:
         return []

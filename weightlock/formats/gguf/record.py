@@ -1,5 +1,5 @@
 """What a locked GGUF file records about its edit, in its metadata: the record (``weightlock.edit``, JSON,
-schema-checked when read back), the lock's exact bytes (``weightlock.lock``) and those of every earlier edit of a
+schema-checked when read back), the lock's exact bytes (``weightlock.core.lock``) and those of every earlier edit of a
 relocked file (``weightlock.parent_lock.K``). Read here, bounded; written by :mod:`.edit`; checked by :mod:`.verify`."""
 
 from __future__ import annotations

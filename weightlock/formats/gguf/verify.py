@@ -1,7 +1,7 @@
 """``verify`` and ``inspect`` for GGUF files.
 
 The record in the metadata (``weightlock.edit``) and the lock bytes beside it
-(``weightlock.lock``) are read like any other input: bounded, schema-checked, the lock
+(``weightlock.core.lock``) are read like any other input: bounded, schema-checked, the lock
 hash compared. Which biases hold the lock follows from the lock, not from the record's
 lists; each is recomputed from the stored (dequantized) ``attn_output.weight`` and the
 recorded original, and compared with what the file holds.

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from weightlock.core.edit import ProgressBar
 from weightlock.core.lock import Lock
 from weightlock.core.records import check_record_depth
 from weightlock.core.report import Report, output_failure, source_note
-from weightlock.errors import OutputError
+from weightlock.errors import OutputError, WeightlockError
 from weightlock.formats.safetensors.card import locked_card, read_eval_report, source_card_text
 from weightlock.formats.safetensors.folder import Checkpoint, contained
 from weightlock.formats.safetensors.plan import EditPlan, compute_biases, plan_edit
@@ -162,14 +165,25 @@ def apply_folder(
         allow_architecture_mismatch=allow_architecture_mismatch,
     )
     provenance = provenance_record(checkpoint, plan, lock_bytes)  # before the work: it refuses too deep a chain
-    # the card too, before the work: a bad eval report or source card is refused (exit 3) before anything runs
-    card_text = locked_card(
-        source_card_text(checkpoint.root),
-        provenance,
-        lock,
-        None if eval_report is None else read_eval_report(eval_report),
-    )
-    computed = compute_biases(plan, progress=ProgressBar(plan) if progress else None)
+    # the card's inputs too, before the work: a bad eval report or source card file is refused (exit 3) first
+    source_text = source_card_text(checkpoint.root)
+    quoted = None if eval_report is None else read_eval_report(eval_report)
+    bar = ProgressBar(plan) if progress else None
+    # The card needs huggingface_hub's ModelCard, whose import is CPU work about as long as reading a few hundred
+    # MiB of weights: it runs on a thread while compute_biases reads and multiplies (preadv and numpy release the
+    # GIL, and compute_biases imports nothing, so neither thread waits on the other's import locks). Nothing is
+    # written before both are done, and a refusal of the card (exit 3) still wins over one of the computation, as
+    # when the card was built first.
+    card_imports = _import_in_background(CARD_MODULES)
+    try:
+        computed, refused = compute_biases(plan, progress=bar), None
+    except WeightlockError as e:
+        computed, refused = [], e
+    if card_imports is not None:
+        card_imports.join()
+    card_text = locked_card(source_text, provenance, lock, quoted)
+    if refused is not None:
+        raise refused
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,3 +205,24 @@ def apply_folder(
         with committing(f"{out} was published and verified"):
             publish(staging, out, force)
     return ApplyResult(out, plan, written, provenance, time.perf_counter() - started, report)
+
+
+CARD_MODULES = ("yaml", "huggingface_hub", "huggingface_hub.repocard")  # what locked_card imports
+
+
+def _import_in_background(modules: tuple[str, ...]) -> threading.Thread | None:
+    """Import ``modules`` on a daemon thread; None when all are imported already (tune's process, a second apply).
+    A failure is left for the caller's own import to raise, with its usual message."""
+    if all(name in sys.modules for name in modules):
+        return None
+
+    def run() -> None:
+        try:
+            for name in modules:
+                importlib.import_module(name)
+        except BaseException:  # noqa: BLE001 - the caller's import raises it again, where it is reported
+            pass
+
+    thread = threading.Thread(target=run, name="weightlock-card-imports", daemon=True)
+    thread.start()
+    return thread
