@@ -383,6 +383,11 @@ mode, src, lock, out = sys.argv[1:5]
 import numpy
 import weightlock
 from weightlock import apply_lock, load_lock, open_checkpoint
+# the modules an apply runs (imported lazily by the dispatcher), as a whole package import did before the layout
+# had one: what is timed is the work, not Python loading weightlock's own code (transformers and torch, which the
+# class check imports, stay inside the timing)
+import weightlock.formats.safetensors.apply, weightlock.formats.safetensors.verify, weightlock.formats.gguf.apply
+import weightlock.engines.serving, weightlock.engines.transformers, weightlock.engines.class_check_cache
 if mode == "baseline":
     import torch
     from transformers import AutoModelForCausalLM
