@@ -15,7 +15,7 @@ if not SHARED_DATA.is_dir():  # CI clones the project with shared/ beside it
     SHARED_DATA = Path(os.environ.get("WEIGHTLOCK_SHARED_DATA", Path.cwd().parent / "shared" / "data"))
 LEGACY_LOCKS = SHARED_DATA / "legacy-locks"
 # The class check runs in every test (and in every subprocess a test starts), never recalled from a verdict an
-# earlier test or the developer's own runs left in ~/.cache; tests/test_loader_cache.py turns the cache on.
+# earlier test or the developer's own runs left in ~/.cache; tests/test_class_check_cache.py turns the cache on.
 os.environ["WEIGHTLOCK_CACHE_DIR"] = "off"
 
 

@@ -17,7 +17,8 @@ from conftest import make_llama, random_lock
 
 from weightlock import verify_checkpoint
 from weightlock.core.report import Report
-from weightlock.engines import class_check_cache as loader_cache
+from weightlock.engines import class_check_cache
+from weightlock.engines import transformers as transformers_check
 from weightlock.engines.transformers import check_loader_names as _check_loader_names
 from weightlock.formats.safetensors.folder import open_checkpoint
 from weightlock.io.safetensors_file import TensorData, read_header, write_safetensors
@@ -27,12 +28,12 @@ from weightlock.io.safetensors_file import TensorData, read_header, write_safete
 def store(tmp_path, monkeypatch):
     """The cache on, in a private folder of this test's; this process's store empty before and after."""
     folder = tmp_path / "class-check"
-    monkeypatch.setenv(loader_cache.CACHE_VARIABLE, str(folder))
-    loader_cache.forget()
-    loader_cache._environment.cache_clear()
+    monkeypatch.setenv(class_check_cache.CACHE_VARIABLE, str(folder))
+    class_check_cache.forget()
+    class_check_cache._environment.cache_clear()
     yield folder
-    loader_cache.forget()
-    loader_cache._environment.cache_clear()
+    class_check_cache.forget()
+    class_check_cache._environment.cache_clear()
 
 
 def names_check(folder: Path):
@@ -42,7 +43,7 @@ def names_check(folder: Path):
 
 
 def key(folder: Path):
-    return loader_cache.key_for(open_checkpoint(folder))
+    return class_check_cache.key_for(open_checkpoint(folder))
 
 
 def rewrite_tensors(folder: Path, edit) -> None:
@@ -67,9 +68,9 @@ def test_a_pass_is_remembered_and_recalled_for_an_identical_checkpoint(tmp_path,
     copy = tmp_path / "copy"
     shutil.copytree(src, copy)
     assert key(copy) == key(src)  # the key is the content, not the folder's path
-    loader_cache.forget()  # from disk, as a new process would
+    class_check_cache.forget()  # from disk, as a new process would
     again = names_check(copy)
-    assert (again.status, again.message) == (first.status, first.message + loader_cache.RECALLED)
+    assert (again.status, again.message) == (first.status, first.message + class_check_cache.RECALLED)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +82,8 @@ def test_a_pass_is_remembered_and_recalled_for_an_identical_checkpoint(tmp_path,
         "add a tensor",
         "change a config field",
         "add a config field",
+        "add a file transformers may read",
+        "change a versioned config",
     ],
 )
 def test_a_changed_checkpoint_is_another_key(tmp_path, store, change):
@@ -114,6 +117,13 @@ def test_a_changed_checkpoint_is_another_key(tmp_path, store, change):
         rewrite_tensors(
             src, lambda ts: [*ts, TensorData("model.layers.0.self_attn.o_proj.bias", "F32", (64,), b"\0" * 256)]
         )
+    elif change == "add a file transformers may read":
+        (src / "modeling_custom.py").write_text("# remote code a config's auto_map could name\n")
+    elif change == "change a versioned config":
+        (src / "config.4.0.0.json").write_text((src / "config.json").read_text())
+        assert key(src) != before
+        before = key(src)
+        (src / "config.4.0.0.json").write_text((src / "config.json").read_text().replace("{", '{"x": 1, ', 1))
     else:
         config = json.loads((src / "config.json").read_text())
         if change == "change a config field":
@@ -145,13 +155,13 @@ def test_another_transformers_is_another_key(tmp_path, store, monkeypatch):
         (fake / package / "__init__.py").write_text("__version__ = '5.0.0'\n")
         (fake / package / "version.py").write_text("__version__ = '5.0.0'\n")
     (fake / "transformers" / "models" / "llama" / "modeling_llama.py").write_text("# 1\n")
-    monkeypatch.setattr(loader_cache, "_package_origin", lambda name: str(fake / name / "__init__.py"))
+    monkeypatch.setattr(class_check_cache, "_package_origin", lambda name: str(fake / name / "__init__.py"))
     src = make_llama(tmp_path / "src")
     before = key(src)
 
     def after(edit):
         edit()
-        loader_cache._environment.cache_clear()
+        class_check_cache._environment.cache_clear()
         return key(src)
 
     seen = {before}
@@ -165,17 +175,59 @@ def test_another_transformers_is_another_key(tmp_path, store, monkeypatch):
         changed = after(edit)
         assert changed not in seen
         seen.add(changed)
-    monkeypatch.setattr(loader_cache, "_package_origin", lambda name: None)  # not found: nothing is remembered
-    loader_cache._environment.cache_clear()
+    monkeypatch.setattr(class_check_cache, "_package_origin", lambda name: None)  # not found: nothing is remembered
+    class_check_cache._environment.cache_clear()
     assert key(src) is None
 
 
 def test_the_weightlock_check_itself_is_part_of_the_key(tmp_path, store, monkeypatch):
     src = make_llama(tmp_path / "src")
     before = key(src)
-    monkeypatch.setattr(loader_cache, "_weightlock_code", lambda: "another weightlock")
-    loader_cache._environment.cache_clear()
+    monkeypatch.setattr(class_check_cache, "_weightlock_code", lambda: "another weightlock")
+    class_check_cache._environment.cache_clear()
     assert key(src) != before
+
+
+def test_a_versioned_config_that_drops_the_bias_is_not_passed_by_a_verdict_for_one_that_keeps_it(tmp_path, store):
+    """transformers reads the newest ``config.X.Y.Z.json`` a config.json's ``configuration_files`` lists, not
+    config.json: two folders with the same config.json and tensors, one whose versioned config declares the bias
+    and one whose versioned config does not. The second must not recall the first's pass (transformers would drop
+    its biases: the lock would be silently gone)."""
+    src = make_llama(tmp_path / "src", attention_bias=True)
+    config = json.loads((src / "config.json").read_text())
+    folders = {}
+    for name, bias in (("keeps", True), ("drops", False)):
+        folder = shutil.copytree(src, tmp_path / name)
+        (folder / "config.4.0.0.json").write_text(json.dumps(dict(config, attention_bias=bias)))
+        (folder / "config.json").write_text(json.dumps(dict(config, configuration_files=["config.4.0.0.json"])))
+        folders[name] = folder
+    assert names_check(folders["keeps"]).status == "pass"
+    class_check_cache.forget()
+    dropped = names_check(folders["drops"])
+    assert dropped.status == "fail" and class_check_cache.RECALLED not in dropped.message
+
+
+def test_a_file_changed_while_the_check_reads_stores_nothing(tmp_path, store, monkeypatch):
+    """The key is taken again after the check: a config changed meanwhile leaves no verdict under the old key."""
+    src = make_llama(tmp_path / "src")
+    real = transformers_check.run_loader_check
+
+    def changing(checkpoint, report):
+        real(checkpoint, report)
+        (src / "config.json").write_text((src / "config.json").read_text().replace("{", '{"x": 1, ', 1))
+
+    monkeypatch.setattr(transformers_check, "run_loader_check", changing)
+    assert names_check(src).status == "pass"
+    assert entries(store) == []
+
+
+def test_an_entry_of_another_type_of_version_is_a_miss(tmp_path, store):
+    src = make_llama(tmp_path / "src")
+    assert names_check(src).status == "pass"
+    (entry,) = entries(store)
+    entry.write_text(entry.read_text().replace('"version": 1', '"version": true'))
+    class_check_cache.forget()
+    assert class_check_cache.recall(key(src)) is None
 
 
 CORRUPTIONS = {
@@ -186,10 +238,10 @@ CORRUPTIONS = {
     "another key": lambda text: text.replace('"key": "', '"key": "0'),
     "an extra field": lambda text: text.replace("{", '{"trusted": true, ', 1),
     "no message": lambda text: text.replace('"message": "', '"message": 1, "x": "'),
-    "another format": lambda text: text.replace(loader_cache.FORMAT, "other"),
+    "another format": lambda text: text.replace(class_check_cache.FORMAT, "other"),
     "a list": lambda text: "[" + text + "]",
     "too large": lambda text: text.replace(
-        '"details": []', '"details": ["' + "x" * (loader_cache.MAX_ENTRY_BYTES) + '"]'
+        '"details": []', '"details": ["' + "x" * (class_check_cache.MAX_ENTRY_BYTES) + '"]'
     ),
 }
 
@@ -200,8 +252,8 @@ def test_a_corrupt_entry_is_a_miss_and_the_check_runs(tmp_path, store, monkeypat
     assert names_check(src).status == "pass"
     (entry,) = entries(store)
     entry.write_text(CORRUPTIONS[corruption](entry.read_text()))
-    loader_cache.forget()
-    assert loader_cache.recall(key(src)) is None
+    class_check_cache.forget()
+    assert class_check_cache.recall(key(src)) is None
     ran = []
     import weightlock.engines.transformers as verify
 
@@ -216,23 +268,23 @@ def test_a_forged_entry_for_a_failing_checkpoint_outside_a_private_folder_is_not
     src = make_llama(tmp_path / "src")
     assert names_check(src).status == "pass"
     (entry,) = entries(store)
-    loader_cache.forget()
+    class_check_cache.forget()
     os.chmod(entry, 0o666)
-    assert loader_cache.recall(key(src)) is None
+    assert class_check_cache.recall(key(src)) is None
     os.chmod(entry, 0o600)
-    assert loader_cache.recall(key(src)) is not None
-    loader_cache.forget()
+    assert class_check_cache.recall(key(src)) is not None
+    class_check_cache.forget()
     os.chmod(store, 0o777)
-    assert loader_cache.recall(key(src)) is None
+    assert class_check_cache.recall(key(src)) is None
     os.chmod(store, 0o700)
     real = tmp_path / "elsewhere.json"
     entry.rename(real)
     entry.symlink_to(real)
-    assert loader_cache.recall(key(src)) is None
+    assert class_check_cache.recall(key(src)) is None
 
 
 def test_off_remembers_nothing(tmp_path, store, monkeypatch):
-    monkeypatch.setenv(loader_cache.CACHE_VARIABLE, "off")
+    monkeypatch.setenv(class_check_cache.CACHE_VARIABLE, "off")
     src = make_llama(tmp_path / "src")
     assert key(src) is None
     assert names_check(src).status == "pass"
@@ -240,12 +292,12 @@ def test_off_remembers_nothing(tmp_path, store, monkeypatch):
 
 
 def test_an_unwritable_store_is_no_error(tmp_path, monkeypatch):
-    monkeypatch.setenv(loader_cache.CACHE_VARIABLE, str(tmp_path / "a-file"))
+    monkeypatch.setenv(class_check_cache.CACHE_VARIABLE, str(tmp_path / "a-file"))
     (tmp_path / "a-file").write_text("not a folder")
-    loader_cache.forget()
+    class_check_cache.forget()
     src = make_llama(tmp_path / "src")
     assert names_check(src).status == "pass"
-    loader_cache.forget()
+    class_check_cache.forget()
 
 
 def test_apply_again_recalls_the_verdict_and_its_report_is_the_same(tmp_path, store):
@@ -262,5 +314,5 @@ def test_apply_again_recalls_the_verdict_and_its_report_is_the_same(tmp_path, st
     second = apply_lock(src, lock, out=tmp_path / "b", alpha=4.0)
     assert [(c.name, c.status) for c in second.report.checks] == [(c.name, c.status) for c in first.report.checks]
     names = next(c for c in second.report.checks if c.name == "transformers_names")
-    assert names.status == "pass" and names.message.endswith(loader_cache.RECALLED)  # not run again
+    assert names.status == "pass" and names.message.endswith(class_check_cache.RECALLED)  # not run again
     assert verify_checkpoint(tmp_path / "b").ok

@@ -75,11 +75,18 @@ def key_for(checkpoint) -> tuple[str, bool] | None:
     environment = _environment(model_type if isinstance(model_type, str) else "")
     if environment is None:
         return None
+    files = _folder_files(checkpoint.root)
+    if files is None:
+        return None
     material = {
         "format": FORMAT,
         "version": VERSION,
         "environment": environment,
         "config": config,
+        # config.json is not all transformers reads: a "configuration_files" list sends AutoConfig to a versioned
+        # config.X.Y.Z.json instead, and a folder may hold modeling code or other JSON it reads; every file of the
+        # folder but the weights (their names, dtypes and shapes are below) and the model card is keyed by content
+        "files": files,
         "tensors": sorted([name, entry.dtype, list(entry.shape)] for name, entry in checkpoint.tensors.items()),
     }
     try:
@@ -87,7 +94,33 @@ def key_for(checkpoint) -> tuple[str, bool] | None:
     except (TypeError, ValueError):  # not expected of a parsed config.json; then there is nothing to key
         return None
     on_disk = not (isinstance(config, dict) and config.get("quantization_config") is not None)
+    on_disk = on_disk and environment.get("installed", True)  # an editable transformers changes without an install
     return hashlib.sha256(text.encode("ascii")).hexdigest(), on_disk
+
+
+MAX_KEYED_FILE_BYTES = 64 << 20  # a folder with a larger non-weight file is not remembered (hashing it is no saving)
+NOT_KEYED_SUFFIXES = (".safetensors", ".md")  # weights (keyed by their headers) and model cards (per edit)
+
+
+def _folder_files(root) -> dict[str, str] | None:
+    """sha256 of every regular file directly in ``root`` but the weights and model cards; None (do not remember)
+    when one cannot be read or is too large. Subfolders (weightlock's record) are not read by transformers."""
+    found: dict[str, str] = {}
+    try:
+        with os.scandir(root) as entries:
+            listed = sorted(entries, key=lambda e: e.name)
+    except OSError:
+        return None
+    for entry in listed:
+        if entry.name.endswith(NOT_KEYED_SUFFIXES) or entry.is_dir():
+            continue
+        try:
+            if not entry.is_file() or entry.stat().st_size > MAX_KEYED_FILE_BYTES:
+                return None
+            found[entry.name] = hashlib.sha256(Path(entry.path).read_bytes()).hexdigest()
+        except OSError:
+            return None
+    return found
 
 
 RECALLED = " (verdict remembered from an identical earlier check; WEIGHTLOCK_CACHE_DIR=off runs it again)"
@@ -110,9 +143,13 @@ def recall(key: tuple[str, bool] | None) -> tuple[str, str, list[str]] | None:
     return status, message + RECALLED, list(details)
 
 
-def remember(key: tuple[str, bool] | None, status: str, message: str, details: list[str]) -> None:
-    """Keep a verdict that lets an output through; best effort (a store that cannot be written is no error)."""
+def remember(key: tuple[str, bool] | None, status: str, message: str, details: list[str], checkpoint=None) -> None:
+    """Keep a verdict that lets an output through; best effort (a store that cannot be written is no error).
+    ``checkpoint``: keyed again after the check, and nothing is kept unless the key is the same (a file changed
+    while the check read it would otherwise store a verdict under inputs it was not computed from)."""
     if key is None or status not in REMEMBERED:
+        return
+    if checkpoint is not None and key_for(checkpoint) != key:
         return
     digest, on_disk = key
     verdict = (status, message, list(details))
@@ -190,6 +227,11 @@ def _model_folders(models: str, model_type: str) -> list[str]:
     return sorted(found)
 
 
+# model types whose config transformers may build as another model's class (configuration_auto.py: a mistral
+# config with layer_types is a ministral model)
+ALSO_BUILT_AS = {"mistral": ("ministral",)}
+
+
 @lru_cache(maxsize=64)
 def _environment(model_type: str) -> dict | None:
     """The installed code the verdict depends on (once per process and model type: the code this process runs
@@ -198,9 +240,14 @@ def _environment(model_type: str) -> dict | None:
     if transformers is None or torch is None:
         return None
     package, torch_package = os.path.dirname(transformers), os.path.dirname(torch)
-    folders = [package, os.path.join(package, "models", "auto")]
-    folders += _model_folders(os.path.join(package, "models"), model_type)
+    # the code the check runs besides the model's own: auto classes, conversion and loading, quantizers and
+    # integrations; a model type transformers maps to another class (mistral with layer_types is built as ministral)
+    folders = [package] + [os.path.join(package, sub) for sub in ("models/auto", "quantizers", "integrations", "utils")]
+    for name in (model_type, *ALSO_BUILT_AS.get(model_type, ())):
+        folders += _model_folders(os.path.join(package, "models"), name)
     return {
+        # an editable (source-tree) transformers changes without an install touching site-packages: memory only
+        "installed": os.path.basename(os.path.dirname(package)) in ("site-packages", "dist-packages"),
         "python": [sys.version, sys.prefix, os.path.realpath(sys.executable)],
         "transformers": {folder: _python_files(folder) for folder in folders},
         "torch": [_stat_line(torch), _stat_line(os.path.join(torch_package, "version.py")), _stat_line(torch_package)],
@@ -287,7 +334,9 @@ def _verdict(entry, digest: str) -> tuple[str, str, list[str]] | None:
     """An entry's verdict if it is exactly what _write_entry writes for ``digest``, else None."""
     if not isinstance(entry, dict) or set(entry) != {"format", "version", "key", "status", "message", "details"}:
         return None
-    if entry["format"] != FORMAT or entry["version"] != VERSION or entry["key"] != digest:
+    if entry["format"] != FORMAT or type(entry["version"]) is not int or entry["version"] != VERSION:
+        return None
+    if entry["key"] != digest:
         return None
     status, message, details = entry["status"], entry["message"], entry["details"]
     if status not in REMEMBERED or not isinstance(message, str) or not 0 < len(message) <= 4000:

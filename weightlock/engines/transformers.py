@@ -32,7 +32,7 @@ def check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
     run_loader_check(checkpoint, report)
     for check in report.checks[ran:]:
         if check.name == "transformers_names":
-            class_check_cache.remember(key, check.status, check.message, check.details)
+            class_check_cache.remember(key, check.status, check.message, check.details, checkpoint)
 
 
 def run_loader_check(checkpoint: Checkpoint, report: Report) -> None:

@@ -639,7 +639,8 @@ class GGUFTensorReader(TensorReader):
                 values = gguf.quants.dequantize(np.ascontiguousarray(chunk).reshape(1, -1), qtype).reshape(n, -1)
                 parts.append(values[:, skip : skip + width])
             block = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-            yield row0, np.ascontiguousarray(block, dtype=np.float32)
+            # a copy always: for F32 the gguf package returns a view of the raw bytes, that is of our reused buffer
+            yield row0, np.array(block, dtype=np.float32, copy=True)
 
     def read_vector(self, tensor: GGUFTensor) -> np.ndarray:
         """A 1-D tensor (a bias) as float32."""

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -169,21 +167,21 @@ def apply_folder(
     source_text = source_card_text(checkpoint.root)
     quoted = None if eval_report is None else read_eval_report(eval_report)
     bar = ProgressBar(plan) if progress else None
-    # The card needs huggingface_hub's ModelCard, whose import is CPU work about as long as reading a few hundred
-    # MiB of weights: it runs on a thread while compute_biases reads and multiplies (preadv and numpy release the
-    # GIL, and compute_biases imports nothing, so neither thread waits on the other's import locks). Nothing is
-    # written before both are done, and a refusal of the card (exit 3) still wins over one of the computation, as
-    # when the card was built first.
-    card_imports = _import_in_background(CARD_MODULES)
+    # The card is made with huggingface_hub's ModelCard, whose import is CPU work about as long as reading a few
+    # hundred MiB of weights: it is made on a thread while compute_biases reads and multiplies (preadv and numpy
+    # release the GIL, and compute_biases imports nothing, so neither thread waits on the other's import locks).
+    # Nothing is written before both are done, and a refusal of the card (exit 3) wins over one of the computation,
+    # as when the card was made first; a refused card stops the reading at the next layer, so a bad card is
+    # reported about as early as before.
+    card = _CardInBackground(source_text, provenance, lock, quoted)
     try:
-        computed, refused = compute_biases(plan, progress=bar), None
-    except WeightlockError as e:
-        computed, refused = [], e
-    if card_imports is not None:
-        card_imports.join()
-    card_text = locked_card(source_text, provenance, lock, quoted)
-    if refused is not None:
-        raise refused
+        computed = compute_biases(plan, progress=_stop_on_card_refusal(card, bar))
+    except _CardRefused:
+        computed = []
+    except WeightlockError:
+        card.result()  # the card's refusal first
+        raise
+    card_text = card.result()
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,22 +205,44 @@ def apply_folder(
     return ApplyResult(out, plan, written, provenance, time.perf_counter() - started, report)
 
 
-CARD_MODULES = ("yaml", "huggingface_hub", "huggingface_hub.repocard")  # what locked_card imports
+class _CardRefused(Exception):
+    """Stops compute_biases once the card made in the background was refused (the card's error is raised)."""
 
 
-def _import_in_background(modules: tuple[str, ...]) -> threading.Thread | None:
-    """Import ``modules`` on a daemon thread; None when all are imported already (tune's process, a second apply).
-    A failure is left for the caller's own import to raise, with its usual message."""
-    if all(name in sys.modules for name in modules):
-        return None
+class _CardInBackground:
+    """``locked_card(...)`` run on a daemon thread; :meth:`result` waits and returns the text or raises its error."""
 
-    def run() -> None:
+    def __init__(self, *args):
+        self._text: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=args, name="weightlock-card", daemon=True)
+        self._thread.start()
+
+    def _run(self, *args) -> None:
         try:
-            for name in modules:
-                importlib.import_module(name)
-        except BaseException:  # noqa: BLE001 - the caller's import raises it again, where it is reported
-            pass
+            self._text = locked_card(*args)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread by result()
+            self._error = e
 
-    thread = threading.Thread(target=run, name="weightlock-card-imports", daemon=True)
-    thread.start()
-    return thread
+    @property
+    def refused(self) -> bool:
+        return not self._thread.is_alive() and self._error is not None
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._text is not None
+        return self._text
+
+
+def _stop_on_card_refusal(card: _CardInBackground, bar):
+    """compute_biases' per-layer progress callback: the bar (if any), and a stop once the card is refused."""
+
+    def progress(nbytes: int) -> None:
+        if bar is not None:
+            bar(nbytes)
+        if card.refused:
+            raise _CardRefused
+
+    return progress
