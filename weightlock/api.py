@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from weightlock.core.lock import Lock, read_lock
 from weightlock.core.report import EngineChecks, Report, requested
 from weightlock.errors import InvalidInputError
-from weightlock.formats import GGUF, SAFETENSORS, detect
+from weightlock.formats import FORMATS, GGUF, SAFETENSORS, detect
 from weightlock.io.commit import set_interrupt_advice
 
 if TYPE_CHECKING:
@@ -76,7 +76,9 @@ def verify_checkpoint(
     path = _location(path)
     if source is not None and not isinstance(source, (str, os.PathLike)) and detect(source) != fmt:
         raise source_error(
-            _location(source), f"is not a {fmt} model; the checkpoint verified is one", hint=WRONG_SOURCE_HINT
+            _location(source),
+            f"is {FORMATS[detect(source)]}; the checkpoint verified is {FORMATS[fmt]}",
+            hint=WRONG_SOURCE_HINT,
         )
     known = ENGINE_CHECKS[fmt]
     if engine is not None and engine not in known:
@@ -92,13 +94,9 @@ def verify_checkpoint(
         return requested(report, deep, engine, known, source).finish()
     from weightlock.formats.safetensors.verify import open_source_folder, verify_folder
 
-    opened = None if source is None else open_source_folder(source, path, _source_format(source))
+    opened = None if source is None else open_source_folder(source, path, detect(source))
     report = requested(Report(str(path)), deep, engine, known, source)
     return verify_folder(path, report, expected=expected, deep=deep, source=opened, engines=engines).finish()
-
-
-def _source_format(source) -> str:
-    return detect(source)
 
 
 def _location(opened):

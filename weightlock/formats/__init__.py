@@ -13,12 +13,9 @@ import os
 
 SAFETENSORS = "safetensors"
 GGUF = "gguf"
-# name -> what the format is, for messages; the order is the order of detection (a .gguf path is GGUF, anything
-# else is taken for a folder, whose opening then refuses what is not one)
-FORMATS = {
-    GGUF: "a GGUF file (llama.cpp, Ollama, LM Studio), or the first file of a split set",
-    SAFETENSORS: "a Hugging Face folder of .safetensors shards (or a Hub id in the local cache)",
-}
+# name -> what a location of the format is, for messages; the order is the order of detection (a .gguf path is
+# GGUF, anything else is taken for a folder, whose opening then refuses what is not one)
+FORMATS = {GGUF: "a GGUF file", SAFETENSORS: "a safetensors folder"}
 
 
 def detect(location: str | os.PathLike | object) -> str:

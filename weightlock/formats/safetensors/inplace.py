@@ -49,9 +49,9 @@ from functools import partial
 from pathlib import Path
 
 from weightlock.core.edit import ProgressBar
-from weightlock.core.lock import Lock, load_lock, lock_file_bytes
+from weightlock.core.lock import Lock, read_lock
 from weightlock.core.report import Report, output_failure, source_note
-from weightlock.errors import CheckpointError, LockFormatError, OutputError
+from weightlock.errors import CheckpointError, OutputError
 from weightlock.formats.safetensors.apply import ApplyResult, provenance_record
 from weightlock.formats.safetensors.card import CARD_NAME, locked_card, read_eval_report, source_card_text
 from weightlock.formats.safetensors.folder import (
@@ -190,10 +190,7 @@ def _apply_in_place(
             "a loader that globs *.safetensors would load it beside the edited set",
             hint="move it out of the folder, or apply to a new --out (which leaves it out)",
         )
-    lock_obj = lock if isinstance(lock, Lock) else load_lock(lock)
-    lock_bytes = (
-        lock_file_bytes(lock_obj) if isinstance(lock, Lock) else read_bytes(lock, "lock file", 1 << 30, LockFormatError)
-    )
+    lock_obj, lock_bytes = read_lock(lock)  # as apply --out: the lock and its file's exact bytes
     plan = plan_edit(
         checkpoint,
         lock_obj,

@@ -60,7 +60,7 @@ def open_source_folder(source, path, source_format: str) -> Checkpoint:
             _refuse_same(source, source, path)  # a Hub id is checked once resolved, below
         if source_format != SAFETENSORS:
             raise source_error(
-                source, f"is {FORMATS[source_format].split(' (')[0]}; the checkpoint verified is a safetensors folder"
+                source, f"is {FORMATS[source_format]}; the checkpoint verified is {FORMATS[SAFETENSORS]}"
             )
         try:
             opened = open_checkpoint(source)
