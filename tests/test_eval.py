@@ -25,8 +25,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_chat_model(folder, seed=0, **shape):
-    """A tiny random Llama with a character-level tokenizer and a chat template, saved like a real one."""
+def chat_tokenizer():
+    """A character-level tokenizer (vocabulary of 102) with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,6 +43,12 @@ def make_chat_model(folder, seed=0, **shape):
         additional_special_tokens=specials[3:],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_chat_model(folder, seed=0, **shape):
+    """A tiny random Llama with a character-level tokenizer and a chat template, saved like a real one."""
+    tokenizer = chat_tokenizer()
     make_llama(
         folder, **{**dict(vocab=128, hidden=64, heads=4, kv_heads=2, layers=2), **shape}, seed=seed, extra_files=False
     )

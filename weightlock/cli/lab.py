@@ -71,9 +71,8 @@ from weightlock.io.outputs import write_file_atomically
 @click.option(
     "--shortlist",
     type=Number("shortlist"),
-    default=64,
-    show_default=True,
-    help="Effect selection: candidates (by accuracy).",
+    default=None,
+    help="Effect selection: candidates (by accuracy); default 64, or every head of a smaller model.",
 )
 @click.option(
     "--benign-prompts",
@@ -109,6 +108,12 @@ from weightlock.io.outputs import write_file_atomically
     show_default=True,
     help="effect-greedy: candidates tried per step.",
 )
+@click.option(
+    "--effect-batch",
+    type=Number("effect_batch"),
+    default=None,
+    help="Effect selection: candidates measured in one forward pass, at most (default: as many as memory holds).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing lock file.")
 @json_option
 def forge(
@@ -136,6 +141,7 @@ def forge(
     effect_pairs,
     effect_benign,
     greedy_pool,
+    effect_batch,
     force,
     as_json,
 ):
@@ -169,6 +175,7 @@ def forge(
         effect_pairs=effect_pairs,
         effect_benign=effect_benign,
         greedy_pool=greedy_pool,
+        effect_batch=effect_batch,
     )
     lock = forge_lock(model, data, settings, progress=not as_json)
     digest = save_lock(lock, out, force=force, commit=f"{out} was written")

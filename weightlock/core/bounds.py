@@ -64,6 +64,7 @@ BOUNDS: dict[str, Bound] = {
     "effect_benign": Bound(int, 1, example="16"),
     "effect_answer_tokens": Bound(int, 1, example="8"),
     "greedy_pool": Bound(int, 1, example="8"),
+    "effect_batch": Bound(int, 1, example="16"),
     "probe_steps": Bound(int, 1, example="200"),
     "probe_lr": Bound(float, 0, low_open=True, example="0.05"),
     "probe_l2": Bound(float, 0, example="0.001"),

@@ -120,6 +120,11 @@ class ArchitectureSpec:
     def module(self, template: str, layer: int) -> str:
         return template.format(layer=layer)
 
+    def decoder_layer(self, layer: int) -> str:
+        """The decoder layer holding ``layer``'s attention (the attention path up to the layer's index)."""
+        head, _, _ = self.attention_module.partition("{layer}")
+        return f"{head}{layer}"
+
     def output_module(self, layer: int) -> str:
         return f"{self.attention_module.format(layer=layer)}.{self.output_projection}"
 

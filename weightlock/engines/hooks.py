@@ -56,3 +56,40 @@ def displacement_hooks(model, displacements: dict):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def row_displacement_hooks(model, displacements: dict, rows_per_vector: list[int]):
+    """Within the block, each listed layer's o_proj input gets a displacement of its own per batch row:
+    ``displacements[layer]`` is a [vectors, width] tensor, and vector ``v`` is added to ``rows_per_vector[0]``
+    consecutive rows (vector 0 to the first block of rows, vector 1 to the next, ...). ``rows_per_vector[0]``
+    is read at each call, so one set of hooks serves batches of different sizes. forge measures many
+    candidate heads in one forward pass this way: one vector per candidate, a zero row where a candidate
+    leaves that layer alone."""
+    spec = spec_for_config(model.config.to_dict())
+    handles = []
+
+    def make_hook(vectors):
+        placed = {}
+
+        def hook(module, args):
+            hidden = args[0]
+            key = (hidden.device, hidden.dtype, rows_per_vector[0])
+            if key not in placed:
+                # The vectors rounded to the model's dtype first, as displacement_hooks rounds its one vector:
+                # a row here gets exactly the addend that candidate would get measured alone.
+                placed[key] = vectors.to(device=hidden.device, dtype=hidden.dtype).repeat_interleave(
+                    rows_per_vector[0], dim=0
+                )[:, None, :]
+            return (hidden + placed[key],) + tuple(args[1:])
+
+        return hook
+
+    try:
+        for layer, vectors in displacements.items():
+            module = model.get_submodule(spec.output_module(layer))
+            handles.append(module.register_forward_pre_hook(make_hook(vectors)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -35,6 +35,7 @@ from weightlock.core.bounds import check_fields
 from weightlock.core.families import shape_from_config, spec_for_config
 from weightlock.core.lock import Lock, build_lock, source_model_from_config
 from weightlock.errors import InvalidInputError, MissingDependencyError
+from weightlock.lab.batches import in_batches
 from weightlock.lab.pairs import Pair, load_pairs
 
 PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant: "
@@ -62,12 +63,15 @@ class ForgeSettings:
     selection: str = "effect"  # "accuracy", "effect" or "effect-greedy" (selection.py)
     position: str = "prompt"  # "answer": last tokens of each answer; "prompt": last tokens of each prompt
     benign_prompts: str | None = None  # forge's benign prompts; None: default_prompts/forge_benign.txt
-    shortlist: int = 64  # effect selection: candidates = this many best heads by probe accuracy
+    # effect selection: candidates = this many best heads by probe accuracy; None: 64 (every head of a model
+    # with fewer). A number above the model's heads is refused.
+    shortlist: int | None = None
     effect_alpha: float = 1.0  # strength each candidate is measured at
     effect_pairs: int = 16  # held-out pairs whose answers measure the effect
     effect_benign: int = 16  # benign prompts whose answers measure the cost (KL)
     effect_answer_tokens: int = 8  # answer tokens scored per pair text
     greedy_pool: int = 8  # effect-greedy: candidates tried per step
+    effect_batch: int | None = None  # candidates measured per forward pass, at most; None: as many as fit
 
 
 SELECTIONS = ("accuracy", "effect", "effect-greedy")
@@ -200,33 +204,45 @@ def capture(model, tokenizer, ids, answer_lengths, settings: ForgeSettings, prog
     import inspect
 
     last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    try:
-        from tqdm import tqdm
 
-        batches = range(0, len(ids), settings.batch_size)
-        for start in tqdm(batches, desc="capturing activations", disable=not progress, leave=False):
-            chunk = ids[start : start + settings.batch_size]
-            batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt", padding=True)
-            mask = batch["attention_mask"]
-            rows, positions = [], []
-            for b in range(len(chunk)):
-                real = torch.nonzero(mask[b]).flatten()
-                take = min(settings.last_tokens, answer_lengths[start + b], len(real))
-                rows += [b] * take
-                positions += real[-take:].tolist()
-                owners += [start + b] * take
-            where["rows"], where["positions"] = torch.tensor(rows), torch.tensor(positions)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.no_grad():
-                model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=position_ids.to(device),
-                    **last_logits_only,
-                )
-            # Layers may sit on different devices (device_map): bring each to the first layer's.
-            first = captured[0].device
-            rows_out.append(torch.stack([captured[layer].to(first) for layer in range(shape.num_layers)], dim=1).cpu())
+    def run(start, chunk):
+        batch = tokenizer.pad({"input_ids": list(chunk)}, return_tensors="pt", padding=True)
+        mask = batch["attention_mask"]
+        rows, positions, batch_owners = [], [], []
+        for b in range(len(chunk)):
+            real = torch.nonzero(mask[b]).flatten()
+            take = min(settings.last_tokens, answer_lengths[start + b], len(real))
+            rows += [b] * take
+            positions += real[-take:].tolist()
+            batch_owners += [start + b] * take
+        where["rows"], where["positions"] = torch.tensor(rows), torch.tensor(positions)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=mask.to(device),
+                position_ids=position_ids.to(device),
+                **last_logits_only,
+            )
+        # Layers may sit on different devices (device_map): bring each to the first layer's.
+        first = captured[0].device
+        rows_out.append(torch.stack([captured[layer].to(first) for layer in range(shape.num_layers)], dim=1).cpu())
+        owners.extend(batch_owners)  # only once the batch has run: a batch split for memory leaves no trace
+        bar.update(len(chunk))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(ids), desc="capturing activations", disable=not progress, leave=False)
+    try:
+        with bar:
+            in_batches(
+                ids,
+                settings.batch_size,
+                run,
+                what="capturing activations",
+                hint="use shorter pairs (or --limit fewer), or a bigger device (or --device-map auto)",
+                notify=_note,
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -302,7 +318,7 @@ def _choose_by_effect(
     from weightlock.lab.selection import Candidate, EffectMeter, select_by_effect
 
     num_heads = accuracy.shape[1]
-    shortlist = by_accuracy[: settings.shortlist]
+    shortlist = by_accuracy[: shortlist_size(settings, accuracy.size)]
     candidates, kept_flat = [], []
     for flat in shortlist:
         layer, head = divmod(int(flat), num_heads)
@@ -330,6 +346,8 @@ def _choose_by_effect(
         ],
         answer_tokens=settings.effect_answer_tokens,
         batch_size=settings.batch_size,
+        candidates_per_pass=settings.effect_batch,
+        notify=_note,
     )
     picked, record = select_by_effect(
         meter,
@@ -353,6 +371,21 @@ def _choose_by_effect(
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_SHORTLIST = 64
+
+
+def shortlist_size(settings: ForgeSettings, total_heads: int) -> int:
+    """The candidates effect selection measures: --shortlist, or 64 (every head of a smaller model)."""
+    return settings.shortlist if settings.shortlist is not None else min(DEFAULT_SHORTLIST, total_heads)
+
+
+def _note(message: str) -> None:
+    """A line on stderr about how forge adapted its work (e.g. split to fit memory); stdout stays the result's."""
+    import sys
+
+    from weightlock.io.text import printable
+
+    sys.stderr.write(f"note: {printable(message)}\n")
 
 
 def check_device(device: str) -> None:
@@ -432,9 +465,16 @@ def forge_from_model(
     if not 1 <= settings.heads <= total:
         raise InvalidInputError(f"--heads must lie in 1..{total}", hint="24 or 48 heads are the usual choices")
     effect_based = settings.selection != "accuracy"
-    if effect_based and not settings.heads <= settings.shortlist:
+    if effect_based and settings.shortlist is not None and settings.shortlist > total:
         raise InvalidInputError(
-            f"--heads {settings.heads} is more than the --shortlist {settings.shortlist} it is chosen from",
+            f"--shortlist {settings.shortlist} is more than the {total} heads the model has "
+            f"({shape.num_layers} layers x {shape.num_heads} heads)",
+            hint=f"pass --shortlist {total} or less, or leave it out (64, or every head of a smaller model)",
+        )
+    if effect_based and not settings.heads <= shortlist_size(settings, total):
+        raise InvalidInputError(
+            f"--heads {settings.heads} is more than the --shortlist {shortlist_size(settings, total)} it is "
+            "chosen from",
             hint="raise --shortlist (96-128 is usual on a GPU) or lower --heads",
         )
     if settings.position == "answer":

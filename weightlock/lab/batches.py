@@ -1,0 +1,75 @@
+"""Batches that shrink to fit: forge's forward passes split on running out of memory, never crash on it.
+
+A batch size is a guess about memory; the device's allocator is the judge. ``in_batches`` runs work batch
+by batch and, when a batch runs out of memory (torch's ``OutOfMemoryError`` on a GPU, the CPU allocator's
+refusal, Python's ``MemoryError``), halves the batch and runs it again, saying so once through ``notify``.
+A single item that does not fit is the user's to resolve: an ``InvalidInputError`` with a hint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from weightlock.errors import InvalidInputError
+
+OUT_OF_MEMORY = (RuntimeError, MemoryError)  # what to catch; ``is_out_of_memory`` decides
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (a RuntimeError), the CPU allocator's refusal, or Python's MemoryError."""
+    if isinstance(error, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - forge needs torch
+        pass
+    text = str(error)
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def release_cached_memory() -> None:
+    """Hand freed GPU blocks back before a smaller retry (a no-op without CUDA)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def in_batches(
+    items: Sequence,
+    size: int,
+    run: Callable[[int, Sequence], None],
+    *,
+    what: str,
+    hint: str,
+    notify: Callable[[str], None] | None = None,
+) -> int:
+    """``run(start, batch)`` over ``items`` in batches of ``size``, halving it when a batch runs out of memory.
+    ``run`` must leave no trace of a batch that fails (keep results only once the batch is done). Returns the
+    batch size that ran last."""
+    start = 0
+    while start < len(items):
+        batch = items[start : start + size]
+        try:
+            run(start, batch)
+        except OUT_OF_MEMORY as e:
+            if not is_out_of_memory(e):
+                raise
+            release_cached_memory()
+            if len(batch) == 1:
+                raise InvalidInputError(f"{what}: a single item ran out of memory", hint=hint) from None
+            size = max(1, len(batch) // 2)
+            if notify is not None:
+                notify(f"{what}: a batch of {len(batch)} ran out of memory, running {size} at a time")
+            continue
+        start += len(batch)
+    return size
