@@ -226,6 +226,7 @@ except SystemExit as e:
     code = e.code or 0
 wall = time.perf_counter() - started
 peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+peak["code_from"] = sys.modules["weightlock"].__file__ if "weightlock" in sys.modules else None
 if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
     peak["gpu_gib"] = sys.modules["torch"].cuda.max_memory_allocated() / 2**30
 sys.stderr.write("\\nBENCH " + json.dumps({"code": code, "in_process_s": wall, **peak}) + "\\n")
@@ -241,7 +242,7 @@ def compare_selections(args) -> None:
     from weightlock.core.lock import load_lock
 
     if args.model is not None:
-        model, extra, what = str(args.model), [], f"{args.model.name} (saved checkpoint)"
+        model, extra, what = str(args.model.resolve()), [], f"{args.model.name} (saved checkpoint)"
     else:
         import importlib.util
 
@@ -251,7 +252,7 @@ def compare_selections(args) -> None:
     common = [
         *extra,
         "--data",
-        str(args.data),
+        str(args.data.resolve()),
         "--limit",
         str(args.pairs),
         "--device",
@@ -273,11 +274,18 @@ def compare_selections(args) -> None:
             argv = ["forge", model, "--out", str(out), *common, *selection]
             env = dict(os.environ, **({"PYTHONPATH": code_from} if code_from else {}))
             started = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env)
+            # Run from the scratch folder: ``python -c`` puts the working directory first on sys.path, which
+            # would shadow --before's PYTHONPATH with the checkout the bench was started from.
+            done = subprocess.run(
+                [sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env, cwd=work
+            )
             wall = time.perf_counter() - started
             tail = done.stderr.rsplit("BENCH ", 1)
             if done.returncode or len(tail) != 2 or json.loads(tail[1])["code"]:
                 raise SystemExit(f"forge ({name}) failed:\n{done.stderr[-2000:]}")
+            wanted = Path(code_from or Path(__file__).resolve().parents[1]) / "weightlock" / "__init__.py"
+            if json.loads(tail[1])["code_from"] != str(wanted):
+                raise SystemExit(f"forge ({name}) ran weightlock from {json.loads(tail[1])['code_from']}, not {wanted}")
             lock = load_lock(out)
             runs[name] = {"wall_s": wall, **json.loads(tail[1]), "selection": lock.creation["details"]["selection"]}
             runs[name]["heads"] = sorted(zip(lock.layers.tolist(), lock.heads.tolist(), strict=True))

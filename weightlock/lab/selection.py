@@ -253,20 +253,23 @@ class EffectMeter:
         )
 
     def _packing_agrees(self) -> bool:
-        """The first packed row's baseline numbers against its texts run alone with the model's own mask.
-        A model whose attention ignored or remade a custom mask would differ by far more than rounding."""
+        """The first packed row's baseline distributions against its texts run alone with the model's own mask.
+        Compared by total variation at each scored position: rounding moves it by ~1e-6 in float32 and up
+        to ~0.04 in bfloat16 (SmolLM2-135M); a model whose attention ignored the row's mask lets texts see
+        each other, which moved it by 0.92-0.997 on the same model."""
         import torch
 
         row = next((r for r in self._rows if r.packed), None)
         if row is None:
             return True
-        tolerance = 1e-3 if self.model.dtype in (torch.float32, torch.float64) else 0.1
+        tolerance = 0.01 if self.model.dtype in (torch.float32, torch.float64) else 0.25
         with torch.no_grad():
             packed = self._log_softmaxes(row, self._forward(row, 1))
-            for index in row.members:
+            for number, index in enumerate(row.members):
                 alone = self._row([index])
                 (separate,) = self._log_softmaxes(alone, self._forward(alone, 1))
-                if not torch.allclose(packed[row.members.index(index)], separate, atol=tolerance, rtol=0):
+                variation = 0.5 * (packed[number].exp() - separate.exp()).abs().sum(-1).max().item()
+                if not variation <= tolerance:
                     return False
         return True
 
