@@ -303,6 +303,7 @@ def compare_selections(args) -> None:
         "candidates": len(runs["default"]["selection"]["candidates"]),
         "candidates_per_pass": measured.get("candidates_per_pass"),
         "forward_passes": measured.get("batches_run"),
+        "measuring_s": measured.get("seconds"),
         "memory_notes": measured.get("notes"),
         "heads_shared": len(set(runs["default"]["heads"]) & set(runs["accuracy"]["heads"])),
     }
@@ -359,6 +360,7 @@ def compare_selections(args) -> None:
         header = ["forge", "wall", "against accuracy", "peak RSS"] + (["peak GPU memory"] if gpu else [])
         notes = (
             f"The default measured {result['candidates']} candidates in {result['forward_passes']} forward passes "
+            f"and {result['measuring_s']} s (benign answers and baseline included) "
             f"(up to {result['candidates_per_pass']} candidates per pass); {result['heads_shared']} of the "
             f"{len(runs['default']['heads'])} heads are also the accuracy forge's."
         )

@@ -208,7 +208,7 @@ class _Reference(OneAtATimeMeter):
 
     def __init__(self, *args, candidates_per_pass=None, notify=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.candidates_per_pass, self.passes, self.notes = 1, 0, []
+        self.candidates_per_pass, self.passes, self.notes, self.seconds = 1, 0, [], 0.0
 
     def measure_many(self, configurations, progress=None):
         return [self.measure(c) for c in configurations]

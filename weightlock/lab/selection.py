@@ -101,8 +101,11 @@ class EffectMeter:
         row_tokens: int = ROW_TOKENS,
         notify=None,
     ):
+        import time
+
         import torch
 
+        started = time.perf_counter()
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = next(model.parameters()).device
         self.num_pairs = len(prompts)
@@ -154,6 +157,7 @@ class EffectMeter:
             self._base.clear()
             self._baseline()
         self.base_margin = self._margin(self._base_log_probs)
+        self.seconds = time.perf_counter() - started  # the meter's own time: its set-up and every measurement
 
     def _benign_answers(self, prompts: list[str], max_new_tokens: int):
         """Token ids of each prompt and of the model's greedy answer to it (through the first end token)."""
@@ -410,6 +414,15 @@ class EffectMeter:
 
     def measure_many(self, configurations: list[dict[int, np.ndarray]], progress=None) -> list[tuple[float, float]]:
         """(effect, cost) of each set of displacements, as many sets per forward pass as memory allows."""
+        import time
+
+        started = time.perf_counter()
+        try:
+            return self._measure_many(configurations, progress)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _measure_many(self, configurations, progress) -> list[tuple[float, float]]:
         results: list[tuple[float, float] | None] = [None] * len(configurations)
         by_start: dict[int, list[int]] = {}
         for i, displacements in enumerate(configurations):
@@ -650,6 +663,7 @@ def select_by_effect(
         "measured": {
             "candidates_per_pass": meter.candidates_per_pass,
             "batches_run": meter.passes,
+            "seconds": round(meter.seconds, 2),
             "notes": list(meter.notes),
         },
     }
