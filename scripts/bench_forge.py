@@ -21,8 +21,9 @@ Needs weightlock[forge]; the reference side needs scikit-learn (pip install scik
 --selections times the whole ``weightlock forge`` command twice on the same model, pairs and device, each in
 a fresh process: the default (heads chosen by measured effect) and ``--select accuracy`` (the probes alone),
 and reports seconds, the ratio, each run's peak RSS (and peak GPU memory on a GPU), and how the default's
-measurement ran (candidates per pass, forward passes, as the lock records them). ``--model FOLDER`` forges
-from a saved checkpoint instead of SmolLM2 (``--tokenizer`` is then not needed: the folder has one).
+measurement ran (candidates per pass, forward passes, seconds, as the command's --json reports them). The model's
+bytes are read and the libraries imported once, untimed, first. ``--model FOLDER`` forges from a saved checkpoint
+instead of SmolLM2 (``--tokenizer`` is then not needed: the folder has one).
 ``--before DIR`` adds a third run: the default forge of another checkout of weightlock (its code imported
 from DIR, e.g. ``git worktree add /tmp/before <commit>``), to set a change against the code before it.
 
@@ -265,6 +266,14 @@ def compare_selections(args) -> None:
         "--force",
     ]
     runs = {}
+    # Untimed warm-up, so that no run pays for a cold page cache the others do not: the model's bytes read
+    # once, and the libraries every run imports.
+    for path in Path(model).rglob("*") if Path(model).is_dir() else [Path(model)]:
+        if path.is_file() and (not extra or path.name == extra[1] or path.suffix in (".json", ".txt")):
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+    subprocess.run([sys.executable, "-c", "import torch, transformers, weightlock.lab.forge"], check=True)
     with tempfile.TemporaryDirectory() as work:
         plan = [("accuracy", ["--select", "accuracy"], None), ("default", [], None)]
         if args.before is not None:
@@ -287,9 +296,15 @@ def compare_selections(args) -> None:
             if json.loads(tail[1])["code_from"] != str(wanted):
                 raise SystemExit(f"forge ({name}) ran weightlock from {json.loads(tail[1])['code_from']}, not {wanted}")
             lock = load_lock(out)
-            runs[name] = {"wall_s": wall, **json.loads(tail[1]), "selection": lock.creation["details"]["selection"]}
+            printed = json.loads(done.stdout)  # the forge command's own --json result
+            runs[name] = {
+                "wall_s": wall,
+                **json.loads(tail[1]),
+                "selection": lock.creation["details"]["selection"],
+                "measurement": printed.get("measurement") or {},
+            }
             runs[name]["heads"] = sorted(zip(lock.layers.tolist(), lock.heads.tolist(), strict=True))
-    measured = runs["default"]["selection"].get("measured") or {}
+    measured = runs["default"]["measurement"]
     result = {
         "model": what,
         "device": args.device,
@@ -302,7 +317,7 @@ def compare_selections(args) -> None:
         "default_peak_rss_mib": runs["default"]["rss_mib"],
         "candidates": len(runs["default"]["selection"]["candidates"]),
         "candidates_per_pass": measured.get("candidates_per_pass"),
-        "forward_passes": measured.get("batches_run"),
+        "forward_passes": measured.get("forward_passes"),
         "measuring_s": measured.get("seconds"),
         "memory_notes": measured.get("notes"),
         "heads_shared": len(set(runs["default"]["heads"]) & set(runs["accuracy"]["heads"])),
@@ -360,7 +375,8 @@ def compare_selections(args) -> None:
         header = ["forge", "wall", "against accuracy", "peak RSS"] + (["peak GPU memory"] if gpu else [])
         notes = (
             f"The default measured {result['candidates']} candidates in {result['forward_passes']} forward passes "
-            f"and {result['measuring_s']} s (benign answers and baseline included) "
+            f"and {result['measuring_s']} s (the meter's own time: answering the benign prompts, the baseline, "
+            "the candidates; not capture or probes) "
             f"(up to {result['candidates_per_pass']} candidates per pass); {result['heads_shared']} of the "
             f"{len(runs['default']['heads'])} heads are also the accuracy forge's."
         )

@@ -1,7 +1,9 @@
 """forge's effect measurement as it was before candidates were batched: one set of displacements per
 pass over every text (left-padded batches in the texts' own order, the full model run from the first
 layer). Kept verbatim as the reference the batched, packed and replayed ``EffectMeter`` must equal
-(tests/test_effect_batching.py)."""
+(tests/test_effect_batching.py). Where a model's RoPE changes with the longest position in a batch (dynamic,
+longrope past the original context) its numbers depended on which texts shared a batch; there the reference
+is this meter with one text per batch (each text alone)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ forge must choose the same heads and write the same lock tensors.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -195,7 +197,9 @@ def test_packing_that_a_model_does_not_honour_falls_back_to_one_text_per_row(tmp
     ]
     try:
         ours = EffectMeter(model, tokenizer, PROMPTS, SAFE, UNSAFE, BENIGN, **alone)
-        assert ours.notes == ["packed rows disagree with the model's own masking: one text per row"]
+        assert ours.notes == [
+            "packed rows disagree with their texts run alone under the model's own attention: one text per row"
+        ]
         assert not any(row.packed for row in ours._rows)
         _assert_equal_measurements(ours, reference, _configurations(model))
     finally:
@@ -223,7 +227,8 @@ def test_forge_chooses_the_same_heads_and_writes_the_same_lock(tmp_path, monkeyp
     settings = ForgeSettings(
         **{**EFFECT, "shortlist": 10, "heads": 3, "selection": method}, benign_prompts=str(benign), greedy_pool=4
     )
-    ours = forge_lock(str(tmp_path / "m"), data, settings)
+    run: dict = {}
+    ours = forge_lock(str(tmp_path / "m"), data, settings, run=run)
     monkeypatch.setattr(selection, "EffectMeter", _Reference)
     reference = forge_lock(str(tmp_path / "m"), data, settings)
     for name in ("layers", "heads", "directions", "scales"):
@@ -237,9 +242,10 @@ def test_forge_chooses_the_same_heads_and_writes_the_same_lock(tmp_path, monkeyp
     for step, want in zip(recorded["greedy_steps"] or [], expected["greedy_steps"] or [], strict=True):
         assert (step["layer"], step["head"]) == (want["layer"], want["head"])
         assert step["set_effect"] == pytest.approx(want["set_effect"], abs=EFFECT_TOLERANCE)
-    assert recorded["measured"]["candidates_per_pass"] > 1 and recorded["measured"]["notes"] == []
+    assert "measured" not in recorded, "how the measurement ran is the run's, not the lock's"
+    assert run["measurement"]["candidates_per_pass"] > 1 and run["measurement"]["notes"] == []
     # One candidate per pass took 3 batches (12 texts, 5 per batch) per candidate and per greedy try.
-    assert recorded["measured"]["batches_run"] < 3 * len(recorded["candidates"])
+    assert run["measurement"]["forward_passes"] < 3 * len(recorded["candidates"])
 
 
 def test_a_shortlist_beyond_the_models_heads_is_refused_and_the_default_fits_small_models(tmp_path, capsys):
@@ -256,7 +262,81 @@ def test_a_shortlist_beyond_the_models_heads_is_refused_and_the_default_fits_sma
 
     selection_record = load_lock(tmp_path / "b.json").creation["details"]["selection"]
     assert selection_record["shortlist"] == 8, "the default shortlist (64) is every head of a smaller model"
-    assert 1 < selection_record["measured"]["candidates_per_pass"] <= 3
+    measurement = json.loads(out)["measurement"]
+    assert 1 < measurement["candidates_per_pass"] <= 3 and measurement["forward_passes"] > 0
+    assert measurement["seconds"] > 0 and measurement["notes"] == []
+
+
+def test_the_same_forge_writes_the_same_lock_bytes(tmp_path, capsys):
+    """How the measurement ran (seconds, passes, memory splits) varies with the machine; the lock may not."""
+    make_chat_model(tmp_path / "m")
+    data = chat_pairs(tmp_path / "pairs.jsonl")
+    common = ["forge", str(tmp_path / "m"), "--data", str(data), "--heads", "2", "--effect-pairs", "2", "--json"]
+    digests, passes = [], []
+    for name, batch in (("a.json", "1"), ("b.json", "8")):
+        code, out, err = run_cli(capsys, *common, "--out", str(tmp_path / name), "--effect-batch", batch)
+        assert code == 0, err
+        digests.append(json.loads(out)["sha256"])
+        passes.append(json.loads(out)["measurement"]["forward_passes"])
+    assert passes[0] > passes[1], "one candidate per pass takes more passes"
+    assert digests[0] == digests[1]
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_a_rope_that_changes_with_length_unpacks_texts_that_reach_it(tmp_path):
+    """Dynamic NTK RoPE picks its frequencies by the longest position in a batch: a text packed beside a
+    longer one would be rotated as it never is alone. Past that length every text gets its own row, and the
+    numbers equal each text run alone (the old meter with one text per batch)."""
+    import transformers
+
+    folder = make_model(
+        tmp_path / "dyn",
+        "llama",
+        layers=3,
+        vocab=128,
+        extra_files=False,
+        max_position_embeddings=24,
+        rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = chat_tokenizer()
+    alone = {**METER, "batch_size": 1}
+    ours = EffectMeter(model, tokenizer, PROMPTS, SAFE, UNSAFE, BENIGN, **METER)
+    assert ours.notes == ["texts pass the length (24) where the model's dynamic RoPE changes: one text per row"]
+    assert not any(row.packed for row in ours._rows)
+    reference = OneAtATimeMeter(model, tokenizer, PROMPTS, SAFE, UNSAFE, BENIGN, **alone)
+    _assert_equal_measurements(ours, reference, _configurations(model))
+
+
+def test_running_out_of_memory_anywhere_in_forge_is_exit_3_with_a_hint(tmp_path, capsys, monkeypatch):
+    """Stages that cannot split (the probes, packing the rows, the baseline) and any other place a model's
+    work outgrows the device end in one message and a hint, never a traceback. Simulated: torch's own CPU
+    allocator message, and Python's MemoryError."""
+    from weightlock.lab import forge
+
+    make_chat_model(tmp_path / "m")
+    data = chat_pairs(tmp_path / "pairs.jsonl")
+    common = ["forge", str(tmp_path / "m"), "--data", str(data), "--heads", "2", "--effect-pairs", "2"]
+    allocator = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes."
+
+    def fail(error):
+        def raising(*args, **kwargs):
+            raise error
+
+        return raising
+
+    cases = [
+        (forge, "train_probes", RuntimeError(allocator), "training 8 probes on"),
+        (selection.EffectMeter, "_row", RuntimeError(allocator), "running the measuring texts once"),
+        (selection.EffectMeter, "_packing_agrees", MemoryError(), "running the measuring texts once"),
+        (forge, "split_pairs", MemoryError(), "the device ran out of memory"),
+    ]
+    for owner, name, error, words in cases:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, fail(error))
+            code, _, err = run_cli(capsys, *common, "--out", str(tmp_path / f"{name}.json"))
+        assert code == 3 and words in err and "hint:" in err and "Traceback" not in err, (name, err)
+        assert not (tmp_path / f"{name}.json").exists()
 
 
 def test_a_forge_whose_batches_run_out_of_memory_splits_them_and_says_so(tmp_path, capsys):
@@ -280,8 +360,9 @@ def test_a_forge_whose_batches_run_out_of_memory_splits_them_and_says_so(tmp_pat
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     handle = model.register_forward_pre_hook(refuse_big_batches, with_kwargs=True)
+    run: dict = {}
     try:
-        split = forge_from_model(model, tokenizer, data, settings)
+        split = forge_from_model(model, tokenizer, data, settings, run=run)
     finally:
         handle.remove()
     err = capsys.readouterr().err
@@ -292,4 +373,5 @@ def test_a_forge_whose_batches_run_out_of_memory_splits_them_and_says_so(tmp_pat
     assert split.layers.tolist() == expected.layers.tolist() and split.heads.tolist() == expected.heads.tolist()
     np.testing.assert_allclose(split.directions, expected.directions, atol=1e-5)
     np.testing.assert_allclose(split.scales, expected.scales, rtol=1e-5)
-    assert split.creation["details"]["selection"]["measured"]["candidates_per_pass"] <= 2
+    assert run["measurement"]["candidates_per_pass"] <= 2
+    assert "a pass of 4 candidates ran out of memory: measuring 2 per pass" in run["measurement"]["notes"]

@@ -177,7 +177,8 @@ def forge(
         greedy_pool=greedy_pool,
         effect_batch=effect_batch,
     )
-    lock = forge_lock(model, data, settings, progress=not as_json)
+    run: dict = {}
+    lock = forge_lock(model, data, settings, progress=not as_json, run=run)
     digest = save_lock(lock, out, force=force, commit=f"{out} was written")
     details = lock.creation["details"]
     accuracy = np.asarray(details["probe_accuracy"])
@@ -198,6 +199,8 @@ def forge(
             "selection": chosen_by,
             "position": position,
             "heldout_accuracy_of_kept": kept,
+            # how the effect measurement ran here (memory- and machine-dependent, so not in the lock)
+            "measurement": run.get("measurement"),
         },
         line,
     )

@@ -8,6 +8,7 @@ A single item that does not fit is the user's to resolve: an ``InvalidInputError
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 from weightlock.errors import InvalidInputError
@@ -19,13 +20,9 @@ def is_out_of_memory(error: BaseException) -> bool:
     """torch.OutOfMemoryError (a RuntimeError), the CPU allocator's refusal, or Python's MemoryError."""
     if isinstance(error, MemoryError):
         return True
-    try:
-        import torch
-
-        if isinstance(error, torch.OutOfMemoryError):
-            return True
-    except ImportError:  # pragma: no cover - forge needs torch
-        pass
+    torch = sys.modules.get("torch")  # an error raised by torch means torch is loaded: never import it here
+    if torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
     text = str(error)
     return "out of memory" in text or "can't allocate memory" in text
 
@@ -35,13 +32,9 @@ def release_cached_memory() -> None:
     import gc
 
     gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def in_batches(

@@ -35,7 +35,7 @@ from weightlock.core.bounds import check_fields
 from weightlock.core.families import shape_from_config, spec_for_config
 from weightlock.core.lock import Lock, build_lock, source_model_from_config
 from weightlock.errors import InvalidInputError, MissingDependencyError
-from weightlock.lab.batches import in_batches
+from weightlock.lab.batches import OUT_OF_MEMORY, in_batches, is_out_of_memory, release_cached_memory
 from weightlock.lab.pairs import Pair, load_pairs
 
 PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant: "
@@ -312,7 +312,7 @@ class _BenignPrompts:
 
 
 def _choose_by_effect(
-    model, tokenizer, pairs, held_pairs, benign, by_accuracy, accuracy, direction_and_scale, settings, progress
+    model, tokenizer, pairs, held_pairs, benign, by_accuracy, accuracy, direction_and_scale, settings, progress, run
 ) -> tuple[np.ndarray, dict]:
     """Flat indices (layer * heads + head) of the heads effect selection keeps, and its record."""
     from weightlock.lab.selection import Candidate, EffectMeter, select_by_effect
@@ -359,6 +359,8 @@ def _choose_by_effect(
         pool=settings.greedy_pool,
         progress=progress,
     )
+    if run is not None:
+        run["measurement"] = meter.run_facts()
     record.update(
         shortlist=len(candidates),
         measured_on={
@@ -432,14 +434,21 @@ def check_settings(settings: ForgeSettings) -> None:
         check_device(settings.device)
 
 
-def forge_lock(location: str, data: str | Path, settings: ForgeSettings | None = None, progress: bool = False) -> Lock:
-    """Forge a lock from the model at ``location`` and the pairs in ``data``."""
+def forge_lock(
+    location: str,
+    data: str | Path,
+    settings: ForgeSettings | None = None,
+    progress: bool = False,
+    run: dict | None = None,
+) -> Lock:
+    """Forge a lock from the model at ``location`` and the pairs in ``data``. ``run``, when given, receives
+    how the work ran on this machine (effect selection: ``run["measurement"]``), which the lock does not hold."""
     settings = settings or ForgeSettings()
     check_settings(settings)
     load_pairs(data, settings.limit)  # refuse bad data before spending minutes loading a model
     _benign_prompts(settings)
     model, tokenizer = load_model(location, settings)
-    return forge_from_model(model, tokenizer, data, settings, name=str(location), progress=progress)
+    return forge_from_model(model, tokenizer, data, settings, name=str(location), progress=progress, run=run)
 
 
 def forge_from_model(
@@ -450,8 +459,9 @@ def forge_from_model(
     *,
     name: str | None = None,
     progress: bool = False,
+    run: dict | None = None,
 ) -> Lock:
-    """Forge from a model and tokenizer already loaded (stock transformers classes)."""
+    """Forge from a model and tokenizer already loaded (stock transformers classes); ``run`` as for forge_lock."""
     settings = settings or ForgeSettings()
     check_settings(settings)
     pairs, data_sha256 = load_pairs(data, settings.limit)
@@ -494,9 +504,18 @@ def forge_from_model(
     groups = acts.reshape(acts.shape[0], -1, shape.head_dim)
     # A dispatched model (device_map) leaves settings.device at its default; the probes still belong on a GPU.
     probe_device = settings.device if not settings.device_map else _probe_device_for_dispatched()
-    accuracy = train_probes(
-        groups[train], sample_label[train], groups[held], sample_label[held], settings, probe_device
-    ).reshape(shape.num_layers, shape.num_heads)
+    try:
+        accuracy = train_probes(
+            groups[train], sample_label[train], groups[held], sample_label[held], settings, probe_device
+        ).reshape(shape.num_layers, shape.num_heads)
+    except OUT_OF_MEMORY as e:
+        if not is_out_of_memory(e):
+            raise
+        release_cached_memory()
+        raise InvalidInputError(
+            f"training {groups.shape[1]} probes on {int(train.sum())} samples ran out of memory",
+            hint="use fewer pairs (--limit) or --last-tokens, or a bigger device",
+        ) from None
     by_accuracy = np.argsort(-accuracy.reshape(-1), kind="stable")
     safe, unsafe = sample_label == 1, sample_label == 0
 
@@ -521,6 +540,7 @@ def forge_from_model(
             direction_and_scale,
             settings,
             progress,
+            run,
         )
     layers, heads = chosen // shape.num_heads, chosen % shape.num_heads
     directions, scales = [], []

@@ -126,13 +126,21 @@ class EffectMeter:
         self._spec = spec_for_config(config)
         self._shape = shape_from_config(config, self._spec)
         self._layers = [model.get_submodule(self._spec.decoder_layer(i)) for i in range(self._shape.num_layers)]
+        longest = max(len(t.ids) for t in texts)
         window = _attention_window(config)
-        if window is not None and max(len(t.ids) for t in texts) >= window:
+        rope = _length_dependent_rope(config)
+        if window is not None and longest >= window:
             # A packed row's mask replaces the model's own, sliding window included: pack only texts that
             # fit in the window, where the two masks agree.
             row_tokens = 0
             self.notes.append(f"texts reach the model's attention window ({window}): one text per row")
-        self._rows = self._pack(row_tokens)
+        elif rope is not None and longest > rope[1]:
+            # Dynamic and long RoPE pick their frequencies by the longest position in the batch: a text in a
+            # row with a longer one would be rotated as it never is alone.
+            row_tokens = 0
+            self.notes.append(
+                f"texts pass the length ({rope[1]}) where the model's {rope[0]} RoPE changes: one text per row"
+            )
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._budget = memory_budget if memory_budget is not None else _free_memory(self.device) // 4
         self._requested = candidates_per_pass
@@ -143,19 +151,23 @@ class EffectMeter:
         self._kept: dict[int, list] = {}  # layer -> per row, the hidden state entering that layer
         self._returns: tuple | None = None  # how a decoder layer returns its hidden state
         try:
+            self._rows = self._pack(row_tokens)
             self._baseline()
+            if not self._packing_agrees():
+                self.notes.append(
+                    "packed rows disagree with their texts run alone under the model's own attention: one text per row"
+                )
+                self._rows = self._pack(0)
+                self._base.clear()
+                self._baseline()
         except OUT_OF_MEMORY as e:
             if not is_out_of_memory(e):
                 raise
+            release_cached_memory()
             raise InvalidInputError(
                 "running the measuring texts once without a lock ran out of memory",
                 hint="lower --effect-pairs or --effect-benign, or use a bigger device",
             ) from None
-        if not self._packing_agrees():
-            self.notes.append("packed rows disagree with the model's own masking: one text per row")
-            self._rows = self._pack(0)
-            self._base.clear()
-            self._baseline()
         self.base_margin = self._margin(self._base_log_probs)
         self.seconds = time.perf_counter() - started  # the meter's own time: its set-up and every measurement
 
@@ -257,24 +269,24 @@ class EffectMeter:
         )
 
     def _packing_agrees(self) -> bool:
-        """The first packed row's baseline distributions against its texts run alone with the model's own mask.
+        """Every packed row's baseline distributions against its texts run alone under the model's own mask.
         Compared by total variation at each scored position: rounding moves it by ~1e-6 in float32 and up
         to ~0.04 in bfloat16 (SmolLM2-135M); a model whose attention ignored the row's mask lets texts see
-        each other, which moved it by 0.92-0.997 on the same model."""
+        each other, which moved it by 0.92-0.997 on the same model. Costs one pass over the texts unpacked."""
         import torch
 
-        row = next((r for r in self._rows if r.packed), None)
-        if row is None:
-            return True
         tolerance = 0.01 if self.model.dtype in (torch.float32, torch.float64) else 0.25
         with torch.no_grad():
-            packed = self._log_softmaxes(row, self._forward(row, 1))
-            for number, index in enumerate(row.members):
-                alone = self._row([index])
-                (separate,) = self._log_softmaxes(alone, self._forward(alone, 1))
-                variation = 0.5 * (packed[number].exp() - separate.exp()).abs().sum(-1).max().item()
-                if not variation <= tolerance:
-                    return False
+            for row in self._rows:
+                if not row.packed:
+                    continue
+                packed = self._log_softmaxes(row, self._forward(row, 1))
+                for number, index in enumerate(row.members):
+                    alone = self._row([index])
+                    (separate,) = self._log_softmaxes(alone, self._forward(alone, 1))
+                    variation = 0.5 * (packed[number].exp() - separate.exp()).abs().sum(-1).max().item()
+                    if not variation <= tolerance:
+                        return False
         return True
 
     def _log_softmaxes(self, row: _Row, logits) -> list:
@@ -459,6 +471,16 @@ class EffectMeter:
                     progress(len(take))
         return [r for r in results if r is not None]
 
+    def run_facts(self) -> dict:
+        """How the measurement ran: depends on the machine's free memory and speed, so it is reported with the
+        run (forge's --json), never stored in the lock, whose bytes depend on its inputs alone."""
+        return {
+            "candidates_per_pass": self.candidates_per_pass,
+            "forward_passes": self.passes,
+            "seconds": round(self.seconds, 2),
+            "notes": list(self.notes),
+        }
+
     def _say(self, message: str) -> None:
         if message not in self.notes:
             self.notes.append(message)
@@ -528,6 +550,35 @@ class _Row:
     sees: object  # [tokens, tokens] bool: which tokens each token attends to
     scored: object  # [k] the tokens whose logits are computed
     positions: list[list[int]]  # per member, its scored positions as indices into ``scored``
+
+
+def _length_dependent_rope(config: dict) -> tuple[str, int] | None:
+    """(kind, length) when the config's RoPE changes with the longest position in a batch (transformers'
+    "dynamic" NTK scaling past the original context, "longrope" past its original context), else None."""
+    found = []
+
+    def visit(value, depth=0):
+        if isinstance(value, dict) and depth < 4:
+            kind = value.get("rope_type", value.get("type"))
+            if kind in ("dynamic", "longrope"):
+                found.append((kind, value))
+            for inner in value.values():
+                visit(inner, depth + 1)
+
+    visit({k: config.get(k) for k in ("rope_scaling", "rope_parameters")})
+    if not found:
+        return None
+    kind, block = found[0]
+    lengths = [
+        v
+        for v in (
+            block.get("original_max_position_embeddings"),
+            config.get("original_max_position_embeddings"),
+            config.get("max_position_embeddings"),
+        )
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0
+    ]
+    return kind, min(lengths) if lengths else 0
 
 
 def _attention_window(config: dict) -> int | None:
@@ -660,11 +711,5 @@ def select_by_effect(
         "candidates": rows,
         "greedy_steps": steps,
         "greedy_pool": pool if greedy else None,
-        "measured": {
-            "candidates_per_pass": meter.candidates_per_pass,
-            "batches_run": meter.passes,
-            "seconds": round(meter.seconds, 2),
-            "notes": list(meter.notes),
-        },
     }
     return chosen, record
