@@ -23,7 +23,9 @@ a fresh process: the default (heads chosen by measured effect) and ``--select ac
 and reports seconds, the ratio, each run's peak RSS (and peak GPU memory on a GPU), and how the default's
 measurement ran (candidates per pass, forward passes, seconds, as the command's --json reports them). The model's
 bytes are read and the libraries imported once, untimed, first. ``--model FOLDER`` forges from a saved checkpoint
-instead of SmolLM2 (``--tokenizer`` is then not needed: the folder has one).
+instead of SmolLM2 (``--tokenizer`` is then not needed: the folder has one); ``--random-shape 8b --layers 32``
+saves random weights of those widths first, as the published method's GPU figure was taken
+(``--selections --random-shape 8b --layers 32 --pairs 100 --device cuda --dtype bfloat16``).
 ``--before DIR`` adds a third run: the default forge of another checkout of weightlock (its code imported
 from DIR, e.g. ``git worktree add /tmp/before <commit>``), to set a change against the code before it.
 
@@ -242,8 +244,20 @@ def compare_selections(args) -> None:
 
     from weightlock.core.lock import load_lock
 
+    scratch = tempfile.TemporaryDirectory()
+    work = scratch.name
     if args.model is not None:
         model, extra, what = str(args.model.resolve()), [], f"{args.model.name} (saved checkpoint)"
+    elif args.random_shape:
+        # Random weights of real widths, saved by stock save_pretrained with SmolLM2's tokenizer (its chat
+        # template): the whole CLI then loads it as it would a downloaded checkpoint.
+        settings = ForgeSettings(device="cpu", dtype=args.dtype)
+        random, tokenizer = random_model(args.random_shape, args.layers, settings, args.tokenizer)
+        model = str(Path(work) / "random-model")
+        random.save_pretrained(model, max_shard_size="5GB")
+        tokenizer.save_pretrained(model)
+        del random
+        extra, what = [], f"random Llama, {args.random_shape} widths, {args.layers} layers (saved, {args.dtype})"
     else:
         import importlib.util
 
@@ -274,7 +288,7 @@ def compare_selections(args) -> None:
                 while f.read(1 << 24):
                     pass
     subprocess.run([sys.executable, "-c", "import torch, transformers, weightlock.lab.forge"], check=True)
-    with tempfile.TemporaryDirectory() as work:
+    with scratch:
         plan = [("accuracy", ["--select", "accuracy"], None), ("default", [], None)]
         if args.before is not None:
             plan.append(("before", [], str(args.before.resolve())))

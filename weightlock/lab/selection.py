@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -215,7 +216,9 @@ class EffectMeter:
         sorted in token order are added to a row while its tokens stay within ``row_tokens`` (0: one text
         per row)."""
         order = sorted(range(len(self.texts)), key=lambda i: self.texts[i].ids)
-        rows, members, size, previous = [], [], 0, None
+        rows: list[_Row] = []
+        members: list[int] = []
+        size, previous = 0, None
         for index in order:
             ids = self.texts[index].ids
             shared = 0 if previous is None else _common_length(previous, ids)
@@ -336,8 +339,8 @@ class EffectMeter:
         )
         kept_layers = list(range(stride, num_layers, stride))
         kept: dict[int, list] = {layer: [] for layer in kept_layers}
-        first_inputs: dict[int, object] = {}  # the first batch's input to every layer, for the chain check
-        first_outputs: dict[int, object] = {}
+        first_inputs: dict[int, Any] = {}  # the first batch's input to every layer, for the chain check
+        first_outputs: dict[int, Any] = {}
         number = 0
 
         def entering(layer):
@@ -548,10 +551,10 @@ class EffectMeter:
 class _Row:
     packed: bool  # more than one text: the row's own attention mask replaces the model's
     members: list[int]  # indices into EffectMeter.texts
-    ids: object  # [1, tokens] torch tensors from here on
-    position_ids: object  # [1, tokens]: each token's position in its own text
-    sees: object  # [tokens, tokens] bool: which tokens each token attends to
-    scored: object  # [k] the tokens whose logits are computed
+    ids: Any  # [1, tokens] torch tensors from here on (torch is imported lazily: Any, not torch.Tensor)
+    position_ids: Any  # [1, tokens]: each token's position in its own text
+    sees: Any  # [tokens, tokens] bool: which tokens each token attends to
+    scored: Any  # [k] the tokens whose logits are computed
     positions: list[list[int]]  # per member, its scored positions as indices into ``scored``
 
 
@@ -586,11 +589,11 @@ def _length_dependent_rope(config: dict) -> tuple[str, int] | None:
 
 def _attention_window(config: dict) -> int | None:
     """The narrowest attention window the config names (sliding or chunked attention), or None."""
-    windows = [
-        config.get(key)
-        for key in ("sliding_window", "attention_chunk_size", "sliding_window_size")
-        if isinstance(config.get(key), int) and not isinstance(config.get(key), bool) and config.get(key) > 0
-    ]
+    windows: list[int] = []
+    for key in ("sliding_window", "attention_chunk_size", "sliding_window_size"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            windows.append(value)
     return min(windows) if windows else None
 
 
