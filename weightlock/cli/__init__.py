@@ -19,11 +19,11 @@ import click
 
 from weightlock.cli import edit, lab  # noqa: F401  (registers the commands on the group)
 from weightlock.cli.common import Number, NumberList, OutputFile, cli  # noqa: F401  (the group; option types)
-from weightlock.errors import InvalidInputError, WeightlockError
+from weightlock.errors import WeightlockError
 from weightlock.io import commit
 from weightlock.io.staging import failpoint
 from weightlock.io.text import printable
-from weightlock.lab.batches import OUT_OF_MEMORY, is_out_of_memory
+from weightlock.lab.batches import out_of_memory_refused
 
 
 def _interrupted_advice() -> str:
@@ -42,17 +42,15 @@ def main(argv: list[str] | None = None) -> None:
     with commit.cli_guard():
         try:
             try:
-                cli.main(args=args, prog_name="weightlock", standalone_mode=False)
-            except OUT_OF_MEMORY as e:
                 # Wherever a model's work outgrows the device (forge, eval, tune), the user's remedy is the
                 # same: a smaller job or a bigger device. The stages that can split their batches already did.
-                if not is_out_of_memory(e):
-                    raise
-                raise InvalidInputError(
-                    f"the device ran out of memory: {str(e)[:300]}",
+                with out_of_memory_refused(
+                    "the device ran out of memory",
                     hint="use fewer or shorter prompts or pairs (--limit), a smaller --batch-size, or a bigger "
                     "device (forge: --device-map auto)",
-                ) from None
+                    quote_error=True,
+                ):
+                    cli.main(args=args, prog_name="weightlock", standalone_mode=False)
             finally:
                 commit.command_ended()  # from here a Ctrl-C is ignored: only reporting is left
                 failpoint("command-ended")

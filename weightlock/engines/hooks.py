@@ -31,31 +31,13 @@ def displacement_hooks(model, displacements: dict):
     added to each listed layer's o_proj input. forge's effect measurement runs single heads through this."""
     import torch
 
-    spec = spec_for_config(model.config.to_dict())
-    handles = []
-
-    def make_hook(vector):
+    def addend(vector):
         # One copy per (device, dtype), made on first use: a host-to-device copy in every call would
         # stall the GPU once per locked layer per generated token (measured: issue 15, README).
-        placed = {}
+        return lambda hidden: vector.to(device=hidden.device, dtype=hidden.dtype), lambda hidden: ()
 
-        def hook(module, args):
-            hidden = args[0]
-            key = (hidden.device, hidden.dtype)
-            if key not in placed:
-                placed[key] = vector.to(device=hidden.device, dtype=hidden.dtype)
-            return (hidden + placed[key],) + tuple(args[1:])
-
-        return hook
-
-    try:
-        for layer, displacement in displacements.items():
-            module = model.get_submodule(spec.output_module(layer))
-            handles.append(module.register_forward_pre_hook(make_hook(torch.as_tensor(displacement))))
+    with _added_to_output_inputs(model, {layer: addend(torch.as_tensor(d)) for layer, d in displacements.items()}):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -66,29 +48,43 @@ def row_displacement_hooks(model, displacements: dict, rows_per_vector: list[int
     is read at each call, so one set of hooks serves batches of different sizes. forge measures many
     candidate heads in one forward pass this way: one vector per candidate, a zero row where a candidate
     leaves that layer alone."""
+
+    def addend(vectors):
+        # The vectors rounded to the model's dtype first, as displacement_hooks rounds its one vector: a row
+        # here gets exactly the addend that candidate would get measured alone.
+        def make(hidden):
+            placed = vectors.to(device=hidden.device, dtype=hidden.dtype)
+            return placed.repeat_interleave(rows_per_vector[0], dim=0)[:, None, :]
+
+        return make, lambda hidden: (rows_per_vector[0],)
+
+    with _added_to_output_inputs(model, {layer: addend(v) for layer, v in displacements.items()}):
+        yield model
+
+
+@contextmanager
+def _added_to_output_inputs(model, addends: dict):
+    """Forward-pre-hooks adding a tensor to each listed layer's o_proj input. ``addends[layer]`` is
+    (make, key): ``make(hidden)`` builds the tensor, once per (device, dtype, *key(hidden)), then reused."""
     spec = spec_for_config(model.config.to_dict())
     handles = []
 
-    def make_hook(vectors):
-        placed = {}
+    def make_hook(make, key_of):
+        placed: dict = {}
 
         def hook(module, args):
             hidden = args[0]
-            key = (hidden.device, hidden.dtype, rows_per_vector[0])
+            key = (hidden.device, hidden.dtype, *key_of(hidden))
             if key not in placed:
-                # The vectors rounded to the model's dtype first, as displacement_hooks rounds its one vector:
-                # a row here gets exactly the addend that candidate would get measured alone.
-                placed[key] = vectors.to(device=hidden.device, dtype=hidden.dtype).repeat_interleave(
-                    rows_per_vector[0], dim=0
-                )[:, None, :]
+                placed[key] = make(hidden)
             return (hidden + placed[key],) + tuple(args[1:])
 
         return hook
 
     try:
-        for layer, vectors in displacements.items():
+        for layer, (make, key_of) in addends.items():
             module = model.get_submodule(spec.output_module(layer))
-            handles.append(module.register_forward_pre_hook(make_hook(vectors)))
+            handles.append(module.register_forward_pre_hook(make_hook(make, key_of)))
         yield model
     finally:
         for handle in handles:

@@ -9,7 +9,8 @@ A single item that does not fit is the user's to resolve: an ``InvalidInputError
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from weightlock.errors import InvalidInputError
 
@@ -37,6 +38,20 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@contextmanager
+def out_of_memory_refused(message: str, hint: str, *, quote_error: bool = False) -> Iterator[None]:
+    """Within the block, running out of memory is the user's to resolve: an ``InvalidInputError`` with
+    ``message`` (followed by the allocator's own words with ``quote_error``) and ``hint`` (exit 3), never a
+    traceback. Other errors pass through."""
+    try:
+        yield
+    except OUT_OF_MEMORY as e:
+        if not is_out_of_memory(e):
+            raise
+        release_cached_memory()
+        raise InvalidInputError(f"{message}: {str(e)[:300]}" if quote_error else message, hint=hint) from None
+
+
 def in_batches(
     items: Sequence,
     size: int,
@@ -45,10 +60,13 @@ def in_batches(
     what: str,
     hint: str,
     notify: Callable[[str], None] | None = None,
+    split: str = "{what}: a batch of {tried} ran out of memory, running {size} at a time",
+    single: str = "{what}: a single item ran out of memory",
 ) -> int:
     """``run(start, batch)`` over ``items`` in batches of ``size``, halving it when a batch runs out of memory.
-    ``run`` must leave no trace of a batch that fails (keep results only once the batch is done). Returns the
-    batch size that ran last."""
+    ``run`` must leave no trace of a batch that fails (keep results only once the batch is done). ``split``
+    (said through ``notify``) and ``single`` (the refusal) are formatted with ``what``, ``tried`` and ``size``.
+    Returns the batch size that ran last."""
     start = 0
     while start < len(items):
         batch = items[start : start + size]
@@ -59,10 +77,10 @@ def in_batches(
                 raise
             release_cached_memory()
             if len(batch) == 1:
-                raise InvalidInputError(f"{what}: a single item ran out of memory", hint=hint) from None
+                raise InvalidInputError(single.format(what=what, tried=1, size=1), hint=hint) from None
             size = max(1, len(batch) // 2)
             if notify is not None:
-                notify(f"{what}: a batch of {len(batch)} ran out of memory, running {size} at a time")
+                notify(split.format(what=what, tried=len(batch), size=size))
             continue
         start += len(batch)
     return size

@@ -35,7 +35,7 @@ from weightlock.core.bounds import check_fields
 from weightlock.core.families import shape_from_config, spec_for_config
 from weightlock.core.lock import Lock, build_lock, source_model_from_config
 from weightlock.errors import InvalidInputError, MissingDependencyError
-from weightlock.lab.batches import OUT_OF_MEMORY, in_batches, is_out_of_memory, release_cached_memory
+from weightlock.lab.batches import in_batches, out_of_memory_refused
 from weightlock.lab.pairs import Pair, load_pairs
 
 PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant: "
@@ -504,18 +504,13 @@ def forge_from_model(
     groups = acts.reshape(acts.shape[0], -1, shape.head_dim)
     # A dispatched model (device_map) leaves settings.device at its default; the probes still belong on a GPU.
     probe_device = settings.device if not settings.device_map else _probe_device_for_dispatched()
-    try:
+    with out_of_memory_refused(
+        f"training {groups.shape[1]} probes on {int(train.sum())} samples ran out of memory",
+        hint="use fewer pairs (--limit) or --last-tokens, or a bigger device",
+    ):
         accuracy = train_probes(
             groups[train], sample_label[train], groups[held], sample_label[held], settings, probe_device
         ).reshape(shape.num_layers, shape.num_heads)
-    except OUT_OF_MEMORY as e:
-        if not is_out_of_memory(e):
-            raise
-        release_cached_memory()
-        raise InvalidInputError(
-            f"training {groups.shape[1]} probes on {int(train.sum())} samples ran out of memory",
-            hint="use fewer pairs (--limit) or --last-tokens, or a bigger device",
-        ) from None
     by_accuracy = np.argsort(-accuracy.reshape(-1), kind="stable")
     safe, unsafe = sample_label == 1, sample_label == 0
 

@@ -29,6 +29,7 @@ hidden state the baseline kept. The measuring set stays small and capped all the
 from __future__ import annotations
 
 import inspect
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ import numpy as np
 from weightlock.core.families import shape_from_config, spec_for_config
 from weightlock.core.lock import head_displacements
 from weightlock.errors import InvalidInputError
-from weightlock.lab.batches import OUT_OF_MEMORY, in_batches, is_out_of_memory, release_cached_memory
+from weightlock.lab.batches import in_batches, out_of_memory_refused
 
 KL_FLOOR = 1e-12  # nats/token; a head with no measurable cost still gets a finite score
 ROW_TOKENS = 384  # tokens per packed row: more shares more beginnings, at attention's quadratic cost
@@ -151,7 +152,10 @@ class EffectMeter:
         self._base: dict[int, torch.Tensor] = {}  # benign text -> log-softmax at its scored positions
         self._kept: dict[int, list] = {}  # layer -> per row, the hidden state entering that layer
         self._returns: tuple | None = None  # how a decoder layer returns its hidden state
-        try:
+        with out_of_memory_refused(
+            "running the measuring texts once without a lock ran out of memory",
+            hint="lower --effect-pairs or --effect-benign, or use a bigger device",
+        ):
             self._rows = self._pack(row_tokens)
             self._baseline()
             if not self._packing_agrees():
@@ -161,14 +165,6 @@ class EffectMeter:
                 self._rows = self._pack(0)
                 self._base.clear()
                 self._baseline()
-        except OUT_OF_MEMORY as e:
-            if not is_out_of_memory(e):
-                raise
-            release_cached_memory()
-            raise InvalidInputError(
-                "running the measuring texts once without a lock ran out of memory",
-                hint="lower --effect-pairs or --effect-benign, or use a bigger device",
-            ) from None
         self.base_margin = self._margin(self._base_log_probs)
         self.seconds = time.perf_counter() - started  # the meter's own time: its set-up and every measurement
 
@@ -221,7 +217,7 @@ class EffectMeter:
         size, previous = 0, None
         for index in order:
             ids = self.texts[index].ids
-            shared = 0 if previous is None else _common_length(previous, ids)
+            shared = 0 if previous is None else len(os.path.commonprefix([previous, ids]))
             if members and size + len(ids) - shared > row_tokens:
                 rows.append(self._row(members))
                 members, size, shared = [], 0, 0
@@ -452,29 +448,25 @@ class EffectMeter:
         if self._requested is not None and limit < self._requested:
             self._say(f"measuring {limit} candidates per pass, not {self._requested}: more do not fit in memory")
         for start, members in sorted(by_start.items()):
-            position = 0
-            while position < len(members):
-                take = members[position : position + limit]
-                try:
-                    measured = self._run([configurations[i] for i in take], start)
-                except OUT_OF_MEMORY as e:
-                    if not is_out_of_memory(e):
-                        raise
-                    release_cached_memory()
-                    if len(take) == 1:
-                        raise InvalidInputError(
-                            "measuring one candidate at a time ran out of memory",
-                            hint="lower --effect-pairs or --effect-benign, or use a bigger device",
-                        ) from None
-                    limit = max(1, len(take) // 2)
-                    self._say(f"a pass of {len(take)} candidates ran out of memory: measuring {limit} per pass")
-                    continue
+
+            def measure(_, take, start=start):
+                measured = self._run([configurations[i] for i in take], start)
                 for i, value in zip(take, measured, strict=True):
                     results[i] = value
-                position += len(take)
                 self.candidates_per_pass = max(self.candidates_per_pass, len(take))
                 if progress is not None:
                     progress(len(take))
+
+            limit = in_batches(
+                members,
+                limit,
+                measure,
+                what="measuring candidates",
+                hint="lower --effect-pairs or --effect-benign, or use a bigger device",
+                notify=self._say,
+                split="a pass of {tried} candidates ran out of memory: measuring {size} per pass",
+                single="measuring one candidate at a time ran out of memory",
+            )
         return [r for r in results if r is not None]
 
     def run_facts(self) -> dict:
@@ -595,15 +587,6 @@ def _attention_window(config: dict) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             windows.append(value)
     return min(windows) if windows else None
-
-
-def _common_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 _UNSET = object()
