@@ -36,6 +36,7 @@ contenders are:
   apply       weightlock apply FILE.gguf --out OUT.gguf (verify before publishing included)
 
     python scripts/bench_apply.py --preset 8b --gguf Q4_K
+    python scripts/bench_apply.py --preset qwen2.5-7b --gguf Q4_K   # a qwen2 file: rewritten as llama
 
 --markdown prints, after everything above (which is unchanged), one Markdown block: a caption (the
 checkpoint, the lock), the table of contenders (wall time, ratio to the floor, bytes read and written,
@@ -76,6 +77,20 @@ PRESETS = {
         complete=True,
         fused=True,
     ),
+    # Qwen2.5-7B widths (Q/K/V biases); with --gguf a `qwen2` file, which apply rewrites as `llama`
+    # (Q/K rows permuted, keys renamed) besides adding the lock's biases.
+    "qwen2.5-7b": dict(
+        hidden=3584,
+        heads=28,
+        kv_heads=4,
+        head_dim=128,
+        intermediate=18944,
+        vocab=152064,
+        layers=28,
+        complete=True,
+        qkv_bias=True,
+        model_type="qwen2",
+    ),
     # Llama-3.1-70B widths; attention tensors only (what apply needs), baseline not applicable.
     "70b-attention": dict(
         hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672, vocab=128256, layers=80, complete=False
@@ -102,6 +117,14 @@ def tensor_shapes(p: dict) -> dict[str, tuple[int, ...]]:
                     f"{a}.self_attn.v_proj.weight": (p["kv_heads"] * hd, h),
                 }
             )
+            if p.get("qkv_bias"):
+                shapes.update(
+                    {
+                        f"{a}.self_attn.q_proj.bias": (p["heads"] * hd,),
+                        f"{a}.self_attn.k_proj.bias": (p["kv_heads"] * hd,),
+                        f"{a}.self_attn.v_proj.bias": (p["kv_heads"] * hd,),
+                    }
+                )
         shapes[f"{a}.self_attn.o_proj.weight"] = (h, p["heads"] * hd)
         if p["complete"]:
             mlp_in = (
@@ -296,7 +319,7 @@ def write_gguf_checkpoint(path: Path, p: dict, out_type: str) -> int:
         "input_layernorm": "attn_norm",
         "post_attention_layernorm": "ffn_norm",
     }
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), p.get("model_type", "llama"))
     writer.add_block_count(p["layers"])
     writer.add_head_count(p["heads"])
     writer.add_head_count_kv(p["kv_heads"])
@@ -317,8 +340,8 @@ def write_gguf_checkpoint(path: Path, p: dict, out_type: str) -> int:
     layout = []
     for name, shape in shapes.items():
         if name.startswith("model.layers."):
-            pieces = name.split(".")  # model.layers.N[.self_attn|.mlp].MODULE.weight
-            gguf_name = f"blk.{pieces[2]}.{parts[pieces[-2]]}.weight"
+            pieces = name.split(".")  # model.layers.N[.self_attn|.mlp].MODULE.weight|bias
+            gguf_name = f"blk.{pieces[2]}.{parts[pieces[-2]]}.{pieces[-1]}"
         else:
             gguf_name = names[name]
         qtype = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else (attn_type if "attn_output" in gguf_name else q4k)
@@ -344,6 +367,8 @@ def write_gguf_checkpoint(path: Path, p: dict, out_type: str) -> int:
             out.write(attn_bytes)
         elif gguf_name.endswith("norm.weight"):
             out.write(np.ones(nbytes // 4, dtype=np.float32).tobytes())
+        elif gguf_name.endswith(".bias"):
+            out.write(rng.normal(0, 0.1, nbytes // 4).astype(np.float32).tobytes())
         else:
             remaining = nbytes
             while remaining:
@@ -360,8 +385,10 @@ def make_gguf_lock(path: Path, p: dict, out: Path) -> None:
     from weightlock import save_lock
     from weightlock.core.lock import SourceModel
 
+    model_type = p.get("model_type", "llama")
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
     save_lock(
-        random_lock(SourceModel("LlamaForCausalLM", "llama", p["layers"], p["heads"], p["head_dim"], p["hidden"]), p),
+        random_lock(SourceModel(architecture, model_type, p["layers"], p["heads"], p["head_dim"], p["hidden"]), p),
         out,
     )
 
@@ -624,7 +651,9 @@ def markdown_rows(results: list[dict], floor: float, rounds: bool = False) -> li
 
 
 def describe(p: dict, preset: str) -> str:
-    widths = {"8b": "Llama-3.1-8B", "phi4": "Phi-4", "70b-attention": "Llama-3.1-70B"}[preset]
+    widths = {"8b": "Llama-3.1-8B", "phi4": "Phi-4", "70b-attention": "Llama-3.1-70B", "qwen2.5-7b": "Qwen2.5-7B"}[
+        preset
+    ]
     what = f"{widths} widths, {p['layers']} layers"
     if not p["complete"]:
         what += ", attention tensors only"
@@ -651,6 +680,9 @@ def markdown_safetensors(args, p: dict, total: int, layers: list[int], o_bytes: 
             ratio = by_mode["apply"]["seconds"] / by_mode["cp-tree"]["seconds"]
             notes += f" `weightlock apply` took {ratio:.2f}x the time of the `cp -r` (the floor for this layout)."
     _report.emit(caption, _report.table(header, markdown_rows(results, results[0]["seconds"])), notes)
+
+
+REWRITTEN = "`qwen2` (rewritten as `llama` by apply: Q/K rows permuted, keys renamed) "
 
 
 def bench_gguf(args) -> None:
@@ -689,7 +721,9 @@ def bench_gguf(args) -> None:
 
         locked = len(load_lock(lock).heads_by_layer())
         caption = (
-            f"`bench_apply.py --gguf`: {describe(p, args.preset)}, one GGUF file of {total / 2**30:.2f} GiB "
+            f"`bench_apply.py --gguf`: {describe(p, args.preset)}, one "
+            + (REWRITTEN if p.get("model_type") == "qwen2" else "")
+            + f"GGUF file of {total / 2**30:.2f} GiB "
             f"(every weight Q4_K-sized, attn_output {args.gguf} with valid data, the rest a byte pattern); random "
             f"lock touching {locked} layers. Cold page cache before each run; two rounds."
         )

@@ -44,7 +44,7 @@ lock = build_lock([0, 1], [1, 2], np.ones((2, 8)), [1.0, 2.0], SourceModel("Llam
 save_lock(lock, f"{work}/tiny-gguf.wlock")
 PY
 "$WL" apply "$WORK/tiny.gguf" --lock "$WORK/tiny-gguf.wlock" --out "$WORK/tiny-locked.gguf" >/dev/null
-"$WL" verify "$WORK/tiny-locked.gguf" >/dev/null
+"$WL" verify "$WORK/tiny-locked.gguf" --engines llama.cpp,ollama >/dev/null
 "$WL" inspect "$WORK/tiny-locked.gguf" | grep -q "locked: recorded"
 "$WORK/venv/bin/python" - <<'PY'
 from weightlock.lab.prompt_sets import load_prompt_set

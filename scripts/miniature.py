@@ -569,7 +569,7 @@ def run(work: Path, cfg: dict, locks: dict, comparison: dict | None = None, *, o
 
             shutil.rmtree(baked)
         apply_lock(work / target, work / "locks" / f"{lock_name}.wlock", out=baked, alpha=best["alpha"])
-        report = verify_checkpoint(baked)
+        report = verify_checkpoint(baked, engines="transformers")  # loaded below by stock transformers
         model, tokenizer = load(baked)  # stock AutoModelForCausalLM, no hooks
         row = run_eval(
             Evaluator(model, tokenizer, settings), sets, reference=Evaluator(*load(work / target), settings)

@@ -99,10 +99,28 @@ def finish(writer) -> None:
     writer.close()
 
 
-def convert(folder: Path, out: Path, *extra: str) -> Path:
-    """llama.cpp's own convert_hf_to_gguf.py, from the same llama-cpp-python sdist, to F32."""
+# The converter names a BPE tokenizer's pre-tokenizer from a hash of its output, and knows SmolLM2's only when
+# the model is converted through the Llama path; for other families (Qwen2) it is told "smollm" instead.
+# Only the tokenizer metadata depends on it: the tensors are converted by the converter's own code.
+_PRE_TOKENIZER = """
+import runpy, sys
+sys.path.insert(0, {share!r}); sys.path.insert(1, {share!r} + '/gguf-py')
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "smollm"
+sys.argv = [{converter!r}, *sys.argv[1:]]
+runpy.run_path({converter!r}, run_name="__main__")
+"""
+
+
+def convert(folder: Path, out: Path, *extra: str, outtype: str = "f32", name_pre_tokenizer: bool = False) -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py, from the same llama-cpp-python sdist (to F32 by default)."""
+    program = (
+        ["-c", _PRE_TOKENIZER.format(share=str(CONVERTER.parent), converter=str(CONVERTER))]
+        if name_pre_tokenizer
+        else [str(CONVERTER)]
+    )
     result = subprocess.run(
-        [sys.executable, str(CONVERTER), str(folder), "--outtype", "f32", "--outfile", str(out), *extra],
+        [sys.executable, *program, str(folder), "--outtype", outtype, "--outfile", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,

@@ -7,7 +7,8 @@ The cases are generated from click's own metadata (``weightlock.cli.cli.commands
 - paths and other text (arguments and options that are not flags, choices or numbers): an existing file,
   the command's input itself, a file inside the input folder, a path whose parent is a regular file, a symlink
   (to an input), a FIFO;
-- choices: a value that is not one.
+- choices: a value that is not one;
+- verify's ``--engines`` (``cli.EngineList``): empty, unknown, repeated, escape sequences, forged lines, huge.
 
 The promise: an exit code from the documented set (0, 1; 2 click usage; 3-7 weightlock's errors), one error
 line and a real hint, no traceback (any exception out of ``main`` fails the test), nothing written outside
@@ -33,7 +34,7 @@ import pytest
 from conftest import LEGACY_LOCKS, make_llama, random_lock, run_cli
 
 from weightlock import save_lock
-from weightlock.cli.common import Number, NumberList, OutputFile, cli
+from weightlock.cli.common import EngineList, Number, NumberList, OutputFile, cli
 
 EXIT_CODES = {0, 1, 2, 3, 4, 5, 6, 7}
 CASE_SECONDS = 60  # a case that blocks (a FIFO read, a runaway loop) fails instead of hanging the suite
@@ -50,6 +51,17 @@ NUMBER_LIST_VALUES = {
     "not-numbers": "1,x",
 }
 PATH_VALUES = ("existing-file", "input-itself", "inside-input", "parent-is-file", "symlink", "fifo")
+# verify --engines (cli.EngineList): every one is a usage error (exit 2) naming the option, never a traceback
+ENGINE_LIST_VALUES = {
+    "empty": "",
+    "comma": ",",
+    "unknown": "nonsense",
+    "duplicate": "vllm,vllm",
+    "empty-item": "vllm,,llama.cpp",
+    "escape": "\x1b[2Jvllm",
+    "newline": "vllm\nweightlock: error: forged",
+    "huge": "x" * 100_000,
+}
 
 # What each command runs with when one of its options is varied. {name} are files of the world fixture.
 BASELINES = {
@@ -72,6 +84,8 @@ def _kinds(param) -> dict[str, str]:
     """label -> hostile value (or a PATH_VALUES name, resolved against the world) for one parameter."""
     if _is_flag(param):
         return {}
+    if isinstance(param.type, EngineList):
+        return dict(ENGINE_LIST_VALUES)
     if isinstance(param.type, NumberList):
         return dict(NUMBER_LIST_VALUES)
     if isinstance(param.type, Number):
@@ -235,6 +249,9 @@ def test_cli_contract(world, capsys, command_name, param_name, label):
         assert code == 5, shown
     if isinstance(param.type, Number | NumberList) and label in MUST_REFUSE_NUMBERS | {"nan-inf-1", "not-numbers"}:
         assert code == 3 and param.opts[0] in err, shown
+    if isinstance(param.type, EngineList):
+        assert code == 2 and param.opts[0] in err and "\x1b" not in err, shown
+        assert not any(line.startswith("weightlock: error: forged") for line in err.splitlines()), shown
 
     # nothing written outside the named outputs, every input byte-identical
     after = _snapshot(root)

@@ -10,8 +10,21 @@ import pytest
 from conftest import logits, make_model, random_lock, random_lock_for, run_cli, stored_bytes
 
 from weightlock import SourceModel, apply_lock, build_lock, save_lock, verify_checkpoint
-from weightlock.core.families import ARCHITECTURES, VLLM_INACTIVE
+from weightlock.core.families import ARCHITECTURES, output_declaration
+from weightlock.engines.serving_table import (
+    APPLIES,
+    DROPS,
+    ENGINES,
+    MISCONVERTS,
+    REFUSES,
+    SAFETENSORS,
+    family_verdict,
+    row_for,
+)
 from weightlock.errors import UnsupportedError
+
+STATUS = {APPLIES: "pass", REFUSES: "warn", DROPS: "fail", MISCONVERTS: "fail"}
+FAMILIES_OF = {"starcoder2-nobias": "starcoder2"}  # a test model's name -> its family row
 
 # family -> (output model_type, redeclared?)
 CLAIMED = {
@@ -56,17 +69,27 @@ def test_family_edit_equals_runtime_hooks(tmp_path, family):
     assert gap <= 2e-5 * scale, f"{family}: edited vs hooked logits differ by {gap} (scale {scale})"
     assert (reference - unlocked).abs().max().item() > 100 * max(gap, 1e-5 * scale)
 
-    report = verify_checkpoint(tmp_path / "out", source=src)  # a family with o_proj biases: originals checked
+    # a family with o_proj biases: originals checked; transformers and vLLM serve every family locked
+    report = verify_checkpoint(tmp_path / "out", source=src, engines="transformers,vllm")
     assert report.ok, report.failures()
     assert statuses(report)["transformers_names"] == "pass"
     # Every claimed family reaches vLLM with the lock: one whose own vLLM class drops the bias is declared
     # as vLLM's Transformers backend, which transformers ignores (it picked the class by model_type above).
     spec = next(s for s in ARCHITECTURES if CLAIMED[family] in s.model_types)
-    assert (spec.vllm == VLLM_INACTIVE) == (spec.vllm_serve_as is not None)
-    expected_class = spec.vllm_serve_as or spec.classes[0]
+    assert (row_for("vllm", SAFETENSORS, spec.classes[0]).verdict == DROPS) == (spec.serve_as is not None)
+    expected_class = spec.serve_as or spec.classes[0]
     assert config["architectures"] == [expected_class]
-    assert statuses(report)["vllm_support"] == "pass"
-    assert not any("vLLM will not apply" in w for w in result.plan.warnings)
+    assert statuses(report)["serving:vllm"] == statuses(report)["serving:transformers"] == "pass"
+    # every engine of the serving table: verify says of this output what the table (and README.md) says
+    everyone = {c.name: c.status for c in verify_checkpoint(tmp_path / "out", source=src, loader_check=False).checks}
+    source_spec = next(s for s in ARCHITECTURES if s.family == FAMILIES_OF.get(family, family))
+    target, declared = output_declaration(source_spec)
+    for engine in ENGINES.values():
+        if SAFETENSORS in engine.picks:
+            found, _ = family_verdict(engine, source_spec, target, declared)
+            assert everyone[f"serving:{engine.name}"] == STATUS[found], (engine.name, found)
+    silent = [e.title for e in ENGINES.values() if everyone.get(f"serving:{e.name}") == "fail"]
+    assert all(any(title in w for w in result.plan.warnings) for title in silent), result.plan.warnings
 
 
 def test_existing_biases_are_added_to_and_their_shards_rewritten(tmp_path):
@@ -219,7 +242,7 @@ def test_a_backend_declaration_changes_nothing_transformers_reads(tmp_path):
     assert describe_checkpoint(open_checkpoint(out))["locked"]["redeclared_from"] == "Qwen3ForCausalLM"
     # a second lock goes on top of the first without --allow-architecture-mismatch
     apply_lock(out, random_lock(src, seed=7), out=tmp_path / "twice", alpha=1.0)
-    assert verify_checkpoint(tmp_path / "twice").ok
+    assert verify_checkpoint(tmp_path / "twice", engines="transformers,vllm").ok  # mlx-lm's sharded loader drops it
 
 
 # Phi-3 and Phi-4 real configs (config.json of each, the keys that decide exactness)

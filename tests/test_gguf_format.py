@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from weightlock import apply_lock, save_lock, verify_checkpoint
 from weightlock.errors import CheckpointError, UnsupportedError, WeightlockError
-from weightlock.formats.gguf.edit import _kv_bytes, _kv_string, write_gguf_file
+from weightlock.formats.gguf.edit import FileChanges, _kv_bytes, _kv_string, write_gguf_file
 from weightlock.formats.gguf.file import GGUFTensorReader, open_gguf, read_gguf
 from weightlock.formats.gguf.record import LOCK_KEY, RECORD_KEY
 from weightlock.io.staging import FAILPOINT_VARIABLE
@@ -138,8 +138,12 @@ def test_existing_bias_is_added_to_and_a_second_edit_undoes_the_first(tmp_path, 
         got = next(np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "a.gguf")).tensors if t.name == name)
         np.testing.assert_allclose(got, base + _expected_bias(source, lock, 2.0, layer), rtol=1e-5, atol=1e-5)
     apply_lock(tmp_path / "a.gguf", lock, out=tmp_path / "b.gguf", alpha=-2.0)
-    assert verify_checkpoint(tmp_path / "b.gguf", source=source).ok  # the chain's first originals: the source's
-    assert not verify_checkpoint(tmp_path / "b.gguf").ok  # without the source they are unverifiable
+    assert verify_checkpoint(
+        tmp_path / "b.gguf", source=source, engines="llama.cpp"
+    ).ok  # the chain's first originals: the source's
+    assert not verify_checkpoint(
+        tmp_path / "b.gguf", engines="llama.cpp"
+    ).ok  # without the source they are unverifiable
     for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors:
         base = next(np.asarray(s.data) for s in original.tensors if s.name == t.name)
         np.testing.assert_allclose(np.asarray(t.data), base, atol=1e-5)
@@ -161,7 +165,12 @@ def _tampered(tmp_path: Path, locked: Path, record_edit=None, lock_bytes=None) -
     out = tmp_path / "tampered.gguf"
     out.unlink(missing_ok=True)
     write_gguf_file(
-        source, out, [_kv_string(RECORD_KEY, json.dumps(record)), _kv_bytes(LOCK_KEY, lock_bytes)], [], {}, None
+        source,
+        out,
+        [_kv_string(RECORD_KEY, json.dumps(record)), _kv_bytes(LOCK_KEY, lock_bytes)],
+        [],
+        FileChanges(),
+        None,
     )
     return out
 
@@ -176,7 +185,7 @@ def locked_file(tmp_path):
 
 
 def test_untampered_copy_verifies(tmp_path, locked_file):
-    assert verify_checkpoint(_tampered(tmp_path, locked_file)).ok
+    assert verify_checkpoint(_tampered(tmp_path, locked_file), engines="llama.cpp").ok
 
 
 @pytest.mark.parametrize(
@@ -195,14 +204,16 @@ def test_untampered_copy_verifies(tmp_path, locked_file):
     ],
 )
 def test_a_tampered_record_fails_verify(tmp_path, locked_file, edit, failing):
-    report = verify_checkpoint(_tampered(tmp_path, locked_file, edit))
+    report = verify_checkpoint(_tampered(tmp_path, locked_file, edit), engines="llama.cpp")
     assert not report.ok and failing in {c.name for c in report.checks if c.status == "fail"}, report.failures()
 
 
 def test_another_lock_embedded_fails_verify(tmp_path, locked_file):
     other = lock_for_gguf(locked_file, n_heads=4, seed=7)
     save_lock(other, tmp_path / "other.wlock")
-    report = verify_checkpoint(_tampered(tmp_path, locked_file, lock_bytes=(tmp_path / "other.wlock").read_bytes()))
+    report = verify_checkpoint(
+        _tampered(tmp_path, locked_file, lock_bytes=(tmp_path / "other.wlock").read_bytes()), engines="llama.cpp"
+    )
     assert not report.ok and "does not match the recorded lock hash" in " ".join(report.failures())
 
 
@@ -214,7 +225,7 @@ def test_a_changed_bias_value_fails_verify(tmp_path, locked_file):
     data[position : position + 4] = struct.pack("<f", 12.5)
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(bytes(data))
-    report = verify_checkpoint(broken)
+    report = verify_checkpoint(broken, engines="llama.cpp")
     assert [c.name for c in report.checks if c.status == "fail"] == ["lock biases"]
 
 
@@ -268,7 +279,8 @@ def _corruptions(path: Path, data: bytes) -> dict[str, tuple[bytes, int]]:
         "unknown tensor type": (put(type_at, "<I", 999), 4),
         "overlapping tensors": (put(second_offset_at, "<Q", 0), 3),
         "gap between tensors": (put(second_offset_at, "<Q", 1 << 20), 3),
-        "unsupported architecture": (replace_string(arch, b"qwen2"), 4),
+        "unsupported architecture": (replace_string(arch, b"qwen3"), 4),
+        "qwen2 architecture without its keys": (replace_string(arch, b"qwen2"), 3),
         "unknown architecture": (replace_string(arch, b"mamba9"), 4),
     }
 
@@ -285,7 +297,7 @@ def test_every_corruption_is_refused_cleanly(tmp_path, capsys):
         assert "Traceback" not in err and "hint:" in err, (what, err)
         assert not out.parent.exists() or not any(out.parent.iterdir()), what
         assert source.read_bytes() == bad, what
-        code, text, _ = run_cli(capsys, "verify", str(source))
+        code, text, _ = run_cli(capsys, "verify", str(source), "--engines", "llama.cpp")
         if "architecture" in what:  # a sound file of an architecture weightlock cannot lock: verify only warns
             assert code == 0 and "[warn] architecture" in text, (what, text)
         else:
@@ -350,7 +362,7 @@ def test_unsupported_quant_type_and_refused_outputs(tmp_path, capsys):
         capsys, "apply", str(source), "--lock", lock, "--out", str(tmp_path / "taken.gguf"), "--force", "--json"
     )
     assert code == 0 and json.loads(text)["format"] == "gguf"
-    assert verify_checkpoint(tmp_path / "taken.gguf").ok
+    assert verify_checkpoint(tmp_path / "taken.gguf", engines="llama.cpp").ok
 
 
 def test_split_set_problems_are_refused(tmp_path):
@@ -424,11 +436,11 @@ def test_sigkill_at_every_step_leaves_no_partial_output_and_the_source_untouched
             break
         assert result.returncode == -9, result.stderr
         if out.exists():  # killed after the rename: the output is whole
-            assert verify_checkpoint(out).ok
+            assert verify_checkpoint(out, engines="llama.cpp").ok
             out.unlink()
         step += 1
         assert step < 50
-    assert step >= 3 and verify_checkpoint(out).ok
+    assert step >= 3 and verify_checkpoint(out, engines="llama.cpp").ok
     assert [p.name for p in out.parent.iterdir()] == ["locked.gguf"]
 
 
@@ -449,7 +461,7 @@ def test_bad_bias_tensors_fail_verify(tmp_path, name, values, problem):
         writer.add_tensor(f"blk.{layer}.attn_output.weight", np.eye(32, dtype=np.float32))
     writer.add_tensor(name, values)
     finish(writer)
-    report = verify_checkpoint(tmp_path / "b.gguf")
+    report = verify_checkpoint(tmp_path / "b.gguf", engines="llama.cpp")
     failed = [c for c in report.checks if c.status == "fail"]
     assert [c.name for c in failed] == ["bias tensors"] and problem in " ".join(failed[0].details), failed
 
@@ -493,7 +505,7 @@ def test_ctrl_c_in_a_gguf_apply_leaves_nothing(tmp_path):
 @pytest.mark.parametrize("out_type", ["F32", "Q8_0"])
 def test_verify_deep_finds_nan_in_any_tensor(tmp_path, out_type, capsys):
     source = write_gguf(tmp_path / "src.gguf", out_type=out_type)
-    code, text, _ = run_cli(capsys, "verify", str(source), "--deep")
+    code, text, _ = run_cli(capsys, "verify", str(source), "--deep", "--engines", "llama.cpp")
     assert code == 0 and "every tensor (5) dequantizes to finite values" in text, text
     model = open_gguf(source)
     weight = model.tensors["blk.1.attn_output.weight"]
@@ -503,6 +515,8 @@ def test_verify_deep_finds_nan_in_any_tensor(tmp_path, out_type, capsys):
     nan = struct.pack("<f", float("nan")) if out_type == "F32" else np.array([np.nan], dtype=np.float16).tobytes()
     data[at : at + len(nan)] = nan
     source.write_bytes(bytes(data))
-    code, text, _ = run_cli(capsys, "verify", str(source), "--deep")
+    code, text, _ = run_cli(capsys, "verify", str(source), "--deep", "--engines", "llama.cpp")
     assert code == 1 and "NaN or Inf in 1 tensors" in text and "blk.1.attn_output.weight" in text, text
-    assert run_cli(capsys, "verify", str(source))[0] == 0  # without --deep, weights are not scanned
+    assert (
+        run_cli(capsys, "verify", str(source), "--engines", "llama.cpp")[0] == 0
+    )  # without --deep, weights are not scanned

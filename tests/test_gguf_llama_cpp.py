@@ -69,7 +69,7 @@ def test_llama_cpp_logprobs_equal_hooked_transformers(tmp_path, tokenizer_dir, f
     lock = random_lock(folder, n_heads=5)
     locked = apply_lock(gguf, lock, out=tmp_path / "locked.gguf", alpha=ALPHA)
     assert locked.report.ok
-    assert verify_checkpoint(tmp_path / "locked.gguf", engine="llama-cpp", source=gguf).ok
+    assert verify_checkpoint(tmp_path / "locked.gguf", engine="llama-cpp", source=gguf, engines="llama.cpp").ok
 
     engine_gap = np.abs(llama_cpp_log_probs(gguf, INPUT_IDS) - _hf_log_probs(folder)).max()
     hooked = _hf_log_probs(folder, lock, ALPHA)
@@ -123,7 +123,7 @@ def test_split_gguf_is_locked_as_a_set(tmp_path, tokenizer_dir):
     lock = random_lock(folder, n_heads=5)
     result = apply_lock(first, lock, out=tmp_path / "out" / "locked.gguf", alpha=ALPHA)
     assert [p.name for p in result.outputs] == [f"locked-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
-    assert verify_checkpoint(result.outputs[0]).ok
+    assert verify_checkpoint(result.outputs[0], engines="llama.cpp").ok
     apply_lock(single, lock, out=tmp_path / "single-locked.gguf", alpha=ALPHA)
     from_split = llama_cpp_log_probs(result.outputs[0], INPUT_IDS)
     np.testing.assert_allclose(from_split, llama_cpp_log_probs(tmp_path / "single-locked.gguf", INPUT_IDS), atol=1e-5)
@@ -173,7 +173,7 @@ def test_real_smollm2_q4_1_locked_with_a_lock_forged_from_it(tmp_path, tokenizer
     out = tmp_path / "SmolLM2-locked.Q4_1.gguf"
     code, _, err = run_cli(capsys, "apply", str(gguf), "--lock", str(lock_path), "--out", str(out), "--alpha", "6")
     assert code == 0, err
-    code, text, _ = run_cli(capsys, "verify", str(out), "--engine", "llama-cpp")
+    code, text, _ = run_cli(capsys, "verify", str(out), "--engine", "llama-cpp", "--engines", "llama.cpp,ollama")
     assert code == 0 and "llama.cpp 0.3.36 loads it" in text
 
     from transformers import AutoTokenizer

@@ -27,7 +27,7 @@ from gguf_helpers import lock_for_gguf, write_gguf
 from weightlock import apply_in_place
 from weightlock.api import apply_lock, verify_checkpoint
 from weightlock.errors import WeightlockError
-from weightlock.formats.gguf.edit import _kv_bytes, _kv_string, write_gguf_file
+from weightlock.formats.gguf.edit import FileChanges, _kv_bytes, _kv_string, write_gguf_file
 from weightlock.formats.gguf.file import open_gguf
 from weightlock.formats.gguf.record import LOCK_KEY, PARENT_LOCK_KEY, RECORD_KEY, embedded_bytes
 from weightlock.io.safetensors_file import read_header
@@ -111,7 +111,9 @@ def _outcome(path: Path, source: Path | None = None) -> tuple[bool, str]:
     ``source``: for an output whose source already had the biases, the model verify compares the originals with
     (without it they are unverifiable, so every mutation would fail for that reason alone)."""
     try:
-        report = verify_checkpoint(path, loader_check=False, source=source)
+        # the engine each format is made for: stock transformers, llama.cpp (tests/test_serving_table.py: the rest)
+        engines = "llama.cpp" if str(path).endswith(".gguf") else "transformers"
+        report = verify_checkpoint(path, loader_check=False, source=source, engines=engines)
     except WeightlockError as e:
         return False, f"refused: {e.message}"
     return report.ok, "; ".join(report.failures())
@@ -181,7 +183,7 @@ def _rewrite_gguf(locked: Path, out: Path, record: dict, lock: bytes | None = No
         *(_kv_bytes(PARENT_LOCK_KEY.format(i), data) for i, data in enumerate(parents, start=1)),
     ]
     out.unlink(missing_ok=True)
-    write_gguf_file(model.files[0], out, extra, [], {}, None)
+    write_gguf_file(model.files[0], out, extra, [], FileChanges(), None)
     return out
 
 
@@ -197,7 +199,7 @@ def test_every_folder_record_mutation_fails_verify_or_does_not_matter(folders, w
     folder, source = folders[which], folders.get(f"{which}-source")
     record_path = folder / "weightlock" / "provenance.json"
     good = record_path.read_bytes()
-    assert verify_checkpoint(folder, loader_check=False, source=source).ok
+    assert verify_checkpoint(folder, loader_check=False, source=source, engines="transformers").ok
     failures: list[str] = []
     cases = mutations(json.loads(good))
     try:
@@ -207,7 +209,7 @@ def test_every_folder_record_mutation_fails_verify_or_does_not_matter(folders, w
             _expect(described, path, *_outcome(folder, source), failures, free)
     finally:
         record_path.write_bytes(good)
-    assert verify_checkpoint(folder, loader_check=False, source=source).ok
+    assert verify_checkpoint(folder, loader_check=False, source=source, engines="transformers").ok
     assert len(cases) >= 30 and not failures, failures
 
 
@@ -215,7 +217,8 @@ def test_every_folder_record_mutation_fails_verify_or_does_not_matter(folders, w
 def test_every_gguf_record_mutation_fails_verify_or_does_not_matter(ggufs, tmp_path, which):
     locked, source = ggufs[which], ggufs.get(f"{which}-source")
     record = _gguf_record(locked)
-    assert verify_checkpoint(_rewrite_gguf(locked, tmp_path / "same.gguf", record), source=source).ok
+    same = _rewrite_gguf(locked, tmp_path / "same.gguf", record)
+    assert verify_checkpoint(same, source=source, engines="llama.cpp").ok
     failures: list[str] = []
     cases = mutations(record)
     for described, path, mutated in cases:
@@ -236,7 +239,7 @@ def _flip_tensor_bytes(path: Path, begin: int, count: int = 4) -> bytes:
 def test_every_written_bias_and_original_changed_fails_verify(folders, which):
     """Each bias tensor the record chain explains, and each stored original (of this edit and the ones before)."""
     folder, source = folders[which], folders.get(f"{which}-source")
-    assert verify_checkpoint(folder, loader_check=False, source=source).ok
+    assert verify_checkpoint(folder, loader_check=False, source=source, engines="transformers").ok
     record = json.loads((folder / "weightlock" / "provenance.json").read_text())
     added = read_header(folder / record["files"]["added_shard"]).tensors
     targets = [(folder / record["files"]["added_shard"], e.begin) for e in added.values()]
@@ -258,7 +261,7 @@ def test_every_written_bias_and_original_changed_fails_verify(folders, which):
 @pytest.mark.parametrize("which", ["one", "relock", "existing"])
 def test_every_gguf_bias_and_embedded_lock_changed_fails_verify(ggufs, tmp_path, which):
     locked, source = ggufs[which], ggufs.get(f"{which}-source")
-    assert verify_checkpoint(locked, source=source).ok
+    assert verify_checkpoint(locked, source=source, engines="llama.cpp").ok
     model = open_gguf(locked)
     failures = []
     for name, tensor in sorted(model.tensors.items()):
@@ -374,7 +377,7 @@ def test_relocking_past_the_record_depth_limit_is_refused_up_front(ggufs, tmp_pa
         (tmp_path / f"e{edits - 1}.gguf").unlink(missing_ok=True)
     assert code == 3 and "edit(s)" in err and "hint" in err.lower() and not out.exists(), err
     assert MAX_JSON_DEPTH - 5 <= edits < MAX_JSON_DEPTH, edits
-    assert verify_checkpoint(current).ok and read(current).metadata[RECORD_KEY]
+    assert verify_checkpoint(current, engines="llama.cpp").ok and read(current).metadata[RECORD_KEY]
     TOTAL["cases"] += edits + 1
 
 

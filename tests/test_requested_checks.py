@@ -30,8 +30,13 @@ from weightlock.core.report import FAIL, NOT_RUN, PASS, SKIP, WARN, Report, repo
 
 ROOT = Path(__file__).resolve().parents[1]
 VERIFY = cli.commands["verify"]
-# Options of verify that ask for no check: the output format, and the opt-out of a default check.
-ASKS_FOR_NOTHING = {"as_json", "no_loader_check"}
+# Options of verify that ask for no check: the output format, the opt-out of a default check, and the engines
+# deployed to (it narrows the serving checks, which always run: their verdicts are data, no engine is loaded;
+# tests/test_serving_table.py covers it).
+ASKS_FOR_NOTHING = {"as_json", "no_loader_check", "engines"}
+# What each input is deployed to: a locked llama GGUF is served unlocked by transformers' and SGLang's GGUF
+# loaders, which the default (every engine) fails; the GGUF inputs here are meant for llama.cpp.
+DEPLOYED = {"gguf": ["--engines", "llama.cpp"], "gguf-locked": ["--engines", "llama.cpp"]}
 ENGINE_PACKAGES = ("llama_cpp", "vllm")
 EXIT_CODES = {1, 3, 7}  # a check failed or did not run; bad input (an engine for the other format); no engine
 
@@ -139,7 +144,10 @@ def results(tmp_path_factory):
     out = {}
     for environment in ENVIRONMENTS:
         env = dict(os.environ, PYTHONPATH=_python_path(tmp, environment))
-        argvs = [["verify", str(inputs[f]), "--json", "--no-loader-check", *_resolved(o, f, inputs)] for f, o in cases]
+        argvs = [
+            ["verify", str(inputs[f]), "--json", "--no-loader-check", *DEPLOYED.get(f, []), *_resolved(o, f, inputs)]
+            for f, o in cases
+        ]
         probe = f"import importlib.util as u; print([u.find_spec(n) is not None for n in {ENGINE_PACKAGES!r}])"
         found = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True)
         shadowed = [name in SHADOWS.get(environment, {}) for name in ENGINE_PACKAGES]

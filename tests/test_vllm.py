@@ -160,7 +160,7 @@ def test_verify_engine_vllm_catches_what_vllm_would_silently_drop(served, tmp_pa
     # verify says so without vLLM, too: the static check knows which classes drop the bias
     from weightlock import verify_checkpoint
 
-    static = next(c for c in verify_checkpoint(native).checks if c.name == "vllm_support")
+    static = next(c for c in verify_checkpoint(native, engines="vllm").checks if c.name == "serving:vllm")
     assert static.status == "fail" and "TransformersForCausalLM" in static.message
 
 
@@ -204,7 +204,7 @@ def vllm_checks_per_family(tmp_path_factory):
         apply_lock(source, random_lock(source, n_heads=2), out=locked, alpha=2.0)
         paths[family] = str(locked)
         spec = spec_for_config(json.loads((locked / "config.json").read_text()))
-        if spec.vllm_serve_as is not None:
+        if spec.serve_as is not None:
             copy = base / f"{family}-declared-native"
             shutil.copytree(locked, copy)
             config = json.loads((copy / "config.json").read_text())
@@ -228,11 +228,13 @@ def _vllm_load_checks(paths: list[str]) -> dict:
 
 @pytest.mark.parametrize("family", TABLE_FAMILIES)
 def test_architecture_table_says_what_vllm_does(vllm_checks_per_family, family):
-    """The table's vllm columns are data that apply and verify rely on; vLLM itself must agree with them:
-    every locked output loads with nothing dropped, and where the table says vLLM's own class drops the bias,
+    """The serving table's vLLM rows (weightlock/engines/serving_table.py) are data that apply and verify rely
+    on; vLLM itself must agree with them: every locked output loads with nothing dropped, through the
+    Transformers backend exactly where the row says so, and where the row says vLLM's own class drops the bias,
     declaring that class really drops it (and verify fails it without vLLM)."""
     from weightlock import verify_checkpoint
-    from weightlock.core.families import VLLM_INACTIVE, VLLM_TRANSFORMERS_BACKEND, spec_for_config, vllm_serving
+    from weightlock.core.families import spec_for_config
+    from weightlock.engines.serving_table import DROPS, SAFETENSORS, row_for
 
     paths, native, checks = vllm_checks_per_family
     config = json.loads((Path(paths[family]) / "config.json").read_text())
@@ -240,13 +242,13 @@ def test_architecture_table_says_what_vllm_does(vllm_checks_per_family, family):
     check = checks[paths[family]]
     assert check["status"] == "pass", check
     backend = "Transformers" in check["message"]
-    assert backend == (vllm_serving(config, spec)[0] == VLLM_TRANSFORMERS_BACKEND), check
-    assert (family in native) == (spec.vllm == VLLM_INACTIVE)
+    assert backend == row_for("vllm", SAFETENSORS, config["architectures"][0]).backend, check
+    assert (family in native) == (row_for("vllm", SAFETENSORS, spec.classes[0]).verdict == DROPS)
     if family in native:
         check = checks[native[family]]
         assert check["status"] == "fail" and spec.classes[0] in check["message"], check
         assert any(d.startswith("dropped") and "o_proj.bias" in d for d in check["details"]), check
-        static = next(c for c in verify_checkpoint(native[family]).checks if c.name == "vllm_support")
+        static = next(c for c in verify_checkpoint(native[family], engines="vllm").checks if c.name == "serving:vllm")
         assert static.status == "fail", static
 
 

@@ -12,6 +12,7 @@ publish atomically. The source is only ever read.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import TYPE_CHECKING
 
 from weightlock.core.lock import Lock, read_lock
@@ -26,15 +27,27 @@ if TYPE_CHECKING:
     from weightlock.formats.safetensors.folder import Checkpoint
 
 
-def engine_checks(fmt: str, *, loader_check: bool, engine: str | None) -> EngineChecks:
-    """The engine checks ``verify`` runs on a checkpoint of format ``fmt``: which engines apply the bias (data,
-    always), the transformers class check (``loader_check``, folders), and the engine asked for by name."""
+def engine_checks(
+    fmt: str,
+    *,
+    loader_check: bool,
+    engine: str | None,
+    engines: tuple[str, ...] | None = None,
+    enforce_serving: bool = True,
+) -> EngineChecks:
+    """The engine checks ``verify`` runs on a checkpoint of format ``fmt``: which engines apply the bias (the
+    serving table, data, always: ``engines`` are the ones deployed to, None for all; ``enforce_serving`` off makes
+    an engine that would drop the bias a warning), the transformers class check (``loader_check``, folders), and
+    the engine asked for by name."""
+    from weightlock.engines import serving
+
     if fmt == GGUF:
         from weightlock.engines import llama_cpp
 
-        return EngineChecks(loading=(llama_cpp.check_loads_report,) if engine == "llama-cpp" else ())
-    from weightlock.engines import serving
-
+        return EngineChecks(
+            serving=(partial(serving.check_gguf_serving, names=engines, enforce=enforce_serving),),
+            loading=(llama_cpp.check_loads_report,) if engine == "llama-cpp" else (),
+        )
     loading = []
     if loader_check:
         from weightlock.engines.transformers import check_loader_names
@@ -44,7 +57,13 @@ def engine_checks(fmt: str, *, loader_check: bool, engine: str | None) -> Engine
         from weightlock.engines.vllm import check_vllm_loading_report
 
         loading.append(check_vllm_loading_report)
-    return EngineChecks(serving=(serving.check_vllm_support, serving.check_quantized_loaders), loading=tuple(loading))
+    return EngineChecks(
+        serving=(
+            partial(serving.check_folder_serving, names=engines, enforce=enforce_serving),
+            serving.check_quantized_loaders,
+        ),
+        loading=tuple(loading),
+    )
 
 
 def verify_checkpoint(
@@ -55,6 +74,8 @@ def verify_checkpoint(
     deep: bool = False,
     engine: str | None = None,
     source=None,
+    engines=None,
+    enforce_serving: bool = True,
 ) -> Report:
     """Run every check on the checkpoint at ``path`` (a safetensors folder or a GGUF file).
 
@@ -68,9 +89,16 @@ def verify_checkpoint(
     or an open GGUFModel for GGUF): the originals the record claims for biases the source already had are
     compared with its stored biases byte for byte (the ``original_biases`` check). Without it such originals
     are unverifiable: nothing in the output ties them to the source.
+    ``engines``: the engines the checkpoint is deployed to (names of the serving table,
+    :mod:`weightlock.engines.serving_table`, as a list or a comma-separated string); None: every engine. The
+    report has a ``serving:<engine>`` check for each: it fails where the engine would serve the checkpoint
+    without its attention-output biases (or as another model) with no error, and warns where the engine refuses
+    it. ``enforce_serving`` off turns those failures into warnings (apply's own check: the output is right
+    whichever engine serves it).
     """
     from weightlock.core.report import WRONG_SOURCE_HINT, source_error
     from weightlock.engines.serving import ENGINE_CHECKS
+    from weightlock.engines.serving_table import parse_engines
 
     fmt = detect(path)
     path = _location(path)
@@ -86,17 +114,20 @@ def verify_checkpoint(
             f"unknown engine {engine!r}" + (" for GGUF" if fmt == GGUF else ""),
             hint=f"choose one of: {', '.join(known)}",
         )
-    engines = engine_checks(fmt, loader_check=loader_check, engine=engine)
+    deployed = None if engines is None else parse_engines(engines)
+    checks = engine_checks(
+        fmt, loader_check=loader_check, engine=engine, engines=deployed, enforce_serving=enforce_serving
+    )
     if fmt == GGUF:
         from weightlock.formats.gguf.verify import verify_gguf
 
-        report = verify_gguf(path, expected=expected, deep=deep, source=source, engines=engines)
+        report = verify_gguf(path, expected=expected, deep=deep, source=source, engines=checks)
         return requested(report, deep, engine, known, source).finish()
     from weightlock.formats.safetensors.verify import open_source_folder, verify_folder
 
     opened = None if source is None else open_source_folder(source, path, detect(source))
     report = requested(Report(str(path)), deep, engine, known, source)
-    return verify_folder(path, report, expected=expected, deep=deep, source=opened, engines=engines).finish()
+    return verify_folder(path, report, expected=expected, deep=deep, source=opened, engines=checks).finish()
 
 
 def _location(opened):
@@ -132,7 +163,8 @@ def apply_lock(
 
     The output is published only if :func:`verify_checkpoint` passes on it with the same checks
     ``weightlock verify`` runs (``loader_check``: the transformers class check, skipped where
-    transformers is not installed), plus a byte comparison with the values just computed."""
+    transformers is not installed), plus a byte comparison with the values just computed. An engine of the
+    serving table that would serve the output without its lock does not stop it: the result's warnings name it."""
     # true until the output is published (the staging place is removed on the way out, publish's renames are
     # never split, and a --force run's previous output is moved back by the next run if ever left aside)
     set_interrupt_advice("no output was published (a rerun tidies what the interrupted run left)")
@@ -146,7 +178,7 @@ def apply_lock(
                 "--eval-report is for safetensors folders (it goes into the model card); a GGUF file has no card",
                 hint="leave out --eval-report for a .gguf file",
             )
-        return apply_lock_gguf(
+        result = apply_lock_gguf(
             checkpoint,  # type: ignore[arg-type]
             lock,
             lock_bytes,
@@ -156,10 +188,11 @@ def apply_lock(
             allow_architecture_mismatch=allow_architecture_mismatch,
             progress=ProgressBar if progress else None,
         )
+        return _with_serving_warnings(result, result.outputs[0])
     from weightlock.formats.safetensors.apply import apply_folder
     from weightlock.formats.safetensors.folder import Checkpoint, open_checkpoint
 
-    return apply_folder(
+    folder_result = apply_folder(
         checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint),
         lock,
         lock_bytes,
@@ -171,8 +204,28 @@ def apply_lock(
         progress=progress,
         loader_check=loader_check,
         eval_report=eval_report,
-        verify=verify_checkpoint,
+        verify=_APPLY_VERIFY,
     )
+    return _with_serving_warnings(folder_result, folder_result.out)
+
+
+# apply's own verify of what it writes: verify's checks, except that an engine of the serving table that would
+# drop the bias is a warning, not a refusal (the output is right; where it is served is the user's choice, and
+# apply names those engines in its warnings)
+_APPLY_VERIFY = partial(verify_checkpoint, enforce_serving=False)
+
+
+def _with_serving_warnings(result, published):
+    """``result`` with apply's warning naming every engine of the serving table that would serve the published
+    output without its lock, with no error (read back from the output: its headers and config)."""
+    from weightlock.engines.serving import serving_warnings
+    from weightlock.errors import WeightlockError
+
+    try:
+        result.plan.warnings.extend(serving_warnings(published))
+    except WeightlockError as e:  # the output is published and verified; this only names engines
+        result.plan.warnings.append(f"which engines serve the lock was not assessed: {e.message}")
+    return result
 
 
 def _refuse_in_place(location, what: str = "--in-place edits") -> None:
@@ -199,7 +252,7 @@ def apply_in_place(
     from weightlock.formats.safetensors import inplace
 
     _refuse_in_place(location)
-    return inplace.apply_in_place(
+    result = inplace.apply_in_place(
         _location(location),
         lock,
         alpha=alpha,
@@ -207,8 +260,9 @@ def apply_in_place(
         progress=progress,
         loader_check=loader_check,
         eval_report=eval_report,
-        verify=verify_checkpoint,
+        verify=_APPLY_VERIFY,
     )
+    return _with_serving_warnings(result, _location(location))
 
 
 def revert(location) -> dict:

@@ -81,6 +81,25 @@ class NumberList(click.ParamType):
         return numbers
 
 
+class EngineList(click.ParamType):
+    """Comma-separated names of the serving table's engines (verify's --engines), each known and named once. An
+    empty, unknown or repeated name is a usage error (exit 2) that lists the known names; the value is shown
+    escaped (it cannot forge terminal output)."""
+
+    name = "engines"
+
+    def convert(self, value, param, ctx):
+        from weightlock.engines.serving_table import parse_engines
+        from weightlock.errors import WeightlockError
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_engines(str(value))
+        except WeightlockError as e:
+            self.fail(printable(f"{e.message} ({e.hint})"), param, ctx)
+
+
 class OutputFile(click.Path):
     """A file weightlock writes. The command passes it through ``outputs.check_output_file`` with the inputs it
     reads before any work; tests/test_cli_contract.py finds every output option by this type."""

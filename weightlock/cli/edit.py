@@ -9,6 +9,7 @@ import click
 
 from weightlock.cli.common import (
     VERIFY_FAILED_EXIT,
+    EngineList,
     Number,
     OutputFile,
     cli,
@@ -19,6 +20,7 @@ from weightlock.cli.common import (
 )
 from weightlock.errors import InvalidInputError
 from weightlock.io.outputs import write_file_atomically
+from weightlock.io.text import printable
 
 
 @cli.command()
@@ -119,6 +121,12 @@ def apply(
             f"  read {s['bytes_read_weights']:,} bytes of attn_output weights, wrote {s['bytes_written']:,} bytes, "
             f"{s['seconds']:.2f}s",
         ]
+        if s["rewritten_from"]:
+            lines.insert(
+                1,
+                f"  rewritten from llama.cpp {s['rewritten_from']} as {s['architecture']} (the same model, and a graph "
+                f"that adds the bias): {s['tensors_permuted']} Q/K tensors' rows permuted for its RoPE, keys renamed",
+            )
         lines += [f"  warning: {warning}" for warning in s["warnings"]]
         emit(as_json, {"ok": True, **s}, lines)
         return
@@ -136,6 +144,25 @@ def apply(
     lines += [f"  left out (weights without the lock): {item}" for item in s["left_out"]]
     lines += [f"  warning: {warning}" for warning in s["warnings"]]
     emit(as_json, {"ok": True, **s}, lines)
+
+
+def _engine_names() -> str:
+    from weightlock.engines.serving_table import ENGINES
+
+    return ", ".join(ENGINES)
+
+
+def _merged_engines(given: tuple[tuple[str, ...], ...]) -> tuple[str, ...] | None:
+    """Every --engines option's names together (a name given twice is a usage error, as within one)."""
+    if not given:
+        return None
+    from weightlock.engines.serving_table import parse_engines
+    from weightlock.errors import WeightlockError
+
+    try:
+        return parse_engines([name for names in given for name in names])
+    except WeightlockError as e:
+        raise click.UsageError(printable(f"{e.message} ({e.hint})")) from None
 
 
 @cli.command()
@@ -157,13 +184,29 @@ def apply(
     "the record claims for biases the source already had are compared with its stored biases byte for byte. "
     "Without it they are unverifiable (a family with o_proj biases: starcoder2, phi2, gpt-neox, ...).",
 )
+@click.option(
+    "--engines",
+    type=EngineList(),
+    multiple=True,
+    help="The engines you deploy to, comma-separated, or the option given again (default: all in weightlock's "
+    "serving table): verify fails "
+    "where one of them would serve the checkpoint without its attention-output biases, with no error, and warns "
+    "where one refuses it. Nothing is loaded: the verdicts are data. Names: " + _engine_names() + ".",
+)
 @json_option
-def verify(checkpoint, deep, no_loader_check, engine, source, as_json):
-    """Check that CHECKPOINT loads as written and holds the lock its record claims."""
+def verify(checkpoint, deep, no_loader_check, engine, source, engines, as_json):
+    """Check that CHECKPOINT loads as written, holds the lock its record claims, and which engines serve it."""
     from weightlock.api import verify_checkpoint
     from weightlock.core.report import report_json
 
-    report = verify_checkpoint(checkpoint, deep=deep, loader_check=not no_loader_check, engine=engine, source=source)
+    report = verify_checkpoint(
+        checkpoint,
+        deep=deep,
+        loader_check=not no_loader_check,
+        engine=engine,
+        source=source,
+        engines=_merged_engines(engines),
+    )
     if as_json:
         click.echo(report_json(report))
     else:
@@ -351,6 +394,10 @@ def _gguf_lines(data: dict) -> list[str]:
         + (f" ({data['model_name']})" if data["model_name"] else "")
         + f"; attention-output bias: {data['llama_cpp_output_bias'] or 'unknown architecture'}",
     ]
+    if data.get("locked_as"):
+        lines.append(
+            f"  apply writes it as llama.cpp {data['locked_as']}: Q/K rows permuted for that graph's RoPE, keys renamed"
+        )
     if shape:
         lines.append(
             f"  {shape['layers']} layers x {shape['heads']} heads of {shape['head_dim']} ({shape['kv_heads']} KV), "
@@ -370,6 +417,12 @@ def _gguf_lines(data: dict) -> list[str]:
             f"{locked['tensors_replaced']} changed, {locked['edits']} edit(s) recorded"
         )
     )
+    rewritten = (locked or {}).get("rewritten_from")
+    if rewritten:
+        lines.append(
+            f"  rewritten from llama.cpp {rewritten['architecture']}: {rewritten['permuted_tensors']} Q/K tensors' "
+            f"rows permuted, {rewritten['renamed_keys']} keys renamed (verify --source checks them)"
+        )
     return lines
 
 

@@ -4,9 +4,11 @@ An entry says where a layer's attention-output projection lives, how the config
 names the shape (and what the config class assumes when a key is absent), which
 config flag switches the output bias on and which other biases that flag brings
 into existence (they must be written as explicit zeros, or a loader initialises
-them at random), which biases the class always has, and how vLLM treats it (and,
-where vLLM's own class drops the bias, the ``architectures`` value that routes vLLM
-to its Transformers backend instead).
+them at random), which biases the class always has, and, where an engine that picks
+its class by name (vLLM, SGLang) would drop the bias with the family's own class, the
+``architectures`` value the output declares instead (``serve_as``: those engines'
+Transformers backend). Which engine does what with each class is the serving table's
+knowledge (:mod:`weightlock.engines.serving_table`), not this table's.
 
 A family whose class cannot hold an o_proj bias but whose computation an equivalent
 class reproduces exactly is *redeclared*: its config is rewritten for that class
@@ -14,7 +16,7 @@ class reproduces exactly is *redeclared*: its config is rewritten for that class
 (``FusedSplit``) or stacked (``TensorMerge``) as byte copies. A family with no exact
 equivalent, or a config the equivalent does not reproduce, is *refused* with the
 reason. Adding a family means adding a row here, plus its equivalence test; no other
-module branches on the family. Facts were read from transformers 5.23 and vLLM 0.32.
+module branches on the family. Facts were read from transformers 5.23.
 """
 
 from __future__ import annotations
@@ -23,13 +25,10 @@ from dataclasses import dataclass, field
 
 from weightlock.errors import CheckpointError, UnsupportedError
 
-# How vLLM treats a locked checkpoint of the family (as the output's config declares it).
-VLLM_NATIVE = "native"  # its own class honours the bias flag
-VLLM_TRANSFORMERS_BACKEND = "transformers-backend"  # served through transformers' class: active
-VLLM_INACTIVE = "inactive"  # its own class hard-codes no o_proj bias and skips the tensor
-# The ``architectures`` values that make vLLM build its Transformers backend around transformers' own class
-# (picked by model_type), whatever the family: the way to serve a family whose vLLM class drops the bias.
-VLLM_BACKEND_ARCHITECTURES = ("TransformersForCausalLM", "TransformersMoEForCausalLM")
+# The ``architectures`` values that make vLLM and SGLang build their Transformers backend around transformers'
+# own class (picked by model_type), whatever the family: the way to serve a family whose own class there drops
+# the bias. transformers itself picks its class by model_type and never reads the list.
+BACKEND_ARCHITECTURES = ("TransformersForCausalLM", "TransformersMoEForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -101,12 +100,11 @@ class ArchitectureSpec:
     bias_flag_default: bool = False  # what the config class assumes when the key is absent
     bias_companions: tuple[BiasCompanion, ...] = ()
     always_biased: tuple[str, ...] = ()  # modules ("...{layer}...") whose bias the class hard-codes
-    vllm: str = VLLM_NATIVE  # what vLLM does with the family's own class name in "architectures"
-    vllm_note: str = ""
-    # For a family whose own vLLM class drops the bias: the "architectures" value the output declares instead,
-    # so that vLLM serves it through its Transformers backend (stock transformers picks its class by
-    # model_type and never reads this list). Recorded in the config changes; revert restores the original.
-    vllm_serve_as: str | None = None
+    # For a family whose own class in vLLM drops the bias (the serving table says which): the "architectures"
+    # value the output declares instead (one of BACKEND_ARCHITECTURES), so that vLLM and SGLang serve it through
+    # their Transformers backend (stock transformers picks its class by model_type and never reads this list).
+    # Recorded in the config changes; revert restores the original.
+    serve_as: str | None = None
     redeclare: Redeclaration | None = None
     refuse: str | None = None  # why no exact edit exists, and what to do
     layers_key: str = "num_hidden_layers"
@@ -225,7 +223,6 @@ _MIXTRAL_MERGES = (
     TensorMerge(f"{_MIXTRAL_MOE}.output_linear.weight", (f"{_MIXTRAL_MOE}.experts.{{expert}}.w2.weight",)),
     TensorMerge(f"{_MIXTRAL_MOE}.router.layer.weight", (f"{_MIXTRAL_MOE}.gate.weight",)),
 )
-_VLLM_NO_O_BIAS = "vLLM's own {} class hard-codes no o_proj bias and silently skips the tensor"
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     _llama_like("llama", ("llama",), ("LlamaForCausalLM",)),
@@ -261,39 +258,31 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         ("qwen3",),
         ("Qwen3ForCausalLM",),
         head_dim_default=128,
-        vllm=VLLM_INACTIVE,
-        vllm_note=_VLLM_NO_O_BIAS.format("Qwen3"),
-        vllm_serve_as="TransformersForCausalLM",
+        serve_as="TransformersForCausalLM",
     ),
     _llama_like(
         "qwen3_moe",
         ("qwen3_moe",),
         ("Qwen3MoeForCausalLM",),
         head_dim_default=128,
-        vllm=VLLM_INACTIVE,
-        vllm_note=_VLLM_NO_O_BIAS.format("Qwen3Moe"),
-        vllm_serve_as="TransformersMoEForCausalLM",
+        serve_as="TransformersMoEForCausalLM",
     ),
     _llama_like(
         "gemma",
         ("gemma",),
         ("GemmaForCausalLM",),
         head_dim_default=256,
-        vllm=VLLM_INACTIVE,
-        vllm_note=_VLLM_NO_O_BIAS.format("Gemma"),
-        vllm_serve_as="TransformersForCausalLM",
+        serve_as="TransformersForCausalLM",
     ),
     _llama_like("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), head_dim_default=256),
     _llama_like("gemma3_text", ("gemma3_text",), ("Gemma3ForCausalLM",), head_dim_default=256),
-    _llama_like("olmo2", ("olmo2",), ("Olmo2ForCausalLM",), vllm=VLLM_TRANSFORMERS_BACKEND),
+    _llama_like("olmo2", ("olmo2",), ("Olmo2ForCausalLM",)),
     _llama_like("granite", ("granite",), ("GraniteForCausalLM",)),
     _llama_like(
         "cohere",
         ("cohere",),
         ("CohereForCausalLM",),
-        vllm=VLLM_INACTIVE,
-        vllm_note=_VLLM_NO_O_BIAS.format("Cohere"),
-        vllm_serve_as="TransformersForCausalLM",
+        serve_as="TransformersForCausalLM",
     ),
     _llama_like(
         "starcoder2",
@@ -301,7 +290,6 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         ("Starcoder2ForCausalLM",),
         bias_flag="use_bias",
         bias_flag_default=True,
-        vllm=VLLM_TRANSFORMERS_BACKEND,
         bias_companions=(
             BiasCompanion("model.layers.{layer}.self_attn.q_proj", "heads"),
             BiasCompanion("model.layers.{layer}.self_attn.k_proj", "kv_heads"),
@@ -318,7 +306,6 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         output_projection="dense",
         bias_flag="attention_bias",
         bias_flag_default=True,
-        vllm=VLLM_TRANSFORMERS_BACKEND,
         bias_companions=(BiasCompanion("gpt_neox.layers.{layer}.attention.query_key_value", "qkv"),),
         kv_heads_key=None,
     ),
@@ -329,7 +316,6 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         attention_module="model.layers.{layer}.self_attn",
         output_projection="dense",
         bias_flag=None,
-        vllm=VLLM_TRANSFORMERS_BACKEND,
     ),
     # o_proj always carries a bias (attention_bias defaults on); the lock adds to it. The experts (bf16 or
     # MXFP4 blocks and scales) are never read or rewritten: only the shards holding o_proj biases are.
@@ -341,9 +327,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         "granitemoe",
         ("granitemoe",),
         ("GraniteMoeForCausalLM",),
-        vllm=VLLM_INACTIVE,
-        vllm_note=_VLLM_NO_O_BIAS.format("GraniteMoe"),
-        vllm_serve_as="TransformersMoEForCausalLM",
+        serve_as="TransformersMoEForCausalLM",
     ),
     _llama_like(
         "mixtral",
@@ -482,11 +466,18 @@ def _first_architecture(config: dict):
     return architectures[0] if isinstance(architectures, list) and architectures else None
 
 
+def output_declaration(spec: ArchitectureSpec) -> tuple[ArchitectureSpec, str]:
+    """What weightlock's output of a family declares: the family it is written as (a redeclared family's
+    equivalent) and its first ``architectures`` entry (``serve_as`` where the family has one)."""
+    target = family(spec.redeclare.family) if spec.redeclare is not None else spec
+    return target, target.serve_as or target.classes[0]
+
+
 def declared_class(config: dict, spec: ArchitectureSpec) -> str:
     """The model class the config stands for: its first ``architectures`` entry, or the family's class when
     that entry only routes vLLM to its Transformers backend (a lock made from a Qwen3 fits a locked Qwen3)."""
     first = _first_architecture(config)
-    if first is None or first in VLLM_BACKEND_ARCHITECTURES:
+    if first is None or first in BACKEND_ARCHITECTURES:
         return spec.classes[0]
     return str(first)
 
@@ -553,19 +544,3 @@ def _rope_difference(config: dict) -> str | None:
         elif scaling is not None:
             return f"has a {key} that is not an object"
     return None
-
-
-def vllm_serving(config: dict, spec: ArchitectureSpec) -> tuple[str, str]:
-    """How vLLM serves a checkpoint with this config: (one of the VLLM_* values, why). vLLM picks its
-    class by the first ``architectures`` entry; a Transformers-backend name there wins over the family's."""
-    first = _first_architecture(config)
-    if first in VLLM_BACKEND_ARCHITECTURES:
-        return (
-            VLLM_TRANSFORMERS_BACKEND,
-            f"config.json declares {first}, so vLLM serves it through its Transformers backend",
-        )
-    if spec.vllm == VLLM_TRANSFORMERS_BACKEND:
-        return VLLM_TRANSFORMERS_BACKEND, "vLLM serves this family through its Transformers backend"
-    if spec.vllm == VLLM_INACTIVE:
-        return VLLM_INACTIVE, spec.vllm_note
-    return VLLM_NATIVE, "vLLM's own class for this family reads the bias flag"

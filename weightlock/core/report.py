@@ -249,9 +249,10 @@ def report_json(report: Report) -> str:
 @dataclass(frozen=True)
 class EngineChecks:
     """The engine checks a format's verify runs, supplied by :mod:`weightlock.api` (formats never import
-    engines). ``serving``: called as ``check(checkpoint, spec, shape, report)`` once the architecture is known
-    (which engines apply the bias: data, no engine imported); ``loading``: ``check(model, report)`` at the end
-    (an engine's own loader on the output)."""
+    engines). ``serving``: called once the architecture is known, as ``check(checkpoint, spec, shape, report)``
+    for a folder and ``check(model, architecture, shape, report)`` for a GGUF file (which engines apply the bias:
+    data, no engine imported); ``loading``: ``check(model, report)`` at the end (an engine's own loader on the
+    output)."""
 
     serving: tuple[Callable[..., None], ...] = ()
     loading: tuple[Callable[..., None], ...] = ()

@@ -50,6 +50,10 @@ class GGUFApplyResult:
             "tensors_replaced": len(self.plan.replaced),
             "bytes_read_weights": self.plan.weight_bytes_to_read,
             "bytes_written": self.bytes_written,
+            # a qwen2 file is written as llama (formats/gguf/rewrite.py): its Q/K tensors are read and permuted
+            "rewritten_from": self.plan.rewrite.rule.source if self.plan.rewrite else None,
+            "tensors_permuted": len(self.plan.rewrite.permuted) if self.plan.rewrite else 0,
+            "bytes_permuted": sum(p.tensor.nbytes for p in self.plan.rewrite.permuted) if self.plan.rewrite else 0,
             "warnings": self.plan.warnings,
             "seconds": round(self.seconds, 3),
         }

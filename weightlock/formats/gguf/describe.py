@@ -3,18 +3,22 @@ what its edit record claims (``verify`` checks those claims)."""
 
 from __future__ import annotations
 
+import re
+
 from weightlock.errors import WeightlockError
-from weightlock.formats.gguf.architectures import GGUF_ARCHITECTURES, OUTPUT_WEIGHT, gguf_architecture
+from weightlock.formats.gguf.architectures import architecture_row, gguf_edit_architectures
 from weightlock.formats.gguf.edit import gguf_shape
 from weightlock.formats.gguf.file import GGUFModel
 from weightlock.formats.gguf.record import read_record
 from weightlock.formats.gguf.verify import gguf_traces
 
+OUTPUT_WEIGHT_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.attn_output\.weight", re.ASCII)
+
 
 def describe_gguf(model: GGUFModel) -> dict:
     """What ``inspect`` shows for a GGUF model."""
     name = model.text("general.architecture")
-    row = next((r for r in GGUF_ARCHITECTURES if r.name == name), None)
+    row = architecture_row(name)
     info: dict = {
         "path": str(model.path),
         "format": "gguf",
@@ -26,9 +30,11 @@ def describe_gguf(model: GGUFModel) -> dict:
         "tensors": len(model.tensors),
         "llama_cpp_output_bias": None if row is None else (row.bias or f"refused: {row.refuse}"),
     }
+    if row is not None and row.rewrite is not None:
+        info["locked_as"] = row.rewrite.target  # apply rewrites the file as this architecture
     try:
-        architecture = gguf_architecture(name)
-        shape = gguf_shape(model, architecture)
+        stored, _ = gguf_edit_architectures(name)
+        shape = gguf_shape(model, stored)
         info["shape"] = {
             "layers": shape.num_layers,
             "heads": shape.num_heads,
@@ -37,9 +43,10 @@ def describe_gguf(model: GGUFModel) -> dict:
             "hidden_size": shape.hidden_size,
         }
         types: dict[str, int] = {}
-        for layer in range(shape.num_layers):
-            weight = model.tensors.get(OUTPUT_WEIGHT.format(layer=layer))
-            if weight is not None:
+        # from the tensor names: a damaged block_count (2**31 - 1) must not make inspect count up to it
+        for name, weight in model.tensors.items():
+            match = OUTPUT_WEIGHT_NAME.fullmatch(name)
+            if match is not None and int(match.group(1)) < shape.num_layers:
                 types[weight.type_name] = types.get(weight.type_name, 0) + 1
         info["attn_output_types"] = types
     except WeightlockError as e:
@@ -66,7 +73,23 @@ def describe_gguf(model: GGUFModel) -> dict:
             "created_at": record["created_at"],
             "tool": record["tool"],
             "source": record["source"]["name"],
+            "rewritten_from": _rewritten_from(record),
             "edits": depth,
             "verified": False,  # what the record claims; `weightlock verify` checks it
         }
     return info
+
+
+def _rewritten_from(record: dict) -> dict | None:
+    """The root edit's rewrite (the architecture the file had, and how much was permuted and renamed)."""
+    depth = 0
+    while isinstance(record.get("parent"), dict) and depth < 64:
+        record, depth = record["parent"], depth + 1
+    rewrite = record.get("rewrite")
+    if not isinstance(rewrite, dict):
+        return None
+    return {
+        "architecture": rewrite.get("from"),
+        "permuted_tensors": len(rewrite.get("permuted") or {}),
+        "renamed_keys": len(rewrite.get("renamed_keys") or []),
+    }

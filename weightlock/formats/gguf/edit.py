@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,8 @@ from weightlock.formats.gguf.architectures import (
     OUTPUT_BIAS,
     OUTPUT_WEIGHT,
     GGUFArchitecture,
-    gguf_architecture,
+    architecture_row,
+    gguf_edit_architectures,
 )
 from weightlock.formats.gguf.file import (
     ARRAY,
@@ -67,6 +69,7 @@ from weightlock.formats.gguf.record import (
     is_our_key,
     read_record,
 )
+from weightlock.formats.gguf.rewrite import ARCHITECTURE_KEY, RewritePlan, permuted_chunks, plan_rewrite
 from weightlock.io.staging import failpoint, fsync_dir
 from weightlock.io.untrusted import open_regular
 
@@ -95,6 +98,7 @@ class GGUFEditPlan:
     biases: list[GGUFPlannedBias]
     previous_record: dict | None
     warnings: list[str] = field(default_factory=list)
+    rewrite: RewritePlan | None = None  # the file is rewritten as ``architecture`` (e.g. qwen2 as llama)
 
     @property
     def added(self) -> list[str]:
@@ -171,14 +175,28 @@ def gguf_shape(model: GGUFModel, architecture: GGUFArchitecture) -> ModelShape:
 def plan_gguf_edit(
     model: GGUFModel, lock: Lock, alpha: float, *, allow_architecture_mismatch: bool = False
 ) -> GGUFEditPlan:
-    architecture = gguf_architecture(model.text("general.architecture"))
-    shape = gguf_shape(model, architecture)
+    stored, architecture = gguf_edit_architectures(model.text(ARCHITECTURE_KEY))
+    shape = gguf_shape(model, stored)
+    previous = read_record(model)
+    rewrite = None
+    if stored.rewrite is not None and previous is not None:
+        raise CheckpointError(
+            f"{model.path.name} is a {stored.name} file that carries a weightlock record: weightlock writes every "
+            f"{stored.name} file it locks as {architecture.name}, so this one was changed by something else",
+            hint="lock the original model again",
+        )
+    if stored.rewrite is not None:
+        key_dim = _optional_metadata_int(model, stored.key("attention.key_length"))
+        key_dim = key_dim or shape.hidden_size // shape.num_heads
+        rope_dims = _optional_metadata_int(model, stored.key("rope.dimension_count"))
+        rewrite = plan_rewrite(model, shape, stored, stored.rewrite, key_dim, rope_dims)
     warnings: list[str] = []
     mismatch = None
-    if lock.source_model.model_type not in architecture.model_types:
+    fitting = stored.model_types + _rewritten_model_types(previous)
+    if lock.source_model.model_type not in fitting:
         mismatch = (
             f"the lock was made from a {lock.source_model.model_type} model ({lock.source_model.architecture}), "
-            f"the GGUF file is llama.cpp architecture {architecture.name}"
+            f"the GGUF file is llama.cpp architecture {stored.name}"
         )
     displacements = checked_displacements(lock, alpha, shape, mismatch, allow_architecture_mismatch, warnings)
 
@@ -222,8 +240,20 @@ def plan_gguf_edit(
             GGUFPlannedBias(OUTPUT_BIAS.format(layer=layer), layer, weight, base, base.type_id if base else F32)
         )
     return GGUFEditPlan(
-        model, architecture, shape, lock, float(alpha), displacements, biases, read_record(model), warnings
+        model, architecture, shape, lock, float(alpha), displacements, biases, previous, warnings, rewrite
     )
+
+
+def _rewritten_model_types(record: dict | None) -> tuple[str, ...]:
+    """The model types of the architecture a locked file was rewritten from (its root record says which): a
+    Qwen2 lock fits a qwen2 file rewritten as llama."""
+    while isinstance(record, dict):
+        rewrite = record.get("rewrite")
+        if isinstance(rewrite, dict):
+            row = architecture_row(rewrite.get("from"))
+            return row.model_types if row is not None else ()
+        record = record.get("parent")
+    return ()
 
 
 @dataclass
@@ -331,6 +361,7 @@ def edit_record(plan: GGUFEditPlan, computed: list[GGUFComputedBias], lock_bytes
         "lock": {"sha256": hashlib.sha256(lock_bytes).hexdigest(), "manifest": plan.lock.manifest()},
         "alpha": plan.alpha,
         "architecture": plan.architecture.name,
+        **({"rewrite": plan.rewrite.record()} if plan.rewrite is not None else {}),
         "locked_layers": {str(layer): heads for layer, heads in plan.lock.heads_by_layer().items()},
         "tensors": {
             "added": plan.added,
@@ -398,35 +429,53 @@ def copy_range(source_fd: int, dest_fd: int, source_offset: int, dest_offset: in
         done += n
 
 
+@dataclass
+class FileChanges:
+    """What an edit changes in one file of the source besides appending its metadata and tensors:
+    ``renamed`` metadata keys (old -> new; the value's bytes carried), ``replaced`` keys (key -> the new
+    encoded key/value), and tensors whose bytes are rewritten in place (same size), each given as its bytes or
+    as a function of the source file's descriptor that yields them in order (read as they are written)."""
+
+    renamed: dict[str, str] = field(default_factory=dict)
+    replaced: dict[str, bytes] = field(default_factory=dict)
+    rewritten: dict[str, bytes | Callable[[int], Iterable[bytes]]] = field(default_factory=dict)
+
+
 def write_gguf_file(
     source: GGUFFile,
     destination: Path,
     extra_metadata: list[bytes],
     new_tensors: list[tuple[str, tuple[int, ...], int, bytes]],
-    rewritten: dict[str, bytes],
+    changes: FileChanges,
     tensor_total: int | None,
 ) -> int:
-    """One output file: the source's metadata and tensors carried over, ``extra_metadata`` (encoded
-    key/values) appended, ``new_tensors`` (name, dims, type, bytes) appended after the last tensor,
-    ``rewritten`` tensors' bytes replaced in place (same size). Returns the bytes written."""
-    carried: list[bytes | tuple[int, int]] = []  # re-encoded, or a byte span of the source to copy
-    for entry in source.metadata.values():
-        if is_our_key(entry.key):
-            continue  # a previous edit's record and locks: the new record's parent, and parent locks
-        if entry.key == SPLIT_TENSORS_KEY and tensor_total is not None:
-            carried.append(_kv_scalar(entry.key, entry.value_type, tensor_total))
-        else:
-            carried.append((entry.start, entry.end))
-    infos = []
-    offset = source.data_size
-    layout = []
-    for name, dims, type_id, data in new_tensors:
-        infos.append(_tensor_info(name, dims, type_id, offset))
-        layout.append((offset, data))
-        offset = _align(offset + len(data), source.alignment)
+    """One output file: the source's metadata and tensors carried over (with ``changes``), ``extra_metadata``
+    (encoded key/values) appended, ``new_tensors`` (name, dims, type, bytes) appended after the last tensor.
+    Returns the bytes written."""
     # the same checks as the parser's open (a Hub cache's snapshot links into its blob store are followed)
     fd_in = open_regular(source.path, "GGUF file")
     try:
+        carried: list[bytes | tuple[int, int]] = []  # re-encoded, or a byte span of the source to copy
+        for entry in source.metadata.values():
+            if is_our_key(entry.key):
+                continue  # a previous edit's record and locks: the new record's parent, and parent locks
+            if entry.key == SPLIT_TENSORS_KEY and tensor_total is not None:
+                carried.append(_kv_scalar(entry.key, entry.value_type, tensor_total))
+            elif entry.key in changes.replaced:
+                carried.append(changes.replaced[entry.key])
+            elif entry.key in changes.renamed:
+                value_start = entry.start + 8 + len(entry.key.encode("utf-8"))
+                value_bytes = os.pread(fd_in, entry.end - value_start, value_start)
+                carried.append(_string(changes.renamed[entry.key]) + value_bytes)
+            else:
+                carried.append((entry.start, entry.end))
+        infos = []
+        offset = source.data_size
+        layout = []
+        for name, dims, type_id, data in new_tensors:
+            infos.append(_tensor_info(name, dims, type_id, offset))
+            layout.append((offset, data))
+            offset = _align(offset + len(data), source.alignment)
         with open(destination, "xb") as out:
             out.write(MAGIC)
             out.write(
@@ -450,7 +499,25 @@ def write_gguf_file(
             out.write(b"\0" * (data_start - header_end))
             out.flush()
             present = min(source.data_size, source.size - source.data_start)
-            copy_range(fd_in, out.fileno(), source.data_start, data_start, present)
+            # the data section copied in the kernel around the rewritten tensors, which are written in their place
+            by_name = {t.name: t for t in source.tensors}
+            position = 0
+            for tensor in sorted((by_name[name] for name in changes.rewritten), key=lambda t: t.offset):
+                gap = min(tensor.offset, present) - position
+                if gap > 0:
+                    copy_range(fd_in, out.fileno(), source.data_start + position, data_start + position, gap)
+                content = changes.rewritten[tensor.name]
+                out.seek(data_start + tensor.offset)
+                size = 0
+                for chunk in content(fd_in) if callable(content) else [content]:
+                    out.write(chunk)
+                    size += len(chunk)
+                if size != tensor.nbytes:
+                    raise AssertionError(f"{tensor.name}: rewritten bytes differ in size")
+                out.flush()
+                position = max(position, tensor.offset + tensor.nbytes)
+            if present > position:
+                copy_range(fd_in, out.fileno(), source.data_start + position, data_start + position, present - position)
             failpoint("gguf-data-copied")
             out.seek(data_start + present)
             out.write(b"\0" * (source.data_size - present))
@@ -458,13 +525,6 @@ def write_gguf_file(
                 out.seek(data_start + tensor_offset)
                 out.write(data)
                 out.write(b"\0" * (_align(len(data), source.alignment) - len(data)))
-            by_name = {t.name: t for t in source.tensors}
-            for name, data in rewritten.items():
-                tensor = by_name[name]
-                if len(data) != tensor.nbytes:
-                    raise AssertionError(f"{name}: rewritten bytes differ in size")
-                out.seek(data_start + tensor.offset)
-                out.write(data)
             out.flush()
             os.fsync(out.fileno())
             return out.seek(0, os.SEEK_END)
@@ -486,16 +546,50 @@ def output_paths(source: GGUFModel, out: Path) -> list[Path]:
     return [out.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
+def _permuted_from(source: GGUFFile, tensor: GGUFTensor, groups: int) -> Callable[[int], Iterable[bytes]]:
+    def chunks(fd: int) -> Iterable[bytes]:
+        def read(offset: int, count: int) -> bytes:
+            raw = os.pread(fd, count, source.data_start + tensor.offset + offset)
+            if len(raw) != count:
+                raise CheckpointError(
+                    f"the source ended while {tensor.name} was being read (truncated or changed?)",
+                    hint="do not change the source while weightlock reads it; run again",
+                )
+            return raw
+
+        return permuted_chunks(read, tensor, groups)
+
+    return chunks
+
+
+def file_changes(plan: GGUFEditPlan, computed: list[GGUFComputedBias]) -> list[FileChanges]:
+    """Per source file: the biases rewritten in place and, for a rewrite, the renamed keys, the new
+    architecture and the permuted tensors."""
+    changes = [FileChanges() for _ in plan.model.files]
+    for item in computed:
+        if item.planned.base is not None:
+            changes[item.planned.base.file_index].rewritten[item.planned.name] = item.raw
+    if plan.rewrite is not None:
+        for index, file in enumerate(plan.model.files):
+            changes[index].renamed = {k: v for k, v in plan.rewrite.renamed.items() if k in file.metadata}
+            if ARCHITECTURE_KEY in file.metadata:
+                changes[index].replaced[ARCHITECTURE_KEY] = _kv_string(ARCHITECTURE_KEY, plan.rewrite.rule.target)
+        for permuted in plan.rewrite.permuted:
+            tensor = permuted.tensor
+            changes[tensor.file_index].rewritten[tensor.name] = _permuted_from(
+                plan.model.files[tensor.file_index], tensor, permuted.groups
+            )
+    return changes
+
+
 def write_locked_gguf(
     plan: GGUFEditPlan, computed: list[GGUFComputedBias], lock_bytes: bytes, record: dict, staging: Path, names
 ) -> int:
-    by_file: dict[int, dict[str, bytes]] = {}
     new_tensors: list[tuple[str, tuple[int, ...], int, bytes]] = []
     for item in computed:
         if item.planned.base is None:
             new_tensors.append((item.planned.name, (plan.shape.hidden_size,), item.planned.type_id, item.raw))
-        else:
-            by_file.setdefault(item.planned.base.file_index, {})[item.planned.name] = item.raw
+    changes = file_changes(plan, computed)
     total = len(plan.model.tensors) + len(new_tensors)
     written = 0
     for index, source in enumerate(plan.model.files):
@@ -505,7 +599,7 @@ def write_locked_gguf(
             staging / names[index],
             record_metadata(plan.model, record, lock_bytes) if first else [],
             new_tensors if first else [],
-            by_file.get(index, {}),
+            changes[index],
             total if plan.model.split_count > 1 else None,
         )
         failpoint("gguf-file-written")

@@ -657,6 +657,12 @@ class GGUFTensorReader(TensorReader):
     def read_raw(self, tensor: GGUFTensor) -> bytes:
         return bytes(self._read_into(self.file.data_start + tensor.offset, tensor.nbytes))
 
+    def read_span(self, tensor: GGUFTensor, offset: int, count: int) -> bytes:
+        """``count`` bytes of the tensor's data from ``offset`` (within it)."""
+        if offset < 0 or offset + count > tensor.nbytes:
+            raise ValueError(f"{tensor.name}: bytes {offset}..{offset + count} are outside the tensor")
+        return bytes(self._read_into(self.file.data_start + tensor.offset + offset, count))
+
 
 @contextmanager
 def tensor_readers(model: GGUFModel) -> Iterator[list[GGUFTensorReader]]:

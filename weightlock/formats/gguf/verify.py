@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -47,11 +48,20 @@ from weightlock.formats.gguf.architectures import (
     BIAS_EXISTING,
     OUTPUT_BIAS,
     OUTPUT_WEIGHT,
+    architecture_row,
     gguf_architecture,
 )
 from weightlock.formats.gguf.edit import BIAS_TYPES, F16, F32, GGUFComputedBias, gguf_shape, weight_product
-from weightlock.formats.gguf.file import GGUFModel, can_dequantize, open_gguf, tensor_readers
-from weightlock.formats.gguf.record import LOCK_KEY, PARENT_LOCK_KEY, RECORD_KEY, embedded_bytes, read_record
+from weightlock.formats.gguf.file import SPLIT_TENSORS_KEY, GGUFModel, can_dequantize, open_gguf, tensor_readers
+from weightlock.formats.gguf.record import (
+    LOCK_KEY,
+    PARENT_LOCK_KEY,
+    RECORD_KEY,
+    embedded_bytes,
+    is_our_key,
+    read_record,
+)
+from weightlock.formats.gguf.rewrite import ARCHITECTURE_KEY, expected_permutations, permuted_chunks
 from weightlock.io.untrusted import check_schema
 
 BIAS_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.attn_output\.bias", re.ASCII)
@@ -212,6 +222,8 @@ def verify_gguf(
         + ("its graph adds blk.N.attn_output.bias when present" if architecture.bias else ""),
     )
     _check_bias_tensors(model, shape, architecture, biases, report)
+    for serving_check in engines.serving:  # which engines apply the bias (data), passed in by weightlock.api
+        serving_check(model, architecture, shape, report)
     _check_record(model, shape, architecture, biases, report, expected, source)
     if deep:
         _check_all_finite(model, report)
@@ -349,6 +361,13 @@ def _check_chain(model, shape, architecture, record, values, readers, report, *,
             report.add("edit chain", FAIL, f"edit {depth} of the record chain is inconsistent", problems)
             return
         parent = current["parent"]
+        if parent is not None and current.get("rewrite") is not None:
+            report.add(
+                "edit chain",
+                FAIL,
+                f"edit {depth} of the record chain claims a rewrite, but only a file's first edit rewrites it",
+            )
+            return
         if parent is None:
             if model.metadata.get(PARENT_LOCK_KEY.format(depth)) is not None:
                 report.add("edit chain", FAIL, f"the file carries the lock of an edit {depth + 1} no record names")
@@ -383,9 +402,10 @@ def _check_chain(model, shape, architecture, record, values, readers, report, *,
             return
         current = parent
     root = sorted(values, key=lambda n: int(n.split(".")[1]))
+    source_architecture = _check_rewrite(model, shape, architecture, current.get("rewrite"), report, source)
     if source is not None:
         report.add("edit chain", PASS, f"{depth} edit(s) recomputed from their embedded locks")
-        _compare_with_source(source, architecture, values, report)
+        _compare_with_source(source, source_architecture, values, report)
     elif architecture.bias == BIAS_EXISTING:
         report.add("edit chain", PASS, f"{depth} edit(s) recomputed from their embedded locks")
         report.add(
@@ -408,13 +428,124 @@ def _check_chain(model, shape, architecture, record, values, readers, report, *,
         report.add("edit chain", PASS, f"every attn_output.bias is explained by the {depth} recorded edit(s)")
 
 
-def _compare_with_source(source: GGUFModel, architecture, values: dict, report: Report) -> None:
+def _check_rewrite(model, shape, architecture, rewrite: dict | None, report: Report, source) -> str:
+    """A first edit that rewrote the file as another architecture (``rewrite``, from its record): the claim
+    against the rule and the file (no key of the old prefix left; the renamed keys exactly the file's keys of
+    the new prefix; exactly the Q/K tensors the rule permutes, with the file's head counts), and with the
+    source, every permuted tensor and every key against the source's bytes. Returns the architecture the
+    source must have."""
+    if rewrite is None:
+        return architecture.name
+    row = architecture_row(rewrite["from"])
+    rule = row.rewrite if row is not None else None
+    what = f"rewritten from {rewrite['from']} as {rewrite['to']}"
+    if rule is None or rule.target != rewrite["to"] or rule.target != architecture.name:
+        report.add("rewrite", FAIL, f"the record says the file was {what}; weightlock makes no such rewrite")
+        return str(rewrite["from"])
+    old, new = f"{rule.source}.", f"{rule.target}."
+    problems = [f"{key}: a key of the old architecture" for key in sorted(model.metadata) if key.startswith(old)]
+    claimed = rewrite["renamed_keys"]
+    problems += [f"{key}: recorded as renamed, but not a {old}* key" for key in claimed if not key.startswith(old)]
+    implied = {old + key[len(new) :] for file in model.files for key in file.metadata if key.startswith(new)}
+    if len(set(claimed)) != len(claimed) or set(claimed) != implied:
+        problems.append(
+            f"the recorded renamed keys ({len(claimed)}) are not the file's {len(implied)} {new}* keys "
+            f"under their {old} names"
+        )
+    expected = expected_permutations(model, shape, rule)
+    recorded = rewrite["permuted"]
+    if set(recorded) != set(expected) or any(
+        type(recorded[n]) is not int or recorded[n] != g for n, g in expected.items()
+    ):
+        problems.append("the recorded permuted tensors are not the Q/K tensors of this file the rewrite permutes")
+    if not problems and source is not None:
+        problems = _rewrite_against_source(model, source, rule, expected, implied)
+    if problems:
+        report.add("rewrite", FAIL, f"the file was {what}, but {len(problems)} thing(s) disagree", problems[:20])
+    elif source is not None:
+        report.add(
+            "rewrite",
+            PASS,
+            f"{what}: {len(expected)} Q/K tensors are the source's rows permuted for the {rule.target} graph's "
+            f"RoPE, byte for byte; its metadata is the source's, {len(implied)} keys renamed",
+        )
+    else:
+        report.add(
+            "rewrite",
+            PASS,
+            f"the record says the file was {what}: its {len(expected)} Q/K tensors and {len(implied)} {new}* keys "
+            "are what that rewrite leaves; that they are the source's rows and values only --source proves",
+        )
+    return rule.source
+
+
+def _value_bytes(fd: int, entry) -> bytes:
+    start = entry.start + 8 + len(entry.key.encode("utf-8"))
+    return os.pread(fd, entry.end - start, start)
+
+
+def _rewrite_against_source(
+    model: GGUFModel, source: GGUFModel, rule, permuted: dict[str, int], renamed: set[str]
+) -> list[str]:
+    """Every permuted tensor is the source's with its rows permuted (``permuted``: name -> head groups, from
+    the file's own shape), and each file's metadata is its source file's, key for key and byte for byte, but
+    for the ``renamed`` keys (under the new prefix), the architecture (the target) and weightlock's own."""
+    from weightlock.core.report import source_error
+    from weightlock.io.untrusted import open_regular
+
+    if source.text(ARCHITECTURE_KEY) != rule.source or source.split_count != model.split_count:
+        raise source_error(source.path, f"is not the {rule.source} model of {model.split_count} file(s) rewritten")
+    problems = []
+    with tensor_readers(source) as theirs, tensor_readers(model) as ours:
+        for name, groups in permuted.items():
+            stored, original = model.tensors[name], source.tensors.get(name)
+            if original is None or (original.dims, original.type_id) != (stored.dims, stored.type_id):
+                problems.append(f"{name}: the source has no tensor of this type and shape")
+                continue
+            # head by head (the permutation never leaves a head): small reads, nothing the size of the tensor
+            source_reader, stored_reader = theirs[original.file_index], ours[stored.file_index]
+            position = 0
+            for chunk in permuted_chunks(functools.partial(source_reader.read_span, original), original, groups):
+                if stored_reader.read_span(stored, position, len(chunk)) != chunk:
+                    problems.append(f"{name}: not the source's rows permuted")
+                    break
+                position += len(chunk)
+    skipped = (ARCHITECTURE_KEY, SPLIT_TENSORS_KEY)
+    for index, (file, theirs_file) in enumerate(zip(model.files, source.files, strict=True)):
+        fds = open_regular(file.path, "GGUF file"), open_regular(theirs_file.path, "GGUF file")
+        try:
+            as_renamed = {
+                (rule.target + key[len(rule.source) :] if key in renamed else key): entry
+                for key, entry in theirs_file.metadata.items()
+                if not is_our_key(key) and key not in skipped
+            }
+            kept = {key: entry for key, entry in file.metadata.items() if not is_our_key(key) and key not in skipped}
+            problems += [
+                f"{key} (file {index + 1}): the source has no such key"
+                for key in sorted(kept.keys() - as_renamed.keys())
+            ]
+            problems += [f"{key} (file {index + 1}): missing" for key in sorted(as_renamed.keys() - kept.keys())]
+            for key in sorted(kept.keys() & as_renamed.keys()):
+                mine, theirs_entry = kept[key], as_renamed[key]
+                if mine.value_type != theirs_entry.value_type or _value_bytes(fds[0], mine) != _value_bytes(
+                    fds[1], theirs_entry
+                ):
+                    problems.append(f"{key} (file {index + 1}): not the source's value")
+        finally:
+            for fd in fds:
+                os.close(fd)
+    if model.text(ARCHITECTURE_KEY) != rule.target:
+        problems.append(f"{ARCHITECTURE_KEY} is not {rule.target}")
+    return problems
+
+
+def _compare_with_source(source: GGUFModel, source_architecture: str, values: dict, report: Report) -> None:
     """``--source``: the biases before the first edit (``values``: name -> (raw, type)) are the source's stored
     attn_output.bias tensors, byte for byte, and the source has no other."""
     from weightlock.core.report import source_error
 
-    if source.text("general.architecture") != architecture.name:
-        raise source_error(source.path, f"is a {source.text('general.architecture')} model, not {architecture.name}")
+    if source.text(ARCHITECTURE_KEY) != source_architecture:
+        raise source_error(source.path, f"is a {source.text(ARCHITECTURE_KEY)} model, not {source_architecture}")
     theirs = {name: t for name, t in source.tensors.items() if name.endswith(".attn_output.bias")}
     problems = []
     with tensor_readers(source) as readers:

@@ -18,14 +18,12 @@ import numpy as np
 
 from weightlock.core.edit import checked_displacements, config_changes, output_projection_product, refuse_no_effect
 from weightlock.core.families import (
-    VLLM_INACTIVE,
     ArchitectureSpec,
     ModelShape,
-    family,
+    output_declaration,
     redeclared_config,
     shape_from_config,
     spec_for_config,
-    vllm_serving,
 )
 from weightlock.core.lock import Lock
 from weightlock.errors import CheckpointError, UnsupportedError
@@ -155,21 +153,18 @@ def plan_edit(
     if _quantized_attention(checkpoint.tensors, spec, shape):
         _check_quantized_edit(spec)
 
+    target, declared = output_declaration(spec)
     if spec.redeclare is not None:
-        target = family(spec.redeclare.family)
         new_config = redeclared_config(config, spec, shape)
     else:
-        target = spec
         new_config = dict(config)
         if target.bias_flag is not None:
             new_config[target.bias_flag] = True
-    if target.vllm_serve_as is not None:
-        # vLLM's own class would drop the bias: route vLLM to its Transformers backend instead (transformers
-        # itself picks its class by model_type and ignores the list).
-        new_config["architectures"] = [target.vllm_serve_as]
-    serving, why = vllm_serving(new_config, target)
-    if serving == VLLM_INACTIVE:
-        warnings.append(f"vLLM will not apply this lock: {why}; transformers will")
+    if target.serve_as is not None:
+        # the family's own class would drop the bias in engines that pick their class by name (vLLM, SGLang):
+        # route them to their Transformers backend instead (transformers itself picks its class by model_type
+        # and ignores the list). Which engines apply what the output declares is reported by apply's own verify.
+        new_config["architectures"] = [declared]
 
     splits = _planned_splits(checkpoint.tensors, spec, shape)
     merges = _planned_merges(checkpoint.tensors, spec, shape, config)

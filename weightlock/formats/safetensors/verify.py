@@ -116,7 +116,22 @@ def verify_folder(
         spec = spec_for_config(checkpoint.config)
         shape: ModelShape | None = shape_from_config(checkpoint.config, spec)
     except WeightlockError as e:
-        report.add("architecture", WARN, e.message + "; architecture checks skipped")
+        # a lock in a model of an architecture weightlock does not know (a record, or attention-output biases)
+        # cannot be checked, nor can whether any engine serves it: a failure, as for GGUF files
+        from weightlock.formats.safetensors.folder import PROVENANCE_DIR
+
+        biases = sorted(n for n in checkpoint.tensors if n.endswith(("o_proj.bias", "attention.dense.bias")))
+        locked = (checkpoint.root / PROVENANCE_DIR).exists() or biases
+        report.add(
+            "architecture",
+            FAIL if locked else WARN,
+            e.message
+            + (
+                "; it holds weightlock's record or attention-output biases, whose lock and serving cannot be checked"
+                if locked
+                else "; architecture checks skipped"
+            ),
+        )
         shape = None
     if shape is not None:
         report.add(
