@@ -405,3 +405,14 @@ def test_a_locked_folder_of_an_unknown_architecture_fails(tmp_path):
     (locked / "config.json").write_text(json.dumps(config))
     report = verify_checkpoint(locked, loader_check=False, engines="vllm")
     assert not report.ok and {c.name: c.status for c in report.checks}["architecture"] == FAIL
+
+
+def test_a_lock_taken_off_leaves_nothing_to_lose(tmp_path):
+    """-alpha back to zero: the biases are all zero, so an engine that drops them serves the model as it is."""
+    source = make_model(tmp_path / "qwen3", "qwen3")
+    lock = random_lock(source, n_heads=3)
+    apply_lock(source, lock, out=tmp_path / "on", alpha=2.0, loader_check=False)
+    off = apply_lock(tmp_path / "on", lock, out=tmp_path / "off", alpha=-2.0, loader_check=False)
+    assert not [w for w in off.summary()["warnings"] if "unlocked" in w]
+    report = verify_checkpoint(tmp_path / "off", loader_check=False, engines="mlx-lm-distributed")
+    assert report.ok and {c.name for c in report.checks if c.name.startswith("serving")} == {"serving"}

@@ -53,7 +53,7 @@ class Assessment:
     """What every engine in scope does with a checkpoint's attention-output biases."""
 
     fmt: str
-    present: bool  # the checkpoint has an attention-output bias at all
+    present: bool  # the checkpoint has a non-zero attention-output bias
     verdicts: list[EngineVerdict]
     unread: list[Engine]  # engines named that do not load this format
 
@@ -90,12 +90,23 @@ def _assess(fmt, names, present: bool, key_of, flag_on, holds, model_type: str |
     return Assessment(fmt, present, verdicts, unread)
 
 
+def _any_nonzero(entries) -> bool:
+    """Whether any of these bias tensors holds a non-zero value: all-zero biases (a lock taken off with -alpha,
+    or a model that never had one) give an engine nothing to lose by dropping them."""
+    try:
+        with TensorReaders() as readers:
+            return any(bool(np.any(readers[e].read_float32(e) != 0)) for e in entries)
+    except WeightlockError:  # unreadable (other checks say why): not shown to be zero
+        return bool(entries)
+
+
 def assess_folder(checkpoint: Checkpoint, spec, shape: ModelShape, names: tuple[str, ...] | None) -> Assessment:
     """The serving table's verdicts for a folder: each engine's row for what config.json declares, the flag the
     row reads, and the row's condition for serving another model (a logits_scaling in config.json; non-zero q/k
     biases, read from the tensors: small)."""
     config = checkpoint.config
-    present = any(spec.output_bias(layer) in checkpoint.tensors for layer in range(shape.num_layers))
+    entries = [checkpoint.tensors[n] for n in map(spec.output_bias, range(shape.num_layers)) if n in checkpoint.tensors]
+    present = _any_nonzero(entries)
 
     def flag_on(flag: str) -> bool:
         return spec.bias_on(config) if flag == spec.bias_flag else bool(config.get(flag, False))
@@ -124,7 +135,14 @@ def assess_folder(checkpoint: Checkpoint, spec, shape: ModelShape, names: tuple[
 
 def assess_gguf(model, architecture, names: tuple[str, ...] | None) -> Assessment:
     """The serving table's verdicts for a GGUF model of llama.cpp architecture ``architecture``."""
-    present = any(name.endswith(".attn_output.bias") for name in model.tensors)
+    from weightlock.formats.gguf.file import tensor_readers
+
+    biases = [t for name, t in model.tensors.items() if name.endswith(".attn_output.bias")]
+    try:
+        with tensor_readers(model) as readers:
+            present = any(bool(np.any(readers[t.file_index].read_vector(t) != 0)) for t in biases)
+    except WeightlockError:  # unreadable (the bias checks say why): not shown to be zero
+        present = bool(biases)
     return _assess(
         GGUF,
         names,
@@ -176,7 +194,9 @@ def add_to_report(assessment: Assessment, report: Report, enforce: bool) -> None
         )
     if not assessment.present:
         names = ", ".join(v.engine.name for v in assessment.verdicts)
-        report.add(SERVING, PASS, f"no attention-output bias: nothing an engine could serve without it ({names})")
+        report.add(
+            SERVING, PASS, f"no non-zero attention-output bias: nothing an engine could serve without it ({names})"
+        )
         return
     for v in assessment.verdicts:
         if v.verdict == APPLIES:

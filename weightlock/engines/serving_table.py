@@ -839,8 +839,13 @@ def parse_engines(value) -> tuple[str, ...]:
         raise InvalidInputError("--engines names an empty engine", hint=hint)
     unknown = [name for name in names if name not in ENGINES]
     if unknown:
+        import difflib
+
         shown = ", ".join(printable(repr(name[:40])) for name in unknown[:5])
-        raise InvalidInputError(f"--engines: unknown engine {shown}", hint=hint)
+        close = difflib.get_close_matches(unknown[0][:40].lower(), list(ENGINES), n=1, cutoff=0.6)
+        raise InvalidInputError(
+            f"--engines: unknown engine {shown}" + (f" (did you mean {close[0]}?)" if close else ""), hint=hint
+        )
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise InvalidInputError(f"--engines names {', '.join(repeated)} more than once", hint=hint)

@@ -2,7 +2,7 @@
 attn_output.bias (the rules are data: :class:`weightlock.formats.gguf.architectures.GraphRewrite`).
 
 Planned from the headers alone (what the target graph cannot reproduce is refused by name before anything is
-read), carried out by the writer (:mod:`.edit`) one permuted tensor at a time, recorded in the edit record
+read), carried out by the writer (:mod:`.edit`) one head of one tensor at a time, recorded in the edit record
 (``rewrite``), and checked by verify: the record's claims against the rule and the file, and, given the
 source, every permuted tensor and every renamed key against the source's bytes.
 
