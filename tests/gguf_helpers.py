@@ -141,6 +141,30 @@ def llama_cpp_log_probs(path: Path, token_lists) -> np.ndarray:
     return np.stack([log_softmax(rows) for rows in llama_cpp.logits(path, token_lists)])
 
 
+def quantized_lock_effect(folder: Path, quantized: Path, locked: Path, lock, alpha: float):
+    """A lock's effect on a quantized GGUF in llama.cpp against its effect by hooks on the same quantized weights
+    dequantized by transformers' own GGUF loader (``folder`` holds ``quantized``): (engine gap on the unlocked
+    model, effect error, effect, correlation of the two effects)."""
+    import torch
+    from conftest import INPUT_IDS
+    from transformers import AutoModelForCausalLM
+
+    from weightlock.engines.hooks import lock_hooks
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=quantized.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor(INPUT_IDS)).logits, -1).double().numpy()
+        with lock_hooks(model, lock, alpha):
+            hooked = torch.log_softmax(model(torch.tensor(INPUT_IDS)).logits, -1).double().numpy()
+    unlocked_cpp = llama_cpp_log_probs(quantized, INPUT_IDS)
+    locked_cpp = llama_cpp_log_probs(locked, INPUT_IDS)
+    engine_gap = np.abs(unlocked_cpp - reference).max()
+    effect_error = np.abs((locked_cpp - unlocked_cpp) - (hooked - reference)).max()
+    effect = np.abs(hooked - reference).max()
+    correlation = np.corrcoef((locked_cpp - unlocked_cpp).ravel(), (hooked - reference).ravel())[0, 1]
+    return engine_gap, effect_error, effect, correlation
+
+
 def make_convertible(folder: Path, tokenizer: Path) -> Path:
     """Give a tiny transformers checkpoint a tokenizer llama.cpp's converter recognises (SmolLM2's)."""
     (folder / "tokenizer_config.json").unlink(missing_ok=True)

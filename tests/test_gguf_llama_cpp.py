@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import INPUT_IDS, SHARED_DATA, logits, make_model, random_lock, run_cli, smollm2_gguf
-from gguf_helpers import convert, llama_cpp_log_probs, make_convertible, require_llama_cpp
+from gguf_helpers import convert, llama_cpp_log_probs, make_convertible, quantized_lock_effect, require_llama_cpp
 
 from weightlock import apply_lock, verify_checkpoint
 from weightlock.engines import llama_cpp
@@ -85,10 +85,6 @@ def test_quantized_gguf_lock_effect_matches_hooks(tmp_path, tokenizer_dir, file_
     loader, with the lock by hooks: llama.cpp's effect (locked minus unlocked) must match the hooked effect
     within the engines' own gap on the unlocked model (llama.cpp quantizes activations for quantized
     matmuls; that is the whole gap)."""
-    from transformers import AutoModelForCausalLM
-
-    from weightlock.engines.hooks import lock_hooks
-
     # hidden 256: K-quants pack rows in blocks of 256; smaller weights keep activations in a sane range
     folder, f32 = _converted(tmp_path, tokenizer_dir, "llama", hidden=256, tie=True, init_std=0.05)
     quantized = tmp_path / f"{file_type}.gguf"
@@ -98,19 +94,12 @@ def test_quantized_gguf_lock_effect_matches_hooks(tmp_path, tokenizer_dir, file_
     lock = random_lock(folder, n_heads=5)
     apply_lock(quantized, lock, out=tmp_path / "locked.gguf", alpha=ALPHA)
 
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=quantized.name, dtype=torch.float32).eval()
-    with torch.no_grad():
-        reference = torch.log_softmax(model(torch.tensor(INPUT_IDS)).logits, -1).double().numpy()
-        with lock_hooks(model, lock, ALPHA):
-            hooked = torch.log_softmax(model(torch.tensor(INPUT_IDS)).logits, -1).double().numpy()
-    unlocked_cpp = llama_cpp_log_probs(quantized, INPUT_IDS)
-    locked_cpp = llama_cpp_log_probs(tmp_path / "locked.gguf", INPUT_IDS)
-    engine_gap = np.abs(unlocked_cpp - reference).max()
-    effect_error = np.abs((locked_cpp - unlocked_cpp) - (hooked - reference)).max()
-    effect = np.abs(hooked - reference).max()
+    engine_gap, effect_error, effect, correlation = quantized_lock_effect(
+        tmp_path, quantized, tmp_path / "locked.gguf", lock, ALPHA
+    )
     assert effect_error <= 2 * engine_gap + 1e-3, (effect_error, engine_gap)
     assert effect > 10 * effect_error, (effect, effect_error)
-    assert np.corrcoef((locked_cpp - unlocked_cpp).ravel(), (hooked - reference).ravel())[0, 1] > 0.99
+    assert correlation > 0.99
 
 
 def test_split_gguf_is_locked_as_a_set(tmp_path, tokenizer_dir):

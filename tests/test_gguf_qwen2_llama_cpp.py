@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import INPUT_IDS, logits, make_model, random_lock, run_cli
-from gguf_helpers import convert, llama_cpp_log_probs, make_convertible
+from gguf_helpers import convert, llama_cpp_log_probs, make_convertible, quantized_lock_effect
 from test_gguf_llama_cpp import tokenizer_dir  # noqa: F401  (the session fixture: SmolLM2's tokenizer)
 
 from weightlock import apply_lock, save_lock, verify_checkpoint
@@ -70,10 +70,6 @@ def test_quantized_qwen2_gguf_lock_effect_matches_hooks(tmp_path, tokenizer_dir,
     """Quantized by llama.cpp's quantizer: the reference is the same quantized weights dequantized by
     transformers' own GGUF loader (as Qwen2, unpermuted), with the lock by hooks; llama.cpp's effect (locked
     minus unlocked) must match the hooked effect within the engines' own gap on the unlocked model."""
-    from transformers import AutoModelForCausalLM
-
-    from weightlock.engines.hooks import lock_hooks
-
     # hidden 256 (K-quants pack rows in blocks of 256), 8 heads of 32, 2 KV heads
     folder, f32 = _qwen2(tmp_path, tokenizer_dir, hidden=256, heads=8, kv_heads=2, tie=True, init_std=0.05)
     quantized = tmp_path / f"{file_type}.gguf"
@@ -88,20 +84,13 @@ def test_quantized_qwen2_gguf_lock_effect_matches_hooks(tmp_path, tokenizer_dir,
     apply_lock(quantized, lock, out=tmp_path / "locked.gguf", alpha=ALPHA)
     assert verify_checkpoint(tmp_path / "locked.gguf", source=quantized, engines="llama.cpp").ok
 
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=quantized.name, dtype=torch.float32).eval()
-    with torch.no_grad():
-        reference = torch.log_softmax(model(torch.tensor(INPUT_IDS)).logits, -1).double().numpy()
-        with lock_hooks(model, lock, ALPHA):
-            hooked = torch.log_softmax(model(torch.tensor(INPUT_IDS)).logits, -1).double().numpy()
-    unlocked_cpp = llama_cpp_log_probs(quantized, INPUT_IDS)
-    locked_cpp = llama_cpp_log_probs(tmp_path / "locked.gguf", INPUT_IDS)
-    engine_gap = np.abs(unlocked_cpp - reference).max()
-    effect_error = np.abs((locked_cpp - unlocked_cpp) - (hooked - reference)).max()
-    effect = np.abs(hooked - reference).max()
+    engine_gap, effect_error, effect, correlation = quantized_lock_effect(
+        tmp_path, quantized, tmp_path / "locked.gguf", lock, ALPHA
+    )
     print(f"{file_type}: engine gap {engine_gap:.2e}, effect error {effect_error:.2e}, effect {effect:.2f}")
     assert effect_error <= 2 * engine_gap + 1e-3, (effect_error, engine_gap)
     assert effect > 10 * effect_error, (effect, effect_error)
-    assert np.corrcoef((locked_cpp - unlocked_cpp).ravel(), (hooked - reference).ravel())[0, 1] > 0.99
+    assert correlation > 0.99
 
 
 def test_split_qwen2_gguf_is_rewritten_as_a_set(tmp_path, tokenizer_dir):  # noqa: F811

@@ -120,12 +120,7 @@ def assess_folder(checkpoint: Checkpoint, spec, shape: ModelShape, names: tuple[
             for layer in range(shape.num_layers)
             for projection in ("q_proj", "k_proj")
         ]
-        entries = [checkpoint.tensors[n] for n in names if n in checkpoint.tensors]
-        try:
-            with TensorReaders() as readers:
-                return any(bool(np.any(readers[e].read_float32(e) != 0)) for e in entries)
-        except WeightlockError:  # unreadable (other checks say why): not shown to be zero
-            return True
+        return _any_nonzero([checkpoint.tensors[n] for n in names if n in checkpoint.tensors])
 
     model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
     return _assess(

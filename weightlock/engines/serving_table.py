@@ -621,6 +621,16 @@ def _mlx_row(engine: str, model_type: str) -> Row:
 
 _MLX_ROWS = [_mlx_row(engine, t) for engine in ("mlx-lm", "mlx-lm-distributed") for t in _MLX_CLASSES]
 
+# output classes for which neither exllamav3 nor ollama's converter has a class (both refuse them)
+_NO_CLASS_IN_EXLLAMA_OR_OLLAMA = (
+    "TransformersForCausalLM",
+    "TransformersMoEForCausalLM",
+    "Olmo2ForCausalLM",
+    "GraniteForCausalLM",
+    "Starcoder2ForCausalLM",
+    "GPTNeoXForCausalLM",
+    "PhiForCausalLM",
+)
 _EXL = "read in the source at exllamav3 1.4.1 exllamav3/"
 _EXL_APPLIES = (
     "modules/attn.py:300 (o_proj is a Linear), modules/linear.py:211 and :407 (a .bias is loaded when present, "
@@ -653,15 +663,7 @@ _EXLLAMA = _rows(
                 f"{_EXL}model/config.py:236 (architecture/architectures.py lists the classes)",
                 {"note": "it has no Transformers backend"} if c.startswith("Transformers") else {},
             )
-            for c in (
-                "TransformersForCausalLM",
-                "TransformersMoEForCausalLM",
-                "Olmo2ForCausalLM",
-                "GraniteForCausalLM",
-                "Starcoder2ForCausalLM",
-                "GPTNeoXForCausalLM",
-                "PhiForCausalLM",
-            )
+            for c in _NO_CLASS_IN_EXLLAMA_OR_OLLAMA
         ),
     ],
 )
@@ -703,15 +705,7 @@ _OLLAMA_CREATE = _rows(
         ),
         *(
             (c, REFUSES, "not a class its converter takes: 'unsupported architecture'", f"{_OL}convert.go:360", {})
-            for c in (
-                "TransformersForCausalLM",
-                "TransformersMoEForCausalLM",
-                "Olmo2ForCausalLM",
-                "GraniteForCausalLM",
-                "Starcoder2ForCausalLM",
-                "GPTNeoXForCausalLM",
-                "PhiForCausalLM",
-            )
+            for c in _NO_CLASS_IN_EXLLAMA_OR_OLLAMA
         ),
     ],
 )

@@ -30,6 +30,7 @@ graphs differ, for a dense Qwen2 file, only in the RoPE mode and in what the ``l
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from weightlock.errors import UnsupportedError
@@ -39,6 +40,12 @@ BIAS_EXISTING = "existing"  # the architecture always has one: the lock is added
 
 OUTPUT_WEIGHT = "blk.{layer}.attn_output.weight"
 OUTPUT_BIAS = "blk.{layer}.attn_output.bias"
+
+
+def layer_tensor_pattern(name: str) -> re.Pattern:
+    """A tensor name with ``{layer}`` as a regular expression whose group 1 is the layer number (canonical
+    decimal, at most 9 digits: what ggml's names hold)."""
+    return re.compile(re.escape(name).replace(re.escape("{layer}"), "(0|[1-9][0-9]{0,8})"), re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -146,9 +153,9 @@ def gguf_architecture(name: object) -> GGUFArchitecture:
 def gguf_edit_architectures(name: object) -> tuple[GGUFArchitecture, GGUFArchitecture]:
     """(the file's own architecture, the architecture of the locked output): the same row, or for a file that
     apply rewrites (``rewrite``), its row and the rewrite target's."""
-    for row in GGUF_ARCHITECTURES:
-        if row.name == name and row.rewrite is not None:
-            return row, gguf_architecture(row.rewrite.target)
+    row = architecture_row(name)
+    if row is not None and row.rewrite is not None:
+        return row, gguf_architecture(row.rewrite.target)
     row = gguf_architecture(name)
     return row, row
 

@@ -3,16 +3,19 @@ what its edit record claims (``verify`` checks those claims)."""
 
 from __future__ import annotations
 
-import re
-
 from weightlock.errors import WeightlockError
-from weightlock.formats.gguf.architectures import architecture_row, gguf_edit_architectures
+from weightlock.formats.gguf.architectures import (
+    OUTPUT_WEIGHT,
+    architecture_row,
+    gguf_edit_architectures,
+    layer_tensor_pattern,
+)
 from weightlock.formats.gguf.edit import gguf_shape
 from weightlock.formats.gguf.file import GGUFModel
 from weightlock.formats.gguf.record import read_record
 from weightlock.formats.gguf.verify import gguf_traces
 
-OUTPUT_WEIGHT_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.attn_output\.weight", re.ASCII)
+OUTPUT_WEIGHT_NAME = layer_tensor_pattern(OUTPUT_WEIGHT)
 
 
 def describe_gguf(model: GGUFModel) -> dict:

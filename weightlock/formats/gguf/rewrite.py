@@ -21,7 +21,7 @@ import numpy as np
 
 from weightlock.core.families import ModelShape
 from weightlock.errors import CheckpointError, UnsupportedError
-from weightlock.formats.gguf.architectures import GGUFArchitecture, GraphRewrite
+from weightlock.formats.gguf.architectures import GGUFArchitecture, GraphRewrite, layer_tensor_pattern
 from weightlock.formats.gguf.file import GGUFModel, GGUFTensor, gguf_package
 
 ARCHITECTURE_KEY = "general.architecture"
@@ -170,12 +170,11 @@ def expected_permutations(model: GGUFModel, shape: ModelShape, rule: GraphRewrit
     """What a record's ``permuted`` must be for this (rewritten) file: every Q/K tensor the rule names that the
     file holds, with its group count (found from the file's tensor names, not by counting up the layers)."""
     groups_of = {"heads": shape.num_heads, "kv_heads": shape.num_kv_heads}
-    layer = re.escape("{layer}")
-    patterns = [(re.escape(p).replace(layer, "(0|[1-9][0-9]{0,8})"), key) for p, key in rule.permuted]
+    patterns = [(layer_tensor_pattern(p), key) for p, key in rule.permuted]
     out = {}
     for name in model.tensors:
         for pattern, groups_key in patterns:
-            match = re.fullmatch(pattern, name)
+            match = pattern.fullmatch(name)
             if match is not None and int(match.group(1)) < shape.num_layers:
                 out[name] = groups_of[groups_key]
     return out

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from weightlock.formats.gguf.architectures import (
     OUTPUT_WEIGHT,
     architecture_row,
     gguf_architecture,
+    layer_tensor_pattern,
 )
 from weightlock.formats.gguf.edit import BIAS_TYPES, F16, F32, GGUFComputedBias, gguf_shape, weight_product
 from weightlock.formats.gguf.file import SPLIT_TENSORS_KEY, GGUFModel, can_dequantize, open_gguf, tensor_readers
@@ -64,7 +64,7 @@ from weightlock.formats.gguf.record import (
 from weightlock.formats.gguf.rewrite import ARCHITECTURE_KEY, expected_permutations, permuted_chunks
 from weightlock.io.untrusted import check_schema
 
-BIAS_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,8})\.attn_output\.bias", re.ASCII)
+BIAS_NAME = layer_tensor_pattern(OUTPUT_BIAS)
 EPS = {F32: DTYPE_EPS["F32"], F16: DTYPE_EPS["F16"]}
 
 
