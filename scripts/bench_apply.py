@@ -27,6 +27,7 @@ Contenders:
     python scripts/bench_apply.py --preset 8b --layers 8
     python scripts/bench_apply.py --preset 8b --quantized awq   # AWQ int4 GEMM, 8B widths (5.3 GiB)
     python scripts/bench_apply.py --preset 8b --quantized fp8 --layers 8   # FP8, 128x128 block scales
+    python scripts/bench_apply.py --preset 8b --quantized mlx4   # mlx-lm's affine int4, group 64 (5.6 GiB)
     python scripts/bench_apply.py --preset 70b-attention --layers 80   # ~23 GB on disk
 
 With --gguf TYPE (Q4_K or Q8_0), the checkpoint is one GGUF file of the preset's widths (every weight
@@ -150,19 +151,29 @@ def tensor_shapes(p: dict) -> dict[str, tuple[int, ...]]:
 
 
 AWQ_GROUP = 128
+MLX_GROUP, MLX_BITS = 64, 4  # mlx_lm.convert -q's defaults
 
 
 def stored_tensors(p: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype, shape) of every stored tensor: bf16, or with --quantized awq every decoder linear layer in
     AWQ's GEMM layout (qweight [in, out/8] and qzeros [in/128, out/8] int32, scales [in/128, out] fp16) and the
     rest fp16, as AutoAWQ writes a Llama; with --quantized fp8 every decoder linear layer FP8 e4m3 with float32
-    weight_scale_inv per 128x128 block, the rest bf16."""
+    weight_scale_inv per 128x128 block, the rest bf16; with --quantized mlx4 every decoder linear layer in mlx-lm's
+    affine layout (weight [out, in/8] uint32, scales and biases [out, in/64] bf16), the rest bf16, as
+    mlx_lm.convert -q writes the decoder."""
     out = []
     quantized = p.get("quantized")
     for name, shape in tensor_shapes(p).items():
         linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
         if quantized is None or not linear:
             out.append((name, "F16" if quantized == "awq" else "BF16", shape))
+        elif quantized == "mlx4":
+            module, (rows, cols) = name.removesuffix(".weight"), shape
+            out += [
+                (name, "U32", (rows, cols * MLX_BITS // 32)),
+                (f"{module}.scales", "BF16", (rows, cols // MLX_GROUP)),
+                (f"{module}.biases", "BF16", (rows, cols // MLX_GROUP)),
+            ]
         elif quantized == "awq":
             module, (rows, cols) = name.removesuffix(".weight"), shape
             out += [
@@ -186,6 +197,10 @@ def patterns() -> dict[str, bytes]:
         "F16": values.astype(np.float16).tobytes(),
         "scales": rng.uniform(0.001, 0.01, PATTERN_BYTES // 2).astype(np.float16).tobytes(),
         "I32": rng.integers(0, 256, PATTERN_BYTES, dtype=np.uint8).tobytes(),
+        "U32": rng.integers(0, 256, PATTERN_BYTES, dtype=np.uint8).tobytes(),
+        "mlx_scales": (rng.uniform(0.001, 0.01, PATTERN_BYTES // 2).astype(np.float32).view(np.uint32) >> 16)
+        .astype(np.uint16)
+        .tobytes(),
         # e4m3 codes below 0x70 (magnitudes under 1.0; 0x7F, the NaN, never), either sign
         "F8_E4M3": (rng.integers(0, 0x70, PATTERN_BYTES) | (rng.integers(0, 2, PATTERN_BYTES) << 7))
         .astype(np.uint8)
@@ -215,7 +230,8 @@ def write_checkpoint(folder: Path, p: dict) -> int:
         with open(folder / shard, "wb") as f:
             f.write(header)
             for name, dtype, shape in tensors:
-                pattern = fill["scales" if name.endswith(".scales") else dtype]
+                scales = "mlx_scales" if dtype == "BF16" else "scales"
+                pattern = fill[scales if name.endswith(".scales") else dtype]
                 remaining = int(np.prod(shape)) * DTYPE_SIZES[dtype]
                 while remaining:
                     chunk = pattern[: min(remaining, len(pattern))]
@@ -246,6 +262,9 @@ def write_checkpoint(folder: Path, p: dict) -> int:
             "activation_scheme": "dynamic",
             "weight_block_size": [128, 128],
         }
+    if p.get("quantized") == "mlx4":  # mlx-lm's save_config writes the block under both names
+        config["quantization"] = {"group_size": MLX_GROUP, "bits": MLX_BITS, "mode": "affine"}
+        config["quantization_config"] = dict(config["quantization"])
     if p.get("quantized") == "awq":
         config["dtype"] = "float16"
         config["quantization_config"] = {
@@ -532,9 +551,9 @@ def main() -> None:
     parser.add_argument("--gguf", choices=["Q4_K", "Q8_0"], default=None, help="bench a GGUF file instead")
     parser.add_argument(
         "--quantized",
-        choices=["awq", "fp8"],
+        choices=["awq", "fp8", "mlx4"],
         default=None,
-        help="store the decoder's linear layers as AWQ int4 or FP8 (128x128 blocks)",
+        help="store the decoder's linear layers as AWQ int4, FP8 (128x128 blocks) or mlx-lm's affine int4 (group 64)",
     )
     args = parser.parse_args()
     if args.gguf:
@@ -663,7 +682,11 @@ def describe(p: dict, preset: str) -> str:
 def markdown_safetensors(args, p: dict, total: int, layers: list[int], o_bytes: int, results: list[dict]) -> None:
     import _report
 
-    layouts = {"awq": "AWQ int4 GEMM, group 128", "fp8": "FP8 e4m3, 128x128 block scales"}
+    layouts = {
+        "awq": "AWQ int4 GEMM, group 128",
+        "fp8": "FP8 e4m3, 128x128 block scales",
+        "mlx4": "mlx-lm affine int4, group 64 (bf16 scales and biases)",
+    }
     stored = layouts.get(p.get("quantized"), "bf16")
     lock = f"`{args.legacy_lock.name}`" if args.legacy_lock is not None and args.legacy_lock.is_file() else "random"
     caption = (

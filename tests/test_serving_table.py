@@ -66,6 +66,7 @@ def test_every_row_names_its_engine_version_and_evidence():
         assert row.why and row.evidence, row
         assert row.fix is None or row.verdict == DROPS, row  # a fix is for what drops
         assert row.misconverts_if is None or row.misconverts_if in CONDITIONS, row
+        assert row.refuses_if is None or (row.refuses_if in CONDITIONS and row.verdict == APPLIES and row.note), row
         assert row.reads is None or row.verdict == APPLIES, row
         cited = re.findall(r"tests/(\w+\.py)::(\w+)", row.evidence)
         read = "read in the source at" in row.evidence

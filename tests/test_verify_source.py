@@ -23,7 +23,7 @@ import pytest
 from conftest import make_llama, make_model, random_lock, rewrite_safetensors, run_cli
 from gguf_helpers import lock_for_gguf, write_gguf
 
-from weightlock import apply_in_place, save_lock
+from weightlock import apply_in_place, open_checkpoint, save_lock
 from weightlock.api import apply_lock, verify_checkpoint
 from weightlock.core.report import ORIGINALS_CHECK
 from weightlock.formats.gguf.architectures import BIAS_EXISTING, GGUF_ARCHITECTURES
@@ -598,3 +598,29 @@ def test_every_gguf_lock_key_no_record_names_fails_provenance(world, tmp_path, w
         report = verify_checkpoint(out)
         assert not report.ok and _statuses(report)["provenance"] == "fail", (key, report.checks)
         assert key in next(c for c in report.checks if c.name == "provenance").details, (key, report.checks)
+
+
+def _one_layer_lock(source_model):
+    from weightlock import build_lock
+
+    rng = np.random.default_rng(3)
+    return build_lock([1], [0], rng.normal(size=(1, source_model.head_dim)), [1.5], source_model, default_alpha=3.0)
+
+
+def test_a_lock_on_one_layer_of_a_biased_family_keeps_the_other_layers_biases_and_verifies(tmp_path):
+    """A family whose layers all carry an o_proj bias, locked on one layer only: the other layers' biases are
+    left as they are and recorded nowhere, which is no claim that the edit created them (verify with --source
+    passes, as apply's own check does), for a folder and a GGUF file."""
+    from weightlock.core.lock import source_model_from_config
+
+    sc = make_model(tmp_path / "sc", "starcoder2", use_bias=True)
+    lock = _one_layer_lock(source_model_from_config(open_checkpoint(sc).config))
+    out = apply_lock(sc, lock, out=tmp_path / "sc-out", loader_check=False).out
+    report = verify_checkpoint(out, source=sc, loader_check=False, engines="transformers")
+    assert report.ok, report.checks
+    for arch, model_type in EXISTING_BIAS_GGUF.items():
+        src = write_gguf(tmp_path / f"{arch}.gguf", arch=arch, bias=True)
+        probe = lock_for_gguf(src, model_type=model_type)
+        locked = apply_lock(src, _one_layer_lock(probe.source_model), out=tmp_path / f"{arch}-out.gguf").out
+        report = verify_checkpoint(locked, source=src, engines="llama.cpp")
+        assert report.ok, (arch, [c for c in report.checks if c.status != "pass"])

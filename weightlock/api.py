@@ -57,6 +57,10 @@ def engine_checks(
         from weightlock.engines.vllm import check_vllm_loading_report
 
         loading.append(check_vllm_loading_report)
+    elif engine == "mlx":
+        from weightlock.engines.mlx import check_mlx_loading_report
+
+        loading.append(check_mlx_loading_report)
     return EngineChecks(
         serving=(
             partial(serving.check_folder_serving, names=engines, enforce=enforce_serving),
@@ -83,7 +87,8 @@ def verify_checkpoint(
     with them byte for byte instead of being recomputed from the weights.
     ``loader_check``: the transformers class check (folders; skipped where transformers is not installed).
     ``deep``: also scan every floating-point tensor for NaN/Inf (reads the whole model).
-    ``engine``: "vllm" (folders) also loads the tensor names into vLLM's own model class; "llama-cpp" (GGUF)
+    ``engine``: "vllm" (folders) also loads the tensor names into vLLM's own model class; "mlx" (folders) loads
+    the folder in mlx-lm and checks its attention-output biases are the model's as stored; "llama-cpp" (GGUF)
     loads the file in llama.cpp. Each needs its engine installed.
     ``source``: the model the lock was applied to (a folder, a cached Hub id or an open Checkpoint; a .gguf file
     or an open GGUFModel for GGUF): the originals the record claims for biases the source already had are

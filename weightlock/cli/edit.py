@@ -171,10 +171,11 @@ def _merged_engines(given: tuple[tuple[str, ...], ...]) -> tuple[str, ...] | Non
 @click.option("--no-loader-check", is_flag=True, help="Skip building the transformers class on the meta device.")
 @click.option(
     "--engine",
-    type=click.Choice(["vllm", "llama-cpp"]),
+    type=click.Choice(["vllm", "mlx", "llama-cpp"]),
     default=None,
-    help="Also load the checkpoint in this engine: vllm (a folder: the tensor names into vLLM's own model class) "
-    "or llama-cpp (a GGUF file: loaded by llama.cpp). Needs the engine installed.",
+    help="Also load the checkpoint in this engine: vllm (a folder: the tensor names into vLLM's own model class), "
+    "mlx (a folder, loaded by mlx-lm as mlx_lm.load does: its attention-output biases must be in the model as "
+    "stored) or llama-cpp (a GGUF file: loaded by llama.cpp). Needs the engine installed.",
 )
 @click.option(
     "--source",

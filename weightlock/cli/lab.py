@@ -20,6 +20,7 @@ from weightlock.cli.common import (
 )
 from weightlock.errors import OutputError
 from weightlock.io.outputs import write_file_atomically
+from weightlock.lab.evaluate import EVAL_ENGINES
 
 
 @cli.command()
@@ -244,11 +245,12 @@ def eval_options(command):
         click.option("--judge-model", default=None, help="A chat model that judges refusals instead of phrases."),
         click.option(
             "--engine",
-            type=click.Choice(["transformers", "vllm", "llama-cpp"]),
+            type=click.Choice(list(EVAL_ENGINES)),
             default="transformers",
             show_default=True,
-            help="Who generates the answers; vllm (a folder) and llama-cpp (a .gguf MODEL) bake each alpha "
-            "into a temporary checkpoint and serve it (KL stays on transformers).",
+            help="Who generates the answers; vllm (a folder), llama-cpp (a .gguf MODEL) and mlx (a folder, "
+            "MLX-quantized ones too) bake each alpha into a temporary checkpoint and serve it (KL stays on "
+            "transformers, except with mlx: mlx-lm computes it too).",
         ),
         click.option("--device", default="cpu", show_default=True),
         click.option(

@@ -521,6 +521,12 @@ def redeclared_config(config: dict, spec: ArchitectureSpec, shape: ModelShape) -
         num_key_value_heads=shape.num_kv_heads,
     )
     new.update(rule.neutral_settings)
+    # mlx-lm (0.32) reads rope_theta only at the top of config.json, where transformers 5 no longer writes it,
+    # and defaults it per class (Qwen2's 1e6, Llama's 1e4): written there too, the redeclared class rotates as
+    # the source model does in every engine (transformers reads the same value from rope_parameters)
+    theta = new.get("rope_parameters", {}).get("rope_theta") if isinstance(new.get("rope_parameters"), dict) else None
+    if "rope_theta" not in new and theta is not None:
+        new["rope_theta"] = theta
     if rule.attention_scale_key:
         new[rule.attention_scale_key] = shape.head_dim**-0.5
     new[target.bias_flag] = True

@@ -20,6 +20,7 @@ from weightlock.engines.serving_table import (
     NONZERO_QK_BIAS,
     REFUSES,
     SILENT,
+    UNTIED_LM_HEAD,
     Engine,
     Row,
     dispatch_key,
@@ -63,11 +64,27 @@ def _engines(fmt: str, names: tuple[str, ...] | None) -> tuple[list[Engine], lis
     return [e for e in named if fmt in e.picks], [e for e in named if fmt not in e.picks and names is not None]
 
 
-def _assess(fmt, names, present: bool, key_of, flag_on, holds, model_type: str | None = None) -> Assessment:
+def _assess(
+    fmt, names, present: bool, key_of, flag_on, holds, model_type: str | None = None, quant=None
+) -> Assessment:
     engines, unread = _engines(fmt, names)
     verdicts = []
     for engine in engines:
         key = key_of(engine)
+        if quant is not None and quant.loaded_only_by is not None and engine.name not in quant.loaded_only_by:
+            # a quantization format only some engines load (MLX's): the others refuse the folder at load
+            why = quant.unproven.get(engine.name) or f"{engine.title} does not load {quant.name}-quantized folders"
+            row = Row(
+                engine.name,
+                fmt,
+                str(key),
+                REFUSES,
+                why,
+                "the quantization table (QuantFormat.loaded_only_by)",
+                version=engine.version,
+            )
+            verdicts.append(EngineVerdict(engine, key, row, REFUSES))
+            continue
         row = row_for(engine.name, fmt, key)
         if row is None:
             verdicts.append(EngineVerdict(engine, key, None, None))
@@ -84,8 +101,7 @@ def _assess(fmt, names, present: bool, key_of, flag_on, holds, model_type: str |
                 verdicts.append(EngineVerdict(engine, key, built, verdict(built, flag_on=on), not on, through=row))
                 continue
         on = True if row.reads is None else flag_on(row.reads)
-        condition = row.misconverts_if
-        found = {condition} if condition is not None and holds(condition) else set()
+        found = {c for c in (row.refuses_if, row.misconverts_if) if c is not None and holds(c)}
         verdicts.append(EngineVerdict(engine, key, row, verdict(row, flag_on=on, holds=found), not on))
     return Assessment(fmt, present, verdicts, unread)
 
@@ -114,6 +130,8 @@ def assess_folder(checkpoint: Checkpoint, spec, shape: ModelShape, names: tuple[
     def holds(condition: str) -> bool:
         if condition == LOGITS_SCALING:
             return config.get("logits_scaling", 1) not in (1, 1.0, None)
+        if condition == UNTIED_LM_HEAD:
+            return "lm_head.weight" in checkpoint.tensors
         assert condition == NONZERO_QK_BIAS, condition
         names = [
             f"{spec.attention_module.format(layer=layer)}.{projection}.bias"
@@ -123,8 +141,13 @@ def assess_folder(checkpoint: Checkpoint, spec, shape: ModelShape, names: tuple[
         return _any_nonzero([checkpoint.tensors[n] for n in names if n in checkpoint.tensors])
 
     model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    try:
+        settings = quantization_of(config)
+    except WeightlockError:  # the quantization check says why
+        settings = None
+    quant = settings.format if settings is not None else None
     return _assess(
-        SAFETENSORS, names, present, lambda e: dispatch_key(e, SAFETENSORS, config), flag_on, holds, model_type
+        SAFETENSORS, names, present, lambda e: dispatch_key(e, SAFETENSORS, config), flag_on, holds, model_type, quant
     )
 
 
@@ -165,6 +188,8 @@ def _message(v: EngineVerdict, fmt: str) -> str:
             ", through its Transformers backend)" if row.backend else ")"
         )
     if v.verdict == REFUSES:
+        if row.verdict != REFUSES and row.refuses_if is not None and row.note:  # refused by the row's condition
+            where = f"{v.key}: {row.note}"
         return f"{who} refuses it with an error at load ({where})"
     if v.verdict == MISCONVERTS:
         return f"{who} would serve another model, with no error ({v.key}: {row.note})"
@@ -283,15 +308,19 @@ def check_quantized_loaders(checkpoint: Checkpoint, spec, shape: ModelShape, rep
         report.add("quantization", PASS, f"{where}; no bias on them to lose")
         return
     proven = f"{where}; a bias on them is applied by {' and '.join(fmt.bias_honoured_by)} (shown by weightlock's tests)"
-    if fmt.unproven:
+    # a loader that does not load the format at all refuses it (its serving check says so): nothing unshown
+    unshown = {k: v for k, v in fmt.unproven.items() if fmt.loaded_only_by is None or k in fmt.loaded_only_by}
+    if fmt.loaded_only_by is not None:
+        proven += f"; only {' and '.join(fmt.loaded_only_by)} load {fmt.name}-quantized folders"
+    if unshown:
         report.add(
             "quantization",
             WARN,
-            proven + "; not shown for " + "; ".join(f"{loader} ({why})" for loader, why in fmt.unproven.items()),
+            proven + "; not shown for " + "; ".join(f"{loader} ({why})" for loader, why in unshown.items()),
         )
     else:
         report.add("quantization", PASS, proven)
 
 
 # the --engine values of `verify` per format, and the check each asks for (it must run and pass)
-ENGINE_CHECKS = {"safetensors": {"vllm": "vllm_load"}, "gguf": {"llama-cpp": "llama.cpp"}}
+ENGINE_CHECKS = {"safetensors": {"vllm": "vllm_load", "mlx": "mlx_load"}, "gguf": {"llama-cpp": "llama.cpp"}}

@@ -43,7 +43,10 @@ BY_GGUF_ARCHITECTURE = "general.architecture"  # the GGUF metadata key
 # Granite-style logits_scaling other than 1 (a Transformers backend that scales logits by logit_scale only)
 NONZERO_QK_BIAS = "nonzero q/k biases"
 LOGITS_SCALING = "logits_scaling other than 1"
-CONDITIONS = (NONZERO_QK_BIAS, LOGITS_SCALING)
+# and one under which it refuses the file: an output projection of its own (an engine whose class always ties
+# the output projection to the embeddings has no parameter for a stored lm_head.weight)
+UNTIED_LM_HEAD = "an lm_head of its own"
+CONDITIONS = (NONZERO_QK_BIAS, LOGITS_SCALING, UNTIED_LM_HEAD)
 
 # test evidence
 VLLM_TEST = "tests/test_vllm.py::test_architecture_table_says_what_vllm_does (vLLM's own loader takes the output; a copy declaring the family's own class loses the bias)"  # noqa: E501
@@ -81,6 +84,7 @@ class Row:
     backend: bool = False  # the engine serves it through its Transformers backend (transformers' own class)
     fix: str | None = None  # an "architectures" value that makes this engine apply it (an exact declaration)
     misconverts_if: str | None = None  # a condition (CONDITIONS) under which the verdict is MISCONVERTS
+    refuses_if: str | None = None  # a condition (CONDITIONS) under which the verdict is REFUSES
     note: str = ""  # what else a user should know
     version: str = ""  # the engine version the row holds for (the engine's when empty)
 
@@ -583,6 +587,8 @@ _MLX_CLASSES = {
     "gpt_oss": (None, "models/gpt_oss.py:71", True),
     "granitemoe": ("attention_bias", "models/granitemoe.py:52", False),
 }
+# classes that have no lm_head: the output is the embedding, whatever tie_word_embeddings says
+_MLX_ALWAYS_TIED = {"cohere": "models/cohere.py:187 (embed_tokens.as_linear)"}
 
 
 def _mlx_row(engine: str, model_type: str) -> Row:
@@ -607,15 +613,21 @@ def _mlx_row(engine: str, model_type: str) -> Row:
             + ("and load is strict" if strict else "and sharded_load loads non-strictly, skipping the tensor"),
             f"{_MLX}{where} (bias=False); {_MLX_STRICT if strict else _MLX_LENIENT}",
         )
+    tied = _MLX_ALWAYS_TIED.get(model_type)
     return Row(
         engine,
         SAFETENSORS,
         model_type,
         APPLIES,
         "its class creates the o_proj bias" + (f" from {flag}" if flag else " always"),
-        f"{_MLX}{where}",
+        f"{_MLX}{where}" + (f"; {_MLX}{tied} (the output is always the tied embedding)" if tied else ""),
         reads=flag,
         off=REFUSES if strict else DROPS,
+        refuses_if=UNTIED_LM_HEAD if tied and strict else None,
+        note="its class always ties the output to the embeddings, so a stored lm_head.weight is not in the model "
+        "(the published Cohere models are tied)"
+        if tied and strict
+        else "",
     )
 
 
@@ -808,6 +820,8 @@ def verdict(row: Row, *, flag_on: bool, holds: frozenset[str] | set[str] = froze
     true of the checkpoint."""
     if row.verdict == APPLIES and row.reads is not None and not flag_on:
         return row.off
+    if row.refuses_if is not None and row.refuses_if in holds:
+        return REFUSES
     if row.misconverts_if is not None and row.misconverts_if in holds:
         return MISCONVERTS
     return row.verdict
@@ -917,15 +931,17 @@ def _notes() -> list[str]:
     for row in ROWS:
         if ENGINES[row.engine].runs is not None or (row.verdict == APPLIES and not row.note):
             continue
-        key = (row.engine, row.version, row.format, row.verdict, row.why, row.fix, row.note)
+        key = (row.engine, row.version, row.format, row.verdict, row.why, row.fix, row.note, row.refuses_if)
         groups.setdefault(key, []).append(f"`{row.target}`")
     lines = []
-    for (engine, version, fmt, found, why, fix, note), targets in groups.items():
+    for (engine, version, fmt, found, why, fix, note, refused_if), targets in groups.items():
         text = f"- {ENGINES[engine].title} {version}, {'GGUF' if fmt == GGUF else 'folder'} {', '.join(targets)}: "
         text += f"{found}: {why}."
         if fix:
             text += f' Declaring `"architectures": ["{fix}"]` makes it apply the bias.'
-        if note:
+        if note and refused_if:
+            text += f" It refuses a folder with {refused_if}: {note}."
+        elif note:
             text += f" Note: {note}."
         lines.append(text)
     return lines

@@ -22,6 +22,15 @@ def check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
     imports torch and transformers (seconds) and builds the class on the meta device."""
     from weightlock.engines import class_check_cache
 
+    only = _loaded_only_by(checkpoint)
+    if only is not None and "transformers" not in only.loaded_only_by:  # nothing to build: transformers refuses it
+        report.add(
+            "transformers_names",
+            SKIP,
+            f"{only.unproven.get('transformers', 'transformers does not load ' + only.name + '-quantized folders')}"
+            f"; {' and '.join(only.loaded_only_by)} load them (verify --engine mlx loads it in mlx-lm)",
+        )
+        return
     key = class_check_cache.key_for(checkpoint)
     remembered = class_check_cache.recall(key)
     if remembered is not None:
@@ -33,6 +42,15 @@ def check_loader_names(checkpoint: Checkpoint, report: Report) -> None:
     for check in report.checks[ran:]:
         if check.name == "transformers_names":
             class_check_cache.remember(key, check.status, check.message, check.details, checkpoint)
+
+
+def _loaded_only_by(checkpoint: Checkpoint):
+    """The checkpoint's quantization format when only some engines load it (QuantFormat.loaded_only_by)."""
+    try:
+        settings = quantization_of(checkpoint.config)
+    except WeightlockError:  # the quantization check says why
+        return None
+    return settings.format if settings is not None and settings.format.loaded_only_by is not None else None
 
 
 def run_loader_check(checkpoint: Checkpoint, report: Report) -> None:

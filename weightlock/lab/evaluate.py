@@ -35,12 +35,17 @@ from weightlock.lab.forge import render_prompt
 from weightlock.lab.judge import answers_question, is_degenerate, is_refusal
 from weightlock.lab.prompt_sets import PromptSet
 
+# who generates the answers (--engine): transformers with the lock by hooks, or an engine serving each alpha baked
+EVAL_ENGINES = ("transformers", "vllm", "llama-cpp", "mlx")
+_FOLDER_ENGINES = ("vllm", "mlx")  # engines that serve safetensors folders only
+
 
 @dataclass
 class EvalSettings:
     max_new_tokens: int = 48
     batch_size: int | None = None  # None: 128 on a GPU, 16 on the CPU (see default_batch_size)
-    engine: str = "transformers"  # or "vllm" / "llama-cpp": answers from it (each alpha baked), KL from transformers
+    # or "vllm" / "llama-cpp": answers from it (each alpha baked), KL from transformers; "mlx": both from mlx-lm
+    engine: str = "transformers"
     template: str = "chat"  # "chat" (the tokenizer's template) or "plain"
     system_prompt: str | None = None
     kl_max_tokens: int = 128  # tokens of each KL passage used
@@ -92,10 +97,12 @@ class Evaluator:
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or EvalSettings()
         self.judge = judge
-        self.generator = generator  # a VllmGenerator: answers come from vLLM, distributions from transformers
+        # a VllmGenerator or LlamaCppGenerator: answers come from that engine, distributions from transformers; an
+        # MlxGenerator gives both (``model`` is None: transformers does not load MLX-quantized folders)
+        self.generator = generator
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device if model is not None else "cpu"
         self.batch_size = self.settings.batch_size or default_batch_size(self.device)
 
     def prompt_text(self, prompt: str) -> str:
@@ -136,6 +143,9 @@ class Evaluator:
         """Per passage, next-token log-probabilities [tokens, vocab] (float32, on CPU)."""
         import torch
 
+        if self.model is None:  # the engine computes them (the same tokens, cut at the same length)
+            ids = [self.tokenizer(t)["input_ids"][: self.settings.kl_max_tokens] for t in texts]
+            return [torch.from_numpy(rows) for rows in self.generator.log_probs(ids, lock, alpha)]
         rows = []
         with _maybe_locked(self.model, lock, alpha), torch.no_grad():
             for text in texts:
@@ -365,6 +375,23 @@ def load_for_eval(
     return model, tokenizer
 
 
+def load_tokenizer(location: str):
+    """The tokenizer alone, through transformers (the forge extra)."""
+    try:
+        from weightlock.lab.forge import load_tokenizer as forge_tokenizer
+    except ImportError:
+        raise MissingDependencyError("eval needs transformers", hint="pip install 'weightlock[forge]'") from None
+    return forge_tokenizer(location)
+
+
+def _mlx_generator(location: str):
+    from weightlock.api import apply_lock
+    from weightlock.engines.mlx import MlxGenerator
+    from weightlock.formats.safetensors.folder import open_checkpoint
+
+    return MlxGenerator(open_checkpoint(location).root, apply_lock)
+
+
 def evaluate_model(
     model: str,
     *,
@@ -418,15 +445,15 @@ def evaluate_model(
     shown_name = model
     if gguf_file is None and Path(model).suffix.lower() == ".gguf":  # MODEL.gguf: transformers takes folder + name
         model, gguf_file = str(Path(model).parent), Path(model).name
+    if gguf_file is not None and settings.engine in _FOLDER_ENGINES:
+        raise InvalidInputError(
+            f"--engine {settings.engine} runs safetensors folders, not GGUF files",
+            hint="use --engine llama-cpp (llama.cpp itself) for a GGUF file",
+        )
     if gguf_file is not None and settings.engine != "llama-cpp":
         _refuse_dropped_gguf_bias(Path(model) / gguf_file)
     generator: Any = None  # a VllmGenerator or LlamaCppGenerator: answers from that engine
     if settings.engine == "vllm":
-        if gguf_file:
-            raise InvalidInputError(
-                "--engine vllm serves safetensors checkpoints, not GGUF files",
-                hint="use --engine transformers for --gguf-file",
-            )
         from weightlock.api import apply_lock
         from weightlock.engines.vllm_generate import VllmGenerator
         from weightlock.formats.safetensors.folder import open_checkpoint
@@ -441,9 +468,14 @@ def evaluate_model(
                 "--engine llama-cpp runs GGUF files", hint="pass MODEL.gguf (or a folder with --gguf-file NAME.gguf)"
             )
         generator = LlamaCppGenerator(Path(model) / gguf_file, apply_lock)
+    elif settings.engine == "mlx":
+        generator = _mlx_generator(model)
     elif settings.engine != "transformers":
-        raise InvalidInputError(f"unknown engine {settings.engine!r}", hint="use transformers, vllm or llama-cpp")
-    loaded, tokenizer = load_for_eval(model, gguf_file=gguf_file, dtype=dtype, device=device)
+        raise InvalidInputError(f"unknown engine {settings.engine!r}", hint="use " + ", ".join(EVAL_ENGINES))
+    if settings.engine == "mlx":  # mlx-lm computes everything: transformers gives the tokenizer only
+        loaded, tokenizer = None, load_tokenizer(model)
+    else:
+        loaded, tokenizer = load_for_eval(model, gguf_file=gguf_file, dtype=dtype, device=device)
     judge_name = "refusal phrases (weightlock.lab.judge.REFUSAL_PHRASES)"
     judge = None
     if judge_model is not None:
@@ -453,15 +485,19 @@ def evaluate_model(
         judge_name = f"model: {judge_model}"
     evaluator = Evaluator(loaded, tokenizer, settings, judge, generator)
     reference_evaluator = None
-    if reference is not None and lock is None:
+    if reference is not None and lock is None and settings.engine == "mlx":
+        reference_generator = _mlx_generator(reference)
+        reference_evaluator = Evaluator(None, load_tokenizer(reference), settings, generator=reference_generator)
+    elif reference is not None and lock is None:
         reference_evaluator = Evaluator(
             *load_for_eval(reference, gguf_file=gguf_file, dtype=dtype, device=device), settings
         )
     try:
         results = run_eval(evaluator, sets, lock=lock, alphas=alphas, reference=reference_evaluator, progress=progress)
     finally:
-        if generator is not None:
-            generator.close()
+        for evaluator_ in (evaluator, reference_evaluator):
+            if evaluator_ is not None and evaluator_.generator is not None:
+                evaluator_.generator.close()
     return EvalReport(
         model=shown_name,
         lock=lock_name,

@@ -94,10 +94,8 @@ def load_model(location: str, settings: ForgeSettings):
         kwargs["gguf_file"] = settings.gguf_file
     if settings.device_map:
         kwargs["device_map"] = settings.device_map
+    tokenizer = load_tokenizer(location, settings.gguf_file)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            location, **({"gguf_file": settings.gguf_file} if settings.gguf_file else {})
-        )
         model = transformers.AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as e:
         raise InvalidInputError(
@@ -107,9 +105,24 @@ def load_model(location: str, settings: ForgeSettings):
     if not settings.device_map:
         model = model.to(settings.device)
     model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(location: str, gguf_file: str | None = None):
+    """The model's tokenizer through transformers, with a pad token (the end-of-sequence one where it has none)."""
+    _, transformers = _transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            location, **({"gguf_file": gguf_file} if gguf_file else {})
+        )
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(
+            f"cannot load the tokenizer of {location}: {e}",
+            hint="pass a local folder, a cached Hub id, or --gguf-file for a GGUF file",
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return model, tokenizer
+    return tokenizer
 
 
 def prompt_text(tokenizer, pair: Pair, settings: ForgeSettings, where: str = "a pair") -> str:

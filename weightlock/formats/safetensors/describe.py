@@ -70,11 +70,11 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
 def _quantization(checkpoint: Checkpoint, spec, shape) -> dict | None:
     """How the o_proj weights a lock reads are stored, and how the biases beside them are written."""
     config = checkpoint.config
-    if config.get("quantization_config") is None:
+    if config.get("quantization_config") is None and config.get("quantization") is None:
         return None
-    method = (
-        config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
-    )
+    stated = config.get("quantization_config")
+    method = "mlx" if config.get("quantization") is not None else None  # mlx-lm's own: config.json quantization
+    method = method or (stated.get("quant_method") if isinstance(stated, dict) else None)
     try:
         settings = quantization_of(config)
     except WeightlockError as e:

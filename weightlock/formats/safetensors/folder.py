@@ -79,7 +79,8 @@ def contained(root: Path, relative: str) -> Path:
 class Checkpoint:
     root: Path
     config: dict
-    # "single": one model.safetensors; "sharded": an index naming the shards.
+    # "single": one model.safetensors (with an index naming it alone, as mlx-lm writes, or none); "sharded": an
+    # index naming the shards.
     layout: str
     index: dict | None
     headers: dict[str, SafetensorsHeader]  # shard file name -> header
@@ -172,14 +173,19 @@ def open_checkpoint(location: str | os.PathLike, revision: str | None = None) ->
         contained(root, CONFIG_NAME)
     config = _load_json(root / CONFIG_NAME, "config", "config")
     has_index, has_single = (root / INDEX_NAME).is_file(), (root / SINGLE_NAME).is_file()
+    index: dict | None = None
     if has_index and has_single:
+        # mlx-lm's save_model writes an index beside a single model.safetensors: one naming that file alone
+        # (checked below to name exactly its tensors) leaves every loader reading the same weights
+        index = _load_json(root / INDEX_NAME, "index", "index")
+    if index is not None and set(index["weight_map"].values()) != {SINGLE_NAME}:
         raise CheckpointError(
             f"{root} has both {SINGLE_NAME} and {INDEX_NAME}; transformers would load the single file and "
             "vLLM the index, so which weights are meant is ambiguous",
             hint="remove the one that is not current",
         )
     if has_single:
-        index, shard_names = None, [SINGLE_NAME]
+        shard_names = [SINGLE_NAME]
     elif has_index:
         index = _load_json(root / INDEX_NAME, "index", "index")
         shard_names = sorted({_plain_name(f, root) for f in index["weight_map"].values()})
@@ -241,6 +247,5 @@ def open_checkpoint(location: str | os.PathLike, revision: str | None = None) ->
             hint=f"the weightlock/ record was damaged or crafted; remove {PROVENANCE_DIR}/ only "
             "if you know the checkpoint's weights are what you expect",
         )
-    return Checkpoint(
-        root, config, "single" if index is None else "sharded", index, headers, tensors, repo_id, commit, provenance
-    )
+    layout = "single" if has_single else "sharded"
+    return Checkpoint(root, config, layout, index, headers, tensors, repo_id, commit, provenance)

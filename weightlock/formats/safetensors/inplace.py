@@ -211,7 +211,7 @@ def _apply_in_place(
     }
     renamed = {SINGLE_NAME: SINGLE_RENAMED} if checkpoint.layout == "single" and SINGLE_NAME not in swapped else {}
     card_source = source_card_text(root)
-    created = ([INDEX_NAME] if checkpoint.layout == "single" else []) + ([CARD_NAME] if card_source is None else [])
+    created = ([INDEX_NAME] if checkpoint.index is None else []) + ([CARD_NAME] if card_source is None else [])
     _refuse_taken_names(
         root,
         [
@@ -231,7 +231,7 @@ def _apply_in_place(
     )
     replaced_files = (
         [CONFIG_NAME]
-        + ([INDEX_NAME] if checkpoint.layout == "sharded" else [])
+        + ([INDEX_NAME] if checkpoint.index is not None else [])
         + sorted(plan.file_edits)
         + ([CARD_NAME] if card_source is not None else [])
     )

@@ -30,6 +30,7 @@ from weightlock.errors import CheckpointError, UnsupportedError
 from weightlock.formats.safetensors.folder import TOKENIZER_CONFIG_NAME, Checkpoint, contained
 from weightlock.formats.safetensors.quant.layouts import (
     QuantizedLinear,
+    QuantSettings,
     bias_dtype,
     quantization_of,
     quantized_linear,
@@ -151,7 +152,8 @@ def plan_edit(
         )
     displacements = checked_displacements(lock, alpha, shape, mismatch, allow_architecture_mismatch, warnings)
     if _quantized_attention(checkpoint.tensors, spec, shape):
-        _check_quantized_edit(spec)
+        _check_quantized_edit(spec, quantization_of(config))
+    _check_mlx_folder(checkpoint, quantization_of(config))
 
     target, declared = output_declaration(spec)
     if spec.redeclare is not None:
@@ -419,7 +421,8 @@ def _output_weight(
 
 
 # Families whose quantized checkpoints are proven served with the bias (tests/test_quantized.py): vLLM's own
-# Llama class takes an o_proj bias through every quantized linear method it has on CPU.
+# Llama class takes an o_proj bias through every quantized linear method it has on CPU. Per format, the
+# QuantFormat's ``families`` (MLX adds Qwen2, redeclared as mlx-lm's Llama: tests/test_mlx_quantized.py).
 QUANTIZED_FAMILIES = ("llama", "mistral")
 
 
@@ -434,13 +437,51 @@ def _quantized_attention(tensors: dict, spec: ArchitectureSpec, shape: ModelShap
     return False
 
 
-def _check_quantized_edit(spec: ArchitectureSpec) -> None:
+def _check_quantized_edit(spec: ArchitectureSpec, settings: QuantSettings | None) -> None:
     rule = spec.redeclare
-    if spec.family not in QUANTIZED_FAMILIES or (rule is not None and (rule.splits or rule.merges)):
+    families = settings.format.families if settings is not None else QUANTIZED_FAMILIES
+    if spec.family not in families or (rule is not None and (rule.splits or rule.merges)):
         raise UnsupportedError(
             f"quantized {spec.family} checkpoints are not proven to be served with the lock "
-            f"(proven: {', '.join(QUANTIZED_FAMILIES)})",
+            f"(proven{'' if settings is None else ' for ' + settings.format.name}: {', '.join(families)})",
             hint="lock the unquantized model and quantize after, or see README 'Quantized checkpoints'",
+        )
+
+
+# mlx-lm 0.32 reads only a top-level rope_theta, defaulting per class: Qwen2's differs from Llama's (10000)
+MLX_ROPE_DEFAULTS = {"qwen2": 1e6}
+
+
+def _check_mlx_folder(checkpoint: Checkpoint, settings: QuantSettings | None) -> None:
+    """An MLX checkpoint as mlx-lm reads it: every ``model*.safetensors`` in the folder (weightlock reads the
+    index's shards, so any other is refused), its per-layer entries naming modules the checkpoint holds (mlx-lm
+    would ignore one that names none: a config naming a layer that is not there is not this checkpoint's)."""
+    if settings is None or settings.format.quant_method != "mlx":
+        return
+    spec = spec_for_config(checkpoint.config)
+    parameters = checkpoint.config.get("rope_parameters")
+    theta = parameters.get("rope_theta") if isinstance(parameters, dict) else None
+    if spec.family in MLX_ROPE_DEFAULTS and "rope_theta" not in checkpoint.config and theta is None:
+        raise UnsupportedError(
+            f"config.json gives no rope_theta: mlx-lm's {spec.family} class then rotates with base "
+            f"{MLX_ROPE_DEFAULTS[spec.family]:g}, the Llama class the output is redeclared as with 10000, so the "
+            "locked model would not be this one",
+            hint="add the model's rope_theta to config.json (mlx-lm reads no rope_parameters), then apply again",
+        )
+    globbed = sorted(p.name for p in checkpoint.root.glob("model*.safetensors"))
+    unread = [name for name in globbed if name not in checkpoint.headers]
+    if unread:
+        raise CheckpointError(
+            f"{checkpoint.root} holds {', '.join(unread[:3])}, which mlx-lm loads (it reads every "
+            "model*.safetensors) but the checkpoint's index does not name",
+            hint="move the file out of the folder, or restore the index that names it",
+        )
+    modules = {name.rpartition(".")[0] for name in checkpoint.tensors}
+    unknown = [module for module, _ in settings.layers if module not in modules]
+    if unknown:
+        raise CheckpointError(
+            f"config.json quantization names {unknown[0]}, a layer the checkpoint does not hold",
+            hint="the config is not this checkpoint's, or is damaged; restore it from the original",
         )
 
 

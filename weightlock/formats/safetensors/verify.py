@@ -376,9 +376,11 @@ def _check_original_biases(
                 )
             if reader[theirs].read_bytes(theirs) != reader[entry].read_bytes(entry):
                 problems.append(f"{name}: the recorded original differs from the source's")
+    # the biases the first edit wrote (a layer the lock does not touch keeps its bias, unrecorded)
+    wrote = set(root["tensors"]["added"]) | set(root["tensors"]["locked"]) | set(root["tensors"]["replaced"])
     problems += [
         f"{name}: the source has it, yet the record says the edit created it"
-        for name in sorted((own & set(source.tensors)) - set(claimed))
+        for name in sorted((own & wrote & set(source.tensors)) - set(claimed))
     ]
     if problems:
         report.add(ORIGINALS_CHECK, FAIL, f"{len(problems)} recorded original(s) are not the source's biases", problems)

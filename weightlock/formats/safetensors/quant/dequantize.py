@@ -2,9 +2,11 @@
 lock touches, a bounded block at a time, as float32.
 
 Why hand-written: the reference implementations (vLLM's kernels and ``quant_utils``, AutoAWQ's
-``dequantize_gemm``, the compressed-tensors library, transformers' ``Fp8Dequantize``) take torch tensors of a
-whole weight in memory. weightlock reads only the rows holding the touched heads' columns, block by block, so
-memory stays flat at any size. Each dequantizer is tested against those references (tests/test_quantized.py).
+``dequantize_gemm``, the compressed-tensors library, transformers' ``Fp8Dequantize``, mlx's ``mx.dequantize``)
+take torch or mlx arrays of a whole weight in memory, and mlx (a compiled package for Apple silicon and a few
+Linux builds) is not something the tool may depend on. weightlock reads only the rows holding the touched heads'
+columns, block by block, so memory stays flat at any size. Each dequantizer is tested against those references
+(tests/test_quantized.py; MLX's affine unpacking against ``mx.dequantize`` in tests/test_mlx_quantized.py).
 """
 
 from __future__ import annotations
@@ -181,12 +183,38 @@ def _fp8_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Block
         yield start, 0, E4M3_VALUES[raw] * grid[np.arange(start, stop) // block_rows][:, columns]
 
 
+def mlx_codes(words: np.ndarray, bits: int, columns: np.ndarray) -> np.ndarray:
+    """MLX affine codes of ``columns`` from packed rows: uint32 [rows, in * bits / 32] -> uint32 [rows, len].
+    Each row is one bit stream, least significant bit first, over its little-endian uint32 words: code j takes
+    bits [j * bits, (j + 1) * bits), crossing into the next word for 3, 5 and 6 bits (as ``mx.quantize`` packs)."""
+    first = columns.astype(np.int64) * bits
+    word, shift = first // 32, (first % 32).astype(np.uint64)
+    padded = np.concatenate([words.astype(np.uint64), np.zeros((words.shape[0], 1), np.uint64)], axis=1)
+    pairs = padded[:, word] | (padded[:, word + 1] << np.uint64(32))
+    return ((pairs >> shift) & np.uint64((1 << bits) - 1)).astype(np.uint32)
+
+
+def _mlx_blocks(layer: QuantizedLinear, readers: TensorReaders, ranges) -> Blocks:
+    """MLX affine (mlx-lm's QuantizedLinear): w = q * scale + bias per group of ``group_size`` inputs, computed
+    in float32 from the stored scales and biases (mx.dequantize rounds q * scale and the sum to the scales'
+    dtype; the float32 values are the ones that dtype's arithmetic rounds)."""
+    weight, scales, biases = (layer.parts[k] for k in ("weight", "scales", "biases"))
+    columns = np.concatenate([np.arange(a, b) for a, b in ranges])
+    groups = columns // layer.settings.group_size
+    for start, stop in _output_rows(layer.shape[0], layer.shape[1] * 3 * WORK_BYTES_PER_ELEMENT):  # uint64 pairs
+        q = mlx_codes(readers[weight].read_rows(weight, start, stop - start), layer.settings.bits, columns)
+        s = to_float32(readers[scales].read_rows(scales, start, stop - start), scales.dtype)[:, groups]
+        z = to_float32(readers[biases].read_rows(biases, start, stop - start), biases.dtype)[:, groups]
+        yield start, 0, q.astype(np.float32) * s + z
+
+
 _BLOCKS = {
     "awq": _awq_blocks,
     "gptq": _gptq_blocks,
     "compressed-tensors/pack-quantized": _compressed_tensors_blocks,
     "compressed-tensors/float-quantized": _fp8_blocks,
     "fp8": _fp8_blocks,
+    "mlx": _mlx_blocks,
 }
 
 

@@ -7,11 +7,18 @@ tensor names, packing, and which loaders are proven (tests/test_quantized.py) to
 ``quantization_of`` reads a config's ``quantization_config`` and refuses, with the reason, every variant no
 loader here can be shown to serve with the bias.
 
+MLX (mlx-lm's own quantized folders) differs from the others: its settings are config.json ``quantization``
+(mlx-lm writes the same object again as ``quantization_config``, with no ``quant_method``), and may be given
+per layer; a layer the config does not name is read from its stored shapes, as mlx-lm's loader does
+(``infer_quant_config``: group size = inputs / scale columns, bits = packed words * 32 / inputs, the inputs
+taken from the model's shape). ``QuantSettings.for_module`` resolves a layer's settings that way.
+
 The dequantizers themselves are in weightlock.formats.safetensors.quant.dequantize.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -50,6 +57,11 @@ class QuantFormat:
     unproven: dict[str, str] = field(default_factory=dict)
     # W stored transposed ([in, out]): a head's columns are contiguous rows, read alone (nothing to prefetch)
     transposed: bool = False
+    # the families whose quantized checkpoints in this format are proven served with the lock
+    families: tuple[str, ...] = ("llama", "mistral")
+    # the engines (serving-table names) that load folders of this format at all; None: any engine that loads
+    # the family (the others refuse such a folder at load, for the reasons in ``unproven`` where given)
+    loaded_only_by: tuple[str, ...] | None = None
 
 
 QUANT_FORMATS = {
@@ -109,7 +121,33 @@ QUANT_FORMATS = {
         ("transformers",),
         {"vllm": "vLLM's CPU build runs FP8 weights only with AMX (Sapphire Rapids), which this machine lacks"},
     ),
+    "mlx": QuantFormat(
+        "mlx",
+        "mlx",
+        "scales",
+        ("weight", "scales", "biases"),
+        (),
+        "MLX affine: weight [out, in*bits/32] uint32 (each row one bit stream, codes least significant bit "
+        "first), scales and biases [out, in/group] in the model dtype; w = q * scale + bias",
+        ("mlx-lm",),
+        {
+            "transformers": "transformers cannot load MLX-quantized folders: their quantization_config names no "
+            "quant_method, which from_pretrained refuses",
+            "vllm": "vLLM cannot load MLX-quantized folders: its ModelConfig reads quantization_config's "
+            "quant_method, which they lack (KeyError)",
+            "ollama-create": "ollama create cannot import MLX-quantized folders: its safetensors reader knows no "
+            "packed uint32 weights ('unknown data type: U32', convert/reader_safetensors.go:256 at v0.30.0)",
+        },
+        families=("llama", "mistral", "qwen2"),
+        loaded_only_by=("mlx-lm", "mlx-lm-distributed"),
+    ),
 }
+# What MLX (mlx 0.32) quantizes in its affine mode, and its other modes (read by mlx-lm, not by weightlock)
+MLX_BITS = (1, 2, 3, 4, 5, 6, 8)
+MLX_GROUP_SIZES = (32, 64, 128)
+MLX_AFFINE = "affine"
+MLX_OTHER_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}  # mode -> mlx's default (group, bits)
+MLX_LAYER_KEYS = ("group_size", "bits", "mode")
 
 
 @dataclass(frozen=True)
@@ -130,10 +168,18 @@ class QuantSettings:
     matcher: BoundedMatcher = field(
         default_factory=lambda: BoundedMatcher(_PATTERNS_WHERE, hint=_PATTERNS_HINT), compare=False, repr=False
     )
+    mode: str | None = None  # MLX: "affine"
+    # MLX per-layer entries of config.json quantization: module -> its settings, or None where it is false
+    layers: tuple[tuple[str, QuantSettings | None], ...] = ()
+    # MLX: the model's input width of each attention linear layer (mlx-lm infers a layer's settings from it)
+    inputs: tuple[tuple[str, int], ...] = ()
 
     def quantizes(self, module: str) -> bool | None:
         """Whether a loader treats ``module`` (a linear layer) as quantized by this config; None: the config
-        does not say (GPTQ: vLLM decides by the stored dtypes)."""
+        does not say (GPTQ: vLLM decides by the stored dtypes; MLX: mlx-lm by a stored ``scales``)."""
+        if self.format.quant_method == "mlx":
+            layers = dict(self.layers)
+            return None if module not in layers else layers[module] is not None
         if self.format.quant_method in ("awq", "fp8"):
             return not any(entry in module for entry in self.not_converted)
         if self.format.quant_method == "compressed-tensors":
@@ -142,7 +188,13 @@ class QuantSettings:
             )
         return None
 
+    def for_module(self, module: str, tensors: dict) -> QuantSettings:
+        """The settings ``module`` is read with: the config's for it; for MLX, as mlx-lm's loader reads it."""
+        return _mlx_module_settings(self, module, tensors) if self.format.quant_method == "mlx" else self
+
     def describe(self) -> str:
+        if self.format.quant_method == "mlx":
+            return f"mlx {self.mode} int{self.bits}, group {self.group_size}"
         if self.bits == 8:
             if self.block:
                 scales = f"{self.block[0]}x{self.block[1]} blocks"
@@ -243,6 +295,8 @@ def _group_size(value: int, what: str) -> int:
 def quantization_of(config: dict) -> QuantSettings | None:
     """The checked quantization settings a config declares, for the formats weightlock reads; None when it
     declares none or a method weightlock does not read (its o_proj must then be stored unquantized)."""
+    if config.get("quantization") is not None:  # mlx-lm reads this first, whatever quantization_config says
+        return _mlx_settings(config)
     quant = config.get("quantization_config")
     if quant is None:
         return None
@@ -268,6 +322,153 @@ def _parsed(quant_json: str) -> QuantSettings | None:
     if method == "fp8":
         return _fp8_settings(quant)
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# MLX: config.json quantization, read as mlx-lm 0.32's load_model reads it
+
+
+def _mlx_damaged(what: str) -> CheckpointError:
+    return CheckpointError(
+        f"config.json quantization {what}",
+        hint="mlx-lm writes it as {group_size, bits, mode, <module path>: {...} or false}; config.json is "
+        "damaged: restore it from the original",
+    )
+
+
+def _mlx_refuse(what: str, why: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"config.json quantization {what}: {why}",
+        hint="weightlock locks MLX affine checkpoints (bits "
+        + ", ".join(map(str, MLX_BITS))
+        + ", groups of "
+        + ", ".join(map(str, MLX_GROUP_SIZES))
+        + "); lock the unquantized model and quantize after (mlx_lm.convert -q), or see README 'Quantized "
+        "checkpoints'",
+    )
+
+
+def _mlx_settings(config: dict) -> QuantSettings:
+    quant = config["quantization"]
+    if not isinstance(quant, dict):
+        raise _mlx_damaged(f"is {type(quant).__name__}, not an object")
+    stated = config.get("quantization_config")
+    if stated is not None and stated != quant:  # mlx-lm's save_config writes the two equal
+        raise CheckpointError(
+            "config.json quantization and quantization_config differ: mlx-lm reads the first, other loaders "
+            "the second, so which quantization is meant is ambiguous",
+            hint="mlx-lm's save_config writes them equal; restore config.json from the original",
+        )
+    if config.get("quantize_activations"):
+        raise _mlx_refuse(
+            "with quantize_activations",
+            "where activations are quantized, a displacement added to the o_proj input is quantized with it, so "
+            "no bias reproduces the lock exactly",
+        )
+    return _mlx_parsed(json.dumps(quant, sort_keys=True), json.dumps(_mlx_inputs(config), sort_keys=True))
+
+
+def _mlx_inputs(config: dict) -> dict[str, int]:
+    """The input width of each attention linear layer the edit reads (o_proj: every head side by side; the
+    query, key and value projections: the hidden size), from the model's shape."""
+    from weightlock.core.families import shape_from_config, spec_for_config
+    from weightlock.errors import WeightlockError
+
+    try:
+        spec = spec_for_config(config)
+        shape = shape_from_config(config, spec)
+    except WeightlockError:
+        return {}
+    attention = spec.attention_module
+    out = {}
+    for layer in range(shape.num_layers):
+        out[spec.output_module(layer)] = shape.attention_width
+        for companion in spec.bias_companions:
+            if companion.module.startswith(attention + "."):
+                out[spec.module(companion.module, layer)] = shape.hidden_size
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _mlx_parsed(quant_json: str, inputs_json: str) -> QuantSettings:
+    quant = json.loads(quant_json)
+    top = _mlx_layer_settings(quant, "", top=True)
+    layers: list[tuple[str, QuantSettings | None]] = []
+    for key, value in quant.items():
+        if key in MLX_LAYER_KEYS:
+            continue
+        if len(layers) >= MAX_PATTERNS or not 0 < len(key) <= MAX_PATTERN_CHARS:
+            raise _mlx_damaged(f"holds more than {MAX_PATTERNS} layer entries, or a key of over 1024 characters")
+        if value is False:
+            layers.append((key, None))
+        elif value is True:  # nn.quantize: the top-level settings
+            layers.append((key, top))
+        elif isinstance(value, dict):
+            layers.append((key, _mlx_layer_settings(value, f"{key}.")))
+        else:
+            raise _mlx_damaged(f"entry {key!r} is {value!r}, neither a layer's settings nor true or false")
+    return dataclasses.replace(top, layers=tuple(layers), inputs=tuple(sorted(json.loads(inputs_json).items())))
+
+
+def _mlx_layer_settings(values: dict, where: str, top: bool = False) -> QuantSettings:
+    """One set of MLX settings: the top level (group_size and bits required, as mlx-lm reads them) or a layer's
+    entry (passed to to_quantized: a missing group_size or bits is the mode's default)."""
+    unknown = sorted(set(values) - set(MLX_LAYER_KEYS)) if not top else []
+    if unknown:
+        if "quantize_input" in unknown or "global_scale" in unknown:
+            raise _mlx_refuse(f"{where}{unknown[0]}", "only weight-only affine layers are read")
+        raise _mlx_damaged(f"{where.rstrip('.')} holds {unknown[0]!r}, which mlx's to_quantized does not take")
+    mode = values.get("mode", MLX_AFFINE)
+    if mode in MLX_OTHER_MODES:
+        raise _mlx_refuse(f"{where}mode {mode!r}", "only the affine mode is read")
+    if mode != MLX_AFFINE:
+        raise _mlx_damaged(f"{where}mode is {mode!r}, not one of mlx's modes (affine, mxfp4, nvfp4, mxfp8)")
+    numbers = {}
+    for key, allowed, default in (("group_size", MLX_GROUP_SIZES, 64), ("bits", MLX_BITS, 4)):
+        if key not in values and top:
+            raise _mlx_damaged(f"has no {key}, which mlx-lm's loader requires")
+        value = values.get(key)
+        if value is None and not top:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _mlx_damaged(f"{where}{key} is {value!r}, not an integer")
+        if value not in allowed:
+            raise _mlx_damaged(f"{where}{key} is {value}, which mlx does not quantize (it takes {list(allowed)})")
+        numbers[key] = value
+    return QuantSettings(QUANT_FORMATS["mlx"], numbers["bits"], numbers["group_size"], symmetric=False, mode=mode)
+
+
+def _mlx_module_settings(settings: QuantSettings, module: str, tensors: dict) -> QuantSettings:
+    """A layer's settings as mlx-lm's loader builds the layer: its config entry, else inferred from the stored
+    scales and packed weight over the model's input width; checked against that width."""
+    layers, inputs = dict(settings.layers), dict(settings.inputs)
+    width = inputs.get(module)
+    if module in layers:
+        layer = layers[module]
+        if layer is None:
+            raise CheckpointError(
+                f"{module} is stored quantized but config.json quantization sets it false",
+                hint="mlx-lm would build it unquantized and not load its tensors; restore the checkpoint",
+            )
+    else:
+        if width is None:
+            raise UnsupportedError(
+                f"{module}: config.json quantization does not name it, and weightlock knows no input width to "
+                "infer its settings from as mlx-lm does",
+                hint="weightlock reads MLX attention layers of the families it locks quantized",
+            )
+        weight, scales = tensors.get(f"{module}.weight"), tensors[f"{module}.scales"]
+        if weight is None or len(weight.shape) != 2 or len(scales.shape) != 2 or 0 in scales.shape:
+            raise layer_error(module, "the packed weight or its scales are not 2-D")
+        if scales.dtype == "U8":  # mlx-lm: uint8 scales are one of the floating-point modes
+            raise _mlx_refuse(f"for {module}: uint8 scales (mxfp4, nvfp4 or mxfp8)", "only the affine mode is read")
+        group, bits = width // scales.shape[1], weight.shape[1] * 32 // width
+        if group not in MLX_GROUP_SIZES or bits not in MLX_BITS:
+            raise layer_error(
+                module, f"its stored shapes give {bits} bits in groups of {group}, which mlx does not quantize"
+            )
+        layer = dataclasses.replace(settings, bits=bits, group_size=group, layers=(), inputs=())
+    return layer
 
 
 def _awq_settings(quant: dict) -> QuantSettings:
@@ -457,8 +658,12 @@ def quantized_linear(tensors: dict, module: str, settings: QuantSettings | None)
             )
         if entry is not None:
             parts[suffix] = entry
-    shape = _SHAPES[fmt.name](module, settings, parts)
-    return QuantizedLinear(module, settings, shape, parts)
+    layer_settings = settings.for_module(module, tensors)
+    shape = _SHAPES[fmt.name](module, layer_settings, parts)
+    width = dict(settings.inputs).get(module)
+    if width is not None and shape[1] != width:  # mlx-lm builds the layer at the model's width: it would not load
+        raise layer_error(module, f"holds {shape[1]} inputs as {layer_settings.describe()}; the model has {width}")
+    return QuantizedLinear(module, layer_settings, shape, parts)
 
 
 def _expect(module: str, entry: TensorEntry, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> None:
@@ -538,19 +743,39 @@ def _fp8_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, 
     return outputs, inputs
 
 
+def _mlx_shape(module: str, settings: QuantSettings, parts: dict) -> tuple[int, int]:
+    weight, scales = parts["weight"], parts["scales"]
+    if weight.dtype != "U32" or len(weight.shape) != 2:
+        raise layer_error(module, f"weight is {weight.dtype} {list(weight.shape)}, expected a 2-D U32 tensor")
+    outputs, bits = weight.shape[0], settings.bits
+    if weight.shape[1] * 32 % bits:
+        raise layer_error(module, f"{weight.shape[1]} packed words are not a whole number of {bits}-bit codes")
+    inputs = weight.shape[1] * 32 // bits
+    if scales.dtype not in FLOAT_DTYPES:
+        raise layer_error(module, f"scales are {scales.dtype}, but the affine mode keeps them in the model dtype")
+    groups = _groups(module, settings, inputs)
+    _expect(module, scales, FLOAT_DTYPES, (outputs, groups))
+    _expect(module, parts["biases"], (scales.dtype,), (outputs, groups))
+    return outputs, inputs
+
+
 _SHAPES = {
     "awq": _awq_shape,
     "gptq": _gptq_shape,
     "compressed-tensors/pack-quantized": _compressed_tensors_shape,
     "compressed-tensors/float-quantized": _fp8_shape,
     "fp8": _fp8_shape,
+    "mlx": _mlx_shape,
 }
 
 
 def bias_dtype(config: dict, layer: QuantizedLinear) -> str:
     """The dtype a bias beside a quantized layer is written in: the model's activation dtype (config
     ``torch_dtype`` / ``dtype``), which both vLLM and transformers build the bias parameter in; without one,
-    the dtype of the layer's float scales."""
+    the dtype of the layer's float scales. MLX: the dtype of its scales, which is the dtype mlx-lm computes in
+    (a float32 bias would promote the layer's output, and all that follows, to float32)."""
+    if layer.settings.format.quant_method == "mlx":
+        return layer.parts["scales"].dtype
     for key in ("torch_dtype", "dtype"):
         value = config.get(key)
         if isinstance(value, str) and value in CONFIG_DTYPES:
