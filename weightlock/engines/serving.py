@@ -64,9 +64,7 @@ def _engines(fmt: str, names: tuple[str, ...] | None) -> tuple[list[Engine], lis
     return [e for e in named if fmt in e.picks], [e for e in named if fmt not in e.picks and names is not None]
 
 
-def _assess(
-    fmt, names, present: bool, key_of, flag_on, holds, model_type: str | None = None, quant=None
-) -> Assessment:
+def _assess(fmt, names, present: bool, key_of, flag_on, holds, model_type: str | None = None, quant=None) -> Assessment:
     engines, unread = _engines(fmt, names)
     verdicts = []
     for engine in engines:
@@ -74,7 +72,7 @@ def _assess(
         if quant is not None and quant.loaded_only_by is not None and engine.name not in quant.loaded_only_by:
             # a quantization format only some engines load (MLX's): the others refuse the folder at load
             why = quant.unproven.get(engine.name) or f"{engine.title} does not load {quant.name}-quantized folders"
-            row = Row(
+            refusal = Row(
                 engine.name,
                 fmt,
                 str(key),
@@ -83,7 +81,7 @@ def _assess(
                 "the quantization table (QuantFormat.loaded_only_by)",
                 version=engine.version,
             )
-            verdicts.append(EngineVerdict(engine, key, row, REFUSES))
+            verdicts.append(EngineVerdict(engine, key, refusal, REFUSES))
             continue
         row = row_for(engine.name, fmt, key)
         if row is None:
