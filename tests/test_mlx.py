@@ -251,3 +251,41 @@ def test_an_mlx_quantized_output_is_served_by_mlx_lm_alone_and_verify_says_so(tm
         assert checks[f"serving:{name}"]["status"] == expected, checks[f"serving:{name}"]
         if expected == "warn":
             assert "refuses it with an error at load" in checks[f"serving:{name}"]["message"]
+
+
+def test_eval_and_tune_engine_mlx_on_an_mlx_quantized_folder_from_the_cli(tmp_path, capsys):
+    """An MLX-quantized chat model, which transformers cannot load: ``eval --engine mlx`` and ``tune --engine mlx``
+    run it whole in mlx-lm (tokenizer from transformers): KL 0 at alpha 0 and above 0 with the lock baked, and
+    tune picks an alpha from the sweep."""
+    require_mlx()
+    import shutil
+
+    from conftest import run_cli
+    from mlx_helpers import quantize_with_mlx
+    from test_eval import make_chat_model, small_sets
+
+    from weightlock import save_lock
+
+    model = make_chat_model(tmp_path / "chat", vocab=128, hidden=128, heads=2, kv_heads=1, head_dim=64)
+    _as_hub_config(model, "llama")
+    quantized = quantize_with_mlx(model, tmp_path / "q4", 4, 32)
+    for path in model.iterdir():  # the tokenizer and its chat template, as mlx_lm.convert copies them
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(path, quantized / path.name)
+    save_lock(random_lock(model, n_heads=2, seed=5), tmp_path / "l.wlock")
+    files = small_sets(tmp_path)
+    common = [f"--{k.replace('kl', 'kl-text')}={v}" for k, v in files.items()] + ["--max-new-tokens", "6"]
+    capsys.readouterr()
+    code, out, err = run_cli(
+        capsys, "eval", str(quantized), "--lock", str(tmp_path / "l.wlock"), "--alpha", "0", "--alpha", "6",
+        "--engine", "mlx", "--json", *common,
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    assert results[0]["kl"] == pytest.approx(0.0, abs=1e-6) and results[1]["kl"] > 1e-3, results
+    code, out, err = run_cli(
+        capsys, "tune", str(quantized), "--lock", str(tmp_path / "l.wlock"), "--alphas", "0,6", "--engine", "mlx",
+        "--target-refusal", "0", "--max-kl", "100", "--max-over-refusal", "1", "--max-degenerate", "1", *common,
+    )  # fmt: skip
+    assert code == 0, (out, err)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".weightlock-eval-")]
