@@ -24,6 +24,7 @@ skipping).
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -289,3 +290,48 @@ def test_eval_and_tune_engine_mlx_on_an_mlx_quantized_folder_from_the_cli(tmp_pa
     )  # fmt: skip
     assert code == 0, (out, err)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".weightlock-eval-")]
+
+
+def test_eval_says_which_engine_runs_an_mlx_folder_and_refuses_a_baked_negative_alpha_up_front(tmp_path, capsys):
+    """transformers cannot load an MLX-quantized folder: eval under the default engine says to use --engine mlx
+    (exit 4). A baking engine takes a negative alpha as taking a lock off, which an unlocked model does not carry:
+    refused before the sweep runs (exit 3), with the hook-based engine named."""
+    require_mlx()
+    from conftest import run_cli
+    from mlx_helpers import quantize_with_mlx
+
+    from weightlock import save_lock
+
+    source = _source(tmp_path, "llama")
+    quantized = quantize_with_mlx(source, tmp_path / "q4", 4, 32)
+    save_lock(random_lock(source, n_heads=2), tmp_path / "l.wlock")
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "eval", str(quantized), "--limit", "1")
+    assert code == 4 and "transformers does not load" in err and "--engine mlx" in err, err
+    code, _, err = run_cli(
+        capsys, "eval", str(source), "--lock", str(tmp_path / "l.wlock"), "--alpha", "3", "--alpha", "-3",
+        "--engine", "mlx", "--limit", "1",
+    )  # fmt: skip
+    assert code == 3 and "negative alpha (-3)" in err and "--engine transformers" in err, err
+
+
+@pytest.mark.parametrize("command", ["verify", "eval"])
+def test_engine_mlx_without_mlx_says_how_to_get_it(tmp_path, command):
+    """With neither mlx nor mlx-lm importable (shadowed by packages that raise ImportError, as an environment
+    without them does), ``verify --engine mlx`` and ``eval --engine mlx`` exit 7 with the install hint."""
+    import subprocess
+    import sys
+
+    for package in ("mlx", "mlx_lm"):
+        (tmp_path / "shadow" / package).mkdir(parents=True)
+        (tmp_path / "shadow" / package / "__init__.py").write_text(f"raise ImportError('no {package} here')\n")
+    source = make_model(tmp_path / "llama", "llama", layers=2)
+    args = [str(source), "--engine", "mlx"] + (["--limit", "1"] if command == "eval" else [])
+    done = subprocess.run(
+        [sys.executable, "-m", "weightlock", command, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")},
+    )
+    assert done.returncode == 7, done.stderr
+    assert "needs mlx-lm" in done.stderr and "mlx-lm[cpu]" in done.stderr and "Traceback" not in done.stderr

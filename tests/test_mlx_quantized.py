@@ -393,29 +393,29 @@ def test_bad_mlx_input_is_refused_before_anything_is_written(quantized, sources,
 
 def test_qwen2_rope_theta_as_mlx_lm_reads_it(sources, tmp_path, capsys):
     """mlx-lm reads only a top-level rope_theta, defaulting to 1e6 in its Qwen2 class and 1e4 in the Llama class
-    weightlock redeclares Qwen2 as. A theta under transformers 5's rope_parameters only is written at the top of
-    the output (mlx-lm then rotates as the source model does); a config with no theta at all is refused, since
-    which base the model was trained with cannot be known."""
+    weightlock declares Qwen2 as, and it is the only engine that loads an MLX folder: the model is what it serves.
+    A theta under transformers 5's rope_parameters only that equals mlx-lm's default is written at the top of the
+    output (served the same); one that differs, or none at all, is refused: the locked model would rotate
+    otherwise than mlx-lm serves the source."""
     lock = tmp_path / "lock.wlock"
     save_lock(random_lock(sources["qwen2"], n_heads=2), lock)
-    for case in ("nested", "none"):
+    for case, nested in (("default", 1e6), ("other", 1e4), ("none", None)):
         folder = quantize_with_mlx(sources["qwen2"], tmp_path / f"q-{case}", 4, 32)
         config = json.loads((folder / "config.json").read_text())
-        theta = config.pop("rope_theta", None) or config["rope_parameters"]["rope_theta"]
-        if case == "nested":
-            config["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
-        else:
-            config.pop("rope_parameters", None)
+        config.pop("rope_theta", None)
+        config.pop("rope_parameters", None)
+        if nested is not None:
+            config["rope_parameters"] = {"rope_theta": nested, "rope_type": "default"}
         (folder / "config.json").write_text(json.dumps(config))
         out = tmp_path / f"out-{case}"
         code, _, err = run_cli(
             capsys, "apply", str(folder), "--lock", str(lock), "--out", str(out), "--no-loader-check"
         )
-        if case == "nested":
+        if case == "default":
             assert code == 0, err
-            assert json.loads((out / "config.json").read_text())["rope_theta"] == theta
+            assert json.loads((out / "config.json").read_text())["rope_theta"] == 1e6
         else:
-            assert code == 4 and "rope_theta" in err and "hint:" in err, err
+            assert code == 4 and "rope_theta" in err and "hint:" in err, (case, err)
             assert not out.exists()
 
 

@@ -57,12 +57,12 @@ def _first_line(e: Exception) -> str:
 def check_mlx_loading_report(checkpoint: Checkpoint, report: Report) -> None:
     """``--engine mlx``: without mlx-lm, exit 7. FAIL where mlx-lm refuses the folder, or builds a model without
     one of the stored attention-output biases, or with other values in it; PASS with what was loaded."""
-    from mlx.utils import tree_flatten
-
     from weightlock.core.families import shape_from_config, spec_for_config
     from weightlock.io.safetensors_file import TensorReaders
 
     mx, mlx_lm = import_mlx("verify --engine mlx", "leave out --engine")
+    from mlx.utils import tree_flatten
+
     try:
         model, _ = _load(checkpoint.root, lazy=True)
     except Exception as e:  # mlx-lm signals an unknown model_type, a missing or extra tensor by raising

@@ -29,7 +29,7 @@ from typing import Any
 
 from weightlock import __version__
 from weightlock.engines.hooks import lock_hooks
-from weightlock.errors import InvalidInputError, MissingDependencyError, UnsupportedError
+from weightlock.errors import InvalidInputError, MissingDependencyError, UnsupportedError, WeightlockError
 from weightlock.io.schema import schema_errors
 from weightlock.lab.forge import render_prompt
 from weightlock.lab.judge import answers_question, is_degenerate, is_refusal
@@ -345,6 +345,32 @@ def report_json(report: EvalReport, with_answers: bool = False) -> str:
     return json.dumps(data, indent=2, allow_nan=False)
 
 
+def _unlocked_folder(model: str) -> bool:
+    from weightlock.formats.safetensors.folder import open_checkpoint
+
+    try:
+        return open_checkpoint(model).provenance is None
+    except WeightlockError:  # the engine's own load says what is wrong with it
+        return False
+
+
+def _refuse_engine_only_folder(model: str) -> None:
+    """A folder in a quantization format transformers does not load (MLX's): say which engine does."""
+    from weightlock.formats.safetensors.folder import open_checkpoint
+    from weightlock.formats.safetensors.quant.layouts import quantization_of
+
+    try:
+        settings = quantization_of(open_checkpoint(model).config)
+    except WeightlockError:  # not a folder weightlock reads: transformers' own error says why
+        return
+    fmt = settings.format if settings is not None else None
+    if fmt is not None and fmt.loaded_only_by is not None and "transformers" not in fmt.loaded_only_by:
+        raise UnsupportedError(
+            f"{model} is {fmt.name}-quantized, which transformers does not load",
+            hint="evaluate it with --engine mlx (mlx-lm runs it whole)",
+        )
+
+
 def _refuse_dropped_gguf_bias(path: Path) -> None:
     """transformers' GGUF loader builds the class from the GGUF metadata, where an attention-output bias is
     off for llama-like architectures, and silently drops ``attn_output.bias``: a locked GGUF would be
@@ -452,6 +478,17 @@ def evaluate_model(
         )
     if gguf_file is not None and settings.engine != "llama-cpp":
         _refuse_dropped_gguf_bias(Path(model) / gguf_file)
+    negative = [a for a in alphas if a is not None and a < 0]
+    if negative and settings.engine in _FOLDER_ENGINES and _unlocked_folder(model):
+        # a baked negative alpha takes a lock off; apply refuses it on a model that carries none (before the sweep
+        # runs, not at that alpha)
+        raise InvalidInputError(
+            f"--engine {settings.engine} bakes each alpha into a checkpoint, and a negative alpha "
+            f"({negative[0]:g}) would take off a lock {shown_name} does not carry",
+            hint="sweep alphas of 0 and above, or use --engine transformers (hooks) for negative ones",
+        )
+    if gguf_file is None and settings.engine == "transformers":
+        _refuse_engine_only_folder(model)
     generator: Any = None  # a VllmGenerator or LlamaCppGenerator: answers from that engine
     if settings.engine == "vllm":
         from weightlock.api import apply_lock

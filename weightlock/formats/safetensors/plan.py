@@ -461,11 +461,16 @@ def _check_mlx_folder(checkpoint: Checkpoint, settings: QuantSettings | None) ->
     spec = spec_for_config(checkpoint.config)
     parameters = checkpoint.config.get("rope_parameters")
     theta = parameters.get("rope_theta") if isinstance(parameters, dict) else None
-    if spec.family in MLX_ROPE_DEFAULTS and "rope_theta" not in checkpoint.config and theta is None:
+    # mlx-lm is the only engine that loads an MLX folder, so the model is what it serves: with no top-level
+    # rope_theta, its class default, which the output (declared Llama, carrying rope_parameters' theta at the top)
+    # keeps only where the two agree
+    default = MLX_ROPE_DEFAULTS.get(spec.family)
+    if default is not None and "rope_theta" not in checkpoint.config and theta != default:
+        given = "none" if theta is None else f"{theta:g} under rope_parameters, which mlx-lm does not read"
         raise UnsupportedError(
-            f"config.json gives no rope_theta: mlx-lm's {spec.family} class then rotates with base "
-            f"{MLX_ROPE_DEFAULTS[spec.family]:g}, the Llama class the output is redeclared as with 10000, so the "
-            "locked model would not be this one",
+            f"config.json gives no top-level rope_theta ({given}): mlx-lm serves this {spec.family} folder with "
+            f"its class default {default:g}, and the Llama class the output is declared as would rotate with "
+            f"{10000 if theta is None else theta:g}, so the locked model would not be this one",
             hint="add the model's rope_theta to config.json (mlx-lm reads no rope_parameters), then apply again",
         )
     globbed = sorted(p.name for p in checkpoint.root.glob("model*.safetensors"))

@@ -131,8 +131,8 @@ QUANT_FORMATS = {
         "first), scales and biases [out, in/group] in the model dtype; w = q * scale + bias",
         ("mlx-lm",),
         {
-            "transformers": "transformers cannot load MLX-quantized folders: their quantization_config names no "
-            "quant_method, which from_pretrained refuses",
+            "transformers": "transformers cannot load MLX-quantized folders: it reads quantization_config's "
+            "quant_method, which mlx-lm's config.json (quantization, and its copy as quantization_config) lacks",
             "vllm": "vLLM cannot load MLX-quantized folders: its ModelConfig reads quantization_config's "
             "quant_method, which they lack (KeyError)",
             "ollama-create": "ollama create cannot import MLX-quantized folders: its safetensors reader knows no "
