@@ -147,10 +147,17 @@ def test_non_finite_alpha_is_refused(tmp_path, setup):
 
 
 def test_both_single_file_and_index_is_ambiguous(tmp_path, setup):
+    """A model.safetensors beside an index naming other shards: transformers and vLLM would load different
+    weights. (An index naming model.safetensors alone is mlx-lm's layout: tests/test_mlx_quantized.py.)"""
     src, lock_path = setup
-    (src / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="ambiguous"):
         apply_lock(src, lock_path, out=tmp_path / "out")
+    (src / "model.safetensors.index.json").write_text('{"weight_map": {}}')  # and an index naming nothing
+    with pytest.raises(CheckpointError, match="should be non-empty"):
+        apply_lock(src, lock_path, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_and_tensors_disagreeing_is_refused(tmp_path, setup):
