@@ -135,16 +135,21 @@ def base_report() -> dict:
         "qa_accuracy": 0.5,
         "kl": 0.11,
         "seconds": 1.0,
+        "harmful_answers": 0.2,
     }
+    indistinct = {"alphas": [1.0, 0.0], "rate": "harmful_compliance", "n": 40, "intervals": [], "message": "close"}
     return {
         "weightlock_version": "0.9",
         "model": "org/model",
         "lock": "lock.wlock",
         "judge": "keywords",
         "settings": {},
-        "sets": {"harmful": {"source": "advbench.csv", "count": 40}, "qa": {"source": "qa.jsonl", "count": 20}},
+        "sets": {
+            "harmful": {"source": "advbench.csv", "count": 40, "layout": "harmbench", "categories": {"crime": 40}},
+            "qa": {"source": "qa.jsonl", "count": 20},
+        },
         "results": [row, {**row, "alpha": None, "kl": None, "qa_accuracy": None}],
-        "choice": {"alpha": 1.0, "bounds": {}, "verdicts": []},
+        "choice": {"alpha": 1.0, "bounds": {}, "verdicts": [], "indistinct": [indistinct]},
     }
 
 
@@ -208,6 +213,16 @@ def test_the_schema_walk_finds_what_the_card_quotes():
 # class 8: the card
 
 
+# strings of an eval report the model card does not show (the per-category counts, the layout a set was read as,
+# tune's "cannot be told apart" notes are in the report itself): still inert, and nowhere on the card
+NOT_ON_THE_CARD = {
+    ("choice", "indistinct", "*", "message"),
+    ("choice", "indistinct", "*", "rate"),
+    ("sets", "{value}", "categories", "{key}"),
+    ("sets", "{value}", "layout"),
+}
+
+
 @pytest.mark.parametrize("path", STRING_LEAVES, ids="/".join)
 def test_every_string_of_an_eval_report_is_quoted_inert(locked, tmp_path, path):
     for i, payload in enumerate(HOSTILE_TEXT):
@@ -219,6 +234,9 @@ def test_every_string_of_an_eval_report_is_quoted_inert(locked, tmp_path, path):
         read = read_eval_report(file)  # a real file through the real reader
         card = locked_card(None, locked["provenance"], locked["lock"], read)
         quoted = path != ("lock",) or payload  # "lock": "" is no lock, not quoted; every other string is
+        if path in NOT_ON_THE_CARD:
+            assert len(payload) < 8 or payload not in assert_inert(card), (path, payload)
+            continue
         assert_inert(card, [payload] if quoted else [])
 
 

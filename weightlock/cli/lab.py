@@ -21,6 +21,7 @@ from weightlock.cli.common import (
 from weightlock.errors import OutputError
 from weightlock.io.outputs import write_file_atomically
 from weightlock.lab.evaluate import EVAL_ENGINES
+from weightlock.lab.judges import JUDGE_KIND_NAMES
 
 
 @cli.command()
@@ -212,15 +213,25 @@ def eval_options(command):
     options = [
         click.option(
             "--harmful",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="Harmful prompts (.txt/.csv/.json/.jsonl); default: the shipped set.",
+            type=click.Path(path_type=Path),
+            help="Harmful prompts (.txt/.csv/.json/.jsonl, or a folder of category files such as HEx-PHI's); "
+            "HarmBench, StrongREJECT, JailbreakBench, XSTest (unsafe rows), OR-Bench and AdvBench CSVs are read "
+            "with their categories; default: the shipped set.",
         ),
         click.option(
             "--benign",
-            type=click.Path(dir_okay=False, path_type=Path),
+            type=click.Path(path_type=Path),
             help="Benign prompts that look risky, for over-refusal (XSTest's CSV works: rows labelled "
-            "safe); default: the shipped set.",
+            "safe, by type); default: the shipped set.",
         ),
+        click.option(
+            "--harmful-columns",
+            default=None,
+            metavar="PROMPT[,CATEGORY]",
+            help="The --harmful CSV's prompt column and category column (or JSON keys), for a layout not "
+            "recognised by its header; ',CATEGORY' names the category alone.",
+        ),
+        click.option("--benign-columns", default=None, metavar="PROMPT[,CATEGORY]", help="The same for --benign."),
         click.option(
             "--kl-text",
             type=click.Path(dir_okay=False, path_type=Path),
@@ -234,6 +245,20 @@ def eval_options(command):
         click.option("--limit", type=Number("limit"), default=None, help="Use only the first N items of each set."),
         click.option("--max-new-tokens", type=Number("max_new_tokens"), default=48, show_default=True),
         click.option(
+            "--tensor-parallel-size",
+            type=Number("tensor_parallel_size"),
+            default=1,
+            show_default=True,
+            help="--engine vllm: shard the model over this many GPUs (vLLM's tensor parallelism).",
+        ),
+        click.option(
+            "--pipeline-parallel-size",
+            type=Number("pipeline_parallel_size"),
+            default=1,
+            show_default=True,
+            help="--engine vllm: split the layers over this many GPUs or nodes (vLLM's pipeline parallelism).",
+        ),
+        click.option(
             "--batch-size",
             type=Number("batch_size"),
             default=None,
@@ -242,7 +267,19 @@ def eval_options(command):
         click.option("--system-prompt", default=None),
         click.option("--plain-template", is_flag=True, help="User:/Assistant: text instead of the chat template."),
         click.option("--gguf-file", default=None, help="Load MODEL's folder's GGUF file of this name."),
-        click.option("--judge-model", default=None, help="A chat model that judges refusals instead of phrases."),
+        click.option(
+            "--judge",
+            "judge_spec",
+            metavar="KIND:MODEL",
+            default=None,
+            help="A safety-classifier judge instead of refusal phrases: KIND one of "
+            + ", ".join(JUDGE_KIND_NAMES)
+            + "; MODEL a local folder or cached Hub id. Kinds that also say whether an answer is harmful add "
+            "that rate; kinds without a refusal verdict leave refusals to the phrases.",
+        ),
+        click.option(
+            "--judge-model", default=None, help="A chat model that judges refusals instead of phrases (chat:MODEL)."
+        ),
         click.option(
             "--engine",
             type=click.Choice(list(EVAL_ENGINES)),
@@ -275,8 +312,16 @@ def eval_options(command):
 
 
 def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
-    from weightlock.lab.evaluate import EvalSettings, choose_alpha, evaluate_model, report_json, results_table
+    from weightlock.lab.evaluate import (
+        EvalSettings,
+        choice_text,
+        choose_alpha,
+        evaluate_model,
+        report_json,
+        results_table,
+    )
     from weightlock.lab.plot import check_can_draw, eval_curves
+    from weightlock.lab.prompt_sets import parse_columns
 
     settings = EvalSettings(
         max_new_tokens=opts["max_new_tokens"],
@@ -284,15 +329,28 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
         template="plain" if opts["plain_template"] else "chat",
         system_prompt=opts["system_prompt"],
         engine=opts["engine"],
+        tensor_parallel_size=opts["tensor_parallel_size"],
+        pipeline_parallel_size=opts["pipeline_parallel_size"],
     )
     files = {
         k: opts[o]
         for k, o in (("harmful", "harmful"), ("benign", "benign"), ("kl", "kl_text"), ("qa", "qa"))
         if opts[o] is not None
     }
+    columns = {
+        kind: parse_columns(opts[f"{kind}_columns"])
+        for kind in ("harmful", "benign")
+        if opts[f"{kind}_columns"] is not None
+    }
     from weightlock.io.outputs import check_output_file
 
-    inputs = [*local_paths(model), lock_path, reference, opts["judge_model"], *files.values()]
+    if opts["judge_spec"] is not None and opts["judge_model"] is not None:
+        raise click.UsageError("give --judge KIND:MODEL or --judge-model MODEL, not both")
+    judge = opts["judge_spec"] if opts["judge_spec"] is not None else opts["judge_model"]
+    if opts["judge_model"] is not None:
+        judge = f"chat:{opts['judge_model']}"
+    judge_location = judge.partition(":")[2] if judge is not None else None
+    inputs = [*local_paths(model), lock_path, reference, judge_location, *files.values()]
     for option, path in (("--report", opts["report"]), ("--plot", opts["plot"])):
         if path is not None:
             check_output_file(path, inputs=inputs, force=opts["force"], option=option)
@@ -308,11 +366,12 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
         lock=lock_path,
         alphas=alphas,
         prompt_files=files,
+        columns=columns,
         limit=opts["limit"],
         settings=settings,
         gguf_file=opts["gguf_file"],
         reference=reference,
-        judge_model=opts["judge_model"],
+        judge_model=judge,
         dtype=opts["dtype"],
         device=opts["device"],
         progress=not opts["as_json"],
@@ -337,13 +396,7 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
         )
     text = results_table(report.results)
     if report.choice is not None:
-        chosen = report.choice["alpha"]
-        text += (
-            "\n\nchosen alpha: " + format(chosen, "g")
-            if chosen is not None
-            else "\n\nno alpha meets the bounds:\n"
-            + "\n".join(f"  alpha {v['alpha']:g}: {'; '.join(v['problems'])}" for v in report.choice["verdicts"])
-        )
+        text += "\n\n" + choice_text(report.choice)
     if opts["as_json"]:
         click.echo(report_json(report))
     else:
@@ -408,6 +461,12 @@ def eval_command(model, lock_path, alphas, reference, **opts):
     default=None,
     help="Over-refusal at most this far above the model's own at alpha 0 (e.g. 0.1; alpha 0 is added to the sweep).",
 )
+@click.option(
+    "--point-estimates",
+    is_flag=True,
+    help="Judge the bounds on the rates themselves, not on their 95% intervals (the default: a bound is met "
+    "when the whole interval meets it).",
+)
 @eval_options
 def tune(
     model,
@@ -419,6 +478,7 @@ def tune(
     max_degenerate,
     max_qa_drop,
     max_over_refusal_rise,
+    point_estimates,
     **opts,
 ):
     """Sweep the lock's alpha on MODEL and pick the smallest that meets the bounds (exit 1 if none does)."""
@@ -427,7 +487,15 @@ def tune(
     sweep = sorted(set(alphas))  # each a finite number (NumberList), at least one
     if max_over_refusal is None:
         max_over_refusal = 1.0 if max_over_refusal_rise is not None else 0.2
-    bounds = TuneBounds(target_refusal, max_over_refusal, max_kl, max_degenerate, max_qa_drop, max_over_refusal_rise)
+    bounds = TuneBounds(
+        target_refusal,
+        max_over_refusal,
+        max_kl,
+        max_degenerate,
+        max_qa_drop,
+        max_over_refusal_rise,
+        rule="point" if point_estimates else "interval",
+    )
     if bounds.relative and 0.0 not in sweep:
         sweep = [0.0] + sweep  # the relative bounds' reference: the model without the lock
     report = _run_evaluation(model, lock_path, sweep, None, opts, bounds)

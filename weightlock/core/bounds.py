@@ -73,6 +73,9 @@ BOUNDS: dict[str, Bound] = {
     # eval (EvalSettings)
     "max_new_tokens": Bound(int, 1, MAX_NEW_TOKENS, example="48"),
     "kl_max_tokens": Bound(int, 1, example="128"),
+    # eval --engine vllm: GPUs a model is sharded over (vLLM's own limits apply beyond these)
+    "tensor_parallel_size": Bound(int, 1, 4096, example="8"),
+    "pipeline_parallel_size": Bound(int, 1, 4096, example="2"),
     # tune (TuneBounds)
     "target_refusal": _fraction("0.8"),
     "max_over_refusal": _fraction("0.2"),

@@ -29,12 +29,15 @@ class VllmGenerator(ScratchBeside):
         *,
         dtype: str = "float32",
         max_model_len: int | None = None,
+        parallel: dict | None = None,
     ):
         """``bake``: :func:`weightlock.api.apply_lock` (passed in by the lab: engines sit below the dispatcher)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine starts in seconds
         import_vllm("eval --engine vllm", "use --engine transformers")
         self.folder, self.bake = Path(folder), bake
         self.dtype, self.max_model_len = dtype, max_model_len
+        # tensor_parallel_size / pipeline_parallel_size, passed to vllm.LLM as given (1 and 1: one device)
+        self.parallel = {k: v for k, v in (parallel or {}).items() if v != 1}
         super().__init__(self.folder)
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, lock=None, alpha=None) -> list[list[int]]:
@@ -53,6 +56,7 @@ class VllmGenerator(ScratchBeside):
             enforce_eager=True,
             skip_tokenizer_init=True,
             max_model_len=self.max_model_len,
+            **self.parallel,
             **kwargs,
         )
         try:

@@ -1,7 +1,8 @@
 """Pictures, drawn by matplotlib (the optional extra ``pip install 'weightlock[plot]'``).
 
 - ``eval_curves``: eval and tune's metrics against alpha (harmful compliance, over-refusal, QA accuracy,
-  degenerate answers; KL on its own axis), with the alpha tune chose marked;
+  degenerate answers, with their 95% Wilson intervals as error bars; KL on its own axis), with the alpha tune
+  chose marked, and a row of per-category panels for each set whose items have categories;
 - ``lock_heatmap``: a lock's layer x head map of held-out probe accuracy with a colour bar, the kept heads
   marked.
 
@@ -53,25 +54,67 @@ def _encode(figure, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+RATE_SERIES = (  # metric, label, colour, marker
+    ("harmful_compliance", "harmful compliance", "tab:red", "o"),
+    ("over_refusal", "over-refusal", "tab:blue", "s"),
+    ("degenerate", "degenerate answers", "tab:gray", "^"),
+    ("qa_accuracy", "QA accuracy", "tab:green", "D"),
+)
+MAX_CATEGORY_LINES = 12  # per panel: more would be a legend, not a plot (the report has them all)
+
+
+def _rate_points(xs, entries):
+    """(x, rate, below, above) for each measured entry: the error bar's reach under and over the rate."""
+    return [
+        (x, e["rate"], e["rate"] - e["low"], e["high"] - e["rate"])
+        for x, e in zip(xs, entries, strict=True)
+        if e is not None
+    ]
+
+
+def _draw_rates(axis, points, **style):
+    if points:
+        axis.errorbar(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            yerr=[[p[2] for p in points], [p[3] for p in points]],
+            capsize=3,
+            **style,
+        )
+
+
+def _entry(result, name):
+    """The rate with its interval from ``result.rates``, or its value alone (a result built by hand)."""
+    entry = result.rates.get(name) if getattr(result, "rates", None) else None
+    value = getattr(result, name)
+    if entry is None and value is not None:
+        entry = {"rate": value, "low": value, "high": value}
+    return entry
+
+
 def eval_curves(results, title: str, fmt: str = "png", chosen_alpha: float | None = None) -> bytes:
-    """Rates and KL against alpha, one line per metric; results without an alpha are drawn at 0."""
+    """Rates (error bars: their 95% Wilson intervals) and KL against alpha, one line per metric; results
+    without an alpha are drawn at 0. Below, for each set with categories, its rate per category."""
     from matplotlib.ticker import PercentFormatter
 
     rows = sorted(results, key=lambda r: 0.0 if r.alpha is None else r.alpha)
     xs = [0.0 if r.alpha is None else r.alpha for r in rows]
-    figure = _figure(11, 4.2)
-    rates_axis, kl_axis = figure.subplots(1, 2)
-    series = [
-        ("harmful compliance", [r.harmful_compliance for r in rows], "tab:red", "o"),
-        ("over-refusal", [r.over_refusal for r in rows], "tab:blue", "s"),
-        ("degenerate answers", [r.degenerate for r in rows], "tab:gray", "^"),
+    categorised = [
+        (name, label)
+        for name, label, _, _ in RATE_SERIES
+        if name != "degenerate" and any("by_category" in (getattr(r, "rates", {}).get(name) or {}) for r in rows)
     ]
-    if any(r.qa_accuracy is not None for r in rows):
-        series.append(("QA accuracy", [r.qa_accuracy for r in rows], "tab:green", "D"))
-    for label, values, colour, marker in series:
-        points = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
-        rates_axis.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=colour, label=label)
-    rates_axis.set(title="rates", xlabel="alpha", ylim=(-0.03, 1.03))
+    figure = _figure(11, 4.2 * (2 if categorised else 1))
+    grid = figure.subplots(2 if categorised else 1, max(2, len(categorised)), squeeze=False)
+    rates_axis, kl_axis = grid[0][0], grid[0][1]
+    for extra in grid[0][2:]:
+        extra.set_axis_off()
+    for name, label, colour, marker in RATE_SERIES:
+        entries = [_entry(r, name) for r in rows]
+        if name == "qa_accuracy" and all(e is None for e in entries):
+            continue
+        _draw_rates(rates_axis, _rate_points(xs, entries), marker=marker, color=colour, label=label)
+    rates_axis.set(title="rates (bars: 95% intervals)", xlabel="alpha", ylim=(-0.03, 1.03))
     rates_axis.yaxis.set_major_formatter(PercentFormatter(1.0))
     kl_points = [(x, r.kl) for x, r in zip(xs, rows, strict=True) if r.kl is not None]
     if kl_points:
@@ -85,14 +128,27 @@ def eval_curves(results, title: str, fmt: str = "png", chosen_alpha: float | Non
     else:
         kl_axis.text(0.5, 0.5, "no KL measured", ha="center", va="center", transform=kl_axis.transAxes)
     kl_axis.set(title="drift on benign text", xlabel="alpha", ylabel="nats / token")
-    for axis in (rates_axis, kl_axis):
+    axes = [rates_axis, kl_axis]
+    for column, (name, label) in enumerate(categorised):
+        axis = grid[1][column]
+        axes.append(axis)
+        names = sorted({c for r in rows for c in ((r.rates.get(name) or {}).get("by_category") or {})})
+        for category in names[:MAX_CATEGORY_LINES]:
+            entries = [((r.rates.get(name) or {}).get("by_category") or {}).get(category) for r in rows]
+            _draw_rates(axis, _rate_points(xs, entries), marker=".", label=category[:40])
+        shown = f" (first {MAX_CATEGORY_LINES} of {len(names)})" if len(names) > MAX_CATEGORY_LINES else ""
+        axis.set(title=f"{label} by category{shown}", xlabel="alpha", ylim=(-0.03, 1.03))
+        axis.yaxis.set_major_formatter(PercentFormatter(1.0))
+    for extra in grid[1][len(categorised) :] if categorised else ():
+        extra.set_axis_off()
+    for axis in axes:
         axis.grid(alpha=0.3)
         if chosen_alpha is not None:
             axis.axvline(
                 chosen_alpha, color="black", linestyle="--", linewidth=1, label=f"chosen alpha {chosen_alpha:g}"
             )
         if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize="small")
+            axis.legend(fontsize="x-small" if axis not in (rates_axis, kl_axis) else "small")
     figure.suptitle(title)
     return _encode(figure, fmt)
 
