@@ -549,9 +549,9 @@ def load_judge(spec: str, *, dtype: str = "float32", device: str = "cpu", batch_
     """Load ``KIND:MODEL`` (MODEL a local folder or a cached Hub id) with transformers; the template check runs here,
     before anything is judged."""
     kind, location = parse_spec(spec)
-    from weightlock.lab.evaluate import load_for_eval
+    from weightlock.lab.forge import ForgeSettings, load_model  # evaluate imports this module: not from there
 
-    model, tokenizer = load_for_eval(location, dtype=dtype, device=device)
+    model, tokenizer = load_model(location, ForgeSettings(dtype=dtype, device=device))
     if kind == CHAT_KIND:
         return ChatJudge(model, tokenizer, batch_size=batch_size, name=spec)
     return Judge(kind, model, tokenizer, batch_size=batch_size, name=spec)
