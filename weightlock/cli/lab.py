@@ -346,10 +346,9 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
 
     if opts["judge_spec"] is not None and opts["judge_model"] is not None:
         raise click.UsageError("give --judge KIND:MODEL or --judge-model MODEL, not both")
-    judge = opts["judge_spec"] if opts["judge_spec"] is not None else opts["judge_model"]
-    if opts["judge_model"] is not None:
-        judge = f"chat:{opts['judge_model']}"
-    judge_location = judge.partition(":")[2] if judge is not None else None
+    judge_location = opts["judge_model"]
+    if opts["judge_spec"] is not None:
+        judge_location = opts["judge_spec"].partition(":")[2]
     inputs = [*local_paths(model), lock_path, reference, judge_location, *files.values()]
     for option, path in (("--report", opts["report"]), ("--plot", opts["plot"])):
         if path is not None:
@@ -371,7 +370,8 @@ def _run_evaluation(model, lock_path, alphas, reference, opts, bounds=None):
         settings=settings,
         gguf_file=opts["gguf_file"],
         reference=reference,
-        judge_model=judge,
+        judge_model=opts["judge_model"],
+        judge=opts["judge_spec"],
         dtype=opts["dtype"],
         device=opts["device"],
         progress=not opts["as_json"],

@@ -289,11 +289,22 @@ def _column(header: list[str], name: str) -> int | None:
     return lowered.index(name.lower()) if name.lower() in lowered else None
 
 
+# words that make a first row a header rather than a first prompt (a header-less file's first line is a prompt)
+# (the whole cell one such word, or it and one more: "Prompt Text"; a prompt is longer)
+_HEADER_WORD = re.compile(
+    r"^\s*(prompt|prompts|category|categories|question|instruction|behavior|text)([ _-]\w+)?\s*$", re.I
+)
+
+
 def _from_csv(text: str, kind: str, columns) -> tuple[list[str], list[str] | None, str | None]:
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         return [], None, None
     header = rows[0]
+    names = [h.strip().lower() for h in header if h.strip()]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # which of the two a reader takes is arbitrary: refused
+        raise _MissingColumn(f"the header names {twice[0]!r} twice; which column is meant is ambiguous")
     lowered = {h.strip().lower() for h in header}
     layout = next((lay for lay in LAYOUTS if all(c.lower() in lowered for c in lay.header)), None)
     prompt_name, category_name = columns if columns is not None else (None, None)
@@ -309,6 +320,11 @@ def _from_csv(text: str, kind: str, columns) -> tuple[list[str], list[str] | Non
     if prompt is None:  # header-less, like AdvBench's harmful_behaviors.csv as SafetyLock ships it
         if category_name is not None:
             raise _MissingColumn("a header-less CSV has no category column")
+        if any(_HEADER_WORD.search(h) for h in header):  # a header weightlock does not know, not a first prompt
+            raise _MissingColumn(
+                "the first row looks like a header (" + ", ".join(repr(h) for h in header[:20]) + ") of a layout "
+                "weightlock does not know, so which column holds the prompts is not known"
+            )
         return [row[0] for row in rows if row and row[0].strip()], None, None
     if category_name is not None:
         category = _column(header, category_name)

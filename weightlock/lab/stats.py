@@ -39,9 +39,9 @@ def difference(a: tuple[int, int], b: tuple[int, int], z: float = Z95) -> tuple[
     """(estimate, low, high) of rate a - rate b, each given as (successes, n): Newcombe's hybrid score
     interval. It treats the two samples as independent; eval's are the same prompts at two alphas, for which
     it is conservative (wider than a paired interval)."""
-    p1, p2 = a[0] / a[1], b[0] / b[1]
-    l1, u1 = wilson(*a, z=z)
+    l1, u1 = wilson(*a, z=z)  # refuses n = 0 and counts outside 0..n before anything is divided
     l2, u2 = wilson(*b, z=z)
+    p1, p2 = a[0] / a[1], b[0] / b[1]
     d = p1 - p2
     return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
@@ -49,6 +49,8 @@ def difference(a: tuple[int, int], b: tuple[int, int], z: float = Z95) -> tuple[
 def rate(successes: int, n: int) -> dict | None:
     """A rate as eval reports it: {"rate", "count", "n", "low", "high"} (95% Wilson), or None over zero items."""
     if n == 0:
+        if successes != 0:
+            raise ValueError(f"{successes} successes out of 0")
         return None
     low, high = wilson(successes, n)
     return {"rate": successes / n, "count": successes, "n": n, "low": low, "high": high}
