@@ -21,7 +21,7 @@ from weightlock.cli.common import (
 from weightlock.errors import OutputError
 from weightlock.io.outputs import write_file_atomically
 from weightlock.lab.evaluate import EVAL_ENGINES
-from weightlock.lab.judges import JUDGE_KIND_NAMES
+from weightlock.lab.judges import KNOWN_KINDS
 
 
 @cli.command()
@@ -273,7 +273,7 @@ def eval_options(command):
             metavar="KIND:MODEL",
             default=None,
             help="A safety-classifier judge instead of refusal phrases: KIND one of "
-            + ", ".join(JUDGE_KIND_NAMES)
+            + ", ".join(KNOWN_KINDS)
             + "; MODEL a local folder or cached Hub id. Kinds that also say whether an answer is harmful add "
             "that rate; kinds without a refusal verdict leave refusals to the phrases.",
         ),

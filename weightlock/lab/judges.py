@@ -448,8 +448,7 @@ JUDGE_KINDS: dict[str, JudgeKind] = {
     )
 }
 CHAT_KIND = "chat"  # ModelJudge: a yes/no refusal question to any chat model, decided by next-token logits
-JUDGE_KIND_NAMES = (*JUDGE_KINDS, CHAT_KIND)  # the --judge KIND values
-KNOWN_KINDS = (*JUDGE_KINDS, CHAT_KIND)
+KNOWN_KINDS = (*JUDGE_KINDS, CHAT_KIND)  # the --judge KIND values
 
 
 def _require_template(tokenizer, kind: str, markers: Sequence[str], hint: str) -> None:
