@@ -181,13 +181,19 @@ def set_at(report, path, value) -> bool:
         return False
     head, rest = path[0], path[1:]
     if head == "*":
-        return any([set_at(item, rest, value) for item in report]) if rest else False
+        if not rest:  # the items themselves (a list of numbers)
+            report[:] = [value] * len(report)
+            return bool(report)
+        return any([set_at(item, rest, value) for item in report])
     if head == "{key}":
         items = list(report.items())
         report.clear()
         report.update({f"{value}{i or ''}": v for i, (_, v) in enumerate(items)})
         return bool(items)
     if head == "{value}":
+        if not rest:  # the values themselves (a map of counts)
+            report.update(dict.fromkeys(report, value))
+            return bool(report)
         return any([set_at(v, rest, value) for v in report.values()])
     if head not in report or report[head] is None and rest:
         return False
