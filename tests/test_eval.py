@@ -354,6 +354,8 @@ def test_eval_and_tune_from_the_cli(chat_model, tmp_path, capsys):
         capsys, "tune", str(chat_model), "--lock", str(lock_path), "--alphas", "0,2", "--target-refusal", "1.0", *common
     )
     assert code == 1 and "no alpha meets the bounds" in out and "refuses 0% < 100%" in out
+    # under the interval rule a 100% target can never be met: said before the sweep runs
+    assert "--target-refusal 1 can never be met" in err and "--point-estimates" in err
     code, out, err = run_cli(
         capsys,
         "tune",

@@ -391,3 +391,44 @@ def test_eval_cli_reports_categories_and_refuses_a_missing_column(chat_model, tm
     assert code == 3 and "no column 'Category'" in err and "hint:" in err and "Traceback" not in err
     code, out, err = run_cli(capsys, "eval", str(chat_model), "--benign-columns", "prompt,type")
     assert code == 3 and "no file given" in err
+
+
+@pytest.mark.parametrize(
+    "changes, option",
+    [
+        ({"target_refusal": 1.0}, "--target-refusal 1"),
+        ({"max_over_refusal": 0.0}, "--max-over-refusal 0"),
+        ({"max_degenerate": 0.0}, "--max-degenerate 0"),
+        ({"max_qa_drop": 0.0}, "--max-qa-drop 0"),
+        ({"max_over_refusal_rise": 0.0}, "--max-over-refusal-rise 0"),
+    ],
+)
+def test_bounds_no_interval_can_meet_are_named(changes, option):
+    """A 95% interval over a finite set never ends at exactly 0% or 100%: such a bound fails at every alpha under
+    the interval rule (tune warns before it runs), and is a plain bound under --point-estimates."""
+    from weightlock.lab import stats
+
+    assert TuneBounds(**changes).unmeetable() == [option]
+    assert TuneBounds(**changes, rule="point").unmeetable() == []
+    assert TuneBounds().unmeetable() == []
+    low, high = stats.wilson(0, 10**6)
+    assert low == 0 and 0 < high  # the reason: even 0 of a million leaves an upper end above 0
+
+
+def test_a_long_or_hidden_category_name_is_a_bounded_escaped_cell_in_the_table():
+    """The text table shows a category escaped and at most CATEGORY_CELL characters wide (the JSON keeps the name
+    whole), so a 100,000-character or control-character name neither floods nor misaligns the terminal."""
+    from weightlock.lab.evaluate import CATEGORY_CELL, AlphaResult, results_table
+
+    names = ["x" * 100_000, "bad\x1b[31mred", "plain"]
+    by_category = {name: stats.rate(1, 2) for name in names}
+    rates = {
+        "harmful_compliance": {**stats.rate(3, 6), "by_category": by_category},
+        "over_refusal": stats.rate(0, 6),
+        "degenerate": {**stats.rate(0, 12), "by_set": {"harmful": {**stats.rate(0, 6), "by_category": by_category}}},
+    }
+    table = results_table([AlphaResult(1.0, 0.5, 0.0, 0.0, None, None, 1.0, rates=rates)])
+    rows = [line for line in table.split("\n") if line.startswith("1 ")][-3:]
+    assert len({len(line) for line in rows}) == 1  # aligned
+    assert max(len(line) for line in table.split("\n")) < CATEGORY_CELL + 120
+    assert "\x1b" not in table and "\\x1b[31mred" in table and "…" in table

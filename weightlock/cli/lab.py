@@ -20,6 +20,7 @@ from weightlock.cli.common import (
 )
 from weightlock.errors import OutputError
 from weightlock.io.outputs import write_file_atomically
+from weightlock.io.text import printable
 from weightlock.lab.evaluate import EVAL_ENGINES
 from weightlock.lab.judges import KNOWN_KINDS
 
@@ -496,6 +497,16 @@ def tune(
         max_over_refusal_rise,
         rule="point" if point_estimates else "interval",
     )
+    unmeetable = bounds.unmeetable()
+    if unmeetable:  # said before minutes of generation, not after
+        click.echo(
+            printable(
+                f"weightlock: warning: {', '.join(unmeetable)} can never be met with bounds judged on 95% intervals "
+                "(an interval over a finite set never ends at exactly 0% or 100%): every alpha will fail it. "
+                "Give a bound short of it (0.95, 0.02), or --point-estimates to judge the rates themselves"
+            ),
+            err=True,
+        )
     if bounds.relative and 0.0 not in sweep:
         sweep = [0.0] + sweep  # the relative bounds' reference: the model without the lock
     report = _run_evaluation(model, lock_path, sweep, None, opts, bounds)

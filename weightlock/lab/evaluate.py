@@ -395,6 +395,21 @@ class TuneBounds:
     def relative(self) -> bool:
         return self.max_qa_drop is not None or self.max_over_refusal_rise is not None
 
+    def unmeetable(self) -> list[str]:
+        """The bounds no measured rate can meet under the interval rule: a 95% interval over a finite set never
+        ends at exactly 0% or 100%, so a 100% refusal target, or a zero over-refusal, degenerate share, QA drop
+        or over-refusal rise, fails at every alpha (each named by its tune option)."""
+        if self.rule != "interval":
+            return []
+        extremes = (
+            ("--target-refusal 1", self.target_refusal >= 1),
+            ("--max-over-refusal 0", self.max_over_refusal <= 0),
+            ("--max-degenerate 0", self.max_degenerate <= 0),
+            ("--max-qa-drop 0", self.max_qa_drop is not None and self.max_qa_drop <= 0),
+            ("--max-over-refusal-rise 0", self.max_over_refusal_rise is not None and self.max_over_refusal_rise <= 0),
+        )
+        return [option for option, extreme in extremes if extreme]
+
 
 EPSILON = 1e-9  # rates are fractions of small counts: 0.3 - 0.1 must not fail a 0.2 bound
 RATE_NAMES = {
@@ -638,17 +653,30 @@ def results_table(results: list[AlphaResult]) -> str:
         ]
         if not rows:
             continue
-        width = max(8, *(len(c) for _, c, _, _ in rows))
+        width = max(8, *(len(_category_cell(c)) for _, c, _, _ in rows))
         lines += [
             "",
             f"{kind} set by category:",
             f"{'alpha':<6}  {'category':<{width}}  {'n':>5}  {RATE_NAMES[name]:>20}  {'degenerate answers':>20}",
         ]
         lines += [
-            f"{alpha_text(r):<6}  {c:<{width}}  {e['n']:>5}  {_pct_interval(e):>20}  {_pct_interval(d):>20}"
+            f"{alpha_text(r):<6}  {_category_cell(c):<{width}}  {e['n']:>5}  {_pct_interval(e):>20}  "
+            f"{_pct_interval(d):>20}"
             for r, c, e, d in rows
         ]
     return "\n".join(lines)
+
+
+CATEGORY_CELL = 48  # characters of a category name the text table shows (the JSON keeps it whole)
+
+
+def _category_cell(category: str) -> str:
+    """A category as a table cell: hidden characters escaped (the width is measured on what is shown), a long name
+    cut with an ellipsis."""
+    from weightlock.io.text import printable
+
+    shown = printable(category)
+    return shown if len(shown) <= CATEGORY_CELL else shown[: CATEGORY_CELL - 1] + "…"
 
 
 def choice_text(choice: dict) -> str:
