@@ -245,19 +245,18 @@ def eval_options(command):
         ),
         click.option("--limit", type=Number("limit"), default=None, help="Use only the first N items of each set."),
         click.option("--max-new-tokens", type=Number("max_new_tokens"), default=48, show_default=True),
-        click.option(
-            "--tensor-parallel-size",
-            type=Number("tensor_parallel_size"),
-            default=1,
-            show_default=True,
-            help="--engine vllm: shard the model over this many GPUs (vLLM's tensor parallelism).",
-        ),
-        click.option(
-            "--pipeline-parallel-size",
-            type=Number("pipeline_parallel_size"),
-            default=1,
-            show_default=True,
-            help="--engine vllm: split the layers over this many GPUs or nodes (vLLM's pipeline parallelism).",
+        *(
+            click.option(f"--{name.replace('_', '-')}", type=Number(name), default=1, show_default=True, help=text)
+            for name, text in (
+                (
+                    "tensor_parallel_size",
+                    "--engine vllm: shard the model over this many GPUs (vLLM's tensor parallelism).",
+                ),
+                (
+                    "pipeline_parallel_size",
+                    "--engine vllm: split the layers over this many GPUs or nodes (vLLM's pipeline parallelism).",
+                ),
+            )
         ),
         click.option(
             "--batch-size",
