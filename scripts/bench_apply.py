@@ -294,6 +294,15 @@ def make_lock(folder: Path, p: dict, out: Path, legacy: Path | None) -> None:
         lock = build_lock(lock.layers, lock.heads, lock.directions, lock.scales, source, default_alpha=6.0)
     else:
         lock = random_lock(source, p)
+    if p.get("gated"):  # a gate on each locked layer: random unit probes, thresholds around zero
+        from weightlock.core.gate import Gate
+
+        rng = np.random.default_rng(2)
+        layers = np.array(sorted(set(lock.layers.tolist())), dtype=np.int64)
+        probes = rng.normal(size=(len(layers), p["hidden"]))
+        probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+        low, high = np.full(len(layers), -0.3, np.float32), np.full(len(layers), 0.3, np.float32)
+        lock.gate = Gate(layers, probes.astype(np.float32), low, high)
     save_lock(lock, out)
 
 
@@ -550,6 +559,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
     parser.add_argument("--gguf", choices=["Q4_K", "Q8_0"], default=None, help="bench a GGUF file instead")
     parser.add_argument(
+        "--gated", action="store_true", help="a gated lock: every MLP is rewritten, so `cp -r` is the floor"
+    )
+    parser.add_argument(
         "--quantized",
         choices=["awq", "fp8", "mlx4"],
         default=None,
@@ -565,6 +577,9 @@ def main() -> None:
     if args.quantized:
         p["quantized"] = args.quantized
         args.no_baseline = True  # the baseline would have to dequantize the whole model
+    if args.gated:
+        p["gated"] = True
+        args.no_baseline = args.no_copy = True  # transformers has no gated edit to compare with
     shutil.rmtree(args.work, ignore_errors=True)
     src, lock, out = args.work / "src", args.work / "lock.wlock", args.work / "out"
     t = time.perf_counter()
@@ -576,7 +591,8 @@ def main() -> None:
     )
     make_lock(src, p, lock, args.legacy_lock)
 
-    modes = ["cold-read"] + (["cp-tree"] if p.get("fused") else []) + ["apply-first", "apply", "apply-noload"]
+    rewrites = p.get("fused") or p.get("gated")  # most bytes rewritten: cp -r of the folder is the floor
+    modes = ["cold-read"] + (["cp-tree"] if rewrites else []) + ["apply-first", "apply", "apply-noload"]
     modes += [] if args.no_copy or p.get("fused") else ["apply-copy"]
     modes += ["tune-bakes"] if args.tune else []
     if p["complete"] and not p.get("fused") and not args.no_baseline:  # transformers cannot lock a Phi-3
@@ -689,6 +705,7 @@ def markdown_safetensors(args, p: dict, total: int, layers: list[int], o_bytes: 
     }
     stored = layouts.get(p.get("quantized"), "bf16")
     lock = f"`{args.legacy_lock.name}`" if args.legacy_lock is not None and args.legacy_lock.is_file() else "random"
+    lock += " gated" if p.get("gated") else ""
     caption = (
         f"`bench_apply.py`: {describe(p, args.preset)}, {stored}, {total / 2**30:.2f} GiB of safetensors; "
         f"{lock} lock touching {len(layers)} layers ({o_bytes / 2**20:.1f} MiB of o_proj weights). Each contender "

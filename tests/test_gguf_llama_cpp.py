@@ -132,6 +132,22 @@ def test_locked_safetensors_converted_to_gguf_keeps_the_lock(tmp_path, tokenizer
     assert error < 1e-2 and np.abs(hooked - _hf_log_probs(folder)).max() > 100 * error
 
 
+def test_a_gated_output_converted_to_gguf_keeps_its_gate_in_llama_cpp(tmp_path, tokenizer_dir):
+    """A gated lock baked into safetensors, then converted by llama.cpp's own converter: it maps the MLP biases
+    to ffn_{gate,up,down}.bias, which llama.cpp's llama graph adds (optional tensors, used when present)."""
+    from gate_helpers import gated_lock
+
+    folder = make_convertible(make_model(tmp_path / "src", "llama", vocab=VOCAB, layers=3), tokenizer_dir)
+    lock = gated_lock(folder, n_heads=5)
+    apply_lock(folder, lock, out=tmp_path / "locked", alpha=ALPHA)
+    gguf = convert(tmp_path / "locked", tmp_path / "locked.gguf")
+    names = set(open_gguf(gguf).tensors)
+    assert {f"blk.{i}.ffn_{p}.bias" for i in range(3) for p in ("gate", "up", "down")} <= names
+    hooked = _hf_log_probs(folder, lock, ALPHA)
+    error = np.abs(llama_cpp_log_probs(gguf, INPUT_IDS) - hooked).max()
+    assert error < 1e-2 and np.abs(hooked - _hf_log_probs(folder)).max() > 100 * error
+
+
 def test_real_smollm2_q4_1_locked_with_a_lock_forged_from_it(tmp_path, tokenizer_dir, capsys):
     """The real SmolLM2-135M-Instruct Q4_1 file: a lock forged from it (CLI, CPU), applied to the GGUF by the
     CLI; llama.cpp loads the output, verify passes, and greedy answers to harmful prompts change."""

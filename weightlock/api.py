@@ -11,13 +11,14 @@ publish atomically. The source is only ever read.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import partial
 from typing import TYPE_CHECKING
 
 from weightlock.core.lock import Lock, read_lock
 from weightlock.core.report import EngineChecks, Report, requested
-from weightlock.errors import InvalidInputError
+from weightlock.errors import InvalidInputError, UnsupportedError
 from weightlock.formats import FORMATS, GGUF, SAFETENSORS, detect
 from weightlock.io.commit import set_interrupt_advice
 
@@ -159,6 +160,7 @@ def apply_lock(
     progress: bool = False,
     loader_check: bool = True,
     eval_report: str | os.PathLike | None = None,
+    gate: bool = True,
 ) -> ApplyResult | GGUFApplyResult:
     """Bake ``lock`` at strength ``alpha`` (default: the lock's) into a copy of ``checkpoint`` at ``out``.
 
@@ -169,12 +171,31 @@ def apply_lock(
     The output is published only if :func:`verify_checkpoint` passes on it with the same checks
     ``weightlock verify`` runs (``loader_check``: the transformers class check, skipped where
     transformers is not installed), plus a byte comparison with the values just computed. An engine of the
-    serving table that would serve the output without its lock does not stop it: the result's warnings name it."""
+    serving table that would serve the output without its lock does not stop it: the result's warnings name it.
+
+    A gated lock (``forge --gate``) is baked with its gate into Llama, Mistral and Qwen2 folders; ``gate`` False
+    bakes its heads as a constant lock (the only way into other families and GGUF files)."""
     # true until the output is published (the staging place is removed on the way out, publish's renames are
     # never split, and a --force run's previous output is moved back by the next run if ever left aside)
     set_interrupt_advice("no output was published (a rerun tidies what the interrupted run left)")
-    lock, lock_bytes = read_lock(lock)
+    given, given_bytes = read_lock(lock)
+    lock, lock_bytes = _gate_choice(given, given_bytes, gate)
+    dropped = (
+        []
+        if lock is given
+        else [
+            f"the gate of lock {hashlib.sha256(given_bytes).hexdigest()[:16]}... was left out (--no-gate): its heads "
+            "are baked as a constant lock"
+        ]
+    )
     if detect(checkpoint) == GGUF:
+        if lock.gate is not None:
+            raise UnsupportedError(
+                "a gated lock cannot be baked into a GGUF file yet (its MLP tensors would have to be rewritten "
+                "and requantized)",
+                hint="pass --no-gate to bake the lock's heads as a constant lock, or lock the safetensors model "
+                "and convert it after",
+            )
         from weightlock.core.edit import ProgressBar
         from weightlock.formats.gguf.apply import apply_lock_gguf
 
@@ -193,6 +214,7 @@ def apply_lock(
             allow_architecture_mismatch=allow_architecture_mismatch,
             progress=ProgressBar if progress else None,
         )
+        result.plan.warnings.extend(dropped)
         return _with_serving_warnings(result, result.outputs[0])
     from weightlock.formats.safetensors.apply import apply_folder
     from weightlock.formats.safetensors.folder import Checkpoint, open_checkpoint
@@ -211,6 +233,7 @@ def apply_lock(
         eval_report=eval_report,
         verify=_APPLY_VERIFY,
     )
+    folder_result.plan.warnings.extend(dropped)
     return _with_serving_warnings(folder_result, folder_result.out)
 
 
@@ -218,6 +241,21 @@ def apply_lock(
 # drop the bias is a warning, not a refusal (the output is right; where it is served is the user's choice, and
 # apply names those engines in its warnings)
 _APPLY_VERIFY = partial(verify_checkpoint, enforce_serving=False)
+
+
+def _gate_choice(lock: Lock, lock_bytes: bytes, gate: bool) -> tuple[Lock, bytes]:
+    """The lock to bake: a gated lock as it is, or (``gate`` False) its constant form, recorded as such."""
+    if lock.gate is None or gate:
+        return lock, lock_bytes
+    from weightlock.core.lock import lock_file_bytes
+
+    constant = lock.without_gate()
+    # the constant lock recorded names the gated lock it came from (its file's sha256), so the edit can be traced
+    digest = hashlib.sha256(lock_bytes).hexdigest()
+    constant.description = f"the heads of gated lock {digest}, baked without its gate (--no-gate)"
+    data = lock_file_bytes(constant)
+    constant.sha256 = hashlib.sha256(data).hexdigest()
+    return constant, data
 
 
 def _with_serving_warnings(result, published):
@@ -257,6 +295,11 @@ def apply_in_place(
     from weightlock.formats.safetensors import inplace
 
     _refuse_in_place(location)
+    if read_lock(lock)[0].gate is not None:
+        raise UnsupportedError(
+            "a gated lock grows every MLP tensor, so it is baked into a new folder, never in place",
+            hint="pass --out NEW_FOLDER (the source stays as the undo)",
+        )
     result = inplace.apply_in_place(
         _location(location),
         lock,

@@ -62,6 +62,11 @@ from weightlock.io.text import printable
     default=None,
     help="A `weightlock eval --report` file whose measurements the output's model card quotes.",
 )
+@click.option(
+    "--no-gate",
+    is_flag=True,
+    help="Bake a gated lock's heads as a constant lock (formats and families that cannot hold the gate).",
+)
 @json_option
 def apply(
     checkpoint,
@@ -74,6 +79,7 @@ def apply(
     allow_architecture_mismatch,
     no_loader_check,
     eval_report,
+    no_gate,
     as_json,
 ):
     """Write a copy of CHECKPOINT (folder, cached Hub id or .gguf file) with the lock baked in, or edit a folder
@@ -85,10 +91,12 @@ def apply(
         )
     if in_place:
         from weightlock.api import apply_in_place
+        from weightlock.core.lock import read_lock
 
+        lock = read_lock(lock_path)[0]
         result = apply_in_place(
             checkpoint,
-            lock_path,
+            lock.without_gate() if no_gate and lock.gate is not None else lock_path,
             alpha=alpha,
             allow_architecture_mismatch=allow_architecture_mismatch,
             progress=not as_json,
@@ -111,6 +119,7 @@ def apply(
             progress=not as_json,
             loader_check=not no_loader_check,
             eval_report=eval_report,
+            gate=not no_gate,
         )
     s = result.summary()
     if s.get("format") == "gguf":
@@ -141,6 +150,15 @@ def apply(
         f"  read {s['bytes_read_weights']:,} bytes of o_proj weights, wrote {s['bytes_written']:,} bytes, "
         f"{s['shards_linked']} files hardlinked, {s['files_copied']} copied, {s['seconds']:.2f}s",
     ]
+    if s.get("gate"):
+        gate = s["gate"]
+        lines.insert(
+            1,
+            f"  gated (experimental): {len(gate['layers'])} gates; every MLP grown by {gate['added_neurons']} "
+            f"neurons (intermediate_size {gate['original_intermediate_size']} -> "
+            f"{gate['original_intermediate_size'] + gate['added_neurons']}, mlp_bias on); the o_proj biases carry "
+            "no push",
+        )
     lines += [f"  left out (weights without the lock): {item}" for item in s["left_out"]]
     lines += [f"  warning: {warning}" for warning in s["warnings"]]
     emit(as_json, {"ok": True, **s}, lines)
@@ -305,6 +323,10 @@ def inspect_command(target, heatmap, force, as_json):
         lines += _selection_lines(data["selection"])
         lines.append("  heads per layer:")
         lines += [f"    layer {layer:>3}: {heads}" for layer, heads in data["heads_per_layer"].items()]
+        if lock.gate is not None:
+            from weightlock.cli.lab import gate_lines
+
+            lines += ["  " + line for line in gate_lines(lock)]
     else:
         data = describe(target)
         model = data["model"]
@@ -329,6 +351,11 @@ def inspect_command(target, heatmap, force, as_json):
             f"lock {str(locked['lock_sha256'])[:16]}..., "
             f"layers {sorted(int(k) for k in (locked['locked_layers'] or {}))}, "
             f"{locked['edits']} edit(s) recorded"
+            + (
+                f"; gated: every MLP grown by {locked['gate'].get('added_neurons')} neurons"
+                if isinstance(locked.get("gate"), dict)
+                else ""
+            )
             + (f"; redeclared from {locked['redeclared_from']}" if locked["redeclared_from"] else "")
         )
     emit(as_json, data, lines)

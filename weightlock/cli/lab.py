@@ -117,6 +117,33 @@ from weightlock.lab.judges import KNOWN_KINDS
     default=None,
     help="Effect selection: candidates measured in one forward pass, at most (default: as many as memory holds).",
 )
+@click.option(
+    "--gate",
+    is_flag=True,
+    help="Also fit a gate (experimental): per locked layer a harmfulness probe on the MLP input, so that `apply` "
+    "bakes the push only where the probe fires (Llama, Mistral, Qwen2 safetensors; README 'Gated locks').",
+)
+@click.option(
+    "--gate-tail-tokens",
+    type=Number("tail_tokens"),
+    default=32,
+    show_default=True,
+    help="--gate: harmful prompt tokens the probe is fitted on (the last N after the prefix all prompts share).",
+)
+@click.option(
+    "--gate-benign-quantile",
+    type=Number("benign_quantile"),
+    default=0.99,
+    show_default=True,
+    help="--gate: the gate starts to open above this quantile of every benign prompt token's score.",
+)
+@click.option(
+    "--gate-harmful-quantile",
+    type=Number("harmful_quantile"),
+    default=0.5,
+    show_default=True,
+    help="--gate: and is fully open at this quantile of the harmful prompts' last 8 tokens' scores.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing lock file.")
 @json_option
 def forge(
@@ -145,6 +172,10 @@ def forge(
     effect_benign,
     greedy_pool,
     effect_batch,
+    gate,
+    gate_tail_tokens,
+    gate_benign_quantile,
+    gate_harmful_quantile,
     force,
     as_json,
 ):
@@ -181,7 +212,13 @@ def forge(
         effect_batch=effect_batch,
     )
     run: dict = {}
-    lock = forge_lock(model, data, settings, progress=not as_json, run=run)
+    if gate:
+        from weightlock.lab.gate_fit import GateSettings, forge_gated_lock
+
+        gate_settings = GateSettings(gate_tail_tokens, gate_benign_quantile, gate_harmful_quantile)
+        lock = forge_gated_lock(model, data, settings, gate_settings, progress=not as_json, run=run)
+    else:
+        lock = forge_lock(model, data, settings, progress=not as_json, run=run)
     digest = save_lock(lock, out, force=force, commit=f"{out} was written")
     details = lock.creation["details"]
     accuracy = np.asarray(details["probe_accuracy"])
@@ -204,9 +241,41 @@ def forge(
             "heldout_accuracy_of_kept": kept,
             # how the effect measurement ran here (memory- and machine-dependent, so not in the lock)
             "measurement": run.get("measurement"),
+            "gate": None if lock.gate is None else lock.gate.details["layers"],
         },
-        line,
+        [line] + ([] if lock.gate is None else gate_lines(lock)),
     )
+
+
+def gate_lines(lock) -> list[str]:
+    """forge's and inspect's account of a lock's gate, one line per layer: how well its probe separated held-out
+    prompts (from the lock's manifest: a crafted one may hold anything, so only dict entries are shown, each on its
+    own line, and the CLI escapes every line)."""
+    entries = lock.gate.details.get("layers")
+    rows = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        rows.append(
+            f"  gate on layer {entry.get('layer')}: held-out AUC {entry.get('heldout_auc')}, open at the last "
+            f"token of {entry.get('heldout_open_last_harmful')} harmful / {entry.get('heldout_open_last_benign')} "
+            f"benign prompts, at {entry.get('heldout_open_benign_tokens')} of benign tokens"
+            + ("" if entry.get("separates", True) else " (does not separate: rarely opens)")
+        )
+    shut = [
+        e
+        for e in (entries if isinstance(entries, list) else [])
+        if isinstance(e, dict) and not e.get("separates", True)
+    ]
+    warning = (
+        [
+            f"  warning: {len(shut)} of {lock.gate.num_gates} gates do not separate forge's prompts (rarely open): "
+            "more pairs, or other layers (--heads), may give a gate that does"
+        ]
+        if shut
+        else []
+    )
+    return [f"gate: {lock.gate.num_gates} layers (experimental)"] + rows + warning
 
 
 def eval_options(command):

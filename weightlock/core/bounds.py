@@ -58,6 +58,11 @@ BOUNDS: dict[str, Bound] = {
     "batch_size": Bound(int, 1, example="8"),
     "limit": Bound(int, 1, example="100"),
     "default_alpha": Bound(float, 0, low_open=True, example="6"),
+    # forge --gate (GateSettings)
+    "tail_tokens": Bound(int, 1, 4096, example="32"),
+    "benign_quantile": Bound(float, 0, 1, low_open=True, high_open=True, example="0.99"),
+    "harmful_quantile": Bound(float, 0, 1, low_open=True, high_open=True, example="0.5"),
+    "shrinkage": Bound(float, 0, 100, example="0.1"),
     "shortlist": Bound(int, 1, example="64"),
     "effect_alpha": Bound(float, 0, low_open=True, example="1"),
     "effect_pairs": Bound(int, 1, example="16"),

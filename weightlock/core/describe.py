@@ -13,6 +13,7 @@ def describe_lock(lock: Lock) -> dict:
         "sha256": lock.sha256,
         "manifest": lock.manifest(),
         "heads_per_layer": {str(layer): heads for layer, heads in lock.heads_by_layer().items()},
+        "gate": None if lock.gate is None else lock.gate.summary(),
         "probe_accuracy": None if (grid := probe_accuracy_grid(lock)) is None else grid.tolist(),
         "selection": selection_summary(lock),
         "scales": {

@@ -90,6 +90,35 @@ class Redeclaration:
 
 
 @dataclass(frozen=True)
+class GatedMlp:
+    """Where a gated lock's neurons go (:mod:`weightlock.core.gate`): a SwiGLU MLP of three projections, whose
+    class (the output's, after any redeclaration) gives all three a bias when ``bias_flag`` is set."""
+
+    module: str = "model.layers.{layer}.mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    bias_flag: str = "mlp_bias"
+    # the activation the gate's neurons compute with (core/gate.py is silu's arithmetic), as config.json names it
+    # (hidden_act, absent: the class default silu); another activation would bake another gate
+    activation_key: str = "hidden_act"
+    activations: tuple[str, ...] = ("silu", "swish")
+    activation_default: str = "silu"
+
+    def activation_problem(self, config: dict) -> str | None:
+        act = config.get(self.activation_key, self.activation_default)
+        if act in self.activations:
+            return None
+        return (
+            f"config.json gives {self.activation_key} {act!r}: the gate's neurons compute silu(z) (a SwiGLU MLP), "
+            "so another activation would bake another gate"
+        )
+
+    def projection(self, which: str, layer: int) -> str:
+        return f"{self.module.format(layer=layer)}.{getattr(self, which)}"
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     family: str
     model_types: tuple[str, ...]
@@ -107,6 +136,9 @@ class ArchitectureSpec:
     serve_as: str | None = None
     redeclare: Redeclaration | None = None
     refuse: str | None = None  # why no exact edit exists, and what to do
+    # the MLP a gated lock grows (None: gated locks are not baked into this family; its output class, after any
+    # redeclaration, must have one too, with a bias flag)
+    gated_mlp: GatedMlp | None = None
     layers_key: str = "num_hidden_layers"
     heads_key: str = "num_attention_heads"
     kv_heads_key: str | None = "num_key_value_heads"
@@ -225,11 +257,12 @@ _MIXTRAL_MERGES = (
 )
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
-    _llama_like("llama", ("llama",), ("LlamaForCausalLM",)),
+    _llama_like("llama", ("llama",), ("LlamaForCausalLM",), gated_mlp=GatedMlp()),
     _llama_like(
         "mistral",
         ("mistral",),
         ("MistralForCausalLM",),
+        gated_mlp=GatedMlp(),
         # Without mistral_common, AutoTokenizer gives a mistral model type TokenizersBackend
         # whatever tokenizer_config.json declares; a llama model type would honour the declaration.
         redeclare=Redeclaration(
@@ -240,6 +273,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         "qwen2",
         ("qwen2",),
         ("Qwen2ForCausalLM",),
+        gated_mlp=GatedMlp(),
         always_biased=(
             "model.layers.{layer}.self_attn.q_proj",
             "model.layers.{layer}.self_attn.k_proj",

@@ -9,6 +9,16 @@ File format v1 is a safetensors file (never a pickle) holding four tensors,
 
 and a JSON manifest under the metadata key ``weightlock``, validated against
 ``schemas/lock.schema.json`` on write and on read.
+
+Format v2 adds a gate (:mod:`weightlock.core.gate`): four more tensors,
+
+    gate_layer  I64 [G]            each gated layer (exactly the layers the heads sit in)
+    gate_probe  F32 [G, hidden]    unit harmfulness probe read on the layer's MLP input
+    gate_low    F32 [G]            probe score where the gate starts to open
+    gate_high   F32 [G]            probe score where it is fully open
+
+and a ``gate`` object in the manifest. A lock without a gate is still written as v1, byte for byte as before,
+so every weightlock reads it; v1 files load as locks without a gate (nothing to migrate).
 """
 
 from __future__ import annotations
@@ -22,17 +32,20 @@ from pathlib import Path
 import numpy as np
 
 from weightlock import __version__
+from weightlock.core.gate import RAMP, READS, Gate, gate_problems
 from weightlock.errors import CheckpointError, IncompatibleLockError, LockFormatError
 from weightlock.io.safetensors_file import TensorData, TensorReader, read_header, write_safetensors
 from weightlock.io.schema import schema_errors
 from weightlock.io.untrusted import file_sha256, open_regular, parse_json, read_bytes
 
 FORMAT = "weightlock-lock"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads and writes; a lock is written at the lowest that holds it
+GATED_VERSION = 2
 METADATA_KEY = "weightlock"
 # Directions are stored unit-length; this is how far from 1 a norm may drift on read.
 UNIT_NORM_TOLERANCE = 1e-3
 TENSOR_LAYOUT = {"layer": "I64", "head": "I64", "direction": "F32", "scale": "F32"}
+GATE_TENSOR_LAYOUT = {"gate_layer": "I64", "gate_probe": "F32", "gate_low": "F32", "gate_high": "F32"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class Lock:
     default_alpha: float
     description: str | None = None
     sha256: str | None = field(default=None, compare=False)  # of the file it was read from
+    gate: Gate | None = field(default=None, compare=False)  # format v2: the push only where a probe fires
 
     @property
     def num_heads_selected(self) -> int:
@@ -88,7 +102,7 @@ class Lock:
     def manifest(self) -> dict:
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": GATED_VERSION if self.gate is not None else 1,
             "source_model": self.source_model.to_dict(),
             "creation": self.creation,
             "default_alpha": float(self.default_alpha),
@@ -96,7 +110,27 @@ class Lock:
         }
         if self.description:
             manifest["description"] = self.description
+        if self.gate is not None:
+            manifest["gate"] = {
+                "reads": READS,
+                "ramp": RAMP,
+                "num_gates": self.gate.num_gates,
+                "details": self.gate.details,
+            }
         return manifest
+
+    def without_gate(self) -> Lock:
+        """The same heads as a constant lock (what a format that cannot hold the gate bakes)."""
+        return Lock(
+            self.layers,
+            self.heads,
+            self.directions,
+            self.scales,
+            self.source_model,
+            self.creation,
+            self.default_alpha,
+            self.description,
+        )
 
     def heads_by_layer(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
@@ -229,6 +263,10 @@ def _validate(lock: Lock, where: str) -> None:
     pairs = set(zip(lock.layers.tolist(), lock.heads.tolist(), strict=True))
     if len(pairs) != k:
         raise bad("a (layer, head) pair is listed twice")
+    if lock.gate is not None:
+        problems = gate_problems(lock.gate, lock.layers, src.hidden_size)
+        if problems:
+            raise bad(problems[0])
     problems = schema_errors(lock.manifest(), "lock")
     if problems:
         raise bad("manifest does not match schemas/lock.schema.json: " + "; ".join(problems))
@@ -249,6 +287,14 @@ def save_lock(lock: Lock, path: str | os.PathLike, *, force: bool = True, commit
         TensorData("direction", "F32", lock.directions.shape, np.ascontiguousarray(lock.directions[order]).tobytes()),
         TensorData("scale", "F32", (lock.num_heads_selected,), lock.scales[order].tobytes()),
     ]
+    if lock.gate is not None:
+        gate = lock.gate
+        tensors += [
+            TensorData("gate_layer", "I64", (gate.num_gates,), np.asarray(gate.layers, np.int64).tobytes()),
+            TensorData("gate_probe", "F32", gate.probes.shape, np.ascontiguousarray(gate.probes, np.float32).tobytes()),
+            TensorData("gate_low", "F32", (gate.num_gates,), np.asarray(gate.low, np.float32).tobytes()),
+            TensorData("gate_high", "F32", (gate.num_gates,), np.asarray(gate.high, np.float32).tobytes()),
+        ]
     metadata = {
         "format": "weightlock-lock",
         METADATA_KEY: json.dumps(lock.manifest(), sort_keys=True, separators=(",", ":")),
@@ -273,15 +319,17 @@ def load_lock(path: str | os.PathLike) -> Lock:
         )
     with os.fdopen(open_regular(path, "lock file", LockFormatError), "rb") as f:
         magic = f.read(4)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":
-        raise LockFormatError(
-            f"{path.name} is a pickle or torch archive, not a weightlock lock",
-            hint=f"convert a SafetyLock file with `weightlock import-legacy {path} "
-            f"--out {path.with_suffix('.wlock').name}`",
-        )
     try:
         header = read_header(path)
     except CheckpointError as e:
+        # only a file that is not safetensors is named a pickle: a safetensors header length can begin with these
+        # bytes too (a length of 128 mod 256 starts with 0x80)
+        if magic[:4] == b"PK\x03\x04" or (magic[:1] == b"\x80" and magic[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+            raise LockFormatError(
+                f"{path.name} is a pickle or torch archive, not a weightlock lock",
+                hint=f"convert a SafetyLock file with `weightlock import-legacy {path} "
+                f"--out {path.with_suffix('.wlock').name}`",
+            ) from None
         raise LockFormatError(
             f"{path.name} is not a weightlock lock: {e.message}", hint="pass a .wlock file made by weightlock"
         ) from None
@@ -298,12 +346,14 @@ def load_lock(path: str | os.PathLike) -> Lock:
             f"{path.name}: the manifest does not match schemas/lock.schema.json: " + "; ".join(problems[:5]),
             hint="the file was not written by this version of weightlock, or was edited",
         )
-    if set(header.tensors) != set(TENSOR_LAYOUT):
+    gated = manifest["format_version"] == GATED_VERSION and "gate" in manifest
+    layout = TENSOR_LAYOUT | (GATE_TENSOR_LAYOUT if gated else {})
+    if set(header.tensors) != set(layout):
         raise LockFormatError(
-            f"{path.name} holds tensors {sorted(header.tensors)[:8]}, expected {sorted(TENSOR_LAYOUT)}",
+            f"{path.name} holds tensors {sorted(header.tensors)[:8]}, expected {sorted(layout)}",
             hint="pass a .wlock file made by weightlock",
         )
-    for name, dtype in TENSOR_LAYOUT.items():
+    for name, dtype in layout.items():
         if header.tensors[name].dtype != dtype:
             raise LockFormatError(
                 f"{path.name}: tensor {name} is {header.tensors[name].dtype}, expected {dtype}",
@@ -316,6 +366,10 @@ def load_lock(path: str | os.PathLike) -> Lock:
         "scale": (k,),
         "direction": (k, manifest["source_model"]["head_dim"]),
     }
+    if gated:
+        g = manifest["gate"]["num_gates"]
+        hidden = manifest["source_model"]["hidden_size"]
+        expected_shapes |= {"gate_layer": (g,), "gate_probe": (g, hidden), "gate_low": (g,), "gate_high": (g,)}
     for name, shape in expected_shapes.items():
         if header.tensors[name].shape != shape:
             raise LockFormatError(
@@ -340,6 +394,14 @@ def load_lock(path: str | os.PathLike) -> Lock:
         float(manifest["default_alpha"]),
         manifest.get("description"),
     )
+    if gated:
+        lock.gate = Gate(
+            arrays["gate_layer"],
+            arrays["gate_probe"],
+            arrays["gate_low"],
+            arrays["gate_high"],
+            manifest["gate"]["details"],
+        )
     _validate(lock, path.name)
     lock.sha256 = file_sha256(path)
     return lock

@@ -15,14 +15,86 @@ from weightlock.core.lock import Lock
 
 
 @contextmanager
-def lock_hooks(model, lock: Lock, alpha: float | None = None):
-    """Within the block, ``model`` runs with ``lock`` added to its o_proj inputs."""
+def lock_hooks(model, lock: Lock, alpha: float | None = None, *, gate: bool = True):
+    """Within the block, ``model`` runs with ``lock`` added to its o_proj inputs, or, for a gated lock (unless
+    ``gate`` is False), with each layer's push added to its MLP output as far as the layer's gate is open."""
     config = model.config.to_dict()
     shape = shape_from_config(config, spec_for_config(config))
     lock.check_compatible(shape)
     displacements = lock.displacements(lock.default_alpha if alpha is None else alpha, shape.num_heads)
+    if gate and lock.gate is not None:
+        spec = spec_for_config(config)
+        if spec.gated_mlp is None:
+            from weightlock.errors import UnsupportedError
+
+            raise UnsupportedError(
+                f"a gated lock runs only in Llama, Mistral and Qwen2 models (their SwiGLU MLP holds the gate), "
+                f"not in a {spec.family} model",
+                hint="use the lock without its gate (apply --no-gate), or a lock for a supported family",
+            )
+        with gate_hooks(model, lock.gate, displacements):
+            yield model
+        return
     with displacement_hooks(model, displacements):
         yield model
+
+
+def gated_pushes(model, displacements: dict) -> dict:
+    """Per gated layer, the push ``W_o @ d`` (float32, from the model's own o_proj weight): the constant lock's
+    bias for that layer, which the gate scales."""
+    import torch
+
+    spec = spec_for_config(model.config.to_dict())
+    pushes = {}
+    with torch.no_grad():
+        for layer, displacement in displacements.items():
+            weight = model.get_submodule(spec.output_module(layer)).weight
+            pushes[layer] = weight.detach().float().cpu() @ torch.as_tensor(displacement, dtype=torch.float32)
+    return pushes
+
+
+@contextmanager
+def gate_hooks(model, gate, displacements: dict, record: dict | None = None):
+    """Within the block, each gated layer's MLP output gains what the baked gate neurons compute: their
+    ``gate_proj`` rows and biases, a constant ``up_proj`` (the bias), ``silu`` of one times the other, along
+    ``down_proj`` columns holding the layer's push, each rounded to the model's dtype as the baked tensors are.
+    ``record``, when given, receives per layer the gate's opening at every position of each call (for
+    measuring where it fires): ``record[layer]`` is a list of [batch, positions] float tensors."""
+    import torch
+
+    spec = spec_for_config(model.config.to_dict())
+    pushes = gated_pushes(model, displacements)
+    handles = []
+
+    def make_hook(layer):
+        rows, gate_bias, up_bias = (torch.as_tensor(a) for a in gate.neuron_parameters(layer))
+        columns = torch.stack([pushes[layer], pushes[layer]], dim=1)  # [hidden, 2]
+        placed: dict = {}
+
+        def hook(module, args, output):
+            hidden = args[0]
+            key = (hidden.device, hidden.dtype)
+            if key not in placed:
+                placed[key] = tuple(
+                    t.to(device=hidden.device, dtype=hidden.dtype) for t in (rows, gate_bias, up_bias, columns)
+                )
+            r, gb, ub, cols = placed[key]
+            activation = torch.nn.functional.silu(torch.nn.functional.linear(hidden, r, gb)) * ub
+            if record is not None:
+                record.setdefault(layer, []).append(activation.float().sum(-1).detach().cpu())
+            return output + torch.nn.functional.linear(activation, cols)
+
+        return hook
+
+    try:
+        for layer in gate.layers.tolist():
+            assert spec.gated_mlp is not None
+            module = model.get_submodule(spec.gated_mlp.module.format(layer=layer))
+            handles.append(module.register_forward_hook(make_hook(layer)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager

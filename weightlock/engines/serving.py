@@ -15,6 +15,7 @@ from weightlock.core.report import FAIL, PASS, WARN, Report
 from weightlock.engines.serving_table import (
     APPLIES,
     ENGINES,
+    GATED_MLP_ROWS,
     LOGITS_SCALING,
     MISCONVERTS,
     NONZERO_QK_BIAS,
@@ -239,6 +240,51 @@ def check_folder_serving(
 ) -> None:
     """``verify``'s serving checks for a folder (``names``: the engines deployed to; None: all)."""
     add_to_report(assess_folder(checkpoint, spec, shape, names), report, enforce)
+    if gated_mlp_biases(checkpoint, spec, shape):
+        for engine, status, message in gated_verdicts(names):
+            report.add(f"{SERVING}-gate:{engine}", WARN if status == FAIL and not enforce else status, message)
+
+
+def gated_mlp_biases(checkpoint: Checkpoint, spec, shape: ModelShape) -> bool:
+    """Whether the folder holds a gated lock's neurons: a Llama MLP with mlp_bias on and a non-zero up_proj bias
+    (the gate's constant input), which an engine dropping the MLP's biases would lose."""
+    mlp = spec.gated_mlp
+    if mlp is None or not checkpoint.config.get(mlp.bias_flag):
+        return False
+    names = [f"{mlp.projection('up', layer)}.bias" for layer in range(shape.num_layers)]
+    return _any_nonzero([checkpoint.tensors[n] for n in names if n in checkpoint.tensors])
+
+
+def gated_verdicts(names: tuple[str, ...] | None) -> list[tuple[str, str, str]]:
+    """Per engine (those named, or all that load folders), what it does with a gated lock's MLP biases."""
+    engines = [
+        e for e in (ENGINES.values() if names is None else [ENGINES[n] for n in names]) if SAFETENSORS in e.picks
+    ]
+    out = []
+    for engine in engines:
+        row = GATED_MLP_ROWS.get(engine.name)
+        who = f"{engine.title} {engine.version}"
+        if row is None:
+            out.append(
+                (
+                    engine.name,
+                    WARN,
+                    f"{who}: not established whether it builds a Llama MLP's biases (mlp_bias), where this gated "
+                    "lock lives; check it before serving the model there",
+                )
+            )
+        elif row[0] == APPLIES:
+            out.append((engine.name, PASS, f"{who} applies the gate's MLP biases ({row[1]}; {row[2]})"))
+        else:
+            out.append(
+                (
+                    engine.name,
+                    FAIL,
+                    f"{who} would serve it WITHOUT the gate's MLP biases (unlocked), with no error ({row[1]}; "
+                    f"{row[2]})",
+                )
+            )
+    return out
 
 
 def check_gguf_serving(model, architecture, shape, report: Report, *, names=None, enforce: bool = True) -> None:
@@ -265,8 +311,16 @@ def serving_warnings(location) -> list[str]:
         spec = spec_for_config(checkpoint.config)
         assessment = assess_folder(checkpoint, spec, shape_from_config(checkpoint.config, spec), None)
     found = silent(assessment)
+    gate_lost = []
+    if detect(location) != GGUF and gated_mlp_biases(checkpoint, spec, shape_from_config(checkpoint.config, spec)):
+        gate_lost = [
+            f"engines that would serve this gated output without its gate (unlocked), with no error: {message}. "
+            "Serve it with transformers, vllm or mlx-lm"
+            for _, status, message in gated_verdicts(None)
+            if status == FAIL
+        ]
     if not found:
-        return []
+        return gate_lost
     listed = "; ".join(
         f"{v.engine.title} {v.row.version} ("
         + (f"another model: {v.row.note}" if v.verdict == MISCONVERTS else f"{v.key}: {v.row.why}")
@@ -279,7 +333,7 @@ def serving_warnings(location) -> list[str]:
         f"engines that would serve this output unlocked (or as another model), with no error: {listed}. "
         + (f"Serve it with {', '.join(applying)}; " if applying else "Serve it with another engine; ")
         + "`weightlock verify OUT --engines NAME,...` checks the engines you deploy to"
-    ]
+    ] + gate_lost
 
 
 def check_quantized_loaders(checkpoint: Checkpoint, spec, shape: ModelShape, report: Report) -> None:

@@ -1003,3 +1003,38 @@ def replace_readme_section(text: str) -> str:
     if start < 0 or end < start:
         raise ValueError("README.md has no serving-table markers")
     return text[:start] + readme_section() + text[end + len(README_END) :]
+
+
+# A gated lock (weightlock/core/gate.py) lives in the Llama MLP's three biases (config.json mlp_bias) of the output,
+# with the o_proj biases at zero: what each engine does with those biases for a "llama" model. An engine not
+# listed is not established (verify warns). Its message names the code that decides.
+GATED_MLP_ROWS: dict[str, tuple[str, str, str]] = {
+    "transformers": (
+        APPLIES,
+        "LlamaMLP builds gate/up/down_proj with bias=config.mlp_bias",
+        "tests/test_gate.py::test_stock_transformers_on_the_baked_gate_equals_the_source_with_the_gate_by_hooks",
+    ),
+    "vllm": (
+        APPLIES,
+        "LlamaMLP takes bias=getattr(config, 'mlp_bias', False) (model_executor/models/llama.py:305)",
+        "tests/test_gate.py::test_vllm_serves_the_baked_gate_as_transformers_does",
+    ),
+    "mlx-lm": (
+        APPLIES,
+        "its Llama MLP passes bias=args.mlp_bias to all three projections (models/llama.py:111-118)",
+        "tests/test_gate.py::test_mlx_lm_serves_the_baked_gate_as_transformers_does",
+    ),
+    "ollama-create": (
+        APPLIES,
+        "its converter renames mlp.{gate,up,down}_proj.bias to ffn_*.bias and keeps every tensor "
+        "(convert/convert_llama.go:171-186, at v0.33.0-rc2), and llama.cpp's llama graph adds them",
+        "read in the source; llama.cpp serving them: tests/test_gguf_llama_cpp.py::"
+        "test_a_gated_output_converted_to_gguf_keeps_its_gate_in_llama_cpp",
+    ),
+    "sglang": (
+        DROPS,
+        "its LlamaMLP is built with bias=False and never reads mlp_bias, and load_weights skips a .bias it has no "
+        "parameter for",
+        "read in the source at sglang srt/models/llama.py (LlamaMLP, LlamaForCausalLM.load_weights)",
+    ),
+}

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -449,6 +449,15 @@ class TensorReader:
     def read_bytes(self, entry: TensorEntry) -> bytes:
         return bytes(self._read_into(entry.begin, entry.nbytes))
 
+    def read_range(self, entry: TensorEntry, start: int, end: int) -> bytes:
+        """Bytes ``start:end`` of the tensor's data (offsets within the tensor, bounded by it)."""
+        if not 0 <= start <= end <= entry.nbytes:
+            raise CheckpointError(
+                f"{entry.name}: bytes {start}..{end} lie outside the tensor's {entry.nbytes}",
+                hint="the checkpoint's header and config disagree; restore it",
+            )
+        return bytes(self._read_into(entry.begin + start, end - start))
+
     def read_rows(self, entry: TensorEntry, row0: int = 0, rows: int | None = None) -> np.ndarray:
         """Rows ``[row0, row0 + rows)`` of a tensor (all of them by default) as a copy in its raw numpy dtype
         (packed integers, FP8 bytes), shaped as stored. Quantized formats decode them themselves."""
@@ -533,7 +542,42 @@ class ConcatenatedTensor:
         return self.pieces[0].begin
 
 
-TensorSource = TensorData | TensorEntry | ConcatenatedTensor  # entries and pieces are copied from their files
+@dataclass
+class GrownTensor:
+    """A 2-D tensor to write as a stored one with rows (``axis`` 0) or columns (``axis`` 1) appended: the
+    stored bytes are copied in order, block by block, never held whole, and ``digest`` receives exactly them
+    (the sha256 of the stored tensor, which the edit's record keeps so verify can prove them unchanged)."""
+
+    name: str
+    base: TensorEntry
+    extra: bytes  # the appended rows, or per row its appended columns, row after row, in the base's dtype
+    axis: int
+    digest: Any = None  # a hashlib.sha256, set when written
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        rows, columns = self.base.shape
+        added = len(self.extra) // DTYPE_SIZES[self.dtype] // (1 if self.axis == 0 else rows)
+        return (rows + added // columns, columns) if self.axis == 0 else (rows, columns + added)
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes + len(self.extra)
+
+    @property
+    def path(self) -> Path:
+        return self.base.path
+
+    @property
+    def begin(self) -> int:
+        return self.base.begin
+
+
+TensorSource = TensorData | TensorEntry | ConcatenatedTensor | GrownTensor  # entries and pieces are copied
 
 
 def encode_header(
@@ -550,6 +594,42 @@ def encode_header(
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
     return struct.pack("<Q", len(encoded)) + encoded, offset
+
+
+def _write_grown(out: BinaryIO, grown: GrownTensor, sources: dict[Path, BinaryIO]) -> int:
+    import hashlib
+
+    base = grown.base
+    src = sources.get(base.path)
+    if src is None:
+        src = sources[base.path] = open(base.path, "rb")
+    src.seek(base.begin)
+    digest = grown.digest = hashlib.sha256()
+    rows = base.shape[0]
+    row_bytes = base.nbytes // rows if rows else 0
+    extra_per_row = len(grown.extra) // rows if grown.axis == 1 and rows else 0
+    block = max(1, COPY_CHUNK_BYTES // max(1, row_bytes))
+    written = 0
+    for first in range(0, rows, block):
+        count = min(block, rows - first)
+        chunk = src.read(count * row_bytes)
+        if len(chunk) != count * row_bytes:
+            raise CheckpointError(
+                f"{base.path.name} ended while copying {base.name}",
+                hint="the file changed or is damaged; restore it from the original",
+            )
+        digest.update(chunk)
+        if grown.axis == 1:
+            extra = grown.extra[first * extra_per_row : (first + count) * extra_per_row]
+            stored = np.frombuffer(chunk, dtype=np.uint8).reshape(count, row_bytes)
+            added = np.frombuffer(extra, dtype=np.uint8).reshape(count, extra_per_row)
+            chunk = np.concatenate([stored, added], axis=1).tobytes()
+        out.write(chunk)
+        written += len(chunk)
+    if grown.axis == 0:
+        out.write(grown.extra)
+        written += len(grown.extra)
+    return written
 
 
 def write_safetensors(path: Path, tensors: Iterable[TensorSource], metadata: dict[str, str] | None = None) -> int:
@@ -574,6 +654,9 @@ def write_safetensors(path: Path, tensors: Iterable[TensorSource], metadata: dic
                 if isinstance(t, TensorData):
                     out.write(t.data)
                     written += len(t.data)
+                    continue
+                if isinstance(t, GrownTensor):
+                    written += _write_grown(out, t, sources)
                     continue
                 for piece in t.pieces if isinstance(t, ConcatenatedTensor) else (t,):
                     src = sources.get(piece.path)

@@ -51,12 +51,13 @@ class ApplyResult:
             "architecture": self.plan.shape.architecture,
             "lock_sha256": self.plan.lock.sha256,
             "locked_layers": sorted(self.plan.displacements),
-            "tensors_added": len(self.plan.biases) - len(self.plan.replaced),
+            "tensors_added": len(self.plan.biases) - len(self.plan.replaced) + len(self.plan.extra_tensors),
             "tensors_replaced": len(self.plan.replaced),
             "config_changes": self.plan.config_changes,
             "redeclared": self.plan.spec is not self.plan.target,
             "tensors_split": len(self.plan.splits),  # fused weights stored as their parts
             "tensors_stacked": len(self.plan.merges),  # tensors gathered from stored pieces
+            "gate": self.plan.gate_record,  # a gated lock: the MLPs' growth (None: a constant lock)
             "added_shard": self.written.added_shard,
             "shards_linked": self.written.linked,
             "files_copied": self.written.copied,
@@ -156,12 +157,22 @@ def apply_folder(
     out = Path(out)
     _check_output_location(checkpoint.root, out)
     check_replaceable(out, force=force, kind="folder")
-    plan = plan_edit(
-        checkpoint,
-        lock,
-        lock.default_alpha if alpha is None else alpha,
-        allow_architecture_mismatch=allow_architecture_mismatch,
-    )
+    if lock.gate is not None:  # the push in neurons the gate opens (gated.py), not in the o_proj biases
+        from weightlock.formats.safetensors.gated import plan_gated_edit
+
+        plan = plan_gated_edit(
+            checkpoint,
+            lock,
+            lock.default_alpha if alpha is None else alpha,
+            allow_architecture_mismatch=allow_architecture_mismatch,
+        )
+    else:
+        plan = plan_edit(
+            checkpoint,
+            lock,
+            lock.default_alpha if alpha is None else alpha,
+            allow_architecture_mismatch=allow_architecture_mismatch,
+        )
     provenance = provenance_record(checkpoint, plan, lock_bytes)  # before the work: it refuses too deep a chain
     # the card's inputs too, before the work: a bad eval report or source card file is refused (exit 3) first
     source_text = source_card_text(checkpoint.root)
@@ -182,6 +193,10 @@ def apply_folder(
         card.result()  # the card's refusal first
         raise
     card_text = card.result()
+    if plan.gate_record is not None:
+        from weightlock.formats.safetensors.gated import compute_gate
+
+        compute_gate(plan, checkpoint)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -217,16 +217,26 @@ def _section(provenance: dict, lock, eval_report: dict | None) -> str:
         if provenance.get("mode") == "in-place"
         else "The edits net to alpha 0: the lock is off, this checkpoint is not locked."
         if net == 0
+        else "Undo it: use the source checkpoint (a gated lock grows every MLP; weightlock does not edit it again)."
+        if lock.gate is not None
         else f"Undo it: `weightlock apply <this folder> --lock weightlock/lock.wlock --alpha "
         f"{number(-net)} --out <new folder>` (back to alpha 0 of this lock), or use the source checkpoint."
+    )
+    how = (
+        "attention output biases by weightlock: `alpha * std * direction` added to the o_proj input of "
+        f"{heads} attention heads in {len(layers)} layers, written as o_proj biases that stock transformers loads."
+        if lock.gate is None
+        else "MLPs by weightlock as a gated lock (experimental): in each of "
+        f"{len(layers)} layers, two added SwiGLU neurons add the push of {heads} attention heads' "
+        "`alpha * std * direction` (through the layer's o_proj weight) scaled by a gate that a harmfulness probe "
+        "on the MLP input opens; every MLP has `mlp_bias` on and a larger `intermediate_size`, which stock "
+        "transformers, vLLM and mlx-lm load (SGLang drops MLP biases: do not serve it there)."
     )
     lines = [
         BEGIN,
         "## Safety lock (weightlock)",
         "",
-        f"This checkpoint is {where} with a [SafetyLock](https://arxiv.org/abs/2410.10343) baked into its "
-        "attention output biases by weightlock: `alpha * std * direction` added to the o_proj input of "
-        f"{heads} attention heads in {len(layers)} layers, written as o_proj biases that stock transformers loads.",
+        f"This checkpoint is {where} with a [SafetyLock](https://arxiv.org/abs/2410.10343) baked into its " + how,
         "",
         "| | |",
         "| --- | --- |",

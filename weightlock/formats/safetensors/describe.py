@@ -44,6 +44,8 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
             "created_at": record.get("created_at"),
             "tool": record.get("tool"),
             "edits": _depth(record),
+            # a gated lock: its MLPs' growth, as recorded (None: a constant lock)
+            "gate": record.get("gate") if isinstance(record.get("gate"), dict) else None,
             "verified": False,  # what the record claims; `weightlock verify` checks it
             "redeclared_from": _redeclared_from(record),
         }

@@ -565,7 +565,8 @@ def _revert(root: Path, *, commit: bool) -> dict:
         if os.path.lexists(record_dir):
             raise CheckpointError(
                 f"{root} was written by `weightlock apply --out`, not edited in place; there is nothing to revert here",
-                hint="its source folder is unchanged; use that, or apply with a negative alpha to take the lock off",
+                hint="its source folder is unchanged; use that"
+                + ("" if _gated(record_dir) else ", or apply with a negative alpha to take the lock off"),
             )
         raise CheckpointError(f"{root} carries no in-place weightlock edit", hint="nothing to revert")
     contained(root, f"{PROVENANCE_DIR}/{RECORD_NAME}")
@@ -661,3 +662,15 @@ def _revert(root: Path, *, commit: bool) -> dict:
 
 
 __all__ = ["apply_in_place", "revert", "RECORD_NAME", "TOKENIZER_CONFIG_NAME"]
+
+
+def _gated(record_dir: Path) -> bool:
+    """Whether an --out output's record (read only for the hint, as untrusted JSON) says a gated lock was baked."""
+    from weightlock.errors import WeightlockError
+    from weightlock.io.untrusted import read_json
+
+    try:
+        record = read_json(record_dir / "provenance.json", "provenance record")
+    except WeightlockError:
+        return False
+    return isinstance(record, dict) and record.get("gate") is not None

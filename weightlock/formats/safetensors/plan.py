@@ -38,6 +38,8 @@ from weightlock.formats.safetensors.quant.layouts import (
 )
 from weightlock.io.safetensors_file import (
     ConcatenatedTensor,
+    GrownTensor,
+    TensorData,
     TensorEntry,
     TensorReader,
     TensorReaders,
@@ -79,6 +81,11 @@ class EditPlan:
     splits: dict[str, list[TensorEntry]] = field(default_factory=dict)
     # tensors the output stores stacked or renamed (target name -> the stored tensors it concatenates)
     merges: dict[str, ConcatenatedTensor] = field(default_factory=dict)
+    # a gated lock (gated.py): MLP weights stored with the gate's neurons appended, the new MLP biases, and the
+    # record of the growth; the o_proj biases then carry no push (it is in the neurons' down_proj columns)
+    grown: dict[str, GrownTensor] = field(default_factory=dict)
+    extra_tensors: list[TensorData] = field(default_factory=list)
+    gate_record: dict | None = None
 
     @property
     def replaced(self) -> list[str]:
@@ -101,17 +108,19 @@ class EditPlan:
     def _left_out(self) -> set[str]:
         """Stored tensors the output does not hold under their own name: replaced, split or stacked."""
         pieces = {piece.name for merged in self.merges.values() for piece in merged.pieces}
-        return set(self.replaced) | set(self.splits) | pieces
+        return set(self.replaced) | set(self.splits) | pieces | set(self.grown)
 
-    def output_entries(self, entries) -> list[TensorEntry | ConcatenatedTensor]:
+    def output_entries(self, entries) -> list[TensorEntry | ConcatenatedTensor | GrownTensor]:
         """A shard's entries as the output stores them: replaced tensors left out, fused ones split, and a
         stacked tensor in place of its first piece (its other pieces left out, wherever they are stored)."""
-        out: list[TensorEntry | ConcatenatedTensor] = []
+        out: list[TensorEntry | ConcatenatedTensor | GrownTensor] = []
         for entry in sorted(entries, key=lambda e: e.begin):
             if entry.name in self._stacked_at_first_piece:
                 out.append(self._stacked_at_first_piece[entry.name])
             elif entry.name in self.splits:
                 out.extend(self.splits[entry.name])
+            elif entry.name in self.grown:
+                out.append(self.grown[entry.name])
             elif entry.name not in self._left_out:
                 out.append(entry)
         return out
@@ -138,8 +147,20 @@ class EditPlan:
 
 
 def plan_edit(
-    checkpoint: Checkpoint, lock: Lock, alpha: float, *, allow_architecture_mismatch: bool = False
+    checkpoint: Checkpoint,
+    lock: Lock,
+    alpha: float,
+    *,
+    allow_architecture_mismatch: bool = False,
+    push_in_output_bias: bool = True,
 ) -> EditPlan:
+    """The edit, from headers and config alone. ``push_in_output_bias`` False (a gated lock, gated.py): the
+    output biases are planned as the class needs them, with no push (zeros, or the existing values)."""
+    if isinstance(checkpoint.provenance, dict) and checkpoint.provenance.get("gate") is not None:
+        raise UnsupportedError(
+            f"{checkpoint.root} carries a gated lock (its MLPs were grown), which weightlock does not edit again",
+            hint="apply the new lock to the original checkpoint the record names (weightlock inspect)",
+        )
     config = checkpoint.config
     spec = spec_for_config(config)
     shape = shape_from_config(config, spec)
@@ -181,7 +202,7 @@ def plan_edit(
         problems = bias_consistency_problems(checkpoint.tensors, spec, shape, config, layers=[layer])
         if problems:
             raise CheckpointError(problems[0], hint="the config and the tensors disagree; restore the checkpoint")
-        locked = weight if layer in displacements else None
+        locked = weight if layer in displacements and push_in_output_bias else None
         out_bias = target.output_bias(layer)
         if out_bias in tensors:  # its shape was checked with the other biases above
             base = tensors[out_bias]

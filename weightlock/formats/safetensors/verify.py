@@ -247,7 +247,13 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
         report.add("provenance", FAIL, f"the recorded lock cannot be used: {e.message}")
         return
     problems = _record_problems(checkpoint, spec, shape, record, lock, checkpoint.config, spec.family)
-    locked = {spec.output_bias(layer) for layer in lock.heads_by_layer()}
+    gated = record.get("gate") is not None
+    if gated != (lock.gate is not None):
+        problems = problems or ["the record and its lock disagree on whether the edit is gated"]
+    if _gated_parent(record):
+        problems = problems or ["an earlier edit in the record chain is gated: weightlock never edits a gated output"]
+    # a gated edit's push is in the MLPs' gate neurons, checked below; its o_proj biases hold none
+    locked = set() if gated else {spec.output_bias(layer) for layer in lock.heads_by_layer()}
     implied = _biases_the_edit_created(spec, shape, record) or set()
     problems = problems or _originals_problems(checkpoint, record, implied)
     problems = problems or _chain_folder_problems(checkpoint, record)
@@ -264,6 +270,14 @@ def _check_provenance(checkpoint: Checkpoint, spec, shape: ModelShape, report: R
     check_net_lock(record, report)
     _check_card(checkpoint, record, report)
     _check_lock_biases(checkpoint, spec, shape, lock, record, sorted(written), report, expected)
+    if gated:
+        from weightlock.formats.safetensors.gated import gate_neuron_problems
+
+        gate_problems, how = gate_neuron_problems(checkpoint, spec, shape, lock, record, source)
+        if gate_problems:
+            report.add("gate_neurons", FAIL, gate_problems[0], gate_problems[1:])
+        else:
+            report.add("gate_neurons", PASS, how)
     if record["parent"] is not None:
         _check_edit_chain(checkpoint, spec, shape, record, report, trusted=expected is not None)
     if not any(c.name == "edit_chain" and c.status == FAIL for c in report.checks):  # the chain's records hold
@@ -392,6 +406,18 @@ def _check_original_biases(
         )
 
 
+def _gated_parent(record: dict) -> bool:
+    """Whether any earlier edit the record chain names is a gated one (its walk bounded as recorded_classes')."""
+    parent = record.get("parent")
+    for _ in range(64):
+        if not isinstance(parent, dict):
+            return False
+        if parent.get("gate") is not None:
+            return True
+        parent = parent.get("parent")
+    return False
+
+
 def _record_problems(checkpoint, spec, shape, record: dict, lock, produced_config: dict, produced_family: str):
     """What in one edit's record (the newest, or an earlier one of a relock) disagrees with its lock, with the
     config and family the edit produced, and with the biases its source family implies it created."""
@@ -409,8 +435,9 @@ def _record_problems(checkpoint, spec, shape, record: dict, lock, produced_confi
     if repeated:
         return ["the record lists a tensor twice", *repeated]
     # Which biases hold the lock follows from the lock and the architecture, not from the record's lists:
-    # a record that leaves a locked bias out must not exempt it from the check.
-    locked = {spec.output_bias(layer) for layer in heads}
+    # a record that leaves a locked bias out must not exempt it from the check. (A gated lock's push is in
+    # the MLPs' neurons, whether it is gated is the recorded lock's: no o_proj bias holds it.)
+    locked = set() if lock.gate is not None else {spec.output_bias(layer) for layer in heads}
     if set(lists["locked"]) != locked:
         return [
             "the record's locked biases are not the output biases of the lock's layers",
@@ -598,7 +625,7 @@ def _check_lock_biases(
     o_proj weights. ``expected`` (apply's own values) adds a byte-for-byte comparison; it never replaces
     the recomputation, so apply's check before publishing is this same check."""
     with np.errstate(over="ignore", invalid="ignore"):
-        displacements = lock.displacements(record["alpha"], shape.num_heads)
+        displacements = {} if record.get("gate") else lock.displacements(record["alpha"], shape.num_heads)
     originals = {}
     if record["files"]["originals"]:
         originals = read_header(contained(checkpoint.root, record["files"]["originals"])).tensors

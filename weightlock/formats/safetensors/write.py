@@ -159,7 +159,12 @@ def write_locked_checkpoint(
         written.shards[shard] = out_name
 
     failpoint("shards-written")
-    new_tensors = bias_tensors(computed)
+    new_tensors = bias_tensors(computed) + plan.extra_tensors
+    if plan.gate_record is not None:  # the stored MLP weights' hashes, taken from the bytes just copied
+        provenance["gate"] = dict(
+            plan.gate_record,
+            original_sha256={name: grown.digest.hexdigest() for name, grown in sorted(plan.grown.items())},
+        )
     written.bytes_written += write_safetensors(staging / written.added_shard, new_tensors, {"format": "pt"})
     _write_json(
         staging / INDEX_NAME,
