@@ -875,7 +875,7 @@ def gate_stage(work: Path, cfg: dict, settings, timings: dict) -> dict:
     curve starting at the unlocked model), on the stage 7 sets plus XSTest's unsafe prompts; then where each
     gate opens at gate_firing_alpha. Points are cached in gate.json (a point is reused while its lock file and
     the sets are unchanged); gate.md holds the tables."""
-    from weightlock import load_lock
+    from weightlock import load_lock, save_lock
     from weightlock.errors import LockFormatError
     from weightlock.lab.evaluate import Evaluator
     from weightlock.lab.forge import ForgeSettings
@@ -916,7 +916,7 @@ def gate_stage(work: Path, cfg: dict, settings, timings: dict) -> dict:
         wanted = asdict(GateSettings(**fields))
         try:
             lock = load_lock(lock_path) if lock_path.exists() else None
-        except LockFormatError:  # unreadable (see _save_readable): fitted again
+        except LockFormatError:  # unreadable: fitted again
             lock = None
         if (
             lock is None
@@ -930,7 +930,8 @@ def gate_stage(work: Path, cfg: dict, settings, timings: dict) -> dict:
             forge = ForgeSettings(batch_size=8, limit=cfg["forge_pairs_limit"])
             gated = fit_gate(*aligned, constant, work / "pairs-harm.json", forge, GateSettings(**fields))
             gated.description = f"{cfg['gate_lock']} gated ({variant}: {fields or 'default GateSettings'})"
-            lock = _save_readable(gated, lock_path)
+            save_lock(gated, lock_path)
+            lock = load_lock(lock_path)
             _add_time(timings, "gate-fit", t)
             log(f"gate {name}: fitted in {time.perf_counter() - t:.0f} s")
         assert lock.gate is not None
@@ -1017,21 +1018,6 @@ def gate_stage(work: Path, cfg: dict, settings, timings: dict) -> dict:
     log("\n" + gate_table(data))
     log(f"stage 8 success criterion met: {'yes' if data['criterion']['met'] else 'no'}; {data['criterion']['text']}")
     return data
-
-
-def _save_readable(lock, path: Path):
-    """save_lock, then load_lock. load_lock takes a file whose first byte is 0x80 for a pickle, and a safetensors
-    file starts with its header's length (little-endian): a lock whose header is 128 bytes mod 256 long is written
-    and then refused. Until weightlock checks more than that byte, the description grows until it reads back."""
-    from weightlock import load_lock, save_lock
-
-    description = lock.description or ""
-    for grow in range(64):
-        lock.description = description + "." * grow
-        save_lock(lock, path)
-        if path.read_bytes()[:1] != b"\x80":
-            return load_lock(path)
-    raise RuntimeError(f"{path}: could not write a lock load_lock reads")
 
 
 def _same_heads(a, b) -> bool:
