@@ -41,14 +41,6 @@ NO_GATE_HINT = "pass --no-gate to bake the lock's heads as a constant lock, or l
 PROJECTIONS = ("gate", "up", "down")
 
 
-def gated_families(spec: ArchitectureSpec) -> tuple[ArchitectureSpec, ArchitectureSpec] | None:
-    """The family's gated MLP and its output family's, when both exist (else gated locks are refused)."""
-    target, _ = output_declaration(spec)
-    if spec.gated_mlp is None or target.gated_mlp is None:
-        return None
-    return spec, target
-
-
 def plan_gated_edit(
     checkpoint: Checkpoint, lock: Lock, alpha: float, *, allow_architecture_mismatch: bool = False
 ) -> EditPlan:
@@ -58,8 +50,7 @@ def plan_gated_edit(
     from weightlock.core.families import spec_for_config
 
     spec = spec_for_config(checkpoint.config)
-    families = gated_families(spec)
-    if families is None:
+    if spec.gated_mlp is None or output_declaration(spec)[0].gated_mlp is None:
         raise UnsupportedError(
             f"a gated lock cannot be baked into a {spec.family} checkpoint: weightlock grows SwiGLU MLPs of "
             "Llama-graph families only (Llama, and Mistral and Qwen2 written as Llama)",
@@ -199,11 +190,10 @@ def mlp_bias_names(mlp, num_layers: int) -> list[str]:
     return [f"{mlp.projection(which, layer)}.bias" for layer in range(num_layers) for which in PROJECTIONS]
 
 
-def gate_values(plan_or_lock: Lock, alpha: float, layer: int, push: np.ndarray | None, added: int, intermediate: int):
+def gate_values(lock: Lock, layer: int, push: np.ndarray | None, added: int, intermediate: int):
     """The float32 values of one layer's new parts: (new gate_proj rows [added, hidden], new down_proj columns
     [hidden, added], gate_proj bias [intermediate + added], up_proj bias [same], down_proj bias [hidden]);
     ``push`` is ``W_o @ d`` for a gated layer, None for a layer without a gate."""
-    lock = plan_or_lock
     assert lock.gate is not None
     hidden = lock.gate.probes.shape[1]
     rows = np.zeros((added, hidden), dtype=np.float32)
@@ -226,21 +216,19 @@ def _raw(values: np.ndarray, dtype: str, what: str, alpha: float) -> bytes:
     return raw
 
 
-def gate_pushes(plan: EditPlan, checkpoint: Checkpoint, readers: TensorReaders) -> dict[int, np.ndarray]:
-    """Per gated layer, ``W_o @ d`` in float32 from the stored o_proj weight."""
+def stored_pushes(checkpoint: Checkpoint, spec: ArchitectureSpec, shape: ModelShape, displacements: dict, readers):
+    """Per gated layer, ``W_o @ d`` in float32 from the stored o_proj weight (apply's values and verify's
+    recomputation alike)."""
     pushes = {}
-    for layer, displacement in plan.displacements.items():
-        weight = stored_linear(checkpoint.tensors, checkpoint.config, plan.spec.output_module(layer))
-        assert weight is not None
-        with np.errstate(over="ignore", invalid="ignore"):
-            push = weight_product(readers, weight, displacement, plan.shape.head_dim)
-        if not np.all(np.isfinite(push)):
+    for layer, displacement in displacements.items():
+        weight = stored_linear(checkpoint.tensors, checkpoint.config, spec.output_module(layer))
+        if weight is None:
             raise CheckpointError(
-                f"the gate's push in layer {layer} would not be finite: the o_proj weights hold NaN or Inf, "
-                "or alpha is too large for them",
-                hint="check the checkpoint (weightlock verify --deep), or use a smaller alpha",
+                f"layer {layer} has no o_proj weight to compute the gate's push from",
+                hint="the checkpoint is incomplete; fetch all its shards",
             )
-        pushes[layer] = push
+        with np.errstate(over="ignore", invalid="ignore"):
+            pushes[layer] = weight_product(readers, weight, displacement, shape.head_dim)
     return pushes
 
 
@@ -254,7 +242,14 @@ def compute_gate(plan: EditPlan, checkpoint: Checkpoint) -> None:
     intermediate = plan.gate_record["original_intermediate_size"]
     added = plan.gate_record["added_neurons"]
     with TensorReaders() as readers:
-        pushes = gate_pushes(plan, checkpoint, readers)
+        pushes = stored_pushes(checkpoint, plan.spec, plan.shape, plan.displacements, readers)
+    for layer, push in pushes.items():
+        if not np.all(np.isfinite(push)):
+            raise CheckpointError(
+                f"the gate's push in layer {layer} would not be finite: the o_proj weights hold NaN or Inf, "
+                "or alpha is too large for them",
+                hint="check the checkpoint (weightlock verify --deep), or use a smaller alpha",
+            )
     zeros: dict[int, bytes] = {}  # one zero buffer per size, shared by every layer without a gate
 
     def zero(nbytes: int) -> bytes:
@@ -266,9 +261,7 @@ def compute_gate(plan: EditPlan, checkpoint: Checkpoint) -> None:
         dtype = weights["gate"].dtype
         size = added * plan.shape.hidden_size * DTYPE_SIZES[dtype]
         push = pushes.get(layer)
-        rows, columns, gate_bias, up_bias, down_bias = gate_values(
-            plan.lock, plan.alpha, layer, push, added, intermediate
-        )
+        rows, columns, gate_bias, up_bias, down_bias = gate_values(plan.lock, layer, push, added, intermediate)
         where = f"layer {layer}'s gate"
         if push is None:
             row_bytes, column_bytes = zero(size), zero(size)
@@ -348,13 +341,7 @@ def gate_neuron_problems(
         displacements = lock.displacements(record["alpha"], shape.num_heads)
     try:
         with TensorReaders() as readers:
-            pushes = {}
-            for layer, displacement in displacements.items():
-                weight = stored_linear(checkpoint.tensors, checkpoint.config, spec.output_module(layer))
-                if weight is None:
-                    return [f"layer {layer} has no o_proj weight to recompute the gate's push from"], ""
-                with np.errstate(over="ignore", invalid="ignore"):
-                    pushes[layer] = weight_product(readers, weight, displacement, shape.head_dim)
+            pushes = stored_pushes(checkpoint, spec, shape, displacements, readers)
             for layer in range(shape.num_layers):
                 problems += _layer_problems(
                     checkpoint, readers, mlp, shape, lock, record, layer, pushes.get(layer), intermediate, added, hashes
@@ -398,7 +385,7 @@ def _layer_problems(
     dtype = entries["gate"].dtype
     if {e.dtype for e in entries.values()} != {dtype}:
         return [f"layer {layer}'s MLP weights mix dtypes"]
-    rows, columns, gate_bias, up_bias, down_bias = gate_values(lock, record["alpha"], layer, push, added, intermediate)
+    rows, columns, gate_bias, up_bias, down_bias = gate_values(lock, layer, push, added, intermediate)
     problems = []
     size = entries["gate"].nbytes // (width * hidden)
     for which in ("gate", "up"):
